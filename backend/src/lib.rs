@@ -1,1 +1,13 @@
-//! gpu-backend
+//! `gpu-backend`: a VMM-side device backend that presents a GPU to a QEMU guest over vfio-user.
+//!
+//! Layers, bottom up (see `docs/architecture.md`):
+//! - [`host_gpu`]: the one boundary to the GPU being driven (the emulated GPU by default).
+//! - [`presentation`]: what a guest sees: power-of-two BARs and PCI config space.
+//! - [`vfio_user`]: the vfio-user server QEMU's `vfio-user-pci` connects to.
+//! - [`cli`]: the command line behind the `gpu-backend` binary.
+
+pub mod cli;
+pub mod host_gpu;
+pub mod inspect;
+pub mod presentation;
+pub mod vfio_user;

@@ -1,0 +1,265 @@
+//! [`HostGpu`] for the emulated GPU of the `gpu-emulation` crate (the embedded default).
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use gpu_emulation::{BarRole, ChipProfile, EmulatedGpu, GpuError, Vram, VramAddr};
+use thiserror::Error;
+
+use super::{
+    AccessWidth, ChipIdentity, HostBar, HostBarRole, HostGpu, HostGpuError, HostMemory, MmapSource,
+};
+
+/// Errors of bringing up the emulated GPU.
+#[derive(Debug, Error)]
+pub enum EmulatedHostGpuError {
+    /// The emulated GPU could not be created.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// The VRAM fd could not be duplicated for mapping.
+    #[error("duplicating the emulated memory fd failed: {0}")]
+    DupFd(#[source] std::io::Error),
+}
+
+/// The emulated GPU behind the [`HostGpu`] trait.
+pub struct EmulatedHostGpu {
+    gpu: Arc<EmulatedGpu>,
+    identity: ChipIdentity,
+    memory_bars: Vec<(u8, Arc<dyn HostMemory>)>,
+}
+
+impl EmulatedHostGpu {
+    /// Powers on an emulated GPU of `profile`.
+    pub fn new(profile: &'static ChipProfile) -> Result<Self, EmulatedHostGpuError> {
+        let gpu = Arc::new(EmulatedGpu::new(profile)?);
+        let mut memory_bars: Vec<(u8, Arc<dyn HostMemory>)> = Vec::new();
+        for bar in profile.bars() {
+            let which = match bar.role {
+                BarRole::Registers => continue,
+                BarRole::Vram { vram_offset } => EmulatedMemory::Vram { vram_offset },
+                BarRole::InstanceMemory => EmulatedMemory::Instance,
+            };
+            let fd = Arc::new(
+                which
+                    .memory(&gpu)
+                    .ok_or_else(|| {
+                        EmulatedHostGpuError::DupFd(std::io::Error::from_raw_os_error(libc::ENODEV))
+                    })?
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(EmulatedHostGpuError::DupFd)?,
+            );
+            let region = EmulatedBarMemory {
+                gpu: Arc::clone(&gpu),
+                which,
+                len: bar.size,
+                fd,
+            };
+            memory_bars.push((bar.index, Arc::new(region)));
+        }
+        Ok(EmulatedHostGpu {
+            identity: identity_of(profile),
+            gpu,
+            memory_bars,
+        })
+    }
+
+    /// Powers on an emulated GPU of the profile named `name`.
+    pub fn by_name(name: &str) -> Result<Self, crate::cli::CliError> {
+        let profile = ChipProfile::by_name(name)?;
+        Ok(Self::new(profile)?)
+    }
+
+    /// The emulated GPU itself (for tests and diagnostics that look behind the boundary).
+    pub fn emulated(&self) -> &Arc<EmulatedGpu> {
+        &self.gpu
+    }
+}
+
+fn identity_of(profile: &'static ChipProfile) -> ChipIdentity {
+    ChipIdentity {
+        name: profile.name().to_owned(),
+        description: profile.human_name().to_owned(),
+        generation: profile.generation(),
+        boot0: profile.boot0().raw(),
+        boot42: profile.boot42().raw(),
+        pci: *profile.pci(),
+        vram_size: profile.vram_size(),
+        bars: profile
+            .bars()
+            .iter()
+            .map(|bar| HostBar {
+                index: bar.index,
+                role: match bar.role {
+                    BarRole::Registers => HostBarRole::Registers,
+                    BarRole::Vram { vram_offset } => HostBarRole::Vram { vram_offset },
+                    BarRole::InstanceMemory => HostBarRole::InstanceMemory,
+                },
+                size: bar.size,
+                is_64bit: bar.is_64bit,
+                prefetchable: bar.prefetchable,
+            })
+            .collect(),
+    }
+}
+
+impl HostGpu for EmulatedHostGpu {
+    fn identity(&self) -> &ChipIdentity {
+        &self.identity
+    }
+
+    fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
+        self.gpu
+            .bar0_read(offset, width)
+            .map_err(|e| HostGpuError::Bar0(e.to_string()))
+    }
+
+    fn bar0_write(&self, offset: u64, width: AccessWidth, value: u64) -> Result<(), HostGpuError> {
+        self.gpu
+            .bar0_write(offset, width, value)
+            .map_err(|e| HostGpuError::Bar0(e.to_string()))
+    }
+
+    fn memory_bar(&self, index: u8) -> Option<Arc<dyn HostMemory>> {
+        self.memory_bars
+            .iter()
+            .find(|(slot, _)| *slot == index)
+            .map(|(_, region)| Arc::clone(region))
+    }
+
+    fn reset(&self) -> Result<(), HostGpuError> {
+        self.gpu.reset();
+        Ok(())
+    }
+}
+
+/// Which emulated memory a BAR shows.
+#[derive(Debug, Clone, Copy)]
+enum EmulatedMemory {
+    Vram { vram_offset: u64 },
+    Instance,
+}
+
+impl EmulatedMemory {
+    fn memory(self, gpu: &EmulatedGpu) -> Option<&Vram> {
+        match self {
+            EmulatedMemory::Vram { .. } => Some(gpu.vram()),
+            EmulatedMemory::Instance => gpu.instance_memory(),
+        }
+    }
+
+    fn base(self) -> u64 {
+        match self {
+            EmulatedMemory::Vram { vram_offset } => vram_offset,
+            EmulatedMemory::Instance => 0,
+        }
+    }
+}
+
+/// One memory BAR of the emulated GPU: a range of its VRAM or instance memory.
+struct EmulatedBarMemory {
+    gpu: Arc<EmulatedGpu>,
+    which: EmulatedMemory,
+    len: u64,
+    fd: Arc<OwnedFd>,
+}
+
+impl EmulatedBarMemory {
+    /// The memory and the address of `offset..offset+len` in it, after a range check.
+    fn locate(&self, offset: u64, len: usize) -> Result<(&Vram, VramAddr), HostGpuError> {
+        let out_of_range = || HostGpuError::MemoryOutOfRange {
+            offset,
+            len: len as u64,
+            size: self.len,
+        };
+        let end = offset.checked_add(len as u64).ok_or_else(out_of_range)?;
+        if end > self.len {
+            return Err(out_of_range());
+        }
+        let memory = self.which.memory(&self.gpu).ok_or_else(out_of_range)?;
+        let addr = self
+            .which
+            .base()
+            .checked_add(offset)
+            .ok_or_else(out_of_range)?;
+        Ok((memory, VramAddr::new(addr)))
+    }
+}
+
+impl HostMemory for EmulatedBarMemory {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError> {
+        let (memory, addr) = self.locate(offset, buf.len())?;
+        memory
+            .read(addr, buf)
+            .map_err(|e| HostGpuError::Io(std::io::Error::other(e.to_string())))
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError> {
+        let (memory, addr) = self.locate(offset, data.len())?;
+        memory
+            .write(addr, data)
+            .map_err(|e| HostGpuError::Io(std::io::Error::other(e.to_string())))
+    }
+
+    fn mmap_source(&self) -> Option<MmapSource> {
+        Some(MmapSource {
+            fd: Arc::clone(&self.fd),
+            file_offset: self.which.base(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_profile_comes_up_with_its_memory_bars() {
+        for profile in ChipProfile::all() {
+            let gpu = EmulatedHostGpu::new(profile).unwrap();
+            let identity = gpu.identity();
+            assert_eq!(identity.pci.vendor_id, 0x10de);
+            for bar in &identity.bars {
+                match bar.role {
+                    HostBarRole::Registers => assert!(gpu.memory_bar(bar.index).is_none()),
+                    _ => assert_eq!(gpu.memory_bar(bar.index).unwrap().len(), bar.size),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn memory_bar_reads_what_was_written_and_checks_bounds() {
+        let gpu = EmulatedHostGpu::by_name("gh200-96g").unwrap();
+        let usemem = gpu.memory_bar(4).unwrap();
+        let end = usemem.len();
+        usemem.write(end - 4, &[1, 2, 3, 4]).unwrap();
+        let mut buf = [0u8; 4];
+        usemem.read(end - 4, &mut buf).unwrap();
+        assert_eq!(buf, [1, 2, 3, 4]);
+        assert!(usemem.read(end - 3, &mut buf).is_err());
+        assert!(usemem.write(u64::MAX, &buf).is_err());
+        // The resmem BAR starts where usemem ends: its first bytes are VRAM at 95 GiB.
+        let resmem = gpu.memory_bar(2).unwrap();
+        resmem.write(0, &[9; 4]).unwrap();
+        let mut vram = [0u8; 4];
+        gpu.emulated()
+            .vram()
+            .read(VramAddr::new(end), &mut vram)
+            .unwrap();
+        assert_eq!(vram, [9; 4]);
+    }
+
+    #[test]
+    fn bar0_goes_to_the_register_model() {
+        let gpu = EmulatedHostGpu::by_name("tu102-24g").unwrap();
+        let boot0 = gpu.bar0_read(0, AccessWidth::Dword).unwrap();
+        assert_eq!(boot0 as u32, gpu.identity().boot0);
+        assert!(gpu.bar0_read(2, AccessWidth::Dword).is_err());
+        assert!(gpu.bar0_read(16 << 20, AccessWidth::Byte).is_err());
+    }
+}

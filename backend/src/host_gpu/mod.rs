@@ -1,0 +1,146 @@
+//! The host-GPU boundary: the one trait through which everything above reaches the GPU it
+//! drives.
+//!
+//! Two implementations are planned: the emulated GPU of the `gpu-emulation` crate (the
+//! embedded default, [`emulated::EmulatedHostGpu`]) and a real NVIDIA GPU bound to vfio-pci
+//! (opened with `vfio-ioctls`). Code above this trait (the presentation, the vfio-user
+//! server, the host driver) must not know which one it drives.
+
+pub mod emulated;
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+pub use gpu_emulation::{AccessWidth, Generation, PciIdentity};
+
+/// Errors crossing the host-GPU boundary.
+#[derive(Debug, Error)]
+pub enum HostGpuError {
+    /// A BAR0 register access was rejected (out of range or misaligned).
+    #[error("BAR0 access rejected: {0}")]
+    Bar0(String),
+    /// A memory BAR access was rejected (out of range).
+    #[error("memory access of {len} bytes at {offset:#x} is outside the {size:#x}-byte region")]
+    MemoryOutOfRange {
+        /// Offset of the access inside the region.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Size of the region.
+        size: u64,
+    },
+    /// The device failed the access (I/O error on hardware).
+    #[error("host GPU I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl HostGpuError {
+    /// The errno this error maps to on the wire.
+    pub fn errno(&self) -> i32 {
+        match self {
+            HostGpuError::Bar0(_) | HostGpuError::MemoryOutOfRange { .. } => libc::EINVAL,
+            HostGpuError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// What a BAR of the host GPU exposes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostBarRole {
+    /// The register BAR (BAR0).
+    Registers,
+    /// A window onto device memory starting at `vram_offset`.
+    Vram {
+        /// Device-memory address of the BAR's first byte.
+        vram_offset: u64,
+    },
+    /// The instance-memory aperture.
+    InstanceMemory,
+}
+
+/// One memory BAR of the host GPU, with its *real* size (not padded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostBar {
+    /// First PCI BAR slot (equal to the VFIO region index).
+    pub index: u8,
+    /// What it exposes.
+    pub role: HostBarRole,
+    /// Real length in bytes.
+    pub size: u64,
+    /// 64-bit BAR (occupies slots `index` and `index + 1`).
+    pub is_64bit: bool,
+    /// Prefetchable.
+    pub prefetchable: bool,
+}
+
+/// Who the host GPU is: identity registers, PCI ids and the BAR layout of the real part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChipIdentity {
+    /// Short name (the profile name for the emulated GPU, the PCI address on hardware).
+    pub name: String,
+    /// Human-readable description.
+    pub description: String,
+    /// GPU generation.
+    pub generation: Generation,
+    /// `NV_PMC_BOOT_0`.
+    pub boot0: u32,
+    /// `NV_PMC_BOOT_42`.
+    pub boot42: u32,
+    /// PCI identity of the function.
+    pub pci: PciIdentity,
+    /// Device memory in bytes, including reserved carve-outs.
+    pub vram_size: u64,
+    /// The memory BARs of the real part, by slot.
+    pub bars: Vec<HostBar>,
+}
+
+impl ChipIdentity {
+    /// The BAR whose first slot is `index`.
+    pub fn bar(&self, index: u8) -> Option<&HostBar> {
+        self.bars.iter().find(|bar| bar.index == index)
+    }
+}
+
+/// An fd (and the offset in it) that maps a memory BAR's real part directly.
+#[derive(Debug, Clone)]
+pub struct MmapSource {
+    /// The file to map (the VRAM memfd, or the VFIO device fd on hardware).
+    pub fd: Arc<OwnedFd>,
+    /// Offset in `fd` of the BAR's first byte.
+    pub file_offset: u64,
+}
+
+/// The real memory behind one memory BAR. Offsets are relative to the BAR's start and must
+/// satisfy `offset + len <= self.len()`; implementations check and return an error
+/// otherwise.
+pub trait HostMemory: Send + Sync {
+    /// Real length in bytes.
+    fn len(&self) -> u64;
+    /// Whether the region is empty (never for a real BAR).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `buf.len()` bytes at `offset` into `buf`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError>;
+    /// Copies `data` to `offset`.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError>;
+    /// Where the region can be mapped from, if it can.
+    fn mmap_source(&self) -> Option<MmapSource>;
+}
+
+/// A GPU the backend drives: BAR0 registers, memory BARs, identity and reset.
+pub trait HostGpu: Send + Sync {
+    /// Identity and real BAR layout.
+    fn identity(&self) -> &ChipIdentity;
+    /// Reads `width` bytes of BAR0 at `offset` (little-endian, naturally aligned).
+    fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError>;
+    /// Writes the low `width` bytes of `value` to BAR0 at `offset`.
+    fn bar0_write(&self, offset: u64, width: AccessWidth, value: u64) -> Result<(), HostGpuError>;
+    /// The memory behind the memory BAR whose first slot is `index`.
+    fn memory_bar(&self, index: u8) -> Option<Arc<dyn HostMemory>>;
+    /// Resets the GPU's register state. Device memory is kept.
+    fn reset(&self) -> Result<(), HostGpuError>;
+}

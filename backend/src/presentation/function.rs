@@ -1,0 +1,337 @@
+//! The presented PCI function: what a guest sees of the host GPU.
+//!
+//! Every BAR of the real part is wrapped in a [`PaddedBar`], so the guest sees a power of
+//! two whose tail past the real memory reads ~0 and drops writes. The config space
+//! advertises the presented sizes. BAR0 is served register by register; the real part of a
+//! memory BAR is offered for direct mapping when the host can hand out an fd for it.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use thiserror::Error;
+
+use crate::host_gpu::{ChipIdentity, HostBarRole, HostGpu, MmapSource};
+
+use super::config_space::{
+    BarDecl, BarKind, ConfigSpace, ConfigSpaceError, ConfigSpaceSpec, MsixDecl, BAR_COUNT,
+    CONFIG_SPACE_SIZE,
+};
+use super::host_backing::{HostMemoryBacking, RegisterBacking};
+use super::padded_bar::{MappableArea, PaddedBar, PaddedBarError};
+
+/// Number of MSI-X vectors the presented function offers.
+///
+/// ASSUMPTION: real parts differ; a small count is enough for the GSP interrupt and tests.
+pub const MSIX_VECTORS: u16 = 16;
+
+/// BAR0 offset of the MSI-X table.
+///
+/// ASSUMPTION (unconfirmed, not in gpu-facts.md): NVIDIA parts since Turing report the
+/// MSI-X table in BAR0 at 0xB90000 and the PBA at 0xBA0000, inside the VF-private register
+/// space.
+pub const MSIX_TABLE_OFFSET: u32 = 0x00B9_0000;
+/// BAR0 offset of the MSI-X pending bit array (see [`MSIX_TABLE_OFFSET`]).
+pub const MSIX_PBA_OFFSET: u32 = 0x00BA_0000;
+
+/// VFIO region index of the expansion ROM (absent: size 0).
+pub const ROM_REGION_INDEX: u32 = 6;
+/// VFIO region index of the config space.
+pub const CONFIG_REGION_INDEX: u32 = 7;
+/// VFIO region index of legacy VGA space (absent: size 0).
+pub const VGA_REGION_INDEX: u32 = 8;
+/// Number of VFIO regions of a PCI function.
+pub const REGION_COUNT: u32 = 9;
+
+/// Errors of building or accessing the presented function.
+#[derive(Debug, Error)]
+pub enum PresentationError {
+    /// A BAR of the real part cannot be presented.
+    #[error("BAR{index} cannot be presented: {source}")]
+    Bar {
+        /// BAR slot.
+        index: u8,
+        /// Cause.
+        #[source]
+        source: PaddedBarError,
+    },
+    /// The host reports a memory BAR it cannot back.
+    #[error("the host GPU has no memory behind BAR{0}")]
+    MissingMemory(u8),
+    /// The config space could not be built or accessed.
+    #[error(transparent)]
+    ConfigSpace(#[from] ConfigSpaceError),
+    /// The region index names no region, or an absent one.
+    #[error("no region {0}")]
+    NoSuchRegion(u32),
+}
+
+impl PresentationError {
+    /// The errno this error maps to on the wire.
+    pub fn errno(&self) -> i32 {
+        match self {
+            PresentationError::Bar { source, .. } => source.errno(),
+            PresentationError::MissingMemory(_) => libc::ENODEV,
+            PresentationError::ConfigSpace(e) => e.errno(),
+            PresentationError::NoSuchRegion(_) => libc::EINVAL,
+        }
+    }
+}
+
+/// What a presented BAR is backed by.
+enum BarContent {
+    /// BAR0: registers.
+    Registers(PaddedBar<RegisterBacking>),
+    /// A memory BAR: host memory, plus the fd that maps its real part, if any.
+    Memory {
+        bar: PaddedBar<HostMemoryBacking>,
+        mmap: Option<MmapSource>,
+    },
+}
+
+/// One presented BAR.
+pub struct PresentedBar {
+    index: u8,
+    role: HostBarRole,
+    is_64bit: bool,
+    prefetchable: bool,
+    content: BarContent,
+}
+
+impl PresentedBar {
+    /// First PCI BAR slot.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// What the BAR exposes.
+    pub fn role(&self) -> HostBarRole {
+        self.role
+    }
+
+    /// 64-bit BAR.
+    pub fn is_64bit(&self) -> bool {
+        self.is_64bit
+    }
+
+    /// Prefetchable BAR.
+    pub fn prefetchable(&self) -> bool {
+        self.prefetchable
+    }
+
+    /// Real size of the backing.
+    pub fn real_size(&self) -> u64 {
+        match &self.content {
+            BarContent::Registers(bar) => bar.real_size(),
+            BarContent::Memory { bar, .. } => bar.real_size(),
+        }
+    }
+
+    /// Size the guest sees (a power of two).
+    pub fn presented_size(&self) -> u64 {
+        match &self.content {
+            BarContent::Registers(bar) => bar.presented_size(),
+            BarContent::Memory { bar, .. } => bar.presented_size(),
+        }
+    }
+
+    /// The area QEMU may map directly, with the fd and offset to map it from.
+    pub fn mappable(&self) -> Option<(MappableArea, &MmapSource)> {
+        match &self.content {
+            BarContent::Registers(_) => None,
+            BarContent::Memory { bar, mmap } => Some((bar.mappable_area()?, mmap.as_ref()?)),
+        }
+    }
+
+    /// Reads at `offset`; returns the clipped count (see [`PaddedBar::read`]).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize, PaddedBarError> {
+        match &self.content {
+            BarContent::Registers(bar) => bar.read(offset, buf),
+            BarContent::Memory { bar, .. } => bar.read(offset, buf),
+        }
+    }
+
+    /// Writes at `offset`; returns the clipped count (see [`PaddedBar::write`]).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<usize, PaddedBarError> {
+        match &self.content {
+            BarContent::Registers(bar) => bar.write(offset, data),
+            BarContent::Memory { bar, .. } => bar.write(offset, data),
+        }
+    }
+}
+
+/// The PCI function a guest sees.
+pub struct PresentedFunction {
+    host: Arc<dyn HostGpu>,
+    bars: Vec<PresentedBar>,
+    msix: MsixDecl,
+    config: Mutex<ConfigSpace>,
+}
+
+impl PresentedFunction {
+    /// Presents `host`: pads every BAR to a power of two and builds the config space.
+    pub fn new(host: Arc<dyn HostGpu>) -> Result<Self, PresentationError> {
+        let identity = host.identity().clone();
+        let mut bars = Vec::with_capacity(identity.bars.len());
+        for bar in &identity.bars {
+            let bar_error = |source| PresentationError::Bar {
+                index: bar.index,
+                source,
+            };
+            let content = match bar.role {
+                HostBarRole::Registers => BarContent::Registers(
+                    PaddedBar::new(RegisterBacking::new(Arc::clone(&host), bar.size))
+                        .map_err(bar_error)?,
+                ),
+                HostBarRole::Vram { .. } | HostBarRole::InstanceMemory => {
+                    let memory = host
+                        .memory_bar(bar.index)
+                        .ok_or(PresentationError::MissingMemory(bar.index))?;
+                    let mmap = memory.mmap_source();
+                    BarContent::Memory {
+                        bar: PaddedBar::new(HostMemoryBacking(memory)).map_err(bar_error)?,
+                        mmap,
+                    }
+                }
+            };
+            bars.push(PresentedBar {
+                index: bar.index,
+                role: bar.role,
+                is_64bit: bar.is_64bit,
+                prefetchable: bar.prefetchable,
+                content,
+            });
+        }
+        let msix = MsixDecl {
+            vectors: MSIX_VECTORS,
+            table_bar: 0,
+            table_offset: MSIX_TABLE_OFFSET,
+            pba_bar: 0,
+            pba_offset: MSIX_PBA_OFFSET,
+        };
+        let config = ConfigSpace::new(config_spec(&identity, &bars, msix))?;
+        Ok(PresentedFunction {
+            host,
+            bars,
+            msix,
+            config: Mutex::new(config),
+        })
+    }
+
+    /// The host GPU behind the function.
+    pub fn host(&self) -> &Arc<dyn HostGpu> {
+        &self.host
+    }
+
+    /// Identity of the host GPU.
+    pub fn identity(&self) -> &ChipIdentity {
+        self.host.identity()
+    }
+
+    /// The presented BARs, by slot.
+    pub fn bars(&self) -> &[PresentedBar] {
+        &self.bars
+    }
+
+    /// The BAR whose first slot is `index`.
+    pub fn bar(&self, index: u32) -> Option<&PresentedBar> {
+        self.bars.iter().find(|bar| u32::from(bar.index) == index)
+    }
+
+    /// The MSI-X capability as declared.
+    pub fn msix(&self) -> MsixDecl {
+        self.msix
+    }
+
+    /// The config space (locked).
+    pub fn config(&self) -> MutexGuard<'_, ConfigSpace> {
+        // A panic while holding this lock cannot leave the config space half-written in a
+        // way that matters more than refusing service, so recover the guard.
+        self.config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Size of VFIO region `index` (0 for absent regions).
+    pub fn region_size(&self, index: u32) -> u64 {
+        match index {
+            CONFIG_REGION_INDEX => CONFIG_SPACE_SIZE as u64,
+            _ => self.bar(index).map_or(0, PresentedBar::presented_size),
+        }
+    }
+
+    /// Reads from VFIO region `index`; returns the number of bytes served.
+    pub fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, PresentationError> {
+        if index == CONFIG_REGION_INDEX {
+            self.config().read(offset, buf)?;
+            return Ok(buf.len());
+        }
+        let bar = self
+            .bar(index)
+            .ok_or(PresentationError::NoSuchRegion(index))?;
+        bar.read(offset, buf)
+            .map_err(|source| PresentationError::Bar {
+                index: bar.index,
+                source,
+            })
+    }
+
+    /// Writes to VFIO region `index`; returns the number of bytes consumed.
+    pub fn region_write(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize, PresentationError> {
+        if index == CONFIG_REGION_INDEX {
+            self.config().write(offset, data)?;
+            return Ok(data.len());
+        }
+        let bar = self
+            .bar(index)
+            .ok_or(PresentationError::NoSuchRegion(index))?;
+        bar.write(offset, data)
+            .map_err(|source| PresentationError::Bar {
+                index: bar.index,
+                source,
+            })
+    }
+
+    /// Function-level reset: config space back to power-on state, GPU registers reset.
+    /// Device memory is kept.
+    pub fn reset(&self) -> Result<(), crate::host_gpu::HostGpuError> {
+        self.config().reset();
+        self.host.reset()
+    }
+}
+
+fn config_spec(identity: &ChipIdentity, bars: &[PresentedBar], msix: MsixDecl) -> ConfigSpaceSpec {
+    let mut decls: [Option<BarDecl>; BAR_COUNT] = [None; BAR_COUNT];
+    for bar in bars {
+        if let Some(slot) = decls.get_mut(usize::from(bar.index)) {
+            *slot = Some(BarDecl {
+                size: bar.presented_size(),
+                kind: if bar.is_64bit {
+                    BarKind::Memory64
+                } else {
+                    BarKind::Memory32
+                },
+                prefetchable: bar.prefetchable,
+            });
+        }
+    }
+    ConfigSpaceSpec {
+        vendor_id: identity.pci.vendor_id,
+        device_id: identity.pci.device_id,
+        subsystem_vendor_id: identity.pci.subsystem_vendor_id,
+        subsystem_id: identity.pci.subsystem_id,
+        class_code: identity.pci.class_code,
+        revision: identity.pci.revision,
+        bars: decls,
+        msix: Some(msix),
+        interrupt_pin: 1,
+    }
+}

@@ -1,0 +1,206 @@
+//! A serialisable description of the presented function: what `gpu-backend inspect`
+//! prints, as a table or as JSON with stable field names (sizes in bytes).
+
+use serde::Serialize;
+
+use crate::host_gpu::HostBarRole;
+
+use super::function::PresentedFunction;
+
+/// Everything a guest would see of the function, plus the host-side facts behind it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionLayout {
+    /// Chip identity.
+    pub chip: ChipLayout,
+    /// PCI identity.
+    pub pci: PciLayout,
+    /// Presented BARs, by slot.
+    pub bars: Vec<BarLayout>,
+    /// MSI-X capability.
+    pub msix: MsixLayout,
+}
+
+/// Chip identity.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChipLayout {
+    /// Profile name (emulated GPU) or device name.
+    pub name: String,
+    /// Human-readable description.
+    pub description: String,
+    /// GPU generation.
+    pub generation: String,
+    /// `NV_PMC_BOOT_0`.
+    pub boot0: u32,
+    /// `NV_PMC_BOOT_42`.
+    pub boot42: u32,
+    /// Device memory in bytes, including reserved carve-outs.
+    pub vram_size: u64,
+}
+
+/// PCI identity of the presented function.
+#[derive(Debug, Clone, Serialize)]
+pub struct PciLayout {
+    /// Vendor id.
+    pub vendor_id: u16,
+    /// Device id.
+    pub device_id: u16,
+    /// Subsystem vendor id.
+    pub subsystem_vendor_id: u16,
+    /// Subsystem id.
+    pub subsystem_id: u16,
+    /// 24-bit class code.
+    pub class_code: u32,
+    /// Revision id.
+    pub revision: u8,
+}
+
+/// A byte range of a BAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RangeLayout {
+    /// Offset inside the BAR.
+    pub offset: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// A range served by the backend (over the socket) rather than mapped, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrappedLayout {
+    /// Offset inside the BAR.
+    pub offset: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Why it is trapped.
+    pub reason: String,
+}
+
+/// One presented BAR.
+#[derive(Debug, Clone, Serialize)]
+pub struct BarLayout {
+    /// First PCI BAR slot (= VFIO region index).
+    pub index: u8,
+    /// What the BAR exposes: `registers`, `vram` or `instance_memory`.
+    pub role: String,
+    /// Device-memory address of the BAR's first byte (VRAM BARs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vram_offset: Option<u64>,
+    /// Real size of the backing.
+    pub real_size: u64,
+    /// Size the guest sees (a power of two).
+    pub presented_size: u64,
+    /// `presented_size - real_size`: reads ~0, writes dropped.
+    pub padding: u64,
+    /// 64-bit BAR.
+    pub is_64bit: bool,
+    /// Prefetchable BAR.
+    pub prefetchable: bool,
+    /// Areas QEMU maps directly into the guest.
+    pub mappable: Vec<RangeLayout>,
+    /// Areas served by the backend, with the reason.
+    pub trapped: Vec<TrappedLayout>,
+}
+
+/// MSI-X capability.
+#[derive(Debug, Clone, Serialize)]
+pub struct MsixLayout {
+    /// Vectors.
+    pub vectors: u16,
+    /// BAR holding the table.
+    pub table_bar: u8,
+    /// Table offset in that BAR.
+    pub table_offset: u32,
+    /// BAR holding the pending bit array.
+    pub pba_bar: u8,
+    /// PBA offset in that BAR.
+    pub pba_offset: u32,
+}
+
+impl FunctionLayout {
+    /// Describes `function`.
+    pub fn of(function: &PresentedFunction) -> Self {
+        let identity = function.identity();
+        let msix = function.msix();
+        FunctionLayout {
+            chip: ChipLayout {
+                name: identity.name.clone(),
+                description: identity.description.clone(),
+                generation: identity.generation.to_string(),
+                boot0: identity.boot0,
+                boot42: identity.boot42,
+                vram_size: identity.vram_size,
+            },
+            pci: PciLayout {
+                vendor_id: identity.pci.vendor_id,
+                device_id: identity.pci.device_id,
+                subsystem_vendor_id: identity.pci.subsystem_vendor_id,
+                subsystem_id: identity.pci.subsystem_id,
+                class_code: identity.pci.class_code,
+                revision: identity.pci.revision,
+            },
+            bars: function.bars().iter().map(bar_layout).collect(),
+            msix: MsixLayout {
+                vectors: msix.vectors,
+                table_bar: msix.table_bar,
+                table_offset: msix.table_offset,
+                pba_bar: msix.pba_bar,
+                pba_offset: msix.pba_offset,
+            },
+        }
+    }
+
+    /// The BAR at slot `index`.
+    pub fn bar(&self, index: u8) -> Option<&BarLayout> {
+        self.bars.iter().find(|bar| bar.index == index)
+    }
+}
+
+fn bar_layout(bar: &super::function::PresentedBar) -> BarLayout {
+    let (role, vram_offset) = match bar.role() {
+        HostBarRole::Registers => ("registers", None),
+        HostBarRole::Vram { vram_offset } => ("vram", Some(vram_offset)),
+        HostBarRole::InstanceMemory => ("instance_memory", None),
+    };
+    let real = bar.real_size();
+    let presented = bar.presented_size();
+    let mapped = bar.mappable().map(|(area, _)| area);
+    let mappable: Vec<RangeLayout> = mapped
+        .iter()
+        .map(|area| RangeLayout {
+            offset: area.offset,
+            size: area.size,
+        })
+        .collect();
+    let mapped_end = mapped.map_or(0, |area| area.offset + area.size);
+    let mut trapped = Vec::new();
+    if mapped_end < real {
+        let reason = match bar.role() {
+            HostBarRole::Registers => "registers (emulated by the backend)",
+            _ if mapped_end == 0 => "real memory (no mappable fd)",
+            _ => "real memory, partial last page",
+        };
+        trapped.push(TrappedLayout {
+            offset: mapped_end,
+            size: real - mapped_end,
+            reason: reason.to_owned(),
+        });
+    }
+    if presented > real {
+        trapped.push(TrappedLayout {
+            offset: real,
+            size: presented - real,
+            reason: "padding (reads ~0, writes dropped)".to_owned(),
+        });
+    }
+    BarLayout {
+        index: bar.index(),
+        role: role.to_owned(),
+        vram_offset,
+        real_size: real,
+        presented_size: presented,
+        padding: presented - real,
+        is_64bit: bar.is_64bit(),
+        prefetchable: bar.prefetchable(),
+        mappable,
+        trapped,
+    }
+}
