@@ -261,6 +261,13 @@ impl UnimplementedTracker {
         // Offsets are < 16 MiB, so `+ 1` cannot overflow and 0 stays free as "empty".
         let key = dword_offset + 1;
         for slot in &self.offsets {
+            // Plain loads first: a CAS only on an empty slot keeps repeated accesses (driver
+            // poll loops) cheap once the offset is recorded or the table is full.
+            match slot.load(Ordering::Acquire) {
+                k if k == key => return,
+                0 => {}
+                _ => continue,
+            }
             match slot.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(existing) if existing == key => return,
