@@ -335,3 +335,102 @@ fn config_spec(identity: &ChipIdentity, bars: &[PresentedBar], msix: MsixDecl) -
         interrupt_pin: 1,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host_gpu::emulated::EmulatedHostGpu;
+
+    fn present(profile: &str) -> PresentedFunction {
+        let host = Arc::new(EmulatedHostGpu::by_name(profile).unwrap());
+        PresentedFunction::new(host).unwrap()
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn gh200_usemem_is_95_gib_real_presented_as_128_gib() {
+        let function = present("gh200-96g");
+        let usemem = function.bar(4).unwrap();
+        assert_eq!(usemem.real_size(), 95 * GIB);
+        assert_eq!(usemem.presented_size(), 128 * GIB);
+        let (area, source) = usemem.mappable().unwrap();
+        assert_eq!((area.offset, area.size), (0, 95 * GIB));
+        assert_eq!(source.file_offset, 0);
+        let resmem = function.bar(2).unwrap();
+        assert_eq!(resmem.real_size(), GIB);
+        assert_eq!(resmem.mappable().unwrap().1.file_offset, 95 * GIB);
+        assert_eq!(function.region_size(4), 128 * GIB);
+        assert_eq!(function.region_size(CONFIG_REGION_INDEX), 4096);
+        assert_eq!(function.region_size(ROM_REGION_INDEX), 0);
+    }
+
+    #[test]
+    fn every_presented_bar_is_a_power_of_two_in_config_space() {
+        for profile in gpu_emulation::ChipProfile::all() {
+            let function = present(profile.name());
+            for bar in function.bars() {
+                assert!(bar.presented_size().is_power_of_two(), "{}", profile.name());
+                let slot = u64::from(bar.index());
+                let mut config = function.config();
+                config.write_u32(0x10 + 4 * slot, u32::MAX).unwrap();
+                let low = config.read_u32(0x10 + 4 * slot).unwrap();
+                let mut mask = u64::from(low & !0xF);
+                if bar.is_64bit() {
+                    config.write_u32(0x14 + 4 * slot, u32::MAX).unwrap();
+                    mask |= u64::from(config.read_u32(0x14 + 4 * slot).unwrap()) << 32;
+                } else {
+                    mask |= 0xFFFF_FFFF_0000_0000;
+                }
+                assert_eq!(!mask + 1, bar.presented_size(), "{} BAR{slot}", profile.name());
+            }
+        }
+    }
+
+    #[test]
+    fn sizing_probe_of_the_128_gib_bar_reads_c_and_ffffffe0() {
+        let function = present("gh200-96g");
+        let mut config = function.config();
+        config.write_u32(0x20, u32::MAX).unwrap();
+        config.write_u32(0x24, u32::MAX).unwrap();
+        assert_eq!(config.read_u32(0x20).unwrap(), 0x0000_000C);
+        assert_eq!(config.read_u32(0x24).unwrap(), 0xFFFF_FFE0);
+    }
+
+    #[test]
+    fn padding_reads_ff_and_drops_writes_while_real_memory_keeps_data() {
+        let function = present("gh200-96g");
+        let real_end = 95 * GIB;
+        assert_eq!(function.region_write(4, real_end - 4, &[0xAB; 8]).unwrap(), 8);
+        let mut buf = [0u8; 8];
+        assert_eq!(function.region_read(4, real_end - 4, &mut buf).unwrap(), 8);
+        assert_eq!(buf, [0xAB, 0xAB, 0xAB, 0xAB, 0xFF, 0xFF, 0xFF, 0xFF]);
+        // The dropped bytes did not land in the resmem carve-out behind usemem.
+        let mut resmem = [0u8; 4];
+        function.region_read(2, 0, &mut resmem).unwrap();
+        assert_eq!(resmem, [0; 4]);
+        // Last byte of the BAR: clipped count, 0xFF; past it: EINVAL.
+        assert_eq!(function.region_read(4, 128 * GIB - 1, &mut buf).unwrap(), 1);
+        assert_eq!(buf[0], 0xFF);
+        let past = function.region_read(4, 128 * GIB, &mut buf).unwrap_err();
+        assert_eq!(past.errno(), libc::EINVAL);
+        assert_eq!(function.region_read(9, 0, &mut buf).unwrap_err().errno(), libc::EINVAL);
+    }
+
+    #[test]
+    fn bar0_region_serves_registers_at_any_width() {
+        let function = present("gb202-32g");
+        let boot0 = function.identity().boot0;
+        let mut dword = [0u8; 4];
+        function.region_read(0, 0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), boot0);
+        // An unaligned 3-byte read is split into byte/word accesses.
+        let mut three = [0u8; 3];
+        function.region_read(0, 1, &mut three).unwrap();
+        assert_eq!(three, boot0.to_le_bytes()[1..4]);
+        // The window register reads back what was written, through the region.
+        function.region_write(0, 0x10FD40, &0x12u32.to_le_bytes()).unwrap();
+        function.region_read(0, 0x10FD40, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), 0x12);
+    }
+}
