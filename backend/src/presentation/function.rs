@@ -16,6 +16,7 @@ use super::config_space::{
     CONFIG_SPACE_SIZE,
 };
 use super::host_backing::{HostMemoryBacking, RegisterBacking};
+use super::msix::MsixRegion;
 use super::padded_bar::{MappableArea, PaddedBar, PaddedBarError};
 
 /// Number of MSI-X vectors the presented function offers.
@@ -163,6 +164,7 @@ pub struct PresentedFunction {
     host: Arc<dyn HostGpu>,
     bars: Vec<PresentedBar>,
     msix: MsixDecl,
+    msix_region: MsixRegion,
     config: Mutex<ConfigSpace>,
 }
 
@@ -212,6 +214,7 @@ impl PresentedFunction {
             host,
             bars,
             msix,
+            msix_region: MsixRegion::new(&msix),
             config: Mutex::new(config),
         })
     }
@@ -269,6 +272,10 @@ impl PresentedFunction {
             self.config().read(offset, buf)?;
             return Ok(buf.len());
         }
+        if index == u32::from(self.msix.table_bar) && self.msix_region.covers(offset, buf.len()) {
+            self.msix_region.read(offset, buf);
+            return Ok(buf.len());
+        }
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
@@ -290,6 +297,10 @@ impl PresentedFunction {
             self.config().write(offset, data)?;
             return Ok(data.len());
         }
+        if index == u32::from(self.msix.table_bar) && self.msix_region.covers(offset, data.len()) {
+            self.msix_region.write(offset, data);
+            return Ok(data.len());
+        }
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
@@ -304,6 +315,7 @@ impl PresentedFunction {
     /// Device memory is kept.
     pub fn reset(&self) -> Result<(), crate::host_gpu::HostGpuError> {
         self.config().reset();
+        self.msix_region.reset();
         self.host.reset()
     }
 }

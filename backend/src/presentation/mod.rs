@@ -4,6 +4,7 @@ pub mod config_space;
 pub mod function;
 pub mod host_backing;
 pub mod layout;
+pub mod msix;
 pub mod padded_bar;
 
 pub use config_space::{
