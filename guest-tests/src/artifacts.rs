@@ -1,0 +1,151 @@
+//! Building the binaries a guest run needs: the static guest probe and the backend.
+//!
+//! Each is built at most once per process; the results are cached in statics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use crate::error::{HarnessError, Result};
+use crate::paths::{cargo, target_dir, workspace_root};
+
+/// Target triple the guest probe is built for (static glibc, `+crt-static`).
+pub const PROBE_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Environment variable overriding the probe binary.
+pub const PROBE_BIN_ENV: &str = "GPU_GUEST_PROBE_BIN";
+/// Environment variable overriding the backend binary.
+pub const BACKEND_BIN_ENV: &str = "GPU_BACKEND_BIN";
+
+fn run_cargo(what: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(cargo())
+        .args(args)
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        // Cargo's progress goes to stderr, which the test harness shows on failure.
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .map_err(|e| HarnessError::Build {
+            what: what.into(),
+            reason: format!("running {}: {e}", cargo().display()),
+        })?;
+    if !status.success() {
+        return Err(HarnessError::Build {
+            what: what.into(),
+            reason: format!("`cargo {}` failed with {status}", args.join(" ")),
+        });
+    }
+    Ok(())
+}
+
+/// True if `path` is an ELF file without a `PT_INTERP` program header (statically linked).
+pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
+    let data = std::fs::read(path)?;
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a 64-bit little-endian ELF",
+        )
+    };
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 || data[5] != 1 {
+        return Err(bad());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(data[32..40].try_into().map_err(|_| bad())?) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    for i in 0..phnum {
+        let off = phoff + i * phentsize;
+        let Some(ph) = data.get(off..off + 4) else {
+            return Err(bad());
+        };
+        const PT_INTERP: u32 = 3;
+        if u32::from_le_bytes(ph.try_into().map_err(|_| bad())?) == PT_INTERP {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn build_probe() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(PROBE_BIN_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    run_cargo(
+        "gpu-guest-probe",
+        &[
+            "rustc",
+            "--release",
+            "-p",
+            "guest-tests",
+            "--bin",
+            "gpu-guest-probe",
+            "--target",
+            PROBE_TARGET,
+            "--",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=debuginfo",
+        ],
+    )?;
+    let path = target_dir()
+        .join(PROBE_TARGET)
+        .join("release")
+        .join("gpu-guest-probe");
+    match is_static_elf(&path) {
+        Ok(true) => Ok(path),
+        Ok(false) => Err(HarnessError::Build {
+            what: "gpu-guest-probe".into(),
+            reason: format!("{} is dynamically linked (has PT_INTERP)", path.display()),
+        }),
+        Err(e) => Err(HarnessError::Build {
+            what: "gpu-guest-probe".into(),
+            reason: format!("checking {}: {e}", path.display()),
+        }),
+    }
+}
+
+/// The static guest probe binary: `$GPU_GUEST_PROBE_BIN`, or built with
+/// `cargo rustc --release -p guest-tests --bin gpu-guest-probe --target x86_64-unknown-linux-gnu
+/// -- -C target-feature=+crt-static -C strip=debuginfo` (once per process) and checked to be static.
+pub fn probe_binary() -> Result<PathBuf> {
+    static PROBE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| build_probe().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|reason| HarnessError::Build {
+            what: "gpu-guest-probe".into(),
+            reason,
+        })
+}
+
+fn build_backend() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(BACKEND_BIN_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    run_cargo(
+        "gpu-backend",
+        &["build", "-p", "gpu-backend", "--bin", "gpu-backend"],
+    )?;
+    let path = target_dir().join("debug").join("gpu-backend");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError::Build {
+            what: "gpu-backend".into(),
+            reason: format!("{} missing after cargo build", path.display()),
+        })
+    }
+}
+
+/// The backend binary: `$GPU_BACKEND_BIN`, or `<target>/debug/gpu-backend` after
+/// `cargo build -p gpu-backend` (run once per process so the binary is never stale).
+pub fn backend_binary() -> Result<PathBuf> {
+    static BACKEND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| build_backend().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|reason| HarnessError::Build {
+            what: "gpu-backend".into(),
+            reason,
+        })
+}

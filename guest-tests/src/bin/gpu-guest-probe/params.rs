@@ -1,0 +1,173 @@
+//! Probe parameters, read from `gpuprobe.<key>=<value>` words of the kernel command line
+//! (`/proc/cmdline`; the kernel does not pass dotted parameters to init).
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `vendor` | PCI vendor id to look for | `0x10de` |
+//! | `device` | expected PCI device id (also narrows the search) | any |
+//! | `class` | expected 24-bit class code | not checked |
+//! | `boot0` | expected 32-bit value of BAR`boot0_bar` offset 0 (NV_PMC_BOOT_0) | not checked |
+//! | `boot0_bar` | BAR index of the register BAR | `0` |
+//! | `barN_size` | expected size in bytes of BAR N | not checked |
+//! | `vram_bar` | BAR index of the VRAM aperture | VRAM checks skipped |
+//! | `vram_real` | bytes of real memory at the start of the VRAM BAR; the rest is padding | BAR size |
+//! | `persist` | `write` or `check` a seed-derived pattern (persistence across guests) | off |
+//! | `persist_offset` | VRAM BAR offset of the pattern | `0x10000` |
+//! | `persist_len` | pattern length in bytes (multiple of 4) | `4096` |
+//! | `persist_seed` | pattern seed | `1` |
+//! | `timeout` | watchdog, seconds | `120` |
+//!
+//! Numbers are decimal or `0x` hexadecimal; sizes also accept `K`, `M`, `G`, `T` suffixes (binary).
+
+use std::collections::BTreeMap;
+
+/// What a persistence run does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persist {
+    /// Write the pattern.
+    Write,
+    /// Verify a pattern written by an earlier guest.
+    Check,
+}
+
+/// Parsed probe parameters.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Vendor id to look for.
+    pub vendor: u16,
+    /// Expected device id.
+    pub device: Option<u16>,
+    /// Expected class code.
+    pub class: Option<u32>,
+    /// Expected BOOT_0 value.
+    pub boot0: Option<u32>,
+    /// BAR holding BOOT_0.
+    pub boot0_bar: usize,
+    /// Expected BAR sizes by index.
+    pub bar_sizes: BTreeMap<usize, u64>,
+    /// VRAM BAR index.
+    pub vram_bar: Option<usize>,
+    /// Real VRAM bytes.
+    pub vram_real: Option<u64>,
+    /// Persistence mode.
+    pub persist: Option<Persist>,
+    /// Persistence pattern offset.
+    pub persist_offset: u64,
+    /// Persistence pattern length.
+    pub persist_len: u64,
+    /// Persistence pattern seed.
+    pub persist_seed: u64,
+    /// Watchdog seconds.
+    pub timeout: u32,
+    /// Parameters that could not be understood (reported as a failed check).
+    pub errors: Vec<String>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            vendor: 0x10de,
+            device: None,
+            class: None,
+            boot0: None,
+            boot0_bar: 0,
+            bar_sizes: BTreeMap::new(),
+            vram_bar: None,
+            vram_real: None,
+            persist: None,
+            persist_offset: 0x10000,
+            persist_len: 4096,
+            persist_seed: 1,
+            timeout: 120,
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// Parse a decimal or `0x` number with an optional binary size suffix.
+pub fn parse_num(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        b'T' | b't' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let v = if let Some(hex) = digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        u64::from_str_radix(hex, 16).ok()?
+    } else {
+        digits.parse::<u64>().ok()?
+    };
+    v.checked_mul(1u64 << shift)
+}
+
+impl Params {
+    /// Parse the words of a kernel command line.
+    pub fn from_cmdline(cmdline: &str) -> Params {
+        let mut p = Params::default();
+        for word in cmdline.split_whitespace() {
+            let Some(rest) = word.strip_prefix("gpuprobe.") else {
+                continue;
+            };
+            let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+            if let Err(e) = p.set(key, value) {
+                p.errors.push(format!("{word}: {e}"));
+            }
+        }
+        p
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> Result<(), &'static str> {
+        let num = || parse_num(value).ok_or("not a number");
+        let narrow = |v: u64, max: u64| if v <= max { Ok(v) } else { Err("out of range") };
+        match key {
+            "vendor" => self.vendor = narrow(num()?, 0xffff)? as u16,
+            "device" => self.device = Some(narrow(num()?, 0xffff)? as u16),
+            "class" => self.class = Some(narrow(num()?, 0xff_ffff)? as u32),
+            "boot0" => self.boot0 = Some(narrow(num()?, 0xffff_ffff)? as u32),
+            "boot0_bar" => self.boot0_bar = narrow(num()?, 5)? as usize,
+            "vram_bar" => self.vram_bar = Some(narrow(num()?, 5)? as usize),
+            "vram_real" => self.vram_real = Some(num()?),
+            "persist" => {
+                self.persist = match value {
+                    "write" => Some(Persist::Write),
+                    "check" => Some(Persist::Check),
+                    "off" | "" => None,
+                    _ => return Err("expected write or check"),
+                }
+            }
+            "persist_offset" => self.persist_offset = num()?,
+            "persist_len" => {
+                let len = num()?;
+                if len == 0 || len % 4 != 0 || len > 1 << 20 {
+                    return Err("must be a non-zero multiple of 4, at most 1M");
+                }
+                self.persist_len = len;
+            }
+            "persist_seed" => self.persist_seed = num()?,
+            "timeout" => self.timeout = narrow(num()?, 86_400)?.max(1) as u32,
+            _ => {
+                let idx = key
+                    .strip_prefix("bar")
+                    .and_then(|k| k.strip_suffix("_size"))
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .filter(|i| *i <= 5)
+                    .ok_or("unknown parameter")?;
+                self.bar_sizes.insert(idx, num()?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The persistence pattern: `len / 4` little-endian words from a splitmix64 sequence of `seed`.
+/// The word index is mixed in so that shifted copies do not match.
+pub fn pattern_word(seed: u64, index: u64) -> u32 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(index.wrapping_add(1)));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32
+}

@@ -1,0 +1,37 @@
+//! End-to-end harness for `gpu-backend`: boots a QEMU guest (TCG, q35) whose init runs the
+//! static `gpu-guest-probe`, optionally with the backend attached as a `vfio-user-pci` device,
+//! and parses the probe's `GPUPROBE` lines into a [`ProbeReport`].
+//!
+//! ```no_run
+//! use guest_tests::{boot_guest_with_backend, ProbeArgs};
+//! let report = boot_guest_with_backend(
+//!     "gh200",
+//!     &ProbeArgs::new().device(0x2342).vram(4, 95 << 30),
+//! )?;
+//! assert!(report.all_passed(), "{}", report.summary_table());
+//! # Ok::<(), guest_tests::HarnessError>(())
+//! ```
+//!
+//! Modules: [`qemu`] (install via `qemu-configs/install.sh`, argv, run with timeout),
+//! [`initramfs`] (newc cpio + gzip), [`artifacts`] (building the probe and the backend),
+//! [`backend`] (the `serve` process), [`guest`] (the boot API), [`probe_args`] and [`report`].
+
+pub mod artifacts;
+pub mod backend;
+pub mod error;
+pub mod guest;
+pub mod initramfs;
+pub mod paths;
+pub mod probe_args;
+pub mod qemu;
+pub mod report;
+
+pub use backend::Backend;
+pub use error::{HarnessError, Result};
+pub use guest::{
+    boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, GuestOptions,
+    GuestRun,
+};
+pub use probe_args::ProbeArgs;
+pub use qemu::QemuLab;
+pub use report::{Check, Outcome, ProbeReport};

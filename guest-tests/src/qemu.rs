@@ -1,0 +1,302 @@
+//! QEMU: installing it (through `qemu-configs/install.sh`), building its command line, and
+//! running one guest with a timeout.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::error::{tail, HarnessError, IoContext, Result};
+use crate::paths::workspace_root;
+
+/// Guest RAM in MiB (also the size of the shared memfd backend).
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// Guest vCPUs.
+pub const DEFAULT_SMP: u32 = 2;
+/// PCI slot of the vfio-user device (`addr`), i.e. guest BDF 0000:00:05.0.
+pub const VFIO_USER_PCI_ADDR: &str = "0x5";
+
+/// The installed QEMU lab (values of `env.sh` written by `qemu-configs/install.sh`).
+#[derive(Clone, Debug)]
+pub struct QemuLab {
+    /// The unpacked Debian prefix.
+    pub prefix: PathBuf,
+    /// Wrapper script that runs QEMU through the prefix's loader.
+    pub qemu_bin: PathBuf,
+    /// QEMU version, e.g. `11.1.3`.
+    pub version: String,
+    /// Guest kernel (`vmlinuz`).
+    pub guest_kernel: PathBuf,
+    /// Static busybox.
+    pub busybox: PathBuf,
+}
+
+/// Path of the install script.
+pub fn install_script() -> PathBuf {
+    workspace_root().join("qemu-configs").join("install.sh")
+}
+
+fn install() -> Result<QemuLab> {
+    let script = install_script();
+    let err = |reason: String| HarnessError::QemuInstall {
+        script: script.clone(),
+        reason,
+    };
+    // The script is idempotent and locked; it prints progress, which we send to stderr.
+    let status = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .map_err(|e| err(format!("cannot run bash: {e}")))?;
+    if !status.success() {
+        return Err(err(format!("exited with {status} (see its output above)")));
+    }
+    let cache = std::env::var_os("GPU_BACKEND_CACHE")
+        .map_or_else(|| workspace_root().join(".cache"), PathBuf::from);
+    let env_sh = cache.join("qemu-lab").join("env.sh");
+    // Let bash evaluate env.sh (it uses shell quoting) and print the values NUL-separated.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#". "$1" && printf '%s\0' "$QEMU_PREFIX" "$QEMU_BIN" "$QEMU_VERSION" "$GUEST_KERNEL" "$BUSYBOX""#)
+        .arg("bash")
+        .arg(&env_sh)
+        .output()
+        .map_err(|e| err(format!("cannot read {}: {e}", env_sh.display())))?;
+    if !out.status.success() {
+        return Err(err(format!(
+            "sourcing {} failed: {}",
+            env_sh.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<&str> = text.split('\0').collect();
+    if v.len() < 5 || v[..5].iter().any(|s| s.is_empty()) {
+        return Err(err(format!("{} lacks a value: {v:?}", env_sh.display())));
+    }
+    let lab = QemuLab {
+        prefix: v[0].into(),
+        qemu_bin: v[1].into(),
+        version: v[2].to_string(),
+        guest_kernel: v[3].into(),
+        busybox: v[4].into(),
+    };
+    for p in [&lab.qemu_bin, &lab.guest_kernel, &lab.busybox] {
+        if !p.is_file() {
+            return Err(err(format!("{} does not exist", p.display())));
+        }
+    }
+    Ok(lab)
+}
+
+impl QemuLab {
+    /// Install (or find) the QEMU lab; runs the install script once per process.
+    pub fn get() -> Result<&'static QemuLab> {
+        static LAB: OnceLock<std::result::Result<QemuLab, String>> = OnceLock::new();
+        LAB.get_or_init(|| install().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|reason| HarnessError::QemuInstall {
+                script: install_script(),
+                reason: reason.clone(),
+            })
+    }
+}
+
+/// One guest's QEMU configuration.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub append: String,
+    /// Socket of a vfio-user server to attach as `vfio-user-pci`, if any.
+    pub vfio_user_socket: Option<PathBuf>,
+    /// Extra properties of the vfio-user-pci device, as JSON members (e.g. `"x-no-posted-writes":true`).
+    pub vfio_user_props: Vec<String>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub smp: u32,
+    /// File receiving the guest's serial console.
+    pub serial_log: PathBuf,
+    /// Additional raw QEMU arguments.
+    pub extra_args: Vec<String>,
+}
+
+/// Quote `s` as a JSON string.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The JSON `-device` argument for a vfio-user-pci device on `socket` (the only accepted form
+/// for the socket property).
+pub fn vfio_user_device_json(socket: &Path, extra_props: &[String]) -> String {
+    let mut json = format!(
+        r#"{{"driver":"vfio-user-pci","socket":{{"type":"unix","path":{}}},"addr":"{VFIO_USER_PCI_ADDR}""#,
+        json_string(&socket.to_string_lossy())
+    );
+    for p in extra_props {
+        json.push(',');
+        json.push_str(p);
+    }
+    json.push('}');
+    json
+}
+
+/// QEMU's arguments (without the binary) for `cfg`.
+pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
+    let mem = format!("{}M", cfg.memory_mib);
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |s: &str| a.push(s.into());
+    for s in [
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        &mem,
+        "-smp",
+        &cfg.smp.to_string(),
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-monitor",
+        "none",
+        // Shared guest RAM: vfio-user DMA_MAP then carries an fd the server can mmap.
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        "-machine",
+        "memory-backend=mem",
+        "-serial",
+        // QEMU option syntax: a comma inside a value is written as two commas.
+        &format!(
+            "file:{}",
+            cfg.serial_log.to_string_lossy().replace(',', ",,")
+        ),
+    ] {
+        push(s);
+    }
+    if let Some(sock) = &cfg.vfio_user_socket {
+        push("-device");
+        push(&vfio_user_device_json(sock, &cfg.vfio_user_props));
+    }
+    a.push("-kernel".into());
+    a.push(cfg.kernel.clone().into());
+    a.push("-initrd".into());
+    a.push(cfg.initrd.clone().into());
+    a.push("-append".into());
+    a.push(cfg.append.clone().into());
+    a.extend(cfg.extra_args.iter().map(OsString::from));
+    a
+}
+
+/// How a QEMU run ended.
+#[derive(Debug)]
+pub struct VmOutcome {
+    /// The serial console output.
+    pub serial: String,
+    /// QEMU's stderr.
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub duration: Duration,
+    /// QEMU's exit status.
+    pub status: ExitStatus,
+}
+
+/// Run QEMU until it exits or `timeout` passes (then kill it and return [`HarnessError::Timeout`]).
+/// QEMU's stdout/stderr go to `qemu.stdout`/`qemu.stderr` next to the serial log.
+pub fn run_vm(lab: &QemuLab, cfg: &VmConfig, timeout: Duration) -> Result<VmOutcome> {
+    let dir = cfg.serial_log.parent().unwrap_or(Path::new("."));
+    let stdout_path = dir.join("qemu.stdout");
+    let stderr_path = dir.join("qemu.stderr");
+    let args = qemu_args(cfg);
+    let cmdline = std::iter::once(lab.qemu_bin.as_os_str())
+        .chain(args.iter().map(|a| a.as_os_str()))
+        .map(|a| shell_quote(&a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(dir.join("qemu.cmdline"), format!("{cmdline}\n"))
+        .ctx(|| "writing qemu.cmdline".into())?;
+    let stdout =
+        File::create(&stdout_path).ctx(|| format!("creating {}", stdout_path.display()))?;
+    let stderr =
+        File::create(&stderr_path).ctx(|| format!("creating {}", stderr_path.display()))?;
+    let start = Instant::now();
+    let mut child = Command::new(&lab.qemu_bin)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .ctx(|| format!("starting {}", lab.qemu_bin.display()))?;
+    let read =
+        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+    let status = loop {
+        if let Some(status) = child.try_wait().ctx(|| "waiting for QEMU".into())? {
+            break status;
+        }
+        if start.elapsed() >= timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(HarnessError::Timeout {
+                secs: timeout.as_secs(),
+                stderr: read(&stderr_path),
+                serial_tail: tail(&read(&cfg.serial_log), 40),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    Ok(VmOutcome {
+        serial: read(&cfg.serial_log),
+        stderr: read(&stderr_path),
+        duration: start.elapsed(),
+        status,
+    })
+}
+
+/// Quote a word for a POSIX shell (for the `qemu.cmdline` file users can re-run).
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_json_form() {
+        let j = vfio_user_device_json(
+            Path::new("/tmp/a \"b\".sock"),
+            &[r#""x-no-posted-writes":true"#.into()],
+        );
+        assert_eq!(
+            j,
+            r#"{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/tmp/a \"b\".sock"},"addr":"0x5","x-no-posted-writes":true}"#
+        );
+    }
+}
