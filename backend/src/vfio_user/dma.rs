@@ -1,0 +1,433 @@
+//! The DMA space of one connection: the ranges the client announced with `DMA_MAP`.
+//!
+//! A map that came with an fd is `mmap()`ed (vm-memory [`GuestRegionMmap`]) and accessed
+//! directly; a map without an fd is recorded and reached with server-to-client
+//! `DMA_READ`/`DMA_WRITE` messages (done by the caller, see [`Segment::Socket`]).
+//!
+//! The table sits behind a `RwLock`: direct accesses hold the read lock while they copy, and
+//! `DMA_UNMAP` takes the write lock, so by the time the unmap is answered no access to that
+//! range is in flight and its mapping is gone (the spec's rule, and what keeps a disconnected
+//! client's memory from staying mapped).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MemoryRegionAddress,
+};
+
+use super::device::Errno;
+
+/// DMA page size the server supports (the only `pgsizes` bit announced).
+pub const DMA_PAGE_SIZE: u64 = 4096;
+
+/// Errors of device DMA through a [`ClientHandle`](super::ClientHandle).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    /// The client is gone.
+    #[error("client not connected")]
+    NotConnected,
+    /// No DMA map covers the address.
+    #[error("no DMA mapping at {iova:#x}")]
+    Unmapped {
+        /// The address.
+        iova: u64,
+    },
+    /// The map covering the address does not allow this direction.
+    #[error("DMA mapping at {iova:#x} does not allow {access}")]
+    Permission {
+        /// The address.
+        iova: u64,
+        /// "read" or "write".
+        access: &'static str,
+    },
+    /// The access wraps around the address space.
+    #[error("DMA access at {iova:#x} of {len} bytes overflows")]
+    Overflow {
+        /// The address.
+        iova: u64,
+        /// The length.
+        len: usize,
+    },
+    /// Socket DMA was attempted on the connection thread, which must stay free to read the reply.
+    #[error("socket DMA from the connection thread would deadlock")]
+    WouldDeadlock,
+    /// The client did not answer a DMA request in time.
+    #[error("DMA request timed out")]
+    Timeout,
+    /// The client answered a DMA request with an error, or a malformed reply.
+    #[error("client failed DMA request: {0}")]
+    Remote(Errno),
+    /// Sending the request failed, or copying through the mapping failed.
+    #[error("DMA I/O error: {0}")]
+    Io(Errno),
+}
+
+impl DmaError {
+    /// The errno equivalent.
+    pub fn errno(&self) -> Errno {
+        match self {
+            DmaError::NotConnected => Errno::ENOTCONN,
+            DmaError::Unmapped { .. } | DmaError::Overflow { .. } => Errno::EFAULT,
+            DmaError::Permission { .. } => Errno::EPERM,
+            DmaError::WouldDeadlock => Errno::EDEADLK,
+            DmaError::Timeout => Errno::ETIMEDOUT,
+            DmaError::Remote(e) | DmaError::Io(e) => *e,
+        }
+    }
+}
+
+/// A `DMA_MAP` request, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaMapRequest {
+    /// DMA address.
+    pub iova: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Offset into the fd (ignored without one).
+    pub offset: u64,
+    /// The server may read.
+    pub readable: bool,
+    /// The server may write.
+    pub writable: bool,
+}
+
+#[derive(Debug)]
+enum Backing {
+    /// mmapped from the client's fd.
+    Mapped(Arc<GuestRegionMmap>),
+    /// No fd: reach it with DMA_READ/DMA_WRITE messages.
+    Socket,
+}
+
+#[derive(Debug)]
+struct Mapping {
+    size: u64,
+    readable: bool,
+    writable: bool,
+    backing: Backing,
+}
+
+#[derive(Debug, Default)]
+struct DmaState {
+    maps: BTreeMap<u64, Mapping>,
+    /// The fd-backed, read-write maps, for devices that want vm-memory access.
+    memory: GuestMemoryMmap,
+}
+
+impl DmaState {
+    fn find(&self, iova: u64) -> Option<(u64, &Mapping)> {
+        let (&base, map) = self.maps.range(..=iova).next_back()?;
+        (iova - base < map.size).then_some((base, map))
+    }
+}
+
+/// What one step of an access did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// Copied this many bytes through a mapping.
+    Done(usize),
+    /// The next this-many bytes lie in an fd-less map: use a socket DMA request.
+    Socket(usize),
+}
+
+/// The DMA maps of one connection.
+#[derive(Debug, Default)]
+pub struct DmaSpace {
+    state: RwLock<DmaState>,
+}
+
+fn mmap_error(err: MmapRegionError) -> Errno {
+    match err {
+        MmapRegionError::Mmap(e) => Errno::from_io(&e),
+        _ => Errno::EINVAL,
+    }
+}
+
+/// Check an fd-backed map fits its file (a regular file shorter than `offset + size` would
+/// fault with SIGBUS on access).
+fn check_file_extent(fd: &OwnedFd, offset: u64, size: u64) -> Result<(), Errno> {
+    // SAFETY: stat is plain data; fstat fills it for a valid fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer to a local stat buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(Errno::from_io(&std::io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        let end = offset.checked_add(size).ok_or(Errno::EINVAL)?;
+        if end > st.st_size as u64 {
+            return Err(Errno::EINVAL);
+        }
+    }
+    Ok(())
+}
+
+impl DmaSpace {
+    /// An empty DMA space.
+    pub fn new() -> DmaSpace {
+        DmaSpace::default()
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, DmaState> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, DmaState> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Number of maps.
+    pub fn len(&self) -> usize {
+        self.read_state().maps.len()
+    }
+
+    /// No maps at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of maps that are mmapped (fd-backed).
+    pub fn mapped_count(&self) -> usize {
+        self.read_state()
+            .maps
+            .values()
+            .filter(|m| matches!(m.backing, Backing::Mapped(_)))
+            .count()
+    }
+
+    /// Add a map. `EEXIST` if it overlaps one, `ENOSPC` past `max_maps`, `EINVAL` for a bad
+    /// range, an fd offset that is not page-aligned or a range past the end of the file.
+    pub fn map(
+        &self,
+        req: DmaMapRequest,
+        fd: Option<OwnedFd>,
+        max_maps: usize,
+    ) -> Result<(), Errno> {
+        if req.size == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = req.iova.checked_add(req.size).ok_or(Errno::EINVAL)?;
+        let backing = match fd {
+            Some(fd) if req.readable || req.writable => {
+                if req.offset % DMA_PAGE_SIZE != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let len = usize::try_from(req.size).map_err(|_| Errno::EINVAL)?;
+                check_file_extent(&fd, req.offset, req.size)?;
+                let mut prot = 0;
+                if req.readable {
+                    prot |= libc::PROT_READ;
+                }
+                if req.writable {
+                    prot |= libc::PROT_WRITE;
+                }
+                let region = MmapRegionBuilder::new(len)
+                    .with_file_offset(FileOffset::new(File::from(fd), req.offset))
+                    .with_mmap_prot(prot)
+                    .with_mmap_flags(libc::MAP_SHARED)
+                    .build()
+                    .map_err(mmap_error)?;
+                let region =
+                    GuestRegionMmap::new(region, GuestAddress(req.iova)).ok_or(Errno::EINVAL)?;
+                Backing::Mapped(Arc::new(region))
+            }
+            // No access allowed: nothing worth mapping (the fd, if any, is closed here).
+            _ => Backing::Socket,
+        };
+        let mut state = self.write_state();
+        if state.maps.len() >= max_maps {
+            return Err(Errno::ENOSPC);
+        }
+        if let Some((&base, prev)) = state.maps.range(..end).next_back() {
+            if base + prev.size > req.iova {
+                return Err(Errno::EEXIST);
+            }
+        }
+        if let Backing::Mapped(region) = &backing {
+            if req.readable && req.writable {
+                state.memory = state
+                    .memory
+                    .insert_region(Arc::clone(region))
+                    .map_err(|_| Errno::EEXIST)?;
+            }
+        }
+        state.maps.insert(
+            req.iova,
+            Mapping {
+                size: req.size,
+                readable: req.readable,
+                writable: req.writable,
+                backing,
+            },
+        );
+        Ok(())
+    }
+
+    /// Remove the map that exactly matches `[iova, iova + size)`; `EINVAL` otherwise. Returns
+    /// once no access to it is in flight and it is unmapped.
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<(), Errno> {
+        let mut state = self.write_state();
+        if state.maps.get(&iova).is_none_or(|m| m.size != size) {
+            return Err(Errno::EINVAL);
+        }
+        if let Some(Mapping {
+            backing: Backing::Mapped(_),
+            ..
+        }) = state.maps.remove(&iova)
+        {
+            if let Ok((memory, _)) = state.memory.remove_region(GuestAddress(iova), size) {
+                state.memory = memory;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove every map (`UNMAP_ALL`, disconnect).
+    pub fn unmap_all(&self) {
+        let mut state = self.write_state();
+        state.maps.clear();
+        state.memory = GuestMemoryMmap::new();
+    }
+
+    /// Copy from `iova` into `buf` as far as one map reaches.
+    pub fn read_step(&self, iova: u64, buf: &mut [u8]) -> Result<Segment, DmaError> {
+        let state = self.read_state();
+        let (base, map) = state.find(iova).ok_or(DmaError::Unmapped { iova })?;
+        if !map.readable {
+            return Err(DmaError::Permission {
+                iova,
+                access: "read",
+            });
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(base + map.size - iova).unwrap_or(usize::MAX));
+        match &map.backing {
+            Backing::Mapped(region) => {
+                region
+                    .read_slice(&mut buf[..n], MemoryRegionAddress(iova - base))
+                    .map_err(|_| DmaError::Io(Errno::EFAULT))?;
+                Ok(Segment::Done(n))
+            }
+            Backing::Socket => Ok(Segment::Socket(n)),
+        }
+    }
+
+    /// Copy `data` to `iova` as far as one map reaches.
+    pub fn write_step(&self, iova: u64, data: &[u8]) -> Result<Segment, DmaError> {
+        let state = self.read_state();
+        let (base, map) = state.find(iova).ok_or(DmaError::Unmapped { iova })?;
+        if !map.writable {
+            return Err(DmaError::Permission {
+                iova,
+                access: "write",
+            });
+        }
+        let n = data
+            .len()
+            .min(usize::try_from(base + map.size - iova).unwrap_or(usize::MAX));
+        match &map.backing {
+            Backing::Mapped(region) => {
+                region
+                    .write_slice(&data[..n], MemoryRegionAddress(iova - base))
+                    .map_err(|_| DmaError::Io(Errno::EFAULT))?;
+                Ok(Segment::Done(n))
+            }
+            Backing::Socket => Ok(Segment::Socket(n)),
+        }
+    }
+
+    /// Run `f` on the fd-backed read-write maps as a vm-memory [`GuestMemoryMmap`]; unmaps
+    /// wait until `f` returns, so do not keep references to the memory beyond it.
+    pub fn with_memory<R>(&self, f: impl FnOnce(&GuestMemoryMmap) -> R) -> R {
+        f(&self.read_state().memory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn memfd(size: u64) -> OwnedFd {
+        // SAFETY: memfd_create with a static NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"dma".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: valid fd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+        fd
+    }
+
+    fn req(iova: u64, size: u64) -> DmaMapRequest {
+        DmaMapRequest {
+            iova,
+            size,
+            offset: 0,
+            readable: true,
+            writable: true,
+        }
+    }
+
+    #[test]
+    fn overlaps_limits_and_exact_unmap() {
+        let dma = DmaSpace::new();
+        dma.map(req(0x1000, 0x1000), None, 3).unwrap();
+        assert_eq!(dma.map(req(0x1800, 0x1000), None, 3), Err(Errno::EEXIST));
+        assert_eq!(dma.map(req(0x0, 0x1001), None, 3), Err(Errno::EEXIST));
+        dma.map(req(0x2000, 0x1000), None, 3).unwrap();
+        dma.map(req(0x0, 0x1000), None, 3).unwrap();
+        assert_eq!(dma.map(req(0x9000, 0x1000), None, 3), Err(Errno::ENOSPC));
+        assert_eq!(dma.map(req(u64::MAX, 2), None, 9), Err(Errno::EINVAL));
+        assert_eq!(dma.map(req(0x9000, 0), None, 9), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x1000, 0x800), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x1800, 0x1000), Err(Errno::EINVAL));
+        dma.unmap(0x1000, 0x1000).unwrap();
+        assert_eq!(dma.len(), 2);
+        dma.unmap_all();
+        assert!(dma.is_empty());
+    }
+
+    #[test]
+    fn fd_maps_are_checked_against_the_file() {
+        let dma = DmaSpace::new();
+        assert_eq!(
+            dma.map(req(0, 0x2000), Some(memfd(0x1000)), 9),
+            Err(Errno::EINVAL)
+        );
+        let mut r = req(0, 0x1000);
+        r.offset = 12;
+        assert_eq!(dma.map(r, Some(memfd(0x2000)), 9), Err(Errno::EINVAL));
+        dma.map(req(0x10000, 0x2000), Some(memfd(0x2000)), 9)
+            .unwrap();
+        assert_eq!(
+            dma.write_step(0x10ffe, &[1, 2, 3, 4]).unwrap(),
+            Segment::Done(4)
+        );
+        let mut buf = [0u8; 4];
+        assert_eq!(dma.read_step(0x10ffe, &mut buf).unwrap(), Segment::Done(4));
+        assert_eq!(buf, [1, 2, 3, 4]);
+        // Crossing the end of the map stops at the boundary.
+        let mut big = [0u8; 16];
+        assert_eq!(dma.read_step(0x11ff8, &mut big).unwrap(), Segment::Done(8));
+        assert_eq!(
+            dma.read_step(0x12000, &mut big),
+            Err(DmaError::Unmapped { iova: 0x12000 })
+        );
+        assert_eq!(dma.mapped_count(), 1);
+        dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 1));
+        let mut ro = req(0x20000, 0x1000);
+        ro.writable = false;
+        dma.map(ro, Some(memfd(0x1000)), 9).unwrap();
+        assert!(matches!(
+            dma.write_step(0x20000, &[1]),
+            Err(DmaError::Permission { .. })
+        ));
+        dma.unmap(0x10000, 0x2000).unwrap();
+        dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 0));
+    }
+}

@@ -1,0 +1,42 @@
+//! vfio-user server: presents a [`VfioUserDevice`] to a VMM (QEMU's `vfio-user-pci`) over a
+//! unix socket, following QEMU's `docs/interop/vfio-user.rst`.
+//!
+//! - [`protocol`]: wire structures, command numbers, flags, capability JSON.
+//! - [`socket`]: message framing, `SCM_RIGHTS`, bounded reads, serialized writes.
+//! - [`connection`]: one client: command dispatch and validation.
+//! - [`server`]: the listening socket, one client at a time, shutdown.
+//! - [`client`]: [`ClientHandle`], the device's view of a client (interrupts and DMA).
+//! - [`dma`], [`irq`]: a connection's DMA maps and interrupt lines.
+//! - [`device`]: the device trait and its description types.
+//! - [`test_client`], [`bench`]: a minimal protocol client and a REGION_READ latency benchmark.
+//!
+//! Server-to-client `DMA_READ`/`DMA_WRITE` use QEMU's message layout by default (see
+//! [`protocol::DmaMessageLayout`]); twin-socket mode, migration (`DEVICE_FEATURE`,
+//! `MIG_DATA_*`), dirty-page logging and I/O fds are not supported.
+
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod connection;
+pub mod device;
+pub mod dma;
+pub mod irq;
+pub mod protocol;
+pub mod server;
+pub mod shutdown;
+pub mod socket;
+pub mod test_client;
+
+#[cfg(test)]
+mod tests;
+
+pub use bench::{bench_region_read, BenchMode, LatencyStats};
+pub use client::ClientHandle;
+pub use config::ServerConfig;
+pub use connection::ConnectionStats;
+pub use device::{DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea, VfioUserDevice};
+pub use dma::DmaError;
+pub use irq::IrqError;
+pub use protocol::DmaMessageLayout;
+pub use server::{serve_stream, Server, ServerError, DEFAULT_SOCKET_MODE};
+pub use shutdown::ShutdownSignal;

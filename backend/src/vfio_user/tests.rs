@@ -1,0 +1,1735 @@
+//! Protocol tests: a fake device served over a socketpair or a socket file, driven by the
+//! test client; plus a proptest byte-stream fuzzer and a benchmark smoke run.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::device::{
+    DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea, VfioUserDevice,
+};
+use super::protocol::{
+    dma_flags, flags, irq_flags, pci, region_flags, CapHeader, Command, DmaMessageLayout, Header,
+    RegionAccessMsg, RegionInfoMsg, SparseAreaMsg, SparseMmapMsg, HEADER_SIZE,
+};
+use super::test_client::{ClientError, DmaBacking, TestClient};
+use super::{
+    bench_region_read, serve_stream, BenchMode, ClientHandle, ConnectionStats, DmaError, IrqError,
+    Server, ServerConfig, ServerError, ShutdownSignal, DEFAULT_SOCKET_MODE,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn memfd(name: &str, size: u64) -> OwnedFd {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: valid fd.
+    assert_eq!(
+        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
+        0
+    );
+    fd
+}
+
+fn eventfd() -> OwnedFd {
+    // SAFETY: plain eventfd creation.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd we own.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Read and reset an eventfd counter (0 if it was not signalled).
+fn eventfd_count(fd: &OwnedFd) -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: 8-byte read into a local buffer.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    if n == 8 {
+        u64::from_ne_bytes(buf)
+    } else {
+        0
+    }
+}
+
+fn pread(fd: &OwnedFd, offset: u64, buf: &mut [u8]) {
+    // SAFETY: reads into a valid buffer of buf.len() bytes.
+    let n = unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset as libc::off_t,
+        )
+    };
+    assert_eq!(n, buf.len() as isize);
+}
+
+fn pwrite(fd: &OwnedFd, offset: u64, data: &[u8]) {
+    // SAFETY: writes from a valid buffer of data.len() bytes.
+    let n = unsafe {
+        libc::pwrite(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            offset as libc::off_t,
+        )
+    };
+    assert_eq!(n, data.len() as isize);
+}
+
+/// A shared read-write mapping owned by the test, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Mapping {
+        // SAFETY: a fresh shared mapping of `len` bytes of `fd`; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Mapping {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+    fn write(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.len);
+        // SAFETY: in bounds of the mapping; the memory is shared with the server but only raw
+        // byte copies are done (no references are formed).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) };
+    }
+    fn read(&self, offset: usize, buf: &mut [u8]) {
+        assert!(offset + buf.len() <= self.len);
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), buf.as_mut_ptr(), buf.len()) };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn proc_maps_contains(needle: &str) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .contains(needle)
+}
+
+fn unique(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake device
+
+const BAR0: u32 = 0;
+const BAR1: u32 = 1; // memfd-backed, sparse mmap
+const BAR2: u32 = 2; // memfd-backed, whole-region mmap
+const CONFIG: u32 = pci::CONFIG_REGION_INDEX;
+const BAR1_SIZE: u64 = 0x10000;
+const BAR1_FILE_OFFSET: u64 = 0x10000;
+const BAR2_SIZE: u64 = 0x2000;
+const MSIX_VECTORS: u32 = 16;
+
+struct FakeDevice {
+    bar0: Mutex<Vec<u8>>,
+    config: Mutex<Vec<u8>>,
+    bar1: Arc<OwnedFd>,
+    bar2: Arc<OwnedFd>,
+    handle: Mutex<Option<ClientHandle>>,
+    connects: AtomicU32,
+    disconnects: AtomicU32,
+    resets: AtomicU32,
+    writes: AtomicU64,
+}
+
+impl FakeDevice {
+    fn new() -> Arc<FakeDevice> {
+        Arc::new(FakeDevice {
+            bar0: Mutex::new(vec![0; 4096]),
+            config: Mutex::new((0..=255u8).collect()),
+            bar1: Arc::new(memfd("bar1", BAR1_FILE_OFFSET + BAR1_SIZE)),
+            bar2: Arc::new(memfd("bar2", BAR2_SIZE)),
+            handle: Mutex::new(None),
+            connects: AtomicU32::new(0),
+            disconnects: AtomicU32::new(0),
+            resets: AtomicU32::new(0),
+            writes: AtomicU64::new(0),
+        })
+    }
+
+    fn handle(&self) -> ClientHandle {
+        self.handle
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("no client connected")
+    }
+}
+
+impl VfioUserDevice for FakeDevice {
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            num_regions: pci::NUM_REGIONS,
+            num_irqs: pci::NUM_IRQS,
+            resettable: true,
+        }
+    }
+
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        match index {
+            BAR0 => Some(RegionInfo {
+                size: 4096,
+                readable: true,
+                writable: true,
+                mmap: None,
+            }),
+            BAR1 => Some(RegionInfo {
+                size: BAR1_SIZE,
+                readable: true,
+                writable: true,
+                mmap: Some(RegionMmap {
+                    fd: Arc::clone(&self.bar1),
+                    file_offset: BAR1_FILE_OFFSET,
+                    sparse_areas: vec![
+                        SparseArea {
+                            offset: 0x1000,
+                            size: 0x2000,
+                        },
+                        SparseArea {
+                            offset: 0x8000,
+                            size: 0x8000,
+                        },
+                        // Outside the region: dropped by the server.
+                        SparseArea {
+                            offset: 0xf000,
+                            size: 0x2000,
+                        },
+                    ],
+                }),
+            }),
+            BAR2 => Some(RegionInfo {
+                size: BAR2_SIZE,
+                readable: true,
+                writable: true,
+                mmap: Some(RegionMmap {
+                    fd: Arc::clone(&self.bar2),
+                    file_offset: 0,
+                    sparse_areas: Vec::new(),
+                }),
+            }),
+            CONFIG => Some(RegionInfo {
+                size: 256,
+                readable: true,
+                writable: true,
+                mmap: None,
+            }),
+            _ => None,
+        }
+    }
+
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        let eventfd = true;
+        match index {
+            pci::INTX_IRQ_INDEX => Some(IrqInfo {
+                count: 1,
+                eventfd,
+                maskable: true,
+                automasked: true,
+                noresize: false,
+            }),
+            pci::MSI_IRQ_INDEX => Some(IrqInfo {
+                count: 1,
+                eventfd,
+                ..Default::default()
+            }),
+            pci::MSIX_IRQ_INDEX => Some(IrqInfo {
+                count: MSIX_VECTORS,
+                eventfd,
+                maskable: true,
+                automasked: false,
+                noresize: true,
+            }),
+            pci::ERR_IRQ_INDEX | pci::REQ_IRQ_INDEX => Some(IrqInfo {
+                count: 1,
+                eventfd,
+                ..Default::default()
+            }),
+            _ => None,
+        }
+    }
+
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let o = offset as usize;
+        match index {
+            BAR0 => buf.copy_from_slice(&self.bar0.lock().unwrap()[o..o + buf.len()]),
+            CONFIG => buf.copy_from_slice(&self.config.lock().unwrap()[o..o + buf.len()]),
+            BAR1 => pread(&self.bar1, BAR1_FILE_OFFSET + offset, buf),
+            BAR2 => pread(&self.bar2, offset, buf),
+            _ => return Err(Errno::EIO),
+        }
+        Ok(buf.len())
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        let o = offset as usize;
+        match index {
+            BAR0 => self.bar0.lock().unwrap()[o..o + data.len()].copy_from_slice(data),
+            CONFIG => self.config.lock().unwrap()[o..o + data.len()].copy_from_slice(data),
+            BAR1 => pwrite(&self.bar1, BAR1_FILE_OFFSET + offset, data),
+            BAR2 => pwrite(&self.bar2, offset, data),
+            _ => return Err(Errno::EIO),
+        }
+        Ok(data.len())
+    }
+
+    fn reset(&self) -> Result<(), Errno> {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn client_connected(&self, client: ClientHandle) {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        *self.handle.lock().unwrap() = Some(client);
+    }
+
+    fn client_disconnected(&self) {
+        self.disconnects.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection served over a socketpair on its own thread.
+struct Session {
+    client: TestClient,
+    device: Arc<FakeDevice>,
+    server: JoinHandle<Result<ConnectionStats, ServerError>>,
+}
+
+impl Session {
+    fn start(config: ServerConfig) -> Session {
+        let device = FakeDevice::new();
+        let (a, b) = UnixStream::pair().unwrap();
+        let dev: Arc<dyn VfioUserDevice> = device.clone();
+        let server = std::thread::spawn(move || serve_stream(b, dev, config, None));
+        Session {
+            client: TestClient::new(a),
+            device,
+            server,
+        }
+    }
+
+    fn negotiated() -> Session {
+        let mut s = Session::start(ServerConfig::default());
+        s.client.version().unwrap();
+        s
+    }
+
+    /// Close the client side and wait for the connection to end.
+    fn close(self) -> (Arc<FakeDevice>, ConnectionStats) {
+        drop(self.client);
+        let stats = self.server.join().unwrap().unwrap();
+        (self.device, stats)
+    }
+}
+
+fn errno_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> i32 {
+    match r {
+        Err(ClientError::Errno(e)) => e.0,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake and device information
+
+#[test]
+fn version_negotiates_limits_and_echoes_only_offered_caps() {
+    let mut s = Session::start(ServerConfig::default());
+    let json = r#"{"capabilities":{"max_msg_fds":4,"max_data_xfer_size":65536,"max_dma_maps":100,"twin_socket":{"supported":true},"unknown":[1]}}"#;
+    let (v, caps) = s.client.version_with(0, 0, Some(json)).unwrap();
+    assert_eq!((v.major, v.minor), (0, 0));
+    assert_eq!(caps.max_data_xfer_size, Some(65536));
+    assert_eq!(caps.max_dma_maps, Some(100));
+    assert_eq!(caps.max_msg_fds, Some(16));
+    assert_eq!(caps.pgsizes, Some(4096));
+    assert_eq!(caps.write_multiple, None, "not offered by the client");
+    // The negotiated transfer size applies.
+    assert_eq!(errno_of(s.client.region_read(BAR1, 0, 65537)), libc::E2BIG);
+    assert_eq!(s.client.region_read(BAR1, 0, 65536).unwrap().len(), 65536);
+    // A second VERSION is refused.
+    assert_eq!(errno_of(s.client.version()), libc::EINVAL);
+    s.close();
+}
+
+#[test]
+fn version_without_json_and_higher_minor() {
+    let mut s = Session::start(ServerConfig::default());
+    let (v, caps) = s.client.version_with(0, 7, None).unwrap();
+    assert_eq!((v.major, v.minor), (0, 1));
+    assert_eq!(caps.max_data_xfer_size, Some(1 << 20));
+    assert_eq!(
+        s.client.device_info().unwrap().num_regions,
+        pci::NUM_REGIONS
+    );
+    s.close();
+
+    let mut s = Session::start(ServerConfig::default());
+    assert_eq!(errno_of(s.client.version_with(1, 0, None)), libc::ENOTSUP);
+    assert_eq!(
+        errno_of(s.client.version_with(0, 0, Some("{broken"))),
+        libc::EINVAL
+    );
+    s.client
+        .version_with(0, 0, Some(r#"{"capabilities":"odd"}"#))
+        .unwrap();
+    s.close();
+}
+
+#[test]
+fn commands_before_version_are_refused() {
+    let mut s = Session::start(ServerConfig::default());
+    assert_eq!(errno_of(s.client.device_info()), libc::EINVAL);
+    s.client.version().unwrap();
+    let info = s.client.device_info().unwrap();
+    assert_eq!(info.flags, 0b11, "PCI | RESET");
+    assert_eq!((info.num_regions, info.num_irqs, info.argsz), (9, 5, 16));
+    s.close();
+}
+
+#[test]
+fn irq_info_and_missing_regions() {
+    let mut s = Session::negotiated();
+    let msix = s.client.irq_info(pci::MSIX_IRQ_INDEX).unwrap();
+    assert_eq!(msix.count, MSIX_VECTORS);
+    assert_eq!(
+        msix.flags,
+        irq_flags::INFO_EVENTFD | irq_flags::INFO_MASKABLE | irq_flags::INFO_NORESIZE
+    );
+    let intx = s.client.irq_info(pci::INTX_IRQ_INDEX).unwrap();
+    assert_eq!(
+        intx.flags & irq_flags::INFO_AUTOMASKED,
+        irq_flags::INFO_AUTOMASKED
+    );
+    assert_eq!(errno_of(s.client.irq_info(5)), libc::EINVAL);
+    // Regions the device does not have (but within num_regions) are empty, not errors.
+    let (vga, _, fd) = s.client.region_info(pci::VGA_REGION_INDEX, 32).unwrap();
+    assert_eq!((vga.size, vga.flags), (0, 0));
+    assert!(fd.is_none());
+    assert_eq!(errno_of(s.client.region_info(9, 32)), libc::EINVAL);
+    assert_eq!(errno_of(s.client.region_info(0, 16)), libc::EINVAL);
+    let (cfg, _, _) = s.client.region_info(CONFIG, 32).unwrap();
+    assert_eq!(
+        (cfg.size, cfg.flags),
+        (256, region_flags::READ | region_flags::WRITE)
+    );
+    s.close();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regions
+
+#[test]
+fn sparse_region_info_argsz_retry_fd_and_mmap() {
+    let mut s = Session::negotiated();
+    // First query with the bare struct size: needed argsz only, no caps, no fd.
+    let (short, payload, fd) = s.client.region_info(BAR1, 32).unwrap();
+    let needed =
+        (RegionInfoMsg::SIZE + CapHeader::SIZE + SparseMmapMsg::SIZE + 2 * SparseAreaMsg::SIZE)
+            as u32;
+    assert_eq!(short.argsz, needed);
+    assert_eq!(short.flags & region_flags::CAPS, 0);
+    assert_eq!(short.cap_offset, 0);
+    assert_eq!(payload.len(), RegionInfoMsg::SIZE);
+    assert!(fd.is_none());
+
+    // Retry with the needed size: caps and the fd.
+    let (info, payload, fd) = s.client.region_info(BAR1, needed).unwrap();
+    assert_eq!(info.argsz, needed);
+    assert_eq!(
+        info.flags,
+        region_flags::READ | region_flags::WRITE | region_flags::MMAP | region_flags::CAPS
+    );
+    assert_eq!(
+        (info.size, info.offset, info.cap_offset),
+        (BAR1_SIZE, BAR1_FILE_OFFSET, 32)
+    );
+    let cap = CapHeader::decode(&payload[32..]).unwrap();
+    assert_eq!((cap.id, cap.version, cap.next), (1, 1, 0));
+    let sparse = SparseMmapMsg::decode(&payload[40..]).unwrap();
+    assert_eq!(sparse.nr_areas, 2);
+    let a0 = SparseAreaMsg::decode(&payload[48..]).unwrap();
+    let a1 = SparseAreaMsg::decode(&payload[64..]).unwrap();
+    assert_eq!(
+        (a0.offset, a0.size, a1.offset, a1.size),
+        (0x1000, 0x2000, 0x8000, 0x8000)
+    );
+    let fd = fd.expect("region fd");
+
+    // Map the first area as QEMU would, write through it, read it back with REGION_READ.
+    let map = Mapping::new(fd.as_fd(), info.offset + a0.offset, a0.size as usize);
+    map.write(0x10, &[0xde, 0xad, 0xbe, 0xef]);
+    assert_eq!(
+        s.client.region_read(BAR1, 0x1010, 4).unwrap(),
+        vec![0xde, 0xad, 0xbe, 0xef]
+    );
+    // And the other way round: a trapped write shows up in the mapping.
+    s.client
+        .region_write(BAR1, 0x1020, &[1, 2, 3], false)
+        .unwrap();
+    let mut back = [0u8; 3];
+    map.read(0x20, &mut back);
+    assert_eq!(back, [1, 2, 3]);
+
+    // A larger argsz than needed still gets exactly the needed size back.
+    let (info, payload, _) = s.client.region_info(BAR1, 4096).unwrap();
+    assert_eq!(
+        (info.argsz as usize, payload.len()),
+        (needed as usize, needed as usize)
+    );
+    s.close();
+}
+
+#[test]
+fn whole_region_mmap_sends_fd_without_caps() {
+    let mut s = Session::negotiated();
+    let (info, payload, fd) = s.client.region_info(BAR2, 32).unwrap();
+    assert_eq!(
+        info.flags,
+        region_flags::READ | region_flags::WRITE | region_flags::MMAP
+    );
+    assert_eq!((info.argsz, payload.len()), (32, 32));
+    let fd = fd.expect("fd with the first reply");
+    let map = Mapping::new(fd.as_fd(), 0, BAR2_SIZE as usize);
+    map.write(0x1ffc, &7u32.to_ne_bytes());
+    assert_eq!(
+        s.client.region_read(BAR2, 0x1ffc, 4).unwrap(),
+        7u32.to_ne_bytes()
+    );
+    s.close();
+}
+
+#[test]
+fn region_access_bounds_and_short_messages() {
+    let mut s = Session::negotiated();
+    assert_eq!(errno_of(s.client.region_read(BAR0, 4093, 4)), libc::EINVAL);
+    assert_eq!(
+        errno_of(s.client.region_read(BAR0, u64::MAX - 1, 4)),
+        libc::EINVAL
+    );
+    assert_eq!(errno_of(s.client.region_read(3, 0, 4)), libc::EINVAL);
+    assert_eq!(errno_of(s.client.region_read(77, 0, 4)), libc::EINVAL);
+    assert_eq!(
+        errno_of(s.client.region_read(BAR0, 0, (1 << 20) + 1)),
+        libc::E2BIG
+    );
+    assert_eq!(s.client.region_read(BAR0, 0, 0).unwrap(), Vec::<u8>::new());
+    // A write whose count exceeds the data it carries.
+    let mut req = [0u8; RegionAccessMsg::SIZE];
+    RegionAccessMsg {
+        offset: 0,
+        region: BAR0,
+        count: 64,
+    }
+    .encode(&mut req)
+    .unwrap();
+    let r = s
+        .client
+        .request(Command::RegionWrite, &[&req, &[1, 2, 3, 4]], &[]);
+    assert_eq!(errno_of(r), libc::EINVAL);
+    // A payload shorter than the fixed part.
+    assert_eq!(
+        errno_of(s.client.request(Command::RegionRead, &[&[0u8; 8]], &[])),
+        libc::EINVAL
+    );
+    // The stream is still in step.
+    s.client.region_write(BAR0, 8, &[5, 6], false).unwrap();
+    assert_eq!(s.client.region_read(BAR0, 8, 2).unwrap(), vec![5, 6]);
+    s.close();
+}
+
+#[test]
+fn posted_writes_are_ordered_before_a_later_read() {
+    let mut s = Session::negotiated();
+    for i in 0..2000u32 {
+        assert!(s
+            .client
+            .region_write(BAR0, 0x100, &i.to_ne_bytes(), true)
+            .unwrap()
+            .is_none());
+    }
+    // The next message received is the read's reply: posted writes got no replies.
+    assert_eq!(
+        s.client.region_read(BAR0, 0x100, 4).unwrap(),
+        1999u32.to_ne_bytes()
+    );
+    assert_eq!(s.device.writes.load(Ordering::SeqCst), 2000);
+    // A failing posted write is only logged: no reply, and the stream stays in step.
+    s.client.region_write(BAR0, 4095, &[1, 2], true).unwrap();
+    assert_eq!(
+        s.client.region_read(BAR0, 0x100, 4).unwrap(),
+        1999u32.to_ne_bytes()
+    );
+    let (_, stats) = s.close();
+    assert_eq!(stats.errors, 1);
+}
+
+#[test]
+fn write_multi_and_io_fds_and_reset() {
+    let mut s = Session::negotiated();
+    let done = s
+        .client
+        .region_write_multi(
+            &[
+                (BAR0, 0, &[1, 2, 3, 4]),
+                (BAR0, 8, &[9; 8]),
+                (CONFIG, 4, &[0xaa]),
+            ],
+            false,
+        )
+        .unwrap();
+    assert_eq!(done, Some(3));
+    s.client
+        .region_write_multi(&[(BAR0, 16, &[7])], true)
+        .unwrap();
+    assert_eq!(
+        s.client.region_read(BAR0, 0, 17).unwrap(),
+        [&[1, 2, 3, 4, 0, 0, 0, 0][..], &[9; 8], &[7]].concat()
+    );
+    assert_eq!(s.client.region_read(CONFIG, 4, 1).unwrap(), vec![0xaa]);
+    // An entry with more than 8 bytes is refused.
+    assert_eq!(
+        errno_of(s.client.region_write_multi(&[(BAR0, 0, &[0; 9])], false)),
+        libc::EINVAL
+    );
+
+    // GET_REGION_IO_FDS: no sub-regions, no fds.
+    let req = [16u32, 0, BAR0, 0].map(u32::to_ne_bytes).concat();
+    let reply = s
+        .client
+        .request(Command::DeviceGetRegionIoFds, &[&req], &[])
+        .unwrap();
+    assert_eq!(
+        reply.payload,
+        [16u32, 0, BAR0, 0].map(u32::to_ne_bytes).concat()
+    );
+    assert!(reply.fds.is_empty());
+    let bad = [16u32, 1, BAR0, 0].map(u32::to_ne_bytes).concat();
+    assert_eq!(
+        errno_of(
+            s.client
+                .request(Command::DeviceGetRegionIoFds, &[&bad], &[])
+        ),
+        libc::EINVAL
+    );
+
+    s.client.reset().unwrap();
+    assert_eq!(s.device.resets.load(Ordering::SeqCst), 1);
+    s.close();
+}
+
+#[test]
+fn unknown_and_unsupported_commands_keep_the_stream_in_step() {
+    let mut s = Session::negotiated();
+    let id = s.client.send(99, 0, &[&[0xab; 37]], &[]).unwrap();
+    assert_eq!(errno_of(s.client.reply_to(id)), libc::ENOSYS);
+    let id = s
+        .client
+        .send(Command::DeviceFeature as u16, 0, &[&[0; 24]], &[])
+        .unwrap();
+    assert_eq!(errno_of(s.client.reply_to(id)), libc::ENOTSUP);
+    let id = s
+        .client
+        .send(Command::DmaRead as u16, 0, &[&[0; 16]], &[])
+        .unwrap();
+    assert_eq!(errno_of(s.client.reply_to(id)), libc::EINVAL);
+    // A message with an invalid type.
+    let id = s
+        .client
+        .send(
+            Command::DeviceGetInfo as u16,
+            0x7,
+            &[&[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(errno_of(s.client.reply_to(id)), libc::EINVAL);
+    // An unexpected reply from the client is ignored.
+    s.client
+        .send(Command::DmaRead as u16, flags::TYPE_REPLY, &[&[0; 40]], &[])
+        .unwrap();
+    assert_eq!(s.client.device_info().unwrap().num_irqs, 5);
+    s.close();
+}
+
+#[test]
+fn oversized_message_gets_e2big_and_undersized_header_disconnects() {
+    let config = ServerConfig {
+        max_data_xfer_size: 4096,
+        ..Default::default()
+    };
+    let mut s = Session::start(config);
+    s.client.version().unwrap();
+    let big = vec![0u8; 64 << 10];
+    let id = s
+        .client
+        .send(Command::RegionWrite as u16, 0, &[&big], &[])
+        .unwrap();
+    assert_eq!(errno_of(s.client.reply_to(id)), libc::E2BIG);
+    assert_eq!(s.client.region_read(BAR0, 0, 4).unwrap().len(), 4);
+
+    let mut raw = [0u8; HEADER_SIZE];
+    Header {
+        id: 77,
+        command: 4,
+        size: 8,
+        flags: 0,
+        error: 0,
+    }
+    .encode(&mut raw)
+    .unwrap();
+    s.client.send_raw(&raw, &[]).unwrap();
+    assert_eq!(errno_of(s.client.reply_to(77)), libc::EINVAL);
+    assert!(
+        matches!(s.client.recv(), Err(ClientError::Socket(_))),
+        "server hung up"
+    );
+    let stats = s.server.join().unwrap().unwrap();
+    assert!(stats.end.contains("size 8"), "{}", stats.end);
+}
+
+#[test]
+fn stalled_client_is_dropped_after_the_message_timeout() {
+    let config = ServerConfig {
+        msg_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let mut s = Session::start(config);
+    s.client.version().unwrap();
+    let mut raw = [0u8; HEADER_SIZE];
+    Header {
+        id: 1,
+        command: 9,
+        size: 32,
+        flags: 0,
+        error: 0,
+    }
+    .encode(&mut raw)
+    .unwrap();
+    s.client.send_raw(&raw[..10], &[]).unwrap();
+    let start = Instant::now();
+    let stats = s.server.join().unwrap().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(stats.end.contains("timed out"), "{}", stats.end);
+    assert_eq!(s.device.disconnects.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn unexpected_fds_are_refused_and_closed() {
+    let mut s = Session::negotiated();
+    let (e1, e2) = (eventfd(), eventfd());
+    let r = s.client.request(
+        Command::DeviceGetInfo,
+        &[&[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+        &[e1.as_fd()],
+    );
+    assert_eq!(errno_of(r), libc::EINVAL);
+    // DMA_MAP takes at most one fd.
+    let m = memfd("two", 4096);
+    let req = [
+        32u32.to_ne_bytes().as_slice(),
+        &3u32.to_ne_bytes(),
+        &0u64.to_ne_bytes(),
+        &0u64.to_ne_bytes(),
+        &4096u64.to_ne_bytes(),
+    ]
+    .concat();
+    let r = s
+        .client
+        .request(Command::DmaMap, &[&req], &[m.as_fd(), e2.as_fd()]);
+    assert_eq!(errno_of(r), libc::EINVAL);
+    // More fds than max_msg_fds: the excess is lost in transit, the message refused.
+    let many: Vec<OwnedFd> = (0..17).map(|_| eventfd()).collect();
+    let borrowed: Vec<BorrowedFd<'_>> = many.iter().map(|f| f.as_fd()).collect();
+    let r = s.client.set_irqs(
+        pci::MSIX_IRQ_INDEX,
+        irq_flags::DATA_EVENTFD | irq_flags::ACTION_TRIGGER,
+        0,
+        16,
+        &[],
+        &borrowed[..16],
+    );
+    assert!(r.is_ok());
+    let id = s
+        .client
+        .send(
+            Command::DeviceGetInfo as u16,
+            0,
+            &[&[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+            &borrowed,
+        )
+        .unwrap_or(0);
+    if id != 0 {
+        assert_eq!(errno_of(s.client.reply_to(id)), libc::EINVAL);
+    }
+    assert_eq!(s.client.device_info().unwrap().num_regions, 9);
+    s.close();
+}
+
+// ---------------------------------------------------------------------------------------------
+// DMA
+
+#[test]
+fn fd_backed_dma_is_shared_with_the_device() {
+    let mut s = Session::negotiated();
+    let guest = memfd(&unique("guest-ram"), 0x20000);
+    pwrite(&guest, 0x10000 + 0x40, b"hello from the guest");
+    // iova 0x100000 maps file offset 0x10000.
+    s.client
+        .dma_map(
+            dma_flags::MAP_READ | dma_flags::MAP_WRITE,
+            0x10000,
+            0x100000,
+            0x10000,
+            Some(guest.as_fd()),
+        )
+        .unwrap();
+    let h = s.device.handle();
+    let mut buf = [0u8; 20];
+    h.dma_read(0x100040, &mut buf).unwrap();
+    assert_eq!(&buf, b"hello from the guest");
+    h.dma_write(0x100800, b"device was here").unwrap();
+    let mut back = [0u8; 15];
+    pread(&guest, 0x10800, &mut back);
+    assert_eq!(&back, b"device was here");
+    // vm-memory view of the same maps.
+    let n = h
+        .with_dma_memory(|m| {
+            use vm_memory::{Bytes, GuestAddress};
+            let v: u32 = m.read_obj(GuestAddress(0x100040)).unwrap();
+            v
+        })
+        .unwrap();
+    assert_eq!(n, u32::from_ne_bytes(*b"hell"));
+    // Outside any map, across the end of a map, read-only maps.
+    assert_eq!(
+        h.dma_read(0x200000, &mut buf),
+        Err(DmaError::Unmapped { iova: 0x200000 })
+    );
+    assert_eq!(
+        h.dma_read(0x10fff0, &mut buf),
+        Err(DmaError::Unmapped { iova: 0x110000 })
+    );
+    let ro = memfd("ro", 0x1000);
+    s.client
+        .dma_map(dma_flags::MAP_READ, 0, 0x300000, 0x1000, Some(ro.as_fd()))
+        .unwrap();
+    assert!(matches!(
+        h.dma_write(0x300000, &[1]),
+        Err(DmaError::Permission { .. })
+    ));
+    // Overlap, bad flags, file too short.
+    assert_eq!(
+        errno_of(s.client.dma_map(3, 0, 0x100800, 0x1000, None)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno_of(s.client.dma_map(0x10, 0, 0x900000, 0x1000, None)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno_of(s.client.dma_map(3, 0, 0x900000, 0x100000, Some(ro.as_fd()))),
+        libc::EINVAL
+    );
+    s.close();
+}
+
+#[test]
+fn unmap_rules_and_unmap_all() {
+    let mut s = Session::negotiated();
+    let ram = memfd(&unique("unmap-ram"), 0x4000);
+    s.client
+        .dma_map(3, 0, 0x0, 0x4000, Some(ram.as_fd()))
+        .unwrap();
+    s.client.dma_map(3, 0, 0x10000, 0x1000, None).unwrap();
+    s.client.dma_map(3, 0, 0x20000, 0x1000, None).unwrap();
+    assert_eq!(
+        errno_of(s.client.dma_unmap(0, 0x0, 0x1000)),
+        libc::EINVAL,
+        "partial"
+    );
+    assert_eq!(
+        errno_of(
+            s.client
+                .dma_unmap(dma_flags::UNMAP_GET_DIRTY_BITMAP, 0, 0x4000)
+        ),
+        libc::ENOTSUP
+    );
+    assert_eq!(
+        errno_of(s.client.dma_unmap(dma_flags::UNMAP_ALL, 0, 0x4000)),
+        libc::EINVAL
+    );
+    assert_eq!(errno_of(s.client.dma_unmap(0x8, 0, 0x4000)), libc::EINVAL);
+    let echoed = s.client.dma_unmap(0, 0x20000, 0x1000).unwrap();
+    assert_eq!(
+        (echoed.address, echoed.size, echoed.argsz),
+        (0x20000, 0x1000, 24)
+    );
+    let h = s.device.handle();
+    let mut b = [0u8; 4];
+    h.dma_read(0x100, &mut b).unwrap();
+    s.client.dma_unmap(dma_flags::UNMAP_ALL, 0, 0).unwrap();
+    assert_eq!(
+        h.dma_read(0x100, &mut b),
+        Err(DmaError::Unmapped { iova: 0x100 })
+    );
+    assert_eq!(
+        h.dma_read(0x10000, &mut b),
+        Err(DmaError::Unmapped { iova: 0x10000 })
+    );
+    // Maps can be re-added afterwards.
+    s.client
+        .dma_map(3, 0, 0x0, 0x4000, Some(ram.as_fd()))
+        .unwrap();
+    s.close();
+}
+
+#[test]
+fn dma_map_limit_is_enforced() {
+    let config = ServerConfig {
+        max_dma_maps: 2,
+        ..Default::default()
+    };
+    let mut s = Session::start(config);
+    let (_, caps) = s.client.version().unwrap();
+    assert_eq!(caps.max_dma_maps, Some(2));
+    s.client.dma_map(3, 0, 0x0, 0x1000, None).unwrap();
+    s.client.dma_map(3, 0, 0x1000, 0x1000, None).unwrap();
+    assert_eq!(
+        errno_of(s.client.dma_map(3, 0, 0x2000, 0x1000, None)),
+        libc::ENOSPC
+    );
+    s.close();
+}
+
+fn socket_dma_roundtrip(layout: DmaMessageLayout) {
+    let config = ServerConfig {
+        dma_layout: layout,
+        max_data_xfer_size: 4096,
+        ..Default::default()
+    };
+    let mut s = Session::start(config);
+    s.client.version().unwrap();
+    let memory = Arc::new(Mutex::new(
+        (0..0x3000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
+    ));
+    s.client.set_dma_backing(
+        DmaBacking {
+            base: 0x40000,
+            memory: Arc::clone(&memory),
+        },
+        layout,
+    );
+    // No fd: the server must use DMA_READ/DMA_WRITE messages.
+    s.client.dma_map(3, 0, 0x40000, 0x3000, None).unwrap();
+    let h = s.device.handle();
+    let (tx, rx) = mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        // 6000 bytes: two requests with a 4 KiB transfer limit.
+        let mut buf = vec![0u8; 6000];
+        let r = h.dma_read(0x40100, &mut buf);
+        let w = h.dma_write(0x40010, &[0x5a; 5000]);
+        tx.send(()).unwrap();
+        (r, w, buf)
+    });
+    // Keep the client reading (it answers DMA requests) until the worker is done.
+    while rx.try_recv().is_err() {
+        let id = s
+            .client
+            .send(
+                Command::DeviceGetInfo as u16,
+                0,
+                &[&[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+                &[],
+            )
+            .unwrap();
+        s.client.reply_to(id).unwrap();
+    }
+    let (r, w, buf) = worker.join().unwrap();
+    r.unwrap();
+    w.unwrap();
+    let expected: Vec<u8> = (0x100..0x100 + 6000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(buf, expected);
+    assert!(memory.lock().unwrap()[0x10..0x10 + 5000]
+        .iter()
+        .all(|&b| b == 0x5a));
+    assert!(s.client.dma_requests_served() >= 4);
+    // An address the client refuses: its error comes back.
+    s.client.dma_map(3, 0, 0x90000, 0x1000, None).unwrap();
+    let h = s.device.handle();
+    let worker = std::thread::spawn(move || {
+        let mut b = [0u8; 8];
+        h.dma_read(0x90000, &mut b)
+    });
+    while !worker.is_finished() {
+        let id = s
+            .client
+            .send(
+                Command::DeviceGetInfo as u16,
+                0,
+                &[&[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+                &[],
+            )
+            .unwrap();
+        s.client.reply_to(id).unwrap();
+    }
+    assert_eq!(worker.join().unwrap(), Err(DmaError::Remote(Errno::EFAULT)));
+    s.close();
+}
+
+#[test]
+fn fd_less_dma_uses_server_to_client_messages_qemu_layout() {
+    socket_dma_roundtrip(DmaMessageLayout::Qemu);
+}
+
+#[test]
+fn fd_less_dma_uses_server_to_client_messages_spec_layout() {
+    socket_dma_roundtrip(DmaMessageLayout::Spec);
+}
+
+#[test]
+fn socket_dma_times_out_and_refuses_the_connection_thread() {
+    let config = ServerConfig {
+        msg_timeout: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let mut s = Session::start(config);
+    s.client.version().unwrap();
+    s.client.dma_map(3, 0, 0x1000, 0x1000, None).unwrap();
+    // The client never reads: the request times out.
+    let h = s.device.handle();
+    let mut b = [0u8; 4];
+    assert_eq!(h.dma_read(0x1000, &mut b), Err(DmaError::Timeout));
+    // After disconnect every DMA fails with NotConnected.
+    let (device, _) = s.close();
+    assert!(!h.is_connected());
+    assert_eq!(h.dma_read(0x1000, &mut b), Err(DmaError::NotConnected));
+    assert_eq!(h.trigger_irq(2, 0), Err(IrqError::NotConnected));
+    assert_eq!(device.disconnects.load(Ordering::SeqCst), 1);
+}
+
+/// A device that tries socket DMA from inside a region write (on the connection thread).
+struct DmaInCallback {
+    inner: Arc<FakeDevice>,
+    result: Mutex<Option<Result<(), DmaError>>>,
+}
+
+impl VfioUserDevice for DmaInCallback {
+    fn device_info(&self) -> DeviceInfo {
+        self.inner.device_info()
+    }
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        self.inner.region_info(index)
+    }
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        self.inner.irq_info(index)
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.inner.region_read(index, offset, buf)
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+        let mut b = [0u8; 4];
+        *self.result.lock().unwrap() = Some(self.inner.handle().dma_read(0x1000, &mut b));
+        self.inner.region_write(index, offset, data)
+    }
+    fn reset(&self) -> Result<(), Errno> {
+        Ok(())
+    }
+    fn client_connected(&self, client: ClientHandle) {
+        self.inner.client_connected(client);
+    }
+}
+
+#[test]
+fn socket_dma_from_a_region_callback_reports_deadlock() {
+    let dev = Arc::new(DmaInCallback {
+        inner: FakeDevice::new(),
+        result: Mutex::new(None),
+    });
+    let (a, b) = UnixStream::pair().unwrap();
+    let d: Arc<dyn VfioUserDevice> = dev.clone();
+    let server = std::thread::spawn(move || serve_stream(b, d, ServerConfig::default(), None));
+    let mut client = TestClient::new(a);
+    client.version().unwrap();
+    client.dma_map(3, 0, 0x1000, 0x1000, None).unwrap();
+    client.region_write(BAR0, 0, &[1], false).unwrap();
+    assert_eq!(
+        *dev.result.lock().unwrap(),
+        Some(Err(DmaError::WouldDeadlock))
+    );
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interrupts
+
+#[test]
+fn msix_eventfds_in_batches_and_trigger() {
+    let mut s = Session::negotiated();
+    let fds: Vec<OwnedFd> = (0..4).map(|_| eventfd()).collect();
+    let trig = irq_flags::DATA_EVENTFD | irq_flags::ACTION_TRIGGER;
+    // As QEMU splits them: valid fds in one message, a run of -1 as count with no fds.
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            trig,
+            0,
+            2,
+            &[],
+            &[fds[0].as_fd(), fds[1].as_fd()],
+        )
+        .unwrap();
+    s.client
+        .set_irqs(pci::MSIX_IRQ_INDEX, trig, 2, 3, &[], &[])
+        .unwrap();
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            trig,
+            5,
+            2,
+            &[],
+            &[fds[2].as_fd(), fds[3].as_fd()],
+        )
+        .unwrap();
+    let h = s.device.handle();
+    h.trigger_irq(pci::MSIX_IRQ_INDEX, 1).unwrap();
+    h.trigger_irq(pci::MSIX_IRQ_INDEX, 6).unwrap();
+    h.trigger_irq(pci::MSIX_IRQ_INDEX, 6).unwrap();
+    assert_eq!(eventfd_count(&fds[1]), 1);
+    assert_eq!(eventfd_count(&fds[3]), 2);
+    assert_eq!(eventfd_count(&fds[0]), 0);
+    assert_eq!(
+        h.trigger_irq(pci::MSIX_IRQ_INDEX, 3),
+        Err(IrqError::NotConfigured {
+            index: 2,
+            vector: 3
+        })
+    );
+    assert_eq!(
+        h.trigger_irq(pci::MSIX_IRQ_INDEX, 16),
+        Err(IrqError::InvalidVector {
+            index: 2,
+            vector: 16
+        })
+    );
+    assert_eq!(h.trigger_irq(9, 0), Err(IrqError::InvalidIndex(9)));
+    // Deassign vector 1.
+    s.client
+        .set_irqs(pci::MSIX_IRQ_INDEX, trig, 1, 1, &[], &[])
+        .unwrap();
+    assert!(!h.irq_configured(pci::MSIX_IRQ_INDEX, 1));
+    // The client triggers vector 5 itself.
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_NONE | irq_flags::ACTION_TRIGGER,
+            5,
+            1,
+            &[],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(eventfd_count(&fds[2]), 1);
+    // Count 0 + DATA_NONE + TRIGGER disables everything.
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_NONE | irq_flags::ACTION_TRIGGER,
+            0,
+            0,
+            &[],
+            &[],
+        )
+        .unwrap();
+    assert!(!h.irq_configured(pci::MSIX_IRQ_INDEX, 6));
+    // Malformed requests.
+    let e = eventfd();
+    assert_eq!(
+        errno_of(s.client.set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            trig,
+            15,
+            2,
+            &[],
+            &[e.as_fd(), e.as_fd()]
+        )),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno_of(
+            s.client
+                .set_irqs(pci::MSIX_IRQ_INDEX, trig, 0, 2, &[], &[e.as_fd()])
+        ),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno_of(s.client.set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            trig | irq_flags::DATA_NONE,
+            0,
+            1,
+            &[],
+            &[]
+        )),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno_of(s.client.set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_NONE | irq_flags::ACTION_TRIGGER,
+            u32::MAX,
+            2,
+            &[],
+            &[]
+        )),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno_of(s.client.set_irqs(7, trig, 0, 1, &[], &[e.as_fd()])),
+        libc::EINVAL
+    );
+    // MSI is not maskable.
+    assert_eq!(
+        errno_of(s.client.set_irqs(
+            pci::MSI_IRQ_INDEX,
+            irq_flags::DATA_NONE | irq_flags::ACTION_MASK,
+            0,
+            1,
+            &[],
+            &[]
+        )),
+        libc::EINVAL
+    );
+    s.close();
+}
+
+#[test]
+fn masked_vectors_become_pending_and_fire_on_unmask() {
+    let mut s = Session::negotiated();
+    let fds: Vec<OwnedFd> = (0..3).map(|_| eventfd()).collect();
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_EVENTFD | irq_flags::ACTION_TRIGGER,
+            0,
+            3,
+            &[],
+            &borrowed,
+        )
+        .unwrap();
+    let h = s.device.handle();
+    // Mask vectors 0 and 2 with DATA_BOOL.
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_BOOL | irq_flags::ACTION_MASK,
+            0,
+            3,
+            &[1, 0, 1],
+            &[],
+        )
+        .unwrap();
+    assert!(h.irq_masked(pci::MSIX_IRQ_INDEX, 0) && !h.irq_masked(pci::MSIX_IRQ_INDEX, 1));
+    for v in 0..3 {
+        h.trigger_irq(pci::MSIX_IRQ_INDEX, v).unwrap();
+    }
+    assert_eq!(
+        fds.iter().map(eventfd_count).collect::<Vec<_>>(),
+        vec![0, 1, 0]
+    );
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_NONE | irq_flags::ACTION_UNMASK,
+            0,
+            1,
+            &[],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        fds.iter().map(eventfd_count).collect::<Vec<_>>(),
+        vec![1, 0, 0]
+    );
+    // Unmasking a vector with nothing pending fires nothing.
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_NONE | irq_flags::ACTION_UNMASK,
+            0,
+            1,
+            &[],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(eventfd_count(&fds[0]), 0);
+    s.client
+        .set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_BOOL | irq_flags::ACTION_UNMASK,
+            0,
+            3,
+            &[0, 0, 1],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(eventfd_count(&fds[2]), 1);
+    // DATA_BOOL needs its data; mask/unmask notification eventfds are not supported.
+    assert_eq!(
+        errno_of(s.client.set_irqs(
+            pci::MSIX_IRQ_INDEX,
+            irq_flags::DATA_BOOL | irq_flags::ACTION_MASK,
+            0,
+            3,
+            &[1],
+            &[]
+        )),
+        libc::EINVAL
+    );
+    let e = eventfd();
+    assert_eq!(
+        errno_of(s.client.set_irqs(
+            pci::INTX_IRQ_INDEX,
+            irq_flags::DATA_EVENTFD | irq_flags::ACTION_UNMASK,
+            0,
+            1,
+            &[],
+            &[e.as_fd()]
+        )),
+        libc::ENOTSUP
+    );
+
+    // INTx is automasked: one delivery until the client unmasks.
+    let intx = eventfd();
+    s.client
+        .set_irqs(
+            pci::INTX_IRQ_INDEX,
+            irq_flags::DATA_EVENTFD | irq_flags::ACTION_TRIGGER,
+            0,
+            1,
+            &[],
+            &[intx.as_fd()],
+        )
+        .unwrap();
+    h.trigger_irq(pci::INTX_IRQ_INDEX, 0).unwrap();
+    h.trigger_irq(pci::INTX_IRQ_INDEX, 0).unwrap();
+    assert_eq!(eventfd_count(&intx), 1);
+    s.client
+        .set_irqs(
+            pci::INTX_IRQ_INDEX,
+            irq_flags::DATA_NONE | irq_flags::ACTION_UNMASK,
+            0,
+            1,
+            &[],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(eventfd_count(&intx), 1, "pending INTx fires on unmask");
+    s.close();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disconnect, reconnect, the socket file
+
+struct Running {
+    shutdown: ShutdownSignal,
+    thread: JoinHandle<Result<(), ServerError>>,
+}
+
+impl Running {
+    fn start(server: Server, device: Arc<dyn VfioUserDevice>) -> Running {
+        let shutdown = ShutdownSignal::new().unwrap();
+        let s = shutdown.clone();
+        let thread = std::thread::spawn(move || server.serve(device, s));
+        Running { shutdown, thread }
+    }
+    fn stop(self) {
+        self.shutdown.trigger();
+        let start = Instant::now();
+        while !self.thread.is_finished() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "serve() did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.thread.join().unwrap().unwrap();
+    }
+}
+
+#[test]
+fn disconnect_drops_maps_and_fds_and_reconnect_keeps_device_state() {
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vfio-user-test").unwrap();
+    let path = dir.as_path().join("gpu.sock");
+    let device = FakeDevice::new();
+    let running = Running::start(
+        Server::bind(&path, DEFAULT_SOCKET_MODE).unwrap(),
+        device.clone(),
+    );
+
+    let mut c1 = TestClient::connect(&path).unwrap();
+    c1.version().unwrap();
+    c1.region_write(BAR0, 0x40, &[0x11, 0x22], false).unwrap();
+    let name = unique("reconnect-ram");
+    let ram = memfd(&name, 0x10000);
+    c1.dma_map(3, 0, 0x0, 0x10000, Some(ram.as_fd())).unwrap();
+    assert!(proc_maps_contains(&name), "DMA map is mmapped");
+    let efd = eventfd();
+    c1.set_irqs(
+        pci::MSIX_IRQ_INDEX,
+        irq_flags::DATA_EVENTFD | irq_flags::ACTION_TRIGGER,
+        0,
+        1,
+        &[],
+        &[efd.as_fd()],
+    )
+    .unwrap();
+    let h1 = device.handle();
+    h1.trigger_irq(pci::MSIX_IRQ_INDEX, 0).unwrap();
+    assert_eq!(eventfd_count(&efd), 1);
+    drop(c1);
+
+    // Reconnect at once: the server lets the old connection finish, then serves the new one.
+    let mut c2 = TestClient::connect(&path).unwrap();
+    c2.version().unwrap();
+    assert_eq!(device.disconnects.load(Ordering::SeqCst), 1);
+    assert_eq!(device.connects.load(Ordering::SeqCst), 2);
+    assert!(
+        !proc_maps_contains(&name),
+        "the old client's DMA map is unmapped"
+    );
+    assert!(!h1.is_connected());
+    assert_eq!(
+        h1.trigger_irq(pci::MSIX_IRQ_INDEX, 0),
+        Err(IrqError::NotConnected)
+    );
+    let mut b = [0u8; 2];
+    assert_eq!(h1.dma_read(0, &mut b), Err(DmaError::NotConnected));
+    // The new client starts with no maps and no irq fds, and sees the device state.
+    let h2 = device.handle();
+    assert!(h2.is_connected());
+    assert_eq!(h2.dma_read(0, &mut b), Err(DmaError::Unmapped { iova: 0 }));
+    assert!(!h2.irq_configured(pci::MSIX_IRQ_INDEX, 0));
+    assert_eq!(c2.region_read(BAR0, 0x40, 2).unwrap(), vec![0x11, 0x22]);
+    drop(c2);
+    running.stop();
+}
+
+#[test]
+fn second_concurrent_client_is_refused() {
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vfio-user-test").unwrap();
+    let path = dir.as_path().join("one.sock");
+    let device = FakeDevice::new();
+    let running = Running::start(
+        Server::bind(&path, DEFAULT_SOCKET_MODE).unwrap(),
+        device.clone(),
+    );
+    let mut c1 = TestClient::connect(&path).unwrap();
+    c1.version().unwrap();
+    let mut c2 = TestClient::connect(&path).unwrap();
+    assert!(matches!(c2.version(), Err(ClientError::Socket(_))));
+    // The first client is unaffected.
+    assert_eq!(c1.device_info().unwrap().num_regions, 9);
+    assert_eq!(device.connects.load(Ordering::SeqCst), 1);
+    drop(c1);
+    running.stop();
+}
+
+#[test]
+fn socket_file_mode_stale_live_and_cleanup() {
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vfio-user-test").unwrap();
+    let path = dir.as_path().join("dev.sock");
+    // A stale socket: bound, then its listener dropped (connect is refused).
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let server = Server::bind(&path, DEFAULT_SOCKET_MODE).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(server.path(), Some(path.as_path()));
+    // A live one is refused and left alone.
+    assert!(matches!(
+        Server::bind(&path, DEFAULT_SOCKET_MODE),
+        Err(ServerError::InUse(_))
+    ));
+    assert!(path.exists());
+    drop(server);
+    assert!(!path.exists(), "socket file removed on drop");
+    // Something that is not a socket is never removed.
+    std::fs::write(&path, b"precious").unwrap();
+    assert!(matches!(
+        Server::bind(&path, DEFAULT_SOCKET_MODE),
+        Err(ServerError::NotASocket(_))
+    ));
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    // Another mode.
+    let other = dir.as_path().join("group.sock");
+    let _s = Server::bind(&other, 0o660).unwrap();
+    assert_eq!(
+        std::fs::metadata(&other).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+}
+
+#[test]
+fn several_servers_in_one_process_and_shutdown() {
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vfio-user-test").unwrap();
+    let mut running = Vec::new();
+    for i in 0..2 {
+        let path = dir.as_path().join(format!("gpu{i}.sock"));
+        running.push((
+            path.clone(),
+            Running::start(
+                Server::bind(&path, DEFAULT_SOCKET_MODE).unwrap(),
+                FakeDevice::new(),
+            ),
+        ));
+    }
+    let mut clients: Vec<TestClient> = running
+        .iter()
+        .map(|(p, _)| TestClient::connect(p).unwrap())
+        .collect();
+    for c in &mut clients {
+        c.version().unwrap();
+        c.region_write(BAR0, 0, &[1], false).unwrap();
+    }
+    // Shutdown ends serve() even with a client still connected.
+    for (_, r) in running {
+        r.stop();
+    }
+    for c in &mut clients {
+        assert!(c.device_info().is_err());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzzing
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Chunk {
+        Raw(Vec<u8>),
+        Msg {
+            id: u16,
+            command: u16,
+            flags: u32,
+            size_delta: i64,
+            payload: Vec<u8>,
+            fds: u8,
+        },
+    }
+
+    fn command() -> impl Strategy<Value = u16> {
+        prop_oneof![8 => 1u16..=18, 1 => any::<u16>()]
+    }
+
+    fn msg_flags() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            6 => Just(0u32),
+            2 => Just(flags::NO_REPLY),
+            1 => Just(flags::TYPE_REPLY),
+            1 => Just(flags::TYPE_REPLY | flags::ERROR),
+            1 => any::<u32>(),
+        ]
+    }
+
+    /// Payloads built from small numbers, so indexes, counts and sizes are often plausible.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => prop::collection::vec(prop_oneof![4 => 0u32..16, 2 => 0u32..0x2000, 1 => any::<u32>()], 0..14)
+                .prop_map(|words| words.iter().flat_map(|w| w.to_ne_bytes()).collect()),
+            1 => prop::collection::vec(any::<u8>(), 0..200),
+        ]
+    }
+
+    fn size_delta() -> impl Strategy<Value = i64> {
+        prop_oneof![8 => Just(0i64), 2 => -24i64..24, 1 => any::<u32>().prop_map(|v| v as i64 - i64::from(u32::MAX))]
+    }
+
+    fn chunk() -> impl Strategy<Value = Chunk> {
+        prop_oneof![
+            1 => prop::collection::vec(any::<u8>(), 1..64).prop_map(Chunk::Raw),
+            8 => (any::<u16>(), command(), msg_flags(), size_delta(), payload(), prop_oneof![6 => Just(0u8), 1 => 1u8..4, 1 => 17u8..20])
+                .prop_map(|(id, command, flags, size_delta, payload, fds)| Chunk::Msg { id, command, flags, size_delta, payload, fds }),
+        ]
+    }
+
+    fn encode(chunk: &Chunk) -> (Vec<u8>, u8) {
+        match chunk {
+            Chunk::Raw(b) => (b.clone(), 0),
+            Chunk::Msg {
+                id,
+                command,
+                flags,
+                size_delta,
+                payload,
+                fds,
+            } => {
+                let real = (HEADER_SIZE + payload.len()) as i64;
+                let size = (real + size_delta).clamp(0, i64::from(u32::MAX)) as u32;
+                let mut out = vec![0u8; HEADER_SIZE];
+                Header {
+                    id: *id,
+                    command: *command,
+                    size,
+                    flags: *flags,
+                    error: 0,
+                }
+                .encode(&mut out)
+                .unwrap();
+                out.extend_from_slice(payload);
+                (out, *fds)
+            }
+        }
+    }
+
+    fn run_stream(version_first: bool, chunks: &[Chunk]) -> Result<(), TestCaseError> {
+        let config = ServerConfig {
+            max_data_xfer_size: 64 << 10,
+            max_dma_maps: 32,
+            msg_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let device = FakeDevice::new();
+        let (a, b) = UnixStream::pair().unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let dev: Arc<dyn VfioUserDevice> = device.clone();
+        let server = std::thread::spawn(move || {
+            let r = serve_stream(b, dev, config, None);
+            let _ = done_tx.send(());
+            r
+        });
+        // Drain replies so the server never blocks on a full socket.
+        let reader = a.try_clone().unwrap();
+        let drain = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut cmsg = crate::vfio_user::socket::cmsg_buffer(4);
+            while let Ok(r) =
+                crate::vfio_user::socket::recv_with_fds(reader.as_fd(), &mut buf, &mut cmsg, 0)
+            {
+                if r.bytes == 0 {
+                    break;
+                }
+            }
+        });
+        let send = |bytes: &[u8], fds: &[BorrowedFd<'_>]| {
+            let _ = crate::vfio_user::socket::send_all(a.as_fd(), &[bytes], fds);
+        };
+        if version_first {
+            let (v, _) = encode(&Chunk::Msg {
+                id: 0,
+                command: 1,
+                flags: 0,
+                size_delta: 0,
+                payload: [0u8, 0, 0, 0]
+                    .iter()
+                    .copied()
+                    .chain(br#"{"capabilities":{"max_msg_fds":4}}"#.iter().copied())
+                    .chain([0])
+                    .collect(),
+                fds: 0,
+            });
+            send(&v, &[]);
+        }
+        for c in chunks {
+            let (bytes, nfds) = encode(c);
+            let owned: Vec<OwnedFd> = (0..nfds)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        memfd("fuzz", 0x2000)
+                    } else {
+                        eventfd()
+                    }
+                })
+                .collect();
+            let fds: Vec<BorrowedFd<'_>> = owned.iter().map(|f| f.as_fd()).collect();
+            send(&bytes, &fds[..fds.len().min(16)]);
+        }
+        // The test side hangs up: the connection must end promptly.
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let ended = done_rx.recv_timeout(Duration::from_secs(10)).is_ok();
+        prop_assert!(ended, "connection thread did not exit");
+        let stats = server
+            .join()
+            .map_err(|_| TestCaseError::fail("server panicked"))?;
+        let stats = stats.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(stats.buffer_capacity <= config.max_message_size());
+        drain
+            .join()
+            .map_err(|_| TestCaseError::fail("drain panicked"))?;
+        prop_assert_eq!(device.disconnects.load(Ordering::SeqCst), 1);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 160, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_message_streams_never_panic_or_hang(
+            version_first in prop::bool::weighted(0.9),
+            chunks in prop::collection::vec(chunk(), 0..40),
+        ) {
+            run_stream(version_first, &chunks)?;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark smoke run
+
+#[test]
+fn region_read_latency_benchmark_runs() {
+    for mode in [BenchMode::Inline, BenchMode::Threaded] {
+        let stats = bench_region_read(FakeDevice::new(), BAR0, 0x10, 4, 2000, mode).unwrap();
+        eprintln!("REGION_READ 4 bytes, {mode:?}: {stats:?}");
+        assert_eq!(stats.samples, 2000);
+        assert!(stats.p50 < Duration::from_millis(5), "{stats:?}");
+    }
+}
