@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::config::ServerConfig;
 use super::connection::Connection;
 use super::device::VfioUserDevice;
+use super::protocol::{Command, Header, RegionAccessMsg, HEADER_SIZE};
 use super::server::serve_stream;
 use super::test_client::{ClientError, TestClient};
 
@@ -20,6 +21,11 @@ pub enum BenchMode {
     /// server's cost (parse, device read, reply) plus the four socket syscalls, without
     /// scheduler wake-ups.
     Inline,
+    /// Only the server's step is timed: one `recvmsg`, the handling, one `sendmsg`.
+    ServerStep,
+    /// Only the in-memory handling is timed: parse, validate, device read, reply encoding
+    /// (no syscalls).
+    Dispatch,
 }
 
 /// Latency distribution of the measured round trips.
@@ -139,6 +145,75 @@ pub fn bench_region_read(
             }
             conn.finish();
         }
+        BenchMode::ServerStep | BenchMode::Dispatch => {
+            let mut conn = Connection::new(server_end, device, ServerConfig::default(), None)?;
+            conn.start();
+            let id = client.send(Command::Version as u16, 0, &[&[0, 0, 0, 0]], &[])?;
+            conn.step().map_err(|e| BenchError::Server(e.to_string()))?;
+            client.reply_to(id)?;
+            let mut request = [0u8; HEADER_SIZE + RegionAccessMsg::SIZE];
+            let _ = Header {
+                id: 1,
+                command: Command::RegionRead as u16,
+                size: request.len() as u32,
+                flags: 0,
+                error: 0,
+            }
+            .encode(&mut request);
+            let _ = RegionAccessMsg {
+                offset,
+                region,
+                count: size,
+            }
+            .encode(&mut request[HEADER_SIZE..]);
+            for i in 0..warmup + iterations {
+                let elapsed = if mode == BenchMode::Dispatch {
+                    let start = Instant::now();
+                    conn.dispatch_in_memory(&request)
+                        .map_err(|e| BenchError::Server(e.to_string()))?;
+                    start.elapsed()
+                } else {
+                    let id = client.send_region_read(region, offset, size)?;
+                    let start = Instant::now();
+                    conn.step().map_err(|e| BenchError::Server(e.to_string()))?;
+                    let elapsed = start.elapsed();
+                    client.recv_region_read(id, &mut buf)?;
+                    elapsed
+                };
+                if i >= warmup {
+                    samples.push(elapsed.as_nanos() as u64);
+                }
+            }
+            conn.finish();
+        }
     }
     Ok(LatencyStats::from_nanos(&mut samples))
+}
+
+/// Send `count` posted (`NO_REPLY`) 4-byte REGION_WRITEs at `offset` of `region` to a threaded
+/// connection, then one REGION_READ, and return the average time per write until that read's
+/// reply arrived (the server drains the whole backlog first).
+pub fn bench_posted_writes(
+    device: Arc<dyn VfioUserDevice>,
+    region: u32,
+    offset: u64,
+    count: usize,
+) -> Result<Duration, BenchError> {
+    let (client_end, server_end) = UnixStream::pair()?;
+    let mut client = TestClient::new(client_end);
+    let server =
+        std::thread::spawn(move || serve_stream(server_end, device, ServerConfig::default(), None));
+    client.version()?;
+    let start = Instant::now();
+    for i in 0..count {
+        client.region_write(region, offset, &(i as u32).to_ne_bytes(), true)?;
+    }
+    client.region_read(region, offset, 4)?;
+    let per_write = start.elapsed() / count.max(1) as u32;
+    drop(client);
+    server
+        .join()
+        .map_err(|_| BenchError::Server("connection thread panicked".into()))?
+        .map_err(|e| BenchError::Server(e.to_string()))?;
+    Ok(per_write)
 }

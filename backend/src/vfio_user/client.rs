@@ -408,6 +408,20 @@ impl ClientHandle {
     /// (in pieces of at most the negotiated transfer size, each waiting up to the message
     /// timeout), which must not be done from the connection thread (region callbacks).
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.dma_read_inner(iova, buf)
+            .map_err(|e| self.after_disconnect(e))
+    }
+
+    /// Errors caused by a disconnect racing with the access read as "not connected".
+    fn after_disconnect(&self, err: DmaError) -> DmaError {
+        if self.is_connected() {
+            err
+        } else {
+            DmaError::NotConnected
+        }
+    }
+
+    fn dma_read_inner(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         if !self.is_connected() {
             return Err(DmaError::NotConnected);
         }
@@ -432,6 +446,11 @@ impl ClientHandle {
 
     /// Write `data` to client memory at `iova` (see [`ClientHandle::dma_read`]).
     pub fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.dma_write_inner(iova, data)
+            .map_err(|e| self.after_disconnect(e))
+    }
+
+    fn dma_write_inner(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
         if !self.is_connected() {
             return Err(DmaError::NotConnected);
         }

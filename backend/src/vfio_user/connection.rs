@@ -691,6 +691,7 @@ pub struct Connection {
     state: State,
     shutdown: Option<ShutdownSignal>,
     started: bool,
+    finished: bool,
 }
 
 impl Connection {
@@ -762,6 +763,7 @@ impl Connection {
             },
             shutdown,
             started: false,
+            finished: false,
         })
     }
 
@@ -819,13 +821,43 @@ impl Connection {
         self.finish()
     }
 
-    /// Disconnect the client and notify the device (also done by [`Connection::run`]).
+    /// Disconnect the client and notify the device (also done by [`Connection::run`], and on
+    /// drop, e.g. if a device callback panicked).
     pub fn finish(mut self) -> ConnectionStats {
+        self.teardown();
+        self.state.stats.buffer_capacity = self.reader.capacity();
+        std::mem::take(&mut self.state.stats)
+    }
+
+    fn teardown(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
         self.state.shared.disconnect();
         if self.started {
             self.state.device.client_disconnected();
         }
-        self.state.stats.buffer_capacity = self.reader.capacity();
-        std::mem::take(&mut self.state.stats)
+    }
+
+    /// Handle one complete message given as bytes, without socket I/O (for measuring the
+    /// processing cost): returns the size of the reply left in the reply buffer, or the errno
+    /// an error reply would carry.
+    pub fn dispatch_in_memory(&mut self, message: &[u8]) -> Result<usize, Errno> {
+        let header = Header::decode(message).ok_or(Errno::EINVAL)?;
+        let payload = message
+            .get(HEADER_SIZE..header.size as usize)
+            .ok_or(Errno::EINVAL)?;
+        let mut fds = Vec::new();
+        let reply = self.state.dispatch(&header, payload, &mut fds)?;
+        let size = HEADER_SIZE + reply.len;
+        let _ = Header::reply_to(&header, size as u32).encode(&mut self.state.reply[..]);
+        Ok(size)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }

@@ -30,7 +30,7 @@ pub mod test_client;
 #[cfg(test)]
 mod tests;
 
-pub use bench::{bench_region_read, BenchMode, LatencyStats};
+pub use bench::{bench_posted_writes, bench_region_read, BenchMode, LatencyStats};
 pub use client::ClientHandle;
 pub use config::ServerConfig;
 pub use connection::ConnectionStats;

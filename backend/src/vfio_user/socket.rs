@@ -379,14 +379,6 @@ impl MessageReader {
         self.buf.len()
     }
 
-    /// Whether a complete message is already buffered (no syscall needed for the next one).
-    pub fn has_buffered_message(&self) -> bool {
-        let avail = self.tail - self.head;
-        self.skip == 0
-            && Header::decode(&self.buf[self.head..self.tail])
-                .is_some_and(|h| (h.size as usize) <= avail || (h.size as usize) < HEADER_SIZE)
-    }
-
     /// The next message. Blocks until one is complete, the peer closes, shutdown is requested,
     /// or a started message stalls past the timeout.
     pub fn next(

@@ -1726,10 +1726,18 @@ mod fuzz {
 
 #[test]
 fn region_read_latency_benchmark_runs() {
-    for mode in [BenchMode::Inline, BenchMode::Threaded] {
+    for mode in [
+        BenchMode::Dispatch,
+        BenchMode::ServerStep,
+        BenchMode::Inline,
+        BenchMode::Threaded,
+    ] {
         let stats = bench_region_read(FakeDevice::new(), BAR0, 0x10, 4, 2000, mode).unwrap();
         eprintln!("REGION_READ 4 bytes, {mode:?}: {stats:?}");
         assert_eq!(stats.samples, 2000);
         assert!(stats.p50 < Duration::from_millis(5), "{stats:?}");
     }
+    let per_write = super::bench_posted_writes(FakeDevice::new(), BAR0, 0x10, 20_000).unwrap();
+    eprintln!("posted REGION_WRITE 4 bytes: {per_write:?} per write (drained)");
+    assert!(per_write < Duration::from_millis(1));
 }
