@@ -25,22 +25,25 @@
 //!   behind the window.
 //! - TLB invalidate (`0xB830A0` PDB, `0xB830A4` upper PDB, `0xB830B0` control) and the BAR
 //!   block registers of the generation are stored state, restricted to their defined
-//!   fields. A control write with TRIGGER set completes synchronously: it is counted and
-//!   TRIGGER reads back 0. Block registers report binds as complete (PENDING/OUTSTANDING
-//!   read 0; `BIND_STATUS` reads 0 and ignores writes). Page-table effects are not modelled
-//!   here.
+//!   fields. A control write with TRIGGER set completes synchronously: it is counted,
+//!   TRIGGER reads back 0, and the write reports a [`TlbInvalidateRequest`] that the device
+//!   applies to its TLB (`crate::mmu::tlb`) before the write returns. Block registers
+//!   report binds as complete (PENDING/OUTSTANDING read 0; `BIND_STATUS` reads 0 and
+//!   ignores writes); their translation effects live in `crate::mmu`.
 //! - Every other offset is unimplemented: reads return the unimplemented value
 //!   ([`UNIMPLEMENTED_REGISTER_VALUE`] unless changed) and writes are dropped; both are
 //!   counted, and the first [`UNIMPLEMENTED_OFFSETS_RECORDED`] distinct dword offsets are
 //!   recorded (see [`UnimplementedStats`]).
 //!
-//! The access path takes no lock and allocates nothing: registers are atomics.
+//! The access path takes no lock and allocates nothing: registers are atomics. (Applying a
+//! triggered TLB invalidate takes the TLB's lock, outside this module.)
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use thiserror::Error;
 
 use crate::chip::{BarBlockRegisterKind, Generation, WindowRegisterKind};
+use crate::mmu::BarBinding;
 use crate::regs::{
     self, BarBlock, BarBlockHigh, BarBlockLow, Boot0, Boot42, MmuInvalidate, MmuInvalidatePdb,
     MmuInvalidateUpperPdb, PbusBar0Window, XalBar0Window, BAR0_SIZE, PRAMIN_BASE, PRAMIN_SIZE,
@@ -188,6 +191,19 @@ pub struct RegisterSnapshot {
     pub bar2_block_low: BarBlockLow,
     /// `BAR2_BLOCK_HIGH_ADDR` (Hopper–Blackwell; 0 on other generations).
     pub bar2_block_high: BarBlockHigh,
+}
+
+/// A TLB invalidate triggered by a write of `MMU_INVALIDATE` with TRIGGER set: the register
+/// values at the moment of the trigger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TlbInvalidateRequest {
+    /// The control value written (merged with the stored bits for a sub-dword write),
+    /// TRIGGER included.
+    pub control: MmuInvalidate,
+    /// `MMU_INVALIDATE_PDB`.
+    pub pdb: MmuInvalidatePdb,
+    /// `MMU_INVALIDATE_UPPER_PDB`.
+    pub upper_pdb: MmuInvalidateUpperPdb,
 }
 
 /// Power-on value of `BAR2_BLOCK`: DEBUG_CYA = 1 (gpu-facts 4.6), physical mode.
@@ -421,14 +437,15 @@ impl Bar0Registers {
         })
     }
 
-    /// Writes the low `width` bytes of `value` at BAR0 `offset`.
+    /// Writes the low `width` bytes of `value` at BAR0 `offset`. Returns the TLB
+    /// invalidate the write triggered, if any, for the caller to apply.
     pub(crate) fn write(
         &self,
         vram: &Vram,
         offset: u64,
         width: AccessWidth,
         value: u64,
-    ) -> Result<(), Bar0Error> {
+    ) -> Result<Option<TlbInvalidateRequest>, Bar0Error> {
         check_access(offset, width)?;
         if value & !width.value_mask() != 0 {
             return Err(Bar0Error::ValueTooWide {
@@ -437,21 +454,36 @@ impl Bar0Registers {
             });
         }
         if let Some(o) = pramin_offset(offset) {
-            return self.pramin_write(vram, o, width, value);
+            self.pramin_write(vram, o, width, value)?;
+            return Ok(None);
         }
         let off = offset as u32; // < 16 MiB, see `read`
-        match width {
+        Ok(match width {
             AccessWidth::Qword => {
-                self.write_dword(off, u32::MAX, value as u32);
-                self.write_dword(off + 4, u32::MAX, (value >> 32) as u32);
+                let lo = self.write_dword(off, u32::MAX, value as u32);
+                let hi = self.write_dword(off + 4, u32::MAX, (value >> 32) as u32);
+                lo.or(hi)
             }
             _ => {
                 let shift = (off & 3) * 8;
                 let mask = (width.value_mask() as u32) << shift;
-                self.write_dword(off & !3, mask, (value as u32) << shift);
+                self.write_dword(off & !3, mask, (value as u32) << shift)
             }
+        })
+    }
+
+    /// The BAR1 binding the generation's BAR1 block register(s) currently hold.
+    pub(crate) fn bar1_binding(&self) -> BarBinding {
+        let r = &self.regs;
+        match self.block_kind {
+            BarBlockRegisterKind::Single0xB80F40 => {
+                BarBinding::from_block(BarBlock::from_raw(r.bar1_block.load(Ordering::Acquire)))
+            }
+            BarBlockRegisterKind::LowHigh0xB80F60 => BarBinding::from_low_high(
+                BarBlockLow::from_raw(r.bar1_block_low.load(Ordering::Acquire)),
+                BarBlockHigh::from_raw(r.bar1_block_high.load(Ordering::Acquire)),
+            ),
         }
-        Ok(())
     }
 
     fn decode(&self, off: u32) -> Reg {
@@ -524,23 +556,33 @@ impl Bar0Registers {
         }
     }
 
-    /// Writes the bytes of `value` selected by `byte_mask` into the dword at `off`.
-    fn write_dword(&self, off: u32, byte_mask: u32, value: u32) {
+    /// Writes the bytes of `value` selected by `byte_mask` into the dword at `off`;
+    /// returns the TLB invalidate it triggered, if any.
+    fn write_dword(&self, off: u32, byte_mask: u32, value: u32) -> Option<TlbInvalidateRequest> {
         let reg = self.decode(off);
         if reg == Reg::Unimplemented {
             self.unimplemented.record(off, true);
-            return;
+            return None;
         }
-        let Some((cell, sticky)) = self.cell(reg) else {
-            return; // read-only register
+        // Read-only register: nothing to do.
+        let (cell, sticky) = self.cell(reg)?;
+        let merge = |old: u32| (old & !byte_mask) | (value & byte_mask);
+        // The closure always returns `Some`, so this is always `Ok(previous value)`.
+        let old = match cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+            Some(merge(old) & sticky)
+        }) {
+            Ok(old) | Err(old) => old,
         };
-        // Ignoring the result is fine: the closure always returns `Some`.
-        let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
-            Some(((old & !byte_mask) | (value & byte_mask)) & sticky)
-        });
         if reg == Reg::TlbControl && MmuInvalidate::from_raw(value & byte_mask).trigger() == 1 {
             self.regs.tlb_invalidations.fetch_add(1, Ordering::AcqRel);
+            let r = &self.regs;
+            return Some(TlbInvalidateRequest {
+                control: MmuInvalidate::from_raw(merge(old)),
+                pdb: MmuInvalidatePdb::from_raw(r.tlb_pdb.load(Ordering::Acquire)),
+                upper_pdb: MmuInvalidateUpperPdb::from_raw(r.tlb_upper_pdb.load(Ordering::Acquire)),
+            });
         }
+        None
     }
 
     /// The VRAM address aperture offset `o` maps to, or `None` if the window targets
@@ -903,12 +945,30 @@ mod tests {
         assert_eq!(back.all_va(), 1);
         assert_eq!(back.cache_level(), 1);
         assert_eq!(b.snapshot().tlb_invalidations, 1);
-        // A byte write of the top byte with TRIGGER also triggers.
-        b.write(&v, MMU_INVALIDATE + 3, Byte, 0x80).unwrap();
+        // A byte write of the top byte with TRIGGER also triggers; the request carries the
+        // stored ALL_VA bit (CACHE_LEVEL is in the written byte) and the PDB registers.
+        let req = b
+            .write(&v, MMU_INVALIDATE + 3, Byte, 0x80)
+            .unwrap()
+            .expect("trigger reported");
         assert_eq!(b.snapshot().tlb_invalidations, 2);
+        assert_eq!(req.control.trigger(), 1);
+        assert_eq!(req.control.all_va(), 1);
+        assert_eq!(req.control.cache_level(), 0);
+        assert_eq!(req.pdb.raw(), 0x1234_5672);
+        assert_eq!(req.upper_pdb.raw(), 1);
         // A write without TRIGGER does not.
-        b.write(&v, MMU_INVALIDATE, Dword, 1).unwrap();
+        assert_eq!(b.write(&v, MMU_INVALIDATE, Dword, 1).unwrap(), None);
         assert_eq!(b.snapshot().tlb_invalidations, 2);
+        // A qword write covering the control register reports the trigger too; other
+        // register writes report nothing.
+        let req = b
+            .write(&v, MMU_INVALIDATE, Qword, 0x8000_0002)
+            .unwrap()
+            .expect("trigger reported");
+        assert_eq!(req.control.all_pdb(), 1);
+        assert_eq!(b.write(&v, regs::BOOT_0, Dword, 0).unwrap(), None);
+        assert_eq!(b.write(&v, PRAMIN_BASE, Dword, 0).unwrap(), None);
         assert_eq!(b.unimplemented_stats().reads, 0);
     }
 

@@ -1,9 +1,13 @@
-//! [`EmulatedGpu`]: one emulated NVIDIA GPU — its chip profile, VRAM, instance memory and
-//! BAR0 register model.
+//! [`EmulatedGpu`]: one emulated NVIDIA GPU — its chip profile, VRAM, instance memory,
+//! BAR0 register model and MMU (TLB, BAR1 translation).
 
 use thiserror::Error;
 
 use crate::bar0::{AccessWidth, Bar0Error, Bar0Registers, RegisterSnapshot, UnimplementedStats};
+use crate::mmu::bar1::{Bar1, Bar1Buf};
+use crate::mmu::{
+    self, Bar1Error, Bar1Fault, Bar1Stats, BarBinding, InvalidateScope, Mmu, TlbStats, Translation,
+};
 use crate::profile::{BarRole, BarSpec, ChipProfile};
 use crate::vram::{Vram, VramError};
 
@@ -51,6 +55,7 @@ pub struct EmulatedGpu {
     vram: Vram,
     instance_memory: Option<Vram>,
     bar0: Bar0Registers,
+    mmu: Mmu,
 }
 
 impl EmulatedGpu {
@@ -76,6 +81,7 @@ impl EmulatedGpu {
             vram,
             instance_memory,
             bar0,
+            mmu: Mmu::default(),
         })
     }
 
@@ -120,15 +126,93 @@ impl EmulatedGpu {
     }
 
     /// Writes the low `width` bytes of `value` at BAR0 `offset`; `value` must fit the
-    /// width. See the [`crate::bar0`] module documentation.
+    /// width. See the [`crate::bar0`] module documentation. A write of `MMU_INVALIDATE`
+    /// with TRIGGER flushes the TLB (see [`crate::mmu::tlb`]) before returning.
     pub fn bar0_write(&self, offset: u64, width: AccessWidth, value: u64) -> Result<(), Bar0Error> {
-        self.bar0.write(&self.vram, offset, width, value)
+        if let Some(req) = self.bar0.write(&self.vram, offset, width, value)? {
+            let scope = InvalidateScope::from_request(req);
+            let removed = self.mmu.tlb.invalidate(scope);
+            log::trace!("TLB invalidate {scope:?}: {removed} entries removed");
+        }
+        Ok(())
     }
 
-    /// Puts the registers back to their power-on values. VRAM and instance-memory contents
-    /// are kept, as are the unimplemented-access statistics and the unimplemented read value.
+    /// Puts the registers back to their power-on values (BAR1 back in physical mode) and
+    /// empties the TLB. VRAM and instance-memory contents are kept, as are the
+    /// unimplemented-access statistics, the unimplemented read value and the TLB and BAR1
+    /// counters.
     pub fn reset(&self) {
         self.bar0.reset();
+        self.mmu.tlb.clear();
+    }
+
+    /// The VRAM BAR that BAR1 accesses address: the one starting at VRAM address 0.
+    fn bar1(&self) -> Result<Bar1<'_>, Bar1Error> {
+        let (vram_offset, size) = self
+            .profile
+            .bars()
+            .iter()
+            .find_map(|b| match b.role {
+                BarRole::Vram { vram_offset: 0 } => Some((0, b.size)),
+                _ => None,
+            })
+            .ok_or(Bar1Error::NoVramBar)?;
+        Ok(Bar1 {
+            vram: &self.vram,
+            mmu: &self.mmu,
+            format: self.profile.generation().mmu_version(),
+            binding: self.bar0.bar1_binding(),
+            vram_offset,
+            size,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at BAR1 `offset`: VRAM 1:1 in physical mode, translated
+    /// through the BAR1 page tables and the TLB in virtual mode (faulting pages read 0xFF
+    /// and are counted). See [`crate::mmu::bar1`].
+    pub fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Bar1Error> {
+        self.bar1()?.access(offset, Bar1Buf::Read(buf))
+    }
+
+    /// Writes `data` at BAR1 `offset` (physical or virtual mode as for
+    /// [`EmulatedGpu::bar1_read`]; writes to faulting pages are dropped and counted).
+    pub fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), Bar1Error> {
+        self.bar1()?.access(offset, Bar1Buf::Write(data))
+    }
+
+    /// The BAR1 binding the block register(s) currently hold.
+    pub fn bar1_binding(&self) -> BarBinding {
+        self.bar0.bar1_binding()
+    }
+
+    /// Translates BAR1 VA `va` with the current binding by a fresh walk (the TLB is
+    /// neither used nor filled). Meaningful in virtual mode; the binding's mode is not
+    /// checked.
+    pub fn bar1_translate(&self, va: u64) -> Result<Translation, Bar1Fault> {
+        let block = mmu::instance::read_instance_block(&self.vram, &self.bar0.bar1_binding())?;
+        if !block.allows(va) {
+            return Err(Bar1Fault::AboveAddressLimit {
+                va,
+                limit: block.address_limit.unwrap_or(u64::MAX),
+            });
+        }
+        mmu::translate(
+            &self.vram,
+            block.pdb,
+            self.profile.generation().mmu_version(),
+            va,
+        )
+        .map_err(|fault| Bar1Fault::Walk { va, fault })
+    }
+
+    /// BAR1 fault counters and the last fault.
+    pub fn bar1_stats(&self) -> Bar1Stats {
+        self.mmu.bar1.stats()
+    }
+
+    /// TLB counters.
+    pub fn tlb_stats(&self) -> TlbStats {
+        self.mmu.tlb.stats()
     }
 
     /// Counts (and the first distinct offsets) of accesses to unimplemented registers.

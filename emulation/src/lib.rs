@@ -6,7 +6,9 @@
 //! - device memory as a sparse memfd that QEMU can map directly ([`Vram`], [`VramAddr`]);
 //! - the BAR0 registers a driver touches first: BOOT_0/BOOT_42, the PRAMIN window register
 //!   and its 1 MiB aperture into VRAM, TLB invalidate and BAR block registers, with every
-//!   access to an unmodelled register counted ([`bar0`], [`EmulatedGpu`]).
+//!   access to an unmodelled register counted ([`bar0`], [`EmulatedGpu`]);
+//! - the GPU MMU: page-table walker (formats v2 and v3), a TLB honouring the invalidate
+//!   registers, and BAR1 in physical and virtual mode ([`mmu`]).
 //!
 //! Register bit layouts are typed ([`regs`]); chip vocabulary is in [`chip`].
 //! Hardware facts come from the project fact sheet; values not found there are marked as
@@ -19,15 +21,20 @@
 pub mod bar0;
 pub mod chip;
 pub mod gpu;
+pub mod mmu;
 pub mod profile;
 pub mod regs;
 pub mod vram;
 
 pub use bar0::{
-    AccessWidth, Bar0Error, RegisterSnapshot, UnimplementedStats, UNIMPLEMENTED_REGISTER_VALUE,
+    AccessWidth, Bar0Error, RegisterSnapshot, TlbInvalidateRequest, UnimplementedStats,
+    UNIMPLEMENTED_REGISTER_VALUE,
 };
 pub use chip::{ChipError, Generation, MmuVersion, PciIdentity, WindowRegisterKind};
 pub use gpu::{BarMemory, EmulatedGpu, GpuError};
+pub use mmu::{
+    Bar1Error, Bar1Fault, Bar1Stats, PageSize, PteAperture, TlbStats, Translation, WalkFault,
+};
 pub use profile::{BarRole, BarSpec, ChipProfile, ProfileError};
-pub use regs::{MemoryTarget, WindowTarget};
+pub use regs::{BarMode, MemoryTarget, WindowTarget};
 pub use vram::{Vram, VramAddr, VramError};

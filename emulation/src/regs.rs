@@ -73,7 +73,7 @@ pub enum RegsError {
 }
 
 /// Mask of bits `hi:lo` (inclusive) of a 32-bit register.
-const fn field_mask(hi: u32, lo: u32) -> u32 {
+pub(crate) const fn field_mask(hi: u32, lo: u32) -> u32 {
     let width = hi - lo + 1;
     if width >= 32 {
         u32::MAX
@@ -82,7 +82,20 @@ const fn field_mask(hi: u32, lo: u32) -> u32 {
     }
 }
 
-/// Declares a 32-bit register newtype with named bit fields.
+/// Mask of bits `hi:lo` (inclusive) of a 64-bit word (page-table entries).
+pub(crate) const fn field_mask64(hi: u32, lo: u32) -> u64 {
+    let width = hi - lo + 1;
+    if width >= 64 {
+        u64::MAX
+    } else {
+        ((1u64 << width) - 1) << lo
+    }
+}
+
+/// Declares a register (or memory word) newtype with named bit fields.
+///
+/// Without a type the word is a 32-bit register; `struct Name: u64` declares a 64-bit
+/// word (used for page-table entries).
 ///
 /// ```text
 /// register! {
@@ -96,7 +109,19 @@ const fn field_mask(hi: u32, lo: u32) -> u32 {
 macro_rules! register {
     (
         $(#[$meta:meta])*
-        $vis:vis struct $name:ident {
+        $vis:vis struct $name:ident : u64 { $($body:tt)* }
+    ) => {
+        register!(@impl [$(#[$meta])*] $vis $name, u64, $crate::regs::field_mask64, "{:#018x}", { $($body)* });
+    };
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident { $($body:tt)* }
+    ) => {
+        register!(@impl [$(#[$meta])*] $vis $name, u32, $crate::regs::field_mask, "{:#010x}", { $($body)* });
+    };
+    (
+        @impl [$(#[$meta:meta])*] $vis:vis $name:ident, $ty:ident, $mask:path, $rawfmt:literal,
+        {
             $(
                 $(#[$fmeta:meta])*
                 $hi:literal : $lo:literal => $get:ident, $set:ident;
@@ -106,19 +131,19 @@ macro_rules! register {
         $(#[$meta])*
         #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
         #[repr(transparent)]
-        $vis struct $name(u32);
+        $vis struct $name($ty);
 
         impl $name {
-            /// The bits covered by the fields defined for this register.
-            pub const DEFINED_MASK: u32 = 0 $( | field_mask($hi, $lo) )*;
+            /// The bits covered by the fields defined for this word.
+            pub const DEFINED_MASK: $ty = 0 $( | $mask($hi, $lo) )*;
 
-            /// Wraps a raw register value (all 32 bits kept, defined or not).
-            pub const fn from_raw(raw: u32) -> Self {
+            /// Wraps a raw value (all bits kept, defined or not).
+            pub const fn from_raw(raw: $ty) -> Self {
                 Self(raw)
             }
 
-            /// The raw 32-bit register value.
-            pub const fn raw(self) -> u32 {
+            /// The raw value.
+            pub const fn raw(self) -> $ty {
                 self.0
             }
 
@@ -132,8 +157,8 @@ macro_rules! register {
                 $(#[$fmeta])*
                 #[doc = ""]
                 #[doc = concat!("Bits ", stringify!($hi), ":", stringify!($lo), ".")]
-                pub const fn $get(self) -> u32 {
-                    (self.0 & field_mask($hi, $lo)) >> $lo
+                pub const fn $get(self) -> $ty {
+                    (self.0 & $mask($hi, $lo)) >> $lo
                 }
 
                 #[doc = concat!(
@@ -142,8 +167,8 @@ macro_rules! register {
                     "field are discarded."
                 )]
                 #[must_use]
-                pub const fn $set(self, value: u32) -> Self {
-                    let mask = field_mask($hi, $lo);
+                pub const fn $set(self, value: $ty) -> Self {
+                    let mask = $mask($hi, $lo);
                     Self((self.0 & !mask) | ((value << $lo) & mask))
                 }
             )*
@@ -152,25 +177,26 @@ macro_rules! register {
         impl core::fmt::Debug for $name {
             fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
                 f.debug_struct(stringify!($name))
-                    .field("raw", &format_args!("{:#010x}", self.0))
+                    .field("raw", &format_args!($rawfmt, self.0))
                     $( .field(stringify!($get), &format_args!("{:#x}", self.$get())) )*
                     .finish()
             }
         }
 
-        impl From<u32> for $name {
-            fn from(raw: u32) -> Self {
+        impl From<$ty> for $name {
+            fn from(raw: $ty) -> Self {
                 Self(raw)
             }
         }
 
-        impl From<$name> for u32 {
-            fn from(reg: $name) -> u32 {
+        impl From<$name> for $ty {
+            fn from(reg: $name) -> $ty {
                 reg.0
             }
         }
     };
 }
+pub(crate) use register;
 
 /// Memory target encoding shared by the PBUS window TARGET field and the BAR block TARGET
 /// fields: 0 video memory, 2 coherent system memory, 3 non-coherent system memory
