@@ -1665,7 +1665,7 @@ mod fuzz {
 
     /// Feed `chunks` to a fresh connection, hang up, and check it ended cleanly and in time.
     /// Returns its statistics.
-    pub(super) fn run_stream(
+    fn run_stream(
         version_first: bool,
         chunks: &[Chunk],
     ) -> Result<ConnectionStats, TestCaseError> {
