@@ -1,6 +1,7 @@
 //! The command line behind the `gpu-backend` binary: argument parsing and dispatch.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use thiserror::Error;
 use crate::host_gpu::emulated::{EmulatedHostGpu, EmulatedHostGpuError};
 use crate::inspect;
 use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
+use crate::serve::{serve, ServeError, ServeOptions};
 
 /// Errors of the command line.
 #[derive(Debug, Error)]
@@ -27,6 +29,9 @@ pub enum CliError {
     /// Writing the output failed.
     #[error("writing output failed: {0}")]
     Output(#[from] std::io::Error),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
     /// JSON encoding failed.
     #[error("encoding JSON failed: {0}")]
     Json(#[from] serde_json::Error),
@@ -72,6 +77,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the GPU over vfio-user on a unix socket until SIGTERM or SIGINT.
+    Serve {
+        /// Emulated GPU profile.
+        #[arg(long, default_value = "gh200-96g", value_parser = parse_profile)]
+        profile: &'static ChipProfile,
+        /// Socket path for QEMU's `vfio-user-pci` (a stale socket file is replaced).
+        #[arg(long)]
+        socket: PathBuf,
+        /// File mode of the socket, in octal.
+        #[arg(long, default_value = "600", value_parser = parse_mode)]
+        socket_mode: u32,
+    },
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("not an octal file mode: {e}"))?;
+    if mode > 0o777 {
+        return Err(format!("{mode:o} is not a permission mode (at most 777)"));
+    }
+    Ok(mode)
 }
 
 fn parse_profile(name: &str) -> Result<&'static ChipProfile, ProfileError> {
@@ -105,6 +131,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 inspect::write_table(&mut out, &layout)?;
             }
+            Ok(())
+        }
+        Command::Serve {
+            profile,
+            socket,
+            socket_mode,
+        } => {
+            let host = Arc::new(EmulatedHostGpu::new(profile)?);
+            serve(
+                host,
+                &ServeOptions {
+                    socket,
+                    socket_mode,
+                },
+            )?;
             Ok(())
         }
     }

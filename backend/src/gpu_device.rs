@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::presentation::function::{CONFIG_REGION_INDEX, REGION_COUNT};
+use crate::presentation::function::REGION_COUNT;
 use crate::presentation::PresentedFunction;
 use crate::vfio_user::device::{
     ClientHandle, DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea, VfioUserDevice,
@@ -140,6 +140,7 @@ impl VfioUserDevice for GpuDevice {
 mod tests {
     use super::*;
     use crate::host_gpu::emulated::EmulatedHostGpu;
+    use crate::presentation::function::CONFIG_REGION_INDEX;
 
     fn device(profile: &str) -> GpuDevice {
         let host = Arc::new(EmulatedHostGpu::by_name(profile).unwrap());
@@ -163,7 +164,13 @@ mod tests {
         let info = dev.region_info(4).unwrap();
         assert_eq!(info.size, 128 << 30);
         let mmap = info.mmap.unwrap();
-        assert_eq!(mmap.sparse_areas, vec![SparseArea { offset: 0, size: 95 << 30 }]);
+        assert_eq!(
+            mmap.sparse_areas,
+            vec![SparseArea {
+                offset: 0,
+                size: 95 << 30
+            }]
+        );
         // BAR0 is all registers: nothing to map. Absent slots are empty.
         assert!(dev.region_info(0).unwrap().mmap.is_none());
         assert_eq!(dev.region_info(1).unwrap().size, 0);

@@ -7,7 +7,10 @@
 //! - [`cli`]: the command line behind the `gpu-backend` binary.
 
 pub mod cli;
+pub mod gpu_device;
+pub mod host_driver;
 pub mod host_gpu;
 pub mod inspect;
 pub mod presentation;
+pub mod serve;
 pub mod vfio_user;

@@ -13,7 +13,11 @@ fn gpu_backend(args: &[&str]) -> std::process::Output {
 #[test]
 fn inspect_json_shows_the_gh200_vram_bar_as_128_gib_with_95_gib_mappable() {
     let out = gpu_backend(&["inspect", "--profile", "gh200-96g", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let bars = json["bars"].as_array().unwrap();
     let usemem = bars.iter().find(|b| b["index"] == 4).unwrap();
@@ -46,7 +50,13 @@ fn unknown_profile_exits_2_naming_the_valid_ones() {
     let out = gpu_backend(&["inspect", "--profile", "rtx-9999"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    for name in ["tu102-24g", "ga100-80g", "gh100-80g", "gh200-96g", "gb202-32g"] {
+    for name in [
+        "tu102-24g",
+        "ga100-80g",
+        "gh100-80g",
+        "gh200-96g",
+        "gb202-32g",
+    ] {
         assert!(err.contains(name), "{err}");
     }
 }
@@ -56,5 +66,8 @@ fn help_lists_the_profiles() {
     let out = gpu_backend(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("gh200-96g") && text.contains("gb202-32g"), "{text}");
+    assert!(
+        text.contains("gh200-96g") && text.contains("gb202-32g"),
+        "{text}"
+    );
 }

@@ -394,7 +394,12 @@ mod tests {
                 } else {
                     mask |= 0xFFFF_FFFF_0000_0000;
                 }
-                assert_eq!(!mask + 1, bar.presented_size(), "{} BAR{slot}", profile.name());
+                assert_eq!(
+                    !mask + 1,
+                    bar.presented_size(),
+                    "{} BAR{slot}",
+                    profile.name()
+                );
             }
         }
     }
@@ -413,7 +418,10 @@ mod tests {
     fn padding_reads_ff_and_drops_writes_while_real_memory_keeps_data() {
         let function = present("gh200-96g");
         let real_end = 95 * GIB;
-        assert_eq!(function.region_write(4, real_end - 4, &[0xAB; 8]).unwrap(), 8);
+        assert_eq!(
+            function.region_write(4, real_end - 4, &[0xAB; 8]).unwrap(),
+            8
+        );
         let mut buf = [0u8; 8];
         assert_eq!(function.region_read(4, real_end - 4, &mut buf).unwrap(), 8);
         assert_eq!(buf, [0xAB, 0xAB, 0xAB, 0xAB, 0xFF, 0xFF, 0xFF, 0xFF]);
@@ -426,7 +434,10 @@ mod tests {
         assert_eq!(buf[0], 0xFF);
         let past = function.region_read(4, 128 * GIB, &mut buf).unwrap_err();
         assert_eq!(past.errno(), libc::EINVAL);
-        assert_eq!(function.region_read(9, 0, &mut buf).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            function.region_read(9, 0, &mut buf).unwrap_err().errno(),
+            libc::EINVAL
+        );
     }
 
     #[test]
@@ -441,7 +452,9 @@ mod tests {
         function.region_read(0, 1, &mut three).unwrap();
         assert_eq!(three, boot0.to_le_bytes()[1..4]);
         // The window register reads back what was written, through the region.
-        function.region_write(0, 0x10FD40, &0x12u32.to_le_bytes()).unwrap();
+        function
+            .region_write(0, 0x10FD40, &0x12u32.to_le_bytes())
+            .unwrap();
         function.region_read(0, 0x10FD40, &mut dword).unwrap();
         assert_eq!(u32::from_le_bytes(dword), 0x12);
     }
