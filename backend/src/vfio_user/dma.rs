@@ -8,6 +8,11 @@
 //! `DMA_UNMAP` takes the write lock, so by the time the unmap is answered no access to that
 //! range is in flight and its mapping is gone (the spec's rule, and what keeps a disconnected
 //! client's memory from staying mapped).
+//!
+//! Limitation: a map is checked against the size of its file when it is added, but a client
+//! that later shrinks the file (`ftruncate` on its memfd) makes accesses fault with SIGBUS, as
+//! with vhost-user. The client (the VMM) is trusted with its own memory; a hostile one can
+//! only take the server down this way, not read anything it did not share.
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -8,7 +8,7 @@
 //! - [`client`]: [`ClientHandle`], the device's view of a client (interrupts and DMA).
 //! - [`dma`], [`irq`]: a connection's DMA maps and interrupt lines.
 //! - [`device`]: the device trait and its description types.
-//! - [`test_client`], [`bench`]: a minimal protocol client and a REGION_READ latency benchmark.
+//! - [`test_client`], [`mod@bench`]: a minimal protocol client and a REGION_READ latency benchmark.
 //!
 //! Server-to-client `DMA_READ`/`DMA_WRITE` use QEMU's message layout by default (see
 //! [`protocol::DmaMessageLayout`]); twin-socket mode, migration (`DEVICE_FEATURE`,
