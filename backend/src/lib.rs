@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod gpu_device;
+pub mod host_driver;
 pub mod host_gpu;
 pub mod inspect;
 pub mod presentation;

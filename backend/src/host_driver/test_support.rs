@@ -1,0 +1,52 @@
+//! Test helpers: a [`HostGpu`] over the emulated GPU with one register stuck.
+
+use std::sync::Arc;
+
+use crate::host_gpu::emulated::EmulatedHostGpu;
+use crate::host_gpu::{AccessWidth, ChipIdentity, HostGpu, HostGpuError, HostMemory};
+
+/// The emulated GPU, except that reads of the dword at `offset` have `bits` forced on
+/// (e.g. a TRIGGER or PENDING bit that never clears).
+pub struct StuckRegister {
+    inner: EmulatedHostGpu,
+    offset: u64,
+    bits: u64,
+}
+
+impl StuckRegister {
+    /// The profile `name` with `bits` stuck on at `offset`.
+    pub fn new(name: &str, offset: u64, bits: u32) -> StuckRegister {
+        StuckRegister {
+            inner: EmulatedHostGpu::by_name(name).unwrap(),
+            offset,
+            bits: bits.into(),
+        }
+    }
+}
+
+impl HostGpu for StuckRegister {
+    fn identity(&self) -> &ChipIdentity {
+        self.inner.identity()
+    }
+
+    fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
+        let v = self.inner.bar0_read(offset, width)?;
+        Ok(if offset == self.offset {
+            v | self.bits
+        } else {
+            v
+        })
+    }
+
+    fn bar0_write(&self, offset: u64, width: AccessWidth, value: u64) -> Result<(), HostGpuError> {
+        self.inner.bar0_write(offset, width, value)
+    }
+
+    fn memory_bar(&self, index: u8) -> Option<Arc<dyn HostMemory>> {
+        self.inner.memory_bar(index)
+    }
+
+    fn reset(&self) -> Result<(), HostGpuError> {
+        self.inner.reset()
+    }
+}
