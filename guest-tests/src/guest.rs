@@ -176,8 +176,16 @@ pub fn with_backend<T>(profile: &str, f: impl FnOnce(&Backend) -> Result<T>) -> 
     let mut backend = Backend::spawn(profile, &dir.join("backend.log"))?;
     let result = f(&backend);
     backend.stop();
-    if result.is_ok() && !keep_runs() {
-        let _ = std::fs::remove_dir_all(&dir);
+    match &result {
+        Ok(_) if !keep_runs() => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(_) => {}
+        Err(_) => eprintln!(
+            "--- backend log ({}) tail ---\n{}",
+            dir.join("backend.log").display(),
+            tail(&backend.log_text(), 40)
+        ),
     }
     result
 }

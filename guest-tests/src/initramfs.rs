@@ -162,6 +162,9 @@ pub fn guest_archive(busybox: &[u8], probe: &[u8]) -> Vec<u8> {
     a.finish()
 }
 
+/// Name of the symlink in the harness directory pointing at the newest guest initramfs.
+pub const LATEST_INITRAMFS: &str = "initramfs-latest.cpio.gz";
+
 /// 64-bit FNV-1a, used to name content-addressed files.
 fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -182,6 +185,15 @@ pub fn write_guest_initramfs(busybox: &Path, probe: &Path, dir: &Path) -> Result
         let tmp = dir.join(format!(".initramfs.tmp.{}", std::process::id()));
         std::fs::write(&tmp, &gz).ctx(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).ctx(|| format!("renaming to {}", path.display()))?;
+    }
+    // A stable name for manual use (qemu-configs/gpu-vfio-user.sh --initrd ...), replaced
+    // atomically; best effort.
+    if let Some(name) = path.file_name() {
+        let link_tmp = dir.join(format!(".initramfs-link.tmp.{}", std::process::id()));
+        let _ = std::fs::remove_file(&link_tmp);
+        if std::os::unix::fs::symlink(name, &link_tmp).is_ok() {
+            let _ = std::fs::rename(&link_tmp, dir.join(LATEST_INITRAMFS));
+        }
     }
     Ok(path)
 }

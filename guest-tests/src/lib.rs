@@ -3,22 +3,23 @@
 //! and parses the probe's `GPUPROBE` lines into a [`ProbeReport`].
 //!
 //! ```no_run
-//! use guest_tests::{boot_guest_with_backend, ProbeArgs};
-//! let report = boot_guest_with_backend(
-//!     "gh200",
-//!     &ProbeArgs::new().device(0x2342).vram(4, 95 << 30),
-//! )?;
+//! use guest_tests::{boot_guest_with_backend, ProfileLayout};
+//! // Expectations (ids, BOOT_0, BAR sizes, real VRAM size) from `gpu-backend inspect --json`.
+//! let args = ProfileLayout::inspect("gh200-96g")?.probe_args();
+//! let report = boot_guest_with_backend("gh200-96g", &args)?;
 //! assert!(report.all_passed(), "{}", report.summary_table());
 //! # Ok::<(), guest_tests::HarnessError>(())
 //! ```
 //!
 //! Modules: [`qemu`] (install via `qemu-configs/install.sh`, argv, run with timeout),
 //! [`initramfs`] (newc cpio + gzip), [`artifacts`] (building the probe and the backend),
-//! [`backend`] (the `serve` process), [`guest`] (the boot API), [`probe_args`] and [`report`].
+//! [`backend`] (the `serve` process), [`expect`] (what a profile should look like, from
+//! `gpu-backend inspect --json`), [`guest`] (the boot API), [`probe_args`] and [`report`].
 
 pub mod artifacts;
 pub mod backend;
 pub mod error;
+pub mod expect;
 pub mod guest;
 pub mod initramfs;
 pub mod paths;
@@ -28,6 +29,7 @@ pub mod report;
 
 pub use backend::Backend;
 pub use error::{HarnessError, Result};
+pub use expect::ProfileLayout;
 pub use guest::{
     boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, GuestOptions,
     GuestRun,

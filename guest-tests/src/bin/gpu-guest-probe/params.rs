@@ -16,6 +16,7 @@
 //! | `persist_len` | pattern length in bytes (multiple of 4) | `4096` |
 //! | `persist_seed` | pattern seed | `1` |
 //! | `timeout` | watchdog, seconds | `120` |
+//! | `shell` | `1`: `/init` starts a shell after the probe instead of powering off | off |
 //!
 //! Numbers are decimal or `0x` hexadecimal; sizes also accept `K`, `M`, `G`, `T` suffixes (binary).
 
@@ -149,6 +150,8 @@ impl Params {
             }
             "persist_seed" => self.persist_seed = num()?,
             "timeout" => self.timeout = narrow(num()?, 86_400)?.max(1) as u32,
+            // Read by /init (start a shell after the probe), not by the probe.
+            "shell" => {}
             _ => {
                 let idx = key
                     .strip_prefix("bar")
@@ -170,4 +173,42 @@ pub fn pattern_word(seed: u64, index: u64) -> u32 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     (z ^ (z >> 31)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_command_line() {
+        let p = Params::from_cmdline(
+            "console=ttyS0 quiet gpuprobe.device=0x2342 gpuprobe.vram_bar=4 gpuprobe.vram_real=95G \
+             gpuprobe.bar0_size=16M gpuprobe.persist=check gpuprobe.persist_seed=7 gpuprobe.bogus=1 \
+             gpuprobe.vendor=0x12345",
+        );
+        assert_eq!(p.device, Some(0x2342));
+        assert_eq!(p.vram_bar, Some(4));
+        assert_eq!(p.vram_real, Some(95 << 30));
+        assert_eq!(p.bar_sizes.get(&0), Some(&(16 << 20)));
+        assert_eq!(p.persist, Some(Persist::Check));
+        assert_eq!(p.persist_seed, 7);
+        assert_eq!(p.vendor, 0x10de, "out-of-range vendor rejected");
+        assert_eq!(p.errors.len(), 2, "{:?}", p.errors);
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_num("0x10"), Some(16));
+        assert_eq!(parse_num("128G"), Some(128 << 30));
+        assert_eq!(parse_num("1T"), Some(1 << 40));
+        assert_eq!(parse_num("x"), None);
+        assert_eq!(parse_num("99999999999T"), None);
+    }
+
+    #[test]
+    fn pattern_depends_on_seed_and_index() {
+        assert_eq!(pattern_word(1, 0), pattern_word(1, 0));
+        assert_ne!(pattern_word(1, 0), pattern_word(2, 0));
+        assert_ne!(pattern_word(1, 0), pattern_word(1, 1));
+    }
 }
