@@ -1,0 +1,111 @@
+//! `gpu-backend serve` as a process: socket lifecycle, signals, idle memory.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn temp_socket(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gpu-backend-serve-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn start(profile: &str, socket: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_gpu-backend"))
+        .args(["serve", "--profile", profile, "--socket"])
+        .arg(socket)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gpu-backend serve")
+}
+
+fn wait_for_socket(socket: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("serve exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "socket {} never appeared", socket.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn terminate(child: &mut Child, signal: i32) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on a child pid we own; no memory is involved.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    assert_eq!(rc, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop after signal {signal}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn idle_gh200_serve_stays_under_64_mib_resident_and_stops_cleanly_on_sigterm() {
+    let socket = temp_socket("gh200.sock");
+    let mut child = start("gh200-96g", &socket);
+    wait_for_socket(&socket, &mut child);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    std::thread::sleep(Duration::from_millis(300));
+    let rss = resident_kib(child.id());
+    eprintln!("idle serve --profile gh200-96g: VmRSS {rss} KiB");
+    assert!(rss < 64 * 1024, "idle RSS {rss} KiB >= 64 MiB");
+    let status = terminate(&mut child, libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "socket left behind");
+}
+
+#[test]
+fn sigint_stops_serve_and_a_live_socket_is_refused() {
+    let socket = temp_socket("live.sock");
+    let mut first = start("tu102-24g", &socket);
+    wait_for_socket(&socket, &mut first);
+    // A second server on the same live socket must refuse, not steal it.
+    let second = Command::new(env!("CARGO_BIN_EXE_gpu-backend"))
+        .args(["serve", "--profile", "tu102-24g", "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("error"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(socket.exists(), "the live socket must stay");
+    let status = terminate(&mut first, libc::SIGINT);
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let socket = temp_socket("stale.sock");
+    // A socket file nobody listens on: bind and drop the listener.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let mut child = start("gb202-32g", &socket);
+    // The stale file exists from the start; wait until the server accepts connections.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "serve exited");
+        assert!(Instant::now() < deadline, "never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(terminate(&mut child, libc::SIGTERM).success());
+}
