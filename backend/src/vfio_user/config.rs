@@ -32,6 +32,10 @@ pub struct ServerConfig {
     pub msg_timeout: Duration,
     /// Wire layout of server-to-client DMA_READ/DMA_WRITE (QEMU's by default).
     pub dma_layout: DmaMessageLayout,
+    /// After each message, busy-poll the socket this long before sleeping: lowers the wake-up
+    /// latency of a trapped access that follows closely, at the cost of CPU. Zero (the
+    /// default) never spins; capped at 1 ms.
+    pub poll_spin: Duration,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +46,7 @@ impl Default for ServerConfig {
             max_dma_maps: DEFAULT_MAX_DMA_MAPS,
             msg_timeout: Duration::from_secs(5),
             dma_layout: DmaMessageLayout::Qemu,
+            poll_spin: Duration::ZERO,
         }
     }
 }
@@ -55,6 +60,7 @@ impl ServerConfig {
             max_dma_maps: self.max_dma_maps.clamp(1, DEFAULT_MAX_DMA_MAPS),
             msg_timeout: self.msg_timeout.max(Duration::from_millis(1)),
             dma_layout: self.dma_layout,
+            poll_spin: self.poll_spin.min(Duration::from_millis(1)),
         }
     }
 

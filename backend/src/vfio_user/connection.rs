@@ -742,12 +742,11 @@ impl Connection {
             config.msg_timeout,
             config.max_data_xfer_size,
         ));
+        let mut reader =
+            MessageReader::new(max_message, config.max_msg_fds as usize, config.msg_timeout);
+        reader.set_spin(config.poll_spin);
         Ok(Connection {
-            reader: MessageReader::new(
-                max_message,
-                config.max_msg_fds as usize,
-                config.msg_timeout,
-            ),
+            reader,
             stream,
             state: State {
                 config,

@@ -349,6 +349,8 @@ pub struct MessageReader {
     timeout: Duration,
     /// How long to wait for the first byte of a message (`None`: forever).
     idle_timeout: Option<Duration>,
+    /// How long to busy-poll the socket before sleeping in `poll()`.
+    spin: Duration,
 }
 
 impl MessageReader {
@@ -366,7 +368,13 @@ impl MessageReader {
             cmsg: cmsg_buffer(max_fds),
             timeout,
             idle_timeout: None,
+            spin: Duration::ZERO,
         }
+    }
+
+    /// Busy-poll the socket for up to `spin` before sleeping (trades CPU for wake-up latency).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
     }
 
     /// Bound the wait for a new message too (clients waiting for replies use this).
@@ -504,6 +512,7 @@ impl MessageReader {
                 self.idle_timeout.unwrap_or_default(),
             )
         };
+        let spin_until = (!self.spin.is_zero()).then(|| Instant::now() + self.spin);
         loop {
             if shutdown.is_some_and(|s| s.is_triggered()) {
                 return Err(SocketError::Shutdown);
@@ -533,6 +542,10 @@ impl MessageReader {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if spin_until.is_some_and(|t| Instant::now() < t) {
+                        std::hint::spin_loop();
+                        continue;
+                    }
                     let timeout = since.map(|s| limit.saturating_sub(s.elapsed()));
                     if timeout == Some(Duration::ZERO) {
                         return Err(SocketError::Timeout);

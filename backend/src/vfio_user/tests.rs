@@ -731,6 +731,23 @@ fn oversized_message_gets_e2big_and_undersized_header_disconnects() {
 }
 
 #[test]
+fn busy_polling_connection_still_serves_and_stops() {
+    let config = ServerConfig {
+        poll_spin: Duration::from_micros(200),
+        ..Default::default()
+    };
+    let mut s = Session::start(config);
+    s.client.version().unwrap();
+    for i in 0..50u32 {
+        s.client
+            .region_write(BAR0, 0, &i.to_ne_bytes(), true)
+            .unwrap();
+        assert_eq!(s.client.region_read(BAR0, 0, 4).unwrap(), i.to_ne_bytes());
+    }
+    s.close();
+}
+
+#[test]
 fn stalled_client_is_dropped_after_the_message_timeout() {
     let config = ServerConfig {
         msg_timeout: Duration::from_millis(200),
@@ -1665,10 +1682,7 @@ mod fuzz {
 
     /// Feed `chunks` to a fresh connection, hang up, and check it ended cleanly and in time.
     /// Returns its statistics.
-    fn run_stream(
-        version_first: bool,
-        chunks: &[Chunk],
-    ) -> Result<ConnectionStats, TestCaseError> {
+    fn run_stream(version_first: bool, chunks: &[Chunk]) -> Result<ConnectionStats, TestCaseError> {
         let config = ServerConfig {
             max_data_xfer_size: 64 << 10,
             max_dma_maps: 32,
