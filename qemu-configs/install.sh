@@ -207,7 +207,8 @@ EOF
 export APT_CONFIG="$APTDIR/etc/apt.conf"
 
 step "apt-get update (trixie, trixie-backports from $MIRROR)"
-apt-get update
+# --error-on=any: an unreachable mirror or a bad signature is an error, not a warning.
+apt-get update --error-on=any
 
 # ---------------------------------------------------------------------------------------------
 # Resolve what to install

@@ -110,7 +110,12 @@ fn build_probe() -> Result<PathBuf> {
 pub fn probe_binary() -> Result<PathBuf> {
     static PROBE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     PROBE
-        .get_or_init(|| build_probe().map_err(|e| e.to_string()))
+        .get_or_init(|| {
+            build_probe().map_err(|e| match e {
+                HarnessError::Build { reason, .. } => reason,
+                other => other.to_string(),
+            })
+        })
         .clone()
         .map_err(|reason| HarnessError::Build {
             what: "gpu-guest-probe".into(),
@@ -142,7 +147,12 @@ fn build_backend() -> Result<PathBuf> {
 pub fn backend_binary() -> Result<PathBuf> {
     static BACKEND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BACKEND
-        .get_or_init(|| build_backend().map_err(|e| e.to_string()))
+        .get_or_init(|| {
+            build_backend().map_err(|e| match e {
+                HarnessError::Build { reason, .. } => reason,
+                other => other.to_string(),
+            })
+        })
         .clone()
         .map_err(|reason| HarnessError::Build {
             what: "gpu-backend".into(),

@@ -96,12 +96,17 @@ impl QemuLab {
     /// Install (or find) the QEMU lab; runs the install script once per process.
     pub fn get() -> Result<&'static QemuLab> {
         static LAB: OnceLock<std::result::Result<QemuLab, String>> = OnceLock::new();
-        LAB.get_or_init(|| install().map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|reason| HarnessError::QemuInstall {
-                script: install_script(),
-                reason: reason.clone(),
+        LAB.get_or_init(|| {
+            install().map_err(|e| match e {
+                HarnessError::QemuInstall { reason, .. } => reason,
+                other => other.to_string(),
             })
+        })
+        .as_ref()
+        .map_err(|reason| HarnessError::QemuInstall {
+            script: install_script(),
+            reason: reason.clone(),
+        })
     }
 }
 
