@@ -24,6 +24,12 @@ use super::socket::{SocketError, SocketWriter};
 /// Most server-to-client requests waiting for a reply at once.
 const MAX_PENDING: usize = 64;
 
+/// Largest piece of one server-to-client DMA request. QEMU 11.1.3 sends a DMA_READ reply with
+/// one non-blocking write and drops whatever did not fit in the socket buffer (about 200 KiB by
+/// default), which breaks the stream: measured, 256 KiB replies sometimes and 512 KiB replies
+/// always were cut short. 64 KiB pieces stay well clear of that.
+pub const MAX_SOCKET_DMA_CHUNK: usize = 64 << 10;
+
 #[derive(Debug, Default)]
 struct Waiter {
     result: Mutex<Option<Result<Vec<u8>, Errno>>>,
@@ -191,7 +197,7 @@ fn parse_dma_read_reply(
     layout: DmaMessageLayout,
 ) -> Result<Vec<u8>, Errno> {
     let count = match layout {
-        DmaMessageLayout::Qemu => QemuDmaAccessMsg::decode(payload).map(|m| m.count as usize),
+        DmaMessageLayout::LegacyQemu => QemuDmaAccessMsg::decode(payload).map(|m| m.count as usize),
         DmaMessageLayout::Spec => {
             DmaAccessMsg::decode(payload).and_then(|m| usize::try_from(m.count).ok())
         }
@@ -264,6 +270,12 @@ impl ClientShared {
         self.dma.unmap_all();
     }
 
+    /// Bytes per server-to-client request: the negotiated transfer size, capped at
+    /// [`MAX_SOCKET_DMA_CHUNK`].
+    fn chunk_size(&self) -> usize {
+        (self.max_xfer.load(Ordering::Relaxed) as usize).clamp(1, MAX_SOCKET_DMA_CHUNK)
+    }
+
     fn check_socket_dma(&self) -> Result<(), DmaError> {
         if !self.connected.load(Ordering::SeqCst) {
             return Err(DmaError::NotConnected);
@@ -285,7 +297,7 @@ impl ClientShared {
 
     fn socket_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         self.check_socket_dma()?;
-        let max = self.max_xfer.load(Ordering::Relaxed) as usize;
+        let max = self.chunk_size();
         let mut addr = iova;
         for chunk in buf.chunks_mut(max) {
             let (id, waiter) = self.requests.register(Command::DmaRead, chunk.len())?;
@@ -316,7 +328,7 @@ impl ClientShared {
 
     fn socket_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
         self.check_socket_dma()?;
-        let max = self.max_xfer.load(Ordering::Relaxed) as usize;
+        let max = self.chunk_size();
         let mut addr = iova;
         for chunk in data.chunks(max) {
             let (id, waiter) = self.requests.register(Command::DmaWrite, 0)?;
@@ -332,7 +344,7 @@ impl ClientShared {
             let _ = header.encode(&mut fixed);
             let fixed_len = HEADER_SIZE + self.layout.data_offset();
             match self.layout {
-                DmaMessageLayout::Qemu => QemuDmaAccessMsg {
+                DmaMessageLayout::LegacyQemu => QemuDmaAccessMsg {
                     address: addr,
                     count: chunk.len() as u32,
                 }
@@ -343,7 +355,7 @@ impl ClientShared {
                 }
                 .encode(&mut fixed[HEADER_SIZE..]),
             };
-            // QEMU's layout ends with 4 bytes of struct padding after the data.
+            // The legacy layout ends with 4 bytes of struct padding after the data.
             let pad = [0u8; 4];
             let pad_len = size - fixed_len - chunk.len();
             if let Err(e) = self

@@ -30,7 +30,7 @@ pub struct ServerConfig {
     /// How long the rest of a started message, a blocked send, or the client's reply to a
     /// server-to-client DMA request may take.
     pub msg_timeout: Duration,
-    /// Wire layout of server-to-client DMA_READ/DMA_WRITE (QEMU's by default).
+    /// Wire layout of server-to-client DMA_READ/DMA_WRITE (the spec's, as QEMU 11.1 speaks it).
     pub dma_layout: DmaMessageLayout,
     /// After each message, busy-poll the socket this long before sleeping: lowers the wake-up
     /// latency of a trapped access that follows closely, at the cost of CPU. Zero (the
@@ -45,7 +45,7 @@ impl Default for ServerConfig {
             max_msg_fds: DEFAULT_MAX_MSG_FDS,
             max_dma_maps: DEFAULT_MAX_DMA_MAPS,
             msg_timeout: Duration::from_secs(5),
-            dma_layout: DmaMessageLayout::Qemu,
+            dma_layout: DmaMessageLayout::Spec,
             poll_spin: Duration::ZERO,
         }
     }

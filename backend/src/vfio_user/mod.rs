@@ -10,8 +10,8 @@
 //! - [`device`]: the device trait and its description types.
 //! - [`test_client`], [`mod@bench`]: a minimal protocol client and a REGION_READ latency benchmark.
 //!
-//! Server-to-client `DMA_READ`/`DMA_WRITE` use QEMU's message layout by default (see
-//! [`protocol::DmaMessageLayout`]); twin-socket mode, migration (`DEVICE_FEATURE`,
+//! Server-to-client `DMA_READ`/`DMA_WRITE` use the spec's message layout, which QEMU 11.1
+//! speaks (see [`protocol::DmaMessageLayout`]); twin-socket mode, migration (`DEVICE_FEATURE`,
 //! `MIG_DATA_*`), dirty-page logging and I/O fds are not supported.
 
 pub mod bench;

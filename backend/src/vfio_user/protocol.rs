@@ -498,9 +498,9 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// `VFIO_USER_DMA_READ`/`WRITE` fixed part as QEMU's `VFIOUserDMARW` lays it out:
-    /// a 32-bit count and the data at payload offset 12; the message size is still
-    /// `32 + count` (C struct padding). Also the spec's DMA_WRITE reply payload.
+    /// `VFIO_USER_DMA_READ`/`WRITE` fixed part in the legacy QEMU layout (a 32-bit count and
+    /// the data at payload offset 12; the message size is still `32 + count`, C struct
+    /// padding). Also the spec's DMA_WRITE reply payload.
     pub struct QemuDmaAccessMsg(12) {
         /// Client DMA address.
         pub address: u64,
@@ -536,24 +536,27 @@ pub const WRITE_MULTI_MAX_DATA: u32 = 8;
 
 /// The layout of the fixed part of server-to-client `DMA_READ`/`DMA_WRITE` messages.
 ///
-/// QEMU's client (hw/vfio-user/pci.c, `VFIOUserDMARW`) uses a 32-bit count with the data at
-/// payload offset 12 and message size `32 + count`; the spec (and libvfio-user) use a 64-bit
-/// count with the data at offset 16. A `DMA_READ` request is encoded compatibly with both
-/// (a 64-bit count whose high half is zero); replies and `DMA_WRITE` requests differ.
+/// The spec (and libvfio-user) use a 64-bit count with the data at payload offset 16. This is
+/// what QEMU 11.1.3 speaks: checked against it (qtest-driven DMA_READ/DMA_WRITE of guest RAM),
+/// the legacy layout came back shifted by 4 bytes and its DMA_WRITE was refused with `E2BIG`.
+/// QEMU's original vfio-user patches declared `VFIOUserDMARW` with a 32-bit count, the data
+/// at payload offset 12 and message size `32 + count`; that is kept as an option for such
+/// clients (unverified against a running QEMU). A `DMA_READ` request is encoded compatibly
+/// with both (a 64-bit count whose high half is zero); replies and `DMA_WRITE` requests differ.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DmaMessageLayout {
-    /// QEMU's `VFIOUserDMARW` (the default: QEMU is this project's client).
+    /// `docs/interop/vfio-user.rst`, and QEMU 11.1.3 (the default).
     #[default]
-    Qemu,
-    /// `docs/interop/vfio-user.rst`.
     Spec,
+    /// The 32-bit-count `VFIOUserDMARW` of QEMU's original vfio-user patches.
+    LegacyQemu,
 }
 
 impl DmaMessageLayout {
     /// Payload offset of the data in a DMA_READ reply or DMA_WRITE request.
     pub fn data_offset(self) -> usize {
         match self {
-            DmaMessageLayout::Qemu => QemuDmaAccessMsg::SIZE,
+            DmaMessageLayout::LegacyQemu => QemuDmaAccessMsg::SIZE,
             DmaMessageLayout::Spec => DmaAccessMsg::SIZE,
         }
     }

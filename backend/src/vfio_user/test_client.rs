@@ -77,7 +77,7 @@ impl TestClient {
             reader,
             next_id: 1,
             dma: None,
-            layout: DmaMessageLayout::Qemu,
+            layout: DmaMessageLayout::Spec,
             dma_requests: 0,
         }
     }
@@ -464,7 +464,7 @@ fn serve_dma(
     payload: &[u8],
 ) -> Result<(), ClientError> {
     let (address, count) = match layout {
-        DmaMessageLayout::Qemu => {
+        DmaMessageLayout::LegacyQemu => {
             QemuDmaAccessMsg::decode(payload).map(|m| (m.address, m.count as u64))
         }
         DmaMessageLayout::Spec => DmaAccessMsg::decode(payload).map(|m| (m.address, m.count)),
@@ -496,7 +496,7 @@ fn serve_dma(
         let mut reply = vec![0u8; size];
         let _ = Header::reply_to(header, size as u32).encode(&mut reply);
         let _ = match layout {
-            DmaMessageLayout::Qemu => QemuDmaAccessMsg {
+            DmaMessageLayout::LegacyQemu => QemuDmaAccessMsg {
                 address,
                 count: count as u32,
             }

@@ -163,6 +163,16 @@ const BAR1_FILE_OFFSET: u64 = 0x10000;
 const BAR2_SIZE: u64 = 0x2000;
 const MSIX_VECTORS: u32 = 16;
 
+/// A minimal type-0 PCI header (vendor 0x1234, device 0x0001, class 0xff, no capabilities):
+/// enough for QEMU to realize the device.
+fn fake_config_space() -> Vec<u8> {
+    let mut c = vec![0u8; 256];
+    c[0..2].copy_from_slice(&0x1234u16.to_le_bytes());
+    c[2..4].copy_from_slice(&0x0001u16.to_le_bytes());
+    c[0x0b] = 0xff;
+    c
+}
+
 struct FakeDevice {
     bar0: Mutex<Vec<u8>>,
     config: Mutex<Vec<u8>>,
@@ -179,7 +189,7 @@ impl FakeDevice {
     fn new() -> Arc<FakeDevice> {
         Arc::new(FakeDevice {
             bar0: Mutex::new(vec![0; 4096]),
-            config: Mutex::new((0..=255u8).collect()),
+            config: Mutex::new(fake_config_space()),
             bar1: Arc::new(memfd("bar1", BAR1_FILE_OFFSET + BAR1_SIZE)),
             bar2: Arc::new(memfd("bar2", BAR2_SIZE)),
             handle: Mutex::new(None),
@@ -1039,8 +1049,8 @@ fn socket_dma_roundtrip(layout: DmaMessageLayout) {
 }
 
 #[test]
-fn fd_less_dma_uses_server_to_client_messages_qemu_layout() {
-    socket_dma_roundtrip(DmaMessageLayout::Qemu);
+fn fd_less_dma_uses_server_to_client_messages_legacy_layout() {
+    socket_dma_roundtrip(DmaMessageLayout::LegacyQemu);
 }
 
 #[test]
@@ -1773,6 +1783,174 @@ mod fuzz {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against a real QEMU (skipped when none is installed)
+
+/// QEMU from `QEMU_BIN` or the project's lab (`qemu-configs/install.sh`), if present.
+fn lab_qemu() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("QEMU_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../.cache/qemu-lab/bin/qemu-system-x86_64")
+        });
+    path.exists().then_some(path)
+}
+
+/// QEMU under the qtest accelerator: a `vfio-user-pci` client whose guest memory, port I/O and
+/// MMIO the test drives line by line.
+struct Qtest {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Qtest {
+    fn start(qemu: &std::path::Path, socket: &std::path::Path) -> Qtest {
+        let device = format!(
+            r#"{{"driver":"vfio-user-pci","socket":{{"type":"unix","path":"{}"}},"addr":"0x5"}}"#,
+            socket.display()
+        );
+        let mut child = std::process::Command::new(qemu)
+            .args([
+                "-machine", "q35", "-accel", "qtest", "-qtest", "stdio", "-m", "64",
+            ])
+            .args([
+                "-nographic",
+                "-nodefaults",
+                "-serial",
+                "none",
+                "-monitor",
+                "none",
+            ])
+            .args(["-device", &device])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Qtest {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Run one qtest command and return its `OK ...` answer.
+    fn cmd(&mut self, command: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{command}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(
+                self.stdout.read_line(&mut line).unwrap() > 0,
+                "QEMU exited during '{command}'"
+            );
+            let line = line.trim();
+            if line.starts_with("OK") {
+                return line.to_string();
+            }
+            assert!(
+                !line.starts_with("FAIL") && !line.starts_with("ERR"),
+                "'{command}': {line}"
+            );
+        }
+    }
+
+    /// Run a command that answers `OK <hex>` and return the value.
+    fn value(&mut self, command: &str) -> u64 {
+        let answer = self.cmd(command);
+        let hex = answer
+            .trim_start_matches("OK")
+            .trim()
+            .trim_start_matches("0x");
+        u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("'{command}': {answer}"))
+    }
+
+    /// Write a config register of device 00:05.0 through ports 0xcf8/0xcfc.
+    fn config_write(&mut self, reg: u32, value: u32) {
+        self.cmd(&format!(
+            "outl 0xcf8 {:#x}",
+            0x8000_0000u32 | (5 << 11) | reg
+        ));
+        self.cmd(&format!("outl 0xcfc {value:#x}"));
+    }
+}
+
+impl Drop for Qtest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn real_qemu_trapped_and_mmapped_bars_and_socket_dma() {
+    let Some(qemu) = lab_qemu() else {
+        eprintln!("skipped: no QEMU (set QEMU_BIN or run qemu-configs/install.sh)");
+        return;
+    };
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vfio-user-qemu").unwrap();
+    let path = dir.as_path().join("dev.sock");
+    let device = FakeDevice::new();
+    let running = Running::start(
+        Server::bind(&path, DEFAULT_SOCKET_MODE).unwrap(),
+        device.clone(),
+    );
+    let mut q = Qtest::start(&qemu, &path);
+
+    // Place BAR0 (trapped), BAR1 (sparse mmap) and enable memory decoding and bus mastering.
+    q.config_write(0x10, 0xfe00_0000);
+    q.config_write(0x14, 0xfd00_0000);
+    q.config_write(0x04, 0x0006);
+    // Trapped: REGION_READ / posted REGION_WRITE then a read behind it.
+    device.bar0.lock().unwrap()[0x10..0x14].copy_from_slice(&0x1122_3344u32.to_le_bytes());
+    assert_eq!(q.value("readl 0xfe000010"), 0x1122_3344);
+    q.cmd("writel 0xfe000020 0xcafef00d");
+    assert_eq!(q.value("readl 0xfe000020"), 0xcafe_f00d);
+    // BAR1: inside a sparse area QEMU reads its own mapping of our fd; outside, it traps.
+    pwrite(
+        &device.bar1,
+        BAR1_FILE_OFFSET + 0x1010,
+        &0xdead_beefu32.to_le_bytes(),
+    );
+    pwrite(
+        &device.bar1,
+        BAR1_FILE_OFFSET + 0x4000,
+        &0x0bad_f00du32.to_le_bytes(),
+    );
+    let writes = device.writes.load(Ordering::SeqCst);
+    assert_eq!(q.value("readl 0xfd001010"), 0xdead_beef);
+    assert_eq!(q.value("readl 0xfd004000"), 0x0bad_f00d);
+    q.cmd("writel 0xfd001020 0x600df00d");
+    assert_eq!(
+        device.writes.load(Ordering::SeqCst),
+        writes,
+        "mmapped write never reached the socket"
+    );
+    let mut word = [0u8; 4];
+    pread(&device.bar1, BAR1_FILE_OFFSET + 0x1020, &mut word);
+    assert_eq!(u32::from_le_bytes(word), 0x600d_f00d);
+
+    // Guest RAM is not shared (no memfd backend): DMA goes through DMA_READ/DMA_WRITE messages.
+    q.cmd("write 0x100000 0x8 0x0807060504030201");
+    let h = device.handle();
+    let mut b = [0u8; 8];
+    h.dma_read(0x100000, &mut b).unwrap();
+    assert_eq!(b, [8, 7, 6, 5, 4, 3, 2, 1]);
+    let pattern: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
+    h.dma_write(0x200003, &pattern).unwrap();
+    assert_eq!(q.value("read 0x200003 0x4"), 0x0007_0e15);
+    // Larger than QEMU can reply to in one piece: split into 64 KiB requests.
+    let mut big = vec![0u8; 512 << 10];
+    h.dma_read(0x200000, &mut big).unwrap();
+    assert_eq!(&big[3..5003], &pattern[..]);
+    drop(q);
+    running.stop();
+    assert_eq!(device.disconnects.load(Ordering::SeqCst), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
