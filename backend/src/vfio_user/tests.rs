@@ -1786,17 +1786,70 @@ mod fuzz {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Against a real QEMU (skipped when none is installed)
+// Against a real QEMU (the lab from `qemu-configs/install.sh`; no QEMU is a failure, not a skip)
 
-/// QEMU from `QEMU_BIN` or the project's lab (`qemu-configs/install.sh`), if present.
-fn lab_qemu() -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("QEMU_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../.cache/qemu-lab/bin/qemu-system-x86_64")
-        });
-    path.exists().then_some(path)
+/// The lab's `qemu-system-x86_64`: runs the project's installer (idempotent, locked, quick when
+/// the lab is cached) once per test binary and reads `QEMU_BIN` from the `env.sh` it writes
+/// (under `$GPU_BACKEND_CACHE/qemu-lab`, default `<workspace>/.cache/qemu-lab`). Panics with
+/// the reason when that fails: a test that needs QEMU fails without it, it never skips.
+fn lab_qemu() -> std::path::PathBuf {
+    static QEMU: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
+        std::sync::OnceLock::new();
+    QEMU.get_or_init(install_lab_qemu)
+        .clone()
+        .unwrap_or_else(|e| panic!("this test needs QEMU and could not get it: {e}"))
+}
+
+fn install_lab_qemu() -> Result<std::path::PathBuf, String> {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("qemu-configs").join("install.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run bash {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} exited with {}:\n{}{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // The cache root as the script computes it (an empty variable means the default).
+    let cache = std::env::var_os("GPU_BACKEND_CACHE")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| root.join(".cache"), PathBuf::from);
+    let env_sh = cache.join("qemu-lab").join("env.sh");
+    // env.sh uses shell quoting: let bash evaluate it.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#". "$1" && printf '%s' "$QEMU_BIN""#)
+        .arg("bash")
+        .arg(&env_sh)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run bash to read {}: {e}", env_sh.display()))?;
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).into_owned());
+    if !out.status.success() || bin.as_os_str().is_empty() {
+        return Err(format!(
+            "{} did not yield QEMU_BIN ({}): {}",
+            env_sh.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    if !bin.is_file() {
+        return Err(format!(
+            "QEMU_BIN from {} is not a file: {}",
+            env_sh.display(),
+            bin.display()
+        ));
+    }
+    Ok(bin)
 }
 
 /// QEMU under the qtest accelerator: a `vfio-user-pci` client whose guest memory, port I/O and
@@ -1889,10 +1942,7 @@ impl Drop for Qtest {
 
 #[test]
 fn real_qemu_trapped_and_mmapped_bars_and_socket_dma() {
-    let Some(qemu) = lab_qemu() else {
-        eprintln!("skipped: no QEMU (set QEMU_BIN or run qemu-configs/install.sh)");
-        return;
-    };
+    let qemu = lab_qemu();
     let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vfio-user-qemu").unwrap();
     let path = dir.as_path().join("dev.sock");
     let device = FakeDevice::new();
