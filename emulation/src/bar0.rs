@@ -30,6 +30,10 @@
 //!   applies to its TLB (`crate::mmu::tlb`) before the write returns. Block registers
 //!   report binds as complete (PENDING/OUTSTANDING read 0; `BIND_STATUS` reads 0 and
 //!   ignores writes); their translation effects live in `crate::mmu`.
+//! - GSP falcon (`crate::gsp::falcon`): `IRQSTAT` (0x110008) shows SWGEN0 raised by the
+//!   emulated GSP, `IRQSCLR` (0x110004) clears it, and a write to `NV_PGSP_QUEUE_HEAD(0)`
+//!   (0x110C00) rings the doorbell that wakes the GSP thread (the only register whose
+//!   write takes a lock: the doorbell's condition-variable mutex).
 //! - Every other offset is unimplemented: reads return the unimplemented value
 //!   ([`UNIMPLEMENTED_REGISTER_VALUE`] unless changed) and writes are dropped; both are
 //!   counted, and the first [`UNIMPLEMENTED_OFFSETS_RECORDED`] distinct dword offsets are
@@ -39,10 +43,12 @@
 //! triggered TLB invalidate takes the TLB's lock, outside this module.)
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use thiserror::Error;
 
 use crate::chip::{BarBlockRegisterKind, Generation, WindowRegisterKind};
+use crate::gsp::falcon::{FalconReg, GspFalcon};
 use crate::mmu::BarBinding;
 use crate::regs::{
     self, BarBlock, BarBlockHigh, BarBlockLow, Boot0, Boot42, MmuInvalidate, MmuInvalidatePdb,
@@ -335,6 +341,7 @@ enum Reg {
     Bar1BlockHigh,
     Bar2BlockLow,
     Bar2BlockHigh,
+    Gsp(FalconReg),
     Unimplemented,
 }
 
@@ -350,6 +357,7 @@ pub(crate) struct Bar0Registers {
     regs: RegisterFile,
     unimplemented: UnimplementedTracker,
     unimplemented_value: AtomicU32,
+    gsp_falcon: Arc<GspFalcon>,
 }
 
 impl Bar0Registers {
@@ -369,13 +377,20 @@ impl Bar0Registers {
             regs: RegisterFile::new(),
             unimplemented: UnimplementedTracker::new(),
             unimplemented_value: AtomicU32::new(UNIMPLEMENTED_REGISTER_VALUE),
+            gsp_falcon: Arc::default(),
         }
+    }
+
+    /// The GSP falcon registers (shared with the emulated GSP).
+    pub(crate) fn gsp_falcon(&self) -> &Arc<GspFalcon> {
+        &self.gsp_falcon
     }
 
     /// Registers back to power-on values. Unimplemented-access stats and the
     /// unimplemented read value are kept.
     pub(crate) fn reset(&self) {
         self.regs.reset();
+        self.gsp_falcon.reset();
     }
 
     pub(crate) fn unimplemented_stats(&self) -> UnimplementedStats {
@@ -501,14 +516,14 @@ impl Bar0Registers {
                     regs::BAR1_BLOCK => Reg::Bar1Block,
                     regs::BAR2_BLOCK => Reg::Bar2Block,
                     regs::BIND_STATUS => Reg::BindStatus,
-                    _ => Reg::Unimplemented,
+                    _ => decode_gsp(o),
                 },
                 BarBlockRegisterKind::LowHigh0xB80F60 => match o {
                     regs::BAR1_BLOCK_LOW_ADDR => Reg::Bar1BlockLow,
                     regs::BAR1_BLOCK_HIGH_ADDR => Reg::Bar1BlockHigh,
                     regs::BAR2_BLOCK_LOW_ADDR => Reg::Bar2BlockLow,
                     regs::BAR2_BLOCK_HIGH_ADDR => Reg::Bar2BlockHigh,
-                    _ => Reg::Unimplemented,
+                    _ => decode_gsp(o),
                 },
             },
         }
@@ -533,9 +548,12 @@ impl Bar0Registers {
             Reg::Bar2BlockLow => (&r.bar2_block_low, BLOCK_LOW_STICKY),
             Reg::Bar1BlockHigh => (&r.bar1_block_high, BarBlockHigh::DEFINED_MASK),
             Reg::Bar2BlockHigh => (&r.bar2_block_high, BarBlockHigh::DEFINED_MASK),
-            Reg::Boot0 | Reg::Boot1 | Reg::Boot42 | Reg::BindStatus | Reg::Unimplemented => {
-                return None
-            }
+            Reg::Boot0
+            | Reg::Boot1
+            | Reg::Boot42
+            | Reg::BindStatus
+            | Reg::Gsp(_)
+            | Reg::Unimplemented => return None,
         })
     }
 
@@ -545,6 +563,7 @@ impl Bar0Registers {
             Reg::Boot0 => self.boot0.raw(),
             Reg::Boot1 | Reg::BindStatus => 0,
             Reg::Boot42 => self.boot42.raw(),
+            Reg::Gsp(r) => self.gsp_falcon.read(r),
             Reg::Unimplemented => {
                 self.unimplemented.record(off, false);
                 self.unimplemented_value.load(Ordering::Relaxed)
@@ -562,6 +581,10 @@ impl Bar0Registers {
         let reg = self.decode(off);
         if reg == Reg::Unimplemented {
             self.unimplemented.record(off, true);
+            return None;
+        }
+        if let Reg::Gsp(r) = reg {
+            self.gsp_falcon.write(r, byte_mask, value);
             return None;
         }
         // Read-only register: nothing to do.
@@ -678,6 +701,11 @@ fn check_access(offset: u64, width: AccessWidth) -> Result<(), Bar0Error> {
         return Err(Bar0Error::Misaligned { offset, width: w });
     }
     Ok(())
+}
+
+/// The GSP falcon register at dword offset `o`, or unimplemented.
+fn decode_gsp(o: u64) -> Reg {
+    FalconReg::decode(o).map_or(Reg::Unimplemented, Reg::Gsp)
 }
 
 /// The aperture offset of a BAR0 offset inside PRAMIN.

@@ -3,7 +3,10 @@
 
 use thiserror::Error;
 
+use std::sync::Arc;
+
 use crate::bar0::{AccessWidth, Bar0Error, Bar0Registers, RegisterSnapshot, UnimplementedStats};
+use crate::gsp::{DmaSpace, EmulatedGsp};
 use crate::mmu::bar1::{Bar1, Bar1Buf};
 use crate::mmu::{
     self, Bar1Error, Bar1Fault, Bar1Stats, BarBinding, InvalidateScope, Mmu, TlbStats, Translation,
@@ -56,6 +59,8 @@ pub struct EmulatedGpu {
     instance_memory: Option<Vram>,
     bar0: Bar0Registers,
     mmu: Mmu,
+    dma: Arc<DmaSpace>,
+    gsp: EmulatedGsp,
 }
 
 impl EmulatedGpu {
@@ -76,12 +81,16 @@ impl EmulatedGpu {
             None => None,
         };
         let bar0 = Bar0Registers::new(profile.generation(), profile.boot0(), profile.boot42());
+        let dma = Arc::new(DmaSpace::default());
+        let gsp = EmulatedGsp::new(profile, Arc::clone(bar0.gsp_falcon()), Arc::clone(&dma));
         Ok(EmulatedGpu {
             profile,
             vram,
             instance_memory,
             bar0,
             mmu: Mmu::default(),
+            dma,
+            gsp,
         })
     }
 
@@ -137,13 +146,24 @@ impl EmulatedGpu {
         Ok(())
     }
 
-    /// Puts the registers back to their power-on values (BAR1 back in physical mode) and
-    /// empties the TLB. VRAM and instance-memory contents are kept, as are the
+    /// Halts the GSP, puts the registers back to their power-on values (BAR1 back in
+    /// physical mode) and empties the TLB. VRAM and instance-memory contents are kept, as are the
     /// unimplemented-access statistics, the unimplemented read value and the TLB and BAR1
     /// counters.
     pub fn reset(&self) {
+        self.gsp.halt();
         self.bar0.reset();
         self.mmu.tlb.clear();
+    }
+
+    /// The emulated IOMMU: host buffers the GPU can reach by DMA ([`crate::gsp::dma`]).
+    pub fn dma(&self) -> &DmaSpace {
+        &self.dma
+    }
+
+    /// The emulated GSP ([`crate::gsp`]). A reset halts it.
+    pub fn gsp(&self) -> &EmulatedGsp {
+        &self.gsp
     }
 
     /// The VRAM BAR that BAR1 accesses address: the one starting at VRAM address 0.
@@ -520,15 +540,16 @@ mod tests {
             u64::from(UNIMPLEMENTED_REGISTER_VALUE)
         );
         assert_eq!(g.bar0_read(0x100CE2, Word).unwrap(), 0xBADF);
-        g.bar0_write(0x110C00, Dword, 0).unwrap();
-        g.bar0_write(0x110004, Byte, 0x40).unwrap();
+        // SEC2 falcon registers (the GSP's are modelled, see crate::gsp::falcon).
+        g.bar0_write(0x840040, Dword, 1).unwrap();
+        g.bar0_write(0x840004, Byte, 0x40).unwrap();
         let s = g.unimplemented_accesses();
         assert_eq!((s.reads, s.writes), (2, 2));
-        assert_eq!(s.offsets, [0x100CE0, 0x110C00, 0x110004]);
+        assert_eq!(s.offsets, [0x100CE0, 0x840040, 0x840004]);
         assert!(!s.offsets_truncated);
         // Writes to unimplemented registers are dropped.
         assert_eq!(
-            g.bar0_read(0x110C00, Dword).unwrap(),
+            g.bar0_read(0x840040, Dword).unwrap(),
             u64::from(UNIMPLEMENTED_REGISTER_VALUE)
         );
         g.set_unimplemented_read_value(0);

@@ -8,7 +8,10 @@
 //!   and its 1 MiB aperture into VRAM, TLB invalidate and BAR block registers, with every
 //!   access to an unmodelled register counted ([`bar0`], [`EmulatedGpu`]);
 //! - the GPU MMU: page-table walker (formats v2 and v3), a TLB honouring the invalidate
-//!   registers, and BAR1 in physical and virtual mode ([`mmu`]).
+//!   registers, and BAR1 in physical and virtual mode ([`mmu`]);
+//! - the GSP: its end of the command/message queues in host memory reached through an
+//!   emulated IOMMU, the doorbell and SWGEN0 interrupt, and a small GSP-RM answering the
+//!   boot handshake and object requests ([`gsp`]).
 //!
 //! Register bit layouts are typed ([`regs`]); chip vocabulary is in [`chip`].
 //! Hardware facts come from the project fact sheet; values not found there are marked as
@@ -21,6 +24,7 @@
 pub mod bar0;
 pub mod chip;
 pub mod gpu;
+pub mod gsp;
 pub mod mmu;
 pub mod profile;
 pub mod regs;

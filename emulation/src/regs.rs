@@ -49,8 +49,8 @@ pub const BAR1_BLOCK_HIGH_ADDR: u64 = 0xB8_0F64;
 pub const BAR2_BLOCK_LOW_ADDR: u64 = 0xB8_0F70;
 /// `NV_VIRTUAL_FUNCTION_PRIV_FUNC_BAR2_BLOCK_HIGH_ADDR` (Hopper–Blackwell).
 pub const BAR2_BLOCK_HIGH_ADDR: u64 = 0xB8_0F74;
-/// `NV_PGSP_QUEUE_HEAD(0)`: the CPU→GSP doorbell (GSP falcon base 0x110000 + 0xC00).
-/// Only the offset is defined here; the GSP model is not part of this crate yet.
+/// `NV_PGSP_QUEUE_HEAD(0)`: the CPU→GSP doorbell (GSP falcon base 0x110000 + 0xC00); see
+/// `crate::gsp::falcon`.
 pub const GSP_QUEUE_HEAD0: u64 = 0x11_0C00;
 
 /// Errors of the typed-register helpers.

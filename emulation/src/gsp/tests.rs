@@ -1,0 +1,422 @@
+//! Tests of the emulated GSP through a minimal host written here (the real host driver
+//! lives in `gpu-backend` and has its own tests against this GSP).
+
+use std::time::{Duration, Instant};
+
+use super::falcon::{GSP_IRQSCLR, GSP_IRQSTAT, GSP_QUEUE_HEAD0};
+use super::objects::{INTERNAL_CLIENT, INTERNAL_DEVICE};
+use super::queues::{ENTRY_OFFSET, QUEUE_SIZE, RX_HEADER_OFFSET, SLOT_COUNT};
+use super::rm::{class, control, event, function, status};
+use super::wire::{self, WireMessage, SLOT_SIZE};
+use super::*;
+use crate::bar0::AccessWidth::Dword;
+use crate::gpu::EmulatedGpu;
+use crate::profile::ChipProfile;
+
+const CMDQ: u64 = 0x1000;
+const MSGQ: u64 = 0x41000;
+const BLOCK: u64 = 0x81000;
+
+/// A bare-bones host: owns the shared block and drives the queues by offsets.
+struct TestHost {
+    gpu: EmulatedGpu,
+    mem: SharedMemory,
+    dma: u64,
+    tx: u32,
+    rx: u32,
+    seq: u32,
+}
+
+impl TestHost {
+    fn new(profile: &str) -> TestHost {
+        let gpu = EmulatedGpu::new(ChipProfile::by_name(profile).unwrap()).unwrap();
+        let mem = SharedMemory::create(c"test-gsp-shm", BLOCK).unwrap();
+        let dma = gpu.dma().map(mem.as_fd(), BLOCK).unwrap();
+        for page in 0..BLOCK / 0x1000 {
+            mem.write(page * 8, &(dma + page * 0x1000).to_le_bytes())
+                .unwrap();
+        }
+        let header = [0, QUEUE_SIZE as u32, 0x1000, SLOT_COUNT, 0, 1, 0x20, 0x1000];
+        for (i, v) in header.into_iter().enumerate() {
+            mem.store_u32(CMDQ + 4 * i as u64, v).unwrap();
+        }
+        TestHost {
+            gpu,
+            mem,
+            dma,
+            tx: 0,
+            rx: 0,
+            seq: 0,
+        }
+    }
+
+    fn args(&self) -> MessageQueueInitArgs {
+        MessageQueueInitArgs {
+            shared_mem_phys_addr: self.dma,
+            page_table_entry_count: (BLOCK / 0x1000) as u32,
+            cmd_queue_offset: CMDQ,
+            stat_queue_offset: MSGQ,
+        }
+    }
+
+    fn start(&self) {
+        self.gpu.gsp().start(&self.args()).unwrap();
+    }
+
+    fn send_raw(&mut self, mut bytes: Vec<u8>, ring: bool) {
+        let slots = (bytes.len() / SLOT_SIZE) as u32;
+        bytes.truncate(slots as usize * SLOT_SIZE);
+        for i in 0..slots {
+            let slot = (self.tx + i) % SLOT_COUNT;
+            let off = CMDQ + ENTRY_OFFSET + u64::from(slot) * SLOT_SIZE as u64;
+            self.mem
+                .write(off, &bytes[i as usize * SLOT_SIZE..][..SLOT_SIZE])
+                .unwrap();
+        }
+        self.tx = (self.tx + slots) % SLOT_COUNT;
+        self.mem.store_u32(CMDQ + 0x10, self.tx).unwrap();
+        if ring {
+            self.gpu.bar0_write(GSP_QUEUE_HEAD0, Dword, 0).unwrap();
+        }
+    }
+
+    fn send(&mut self, function: u32, sequence: u32, payload: Vec<u8>) {
+        let msg = WireMessage {
+            function,
+            result: u32::MAX,
+            result_private: u32::MAX,
+            sequence,
+            payload,
+        };
+        let b = wire::encode(&msg, self.seq).unwrap();
+        self.seq += 1;
+        self.send_raw(b, true);
+    }
+
+    /// Next message (or decode error), waiting up to 2 s; `None` on timeout.
+    fn recv_within(&mut self, timeout: Duration) -> Option<Result<WireMessage, wire::WireError>> {
+        let start = Instant::now();
+        loop {
+            let w = self.mem.load_u32(MSGQ + 0x10).unwrap();
+            if w != self.rx {
+                let avail = (w + SLOT_COUNT - self.rx) % SLOT_COUNT;
+                let mut buf = vec![0u8; avail as usize * SLOT_SIZE];
+                for i in 0..avail {
+                    let slot = (self.rx + i) % SLOT_COUNT;
+                    let off = MSGQ + ENTRY_OFFSET + u64::from(slot) * SLOT_SIZE as u64;
+                    self.mem
+                        .read(off, &mut buf[i as usize * SLOT_SIZE..][..SLOT_SIZE])
+                        .unwrap();
+                }
+                let slots = match wire::claimed_slots(&buf) {
+                    Ok(n) if n <= avail => n,
+                    _ => avail,
+                };
+                self.rx = (self.rx + slots) % SLOT_COUNT;
+                self.mem
+                    .store_u32(CMDQ + RX_HEADER_OFFSET, self.rx)
+                    .unwrap();
+                return Some(wire::decode(&buf[..slots as usize * SLOT_SIZE]).map(|(_, m)| m));
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    fn recv(&mut self) -> WireMessage {
+        self.recv_within(Duration::from_secs(5))
+            .expect("a message within 5 s")
+            .expect("an intact message")
+    }
+
+    fn system_info(&self) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        let pci = self.gpu.profile().pci();
+        b[0x2C..0x2E].copy_from_slice(&pci.vendor_id.to_le_bytes());
+        b[0x2E..0x30].copy_from_slice(&pci.device_id.to_le_bytes());
+        b[0x38..0x3C].copy_from_slice(&4096u32.to_le_bytes());
+        b
+    }
+
+    fn registry() -> Vec<u8> {
+        let mut b = vec![0u8; 8 + 16];
+        b[4..8].copy_from_slice(&1u32.to_le_bytes());
+        b[8..12].copy_from_slice(&24u32.to_le_bytes());
+        b[12] = 1;
+        b[16..20].copy_from_slice(&1u32.to_le_bytes());
+        b[20..24].copy_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(b"RMSecBusResetEnable\0");
+        let n = b.len() as u32;
+        b[0..4].copy_from_slice(&n.to_le_bytes());
+        b
+    }
+
+    /// Queues the two boot commands, starts the GSP, and waits for INIT_DONE.
+    fn boot(&mut self) {
+        let info = self.system_info();
+        self.send(function::GSP_SET_SYSTEM_INFO, 0, info);
+        self.send(function::SET_REGISTRY, 0, Self::registry());
+        self.start();
+        assert_eq!(self.recv().function, event::UCODE_LIBOS_PRINT);
+        assert_eq!(self.recv().function, event::GSP_INIT_DONE);
+    }
+}
+
+fn alloc_payload(object: u32, class: u32, params: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for v in [
+        INTERNAL_CLIENT,
+        INTERNAL_DEVICE,
+        object,
+        class,
+        params.len() as u32,
+        0,
+    ] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.extend_from_slice(params);
+    b
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+}
+
+#[test]
+fn boots_on_every_profile_and_reports_fb_regions() {
+    for p in ChipProfile::all() {
+        let mut h = TestHost::new(p.name());
+        h.boot();
+        // SWGEN0 is raised; IRQSCLR acks it.
+        assert_eq!(h.gpu.bar0_read(GSP_IRQSTAT, Dword).unwrap() & 0x40, 0x40);
+        h.gpu.bar0_write(GSP_IRQSCLR, Dword, 0x40).unwrap();
+        assert_eq!(h.gpu.bar0_read(GSP_IRQSTAT, Dword).unwrap(), 0);
+        h.send(function::GET_GSP_STATIC_INFO, 7, Vec::new());
+        let r = h.recv();
+        assert_eq!((r.function, r.result, r.sequence), (65, 0, 7));
+        let count = u32::from_le_bytes(r.payload[0..4].try_into().unwrap()) as usize;
+        assert_eq!(u64_at(&r.payload, 8), p.vram_size());
+        assert_eq!(u64_at(&r.payload, 32), 0);
+        assert_eq!(u64_at(&r.payload, 40) + 1, p.usable_vram_size(), "{p}");
+        assert_eq!(count, if p.reserved_vram_size() > 0 { 3 } else { 2 });
+        let state = h.gpu.gsp().state().unwrap();
+        assert!(state.init_done);
+        assert_eq!(state.registry[0].name, "RMSecBusResetEnable");
+        assert_eq!(state.system_info.unwrap().device_id, p.pci().device_id);
+    }
+}
+
+#[test]
+fn commands_before_init_are_not_ready_and_unknown_ones_unsupported() {
+    let mut h = TestHost::new("tu102-24g");
+    h.start();
+    h.send(function::NOP, 1, vec![1, 2, 3]);
+    let r = h.recv();
+    assert_eq!(
+        (r.function, r.result, r.sequence),
+        (0, status::NOT_READY, 1)
+    );
+    h.send(function::GSP_SET_SYSTEM_INFO, 0, h.system_info());
+    h.send(function::SET_REGISTRY, 0, TestHost::registry());
+    assert_eq!(h.recv().function, event::UCODE_LIBOS_PRINT);
+    assert_eq!(h.recv().function, event::GSP_INIT_DONE);
+    h.send(function::NOP, 2, vec![1, 2, 3]);
+    let r = h.recv();
+    assert_eq!((r.result, r.sequence, r.payload), (0, 2, vec![1, 2, 3]));
+    h.send(200, 3, Vec::new());
+    assert_eq!(h.recv().result, status::NOT_SUPPORTED);
+}
+
+#[test]
+fn a_wrong_device_id_fails_the_boot() {
+    let mut h = TestHost::new("gh100-80g");
+    let mut info = h.system_info();
+    info[0x2E] ^= 1;
+    h.send(function::GSP_SET_SYSTEM_INFO, 0, info);
+    h.send(function::SET_REGISTRY, 0, TestHost::registry());
+    h.start();
+    assert!(h.recv_within(Duration::from_millis(50)).is_none());
+    let state = h.gpu.gsp().state().unwrap();
+    assert!(!state.init_done);
+    assert!(state.boot_error.unwrap().contains("PCI"));
+}
+
+#[test]
+fn start_rejects_a_bad_command_queue_header_and_bad_addresses() {
+    let h = TestHost::new("tu102-24g");
+    h.mem.store_u32(CMDQ + 0x0C, 64).unwrap();
+    let err = h.gpu.gsp().start(&h.args()).unwrap_err();
+    assert!(err.to_string().contains("msgCount"), "{err}");
+    let mut args = h.args();
+    args.shared_mem_phys_addr = 0x1234_5000;
+    assert!(h.gpu.gsp().start(&args).is_err());
+    assert!(!h.gpu.gsp().is_running());
+}
+
+#[test]
+fn objects_are_allocated_bound_and_freed_with_handle_errors() {
+    let mut h = TestHost::new("gh200-96g");
+    h.boot();
+    let mut mem_params = vec![0u8; 32];
+    mem_params[0..8].copy_from_slice(&(3u64 << 20).to_le_bytes());
+    mem_params[8..16].copy_from_slice(&(2u64 << 20).to_le_bytes());
+    h.send(
+        function::GSP_RM_ALLOC,
+        10,
+        alloc_payload(0x100, class::NV01_MEMORY_LOCAL_USER, &mem_params),
+    );
+    let r = h.recv();
+    assert_eq!((r.result, r.sequence), (0, 10));
+    assert_eq!(u64_at(&r.payload, 24), 3 << 20);
+    assert_eq!(u64_at(&r.payload, 24 + 16) % (2 << 20), 0);
+    // Same handle again: duplicate.
+    h.send(
+        function::GSP_RM_ALLOC,
+        11,
+        alloc_payload(0x100, class::NV01_MEMORY_LOCAL_USER, &mem_params),
+    );
+    assert_eq!(h.recv().result, status::INSERT_DUPLICATE_NAME);
+    // Address space, then bind.
+    let mut vas = vec![0u8; 32];
+    vas[8..16].copy_from_slice(&(1u64 << 47).to_le_bytes());
+    vas[16..20].copy_from_slice(&0x1_0000u32.to_le_bytes());
+    h.send(
+        function::GSP_RM_ALLOC,
+        12,
+        alloc_payload(0x200, class::FERMI_VASPACE_A, &vas),
+    );
+    assert_eq!(h.recv().result, status::OK);
+    let mut ctl = Vec::new();
+    for v in [
+        INTERNAL_CLIENT,
+        0x200,
+        control::VASPACE_BIND_PAGE_DIRECTORY,
+        16,
+    ] {
+        ctl.extend_from_slice(&v.to_le_bytes());
+    }
+    ctl.extend_from_slice(&0x20_0000u64.to_le_bytes());
+    ctl.extend_from_slice(&[0; 8]);
+    h.send(function::GSP_RM_CONTROL, 13, ctl.clone());
+    assert_eq!(h.recv().result, status::OK);
+    ctl[4..8].copy_from_slice(&0x300u32.to_le_bytes());
+    h.send(function::GSP_RM_CONTROL, 14, ctl);
+    assert_eq!(h.recv().result, status::OBJECT_NOT_FOUND);
+    // Free: good, then the same again.
+    let free = |o: u32| {
+        let mut b = Vec::new();
+        for v in [INTERNAL_CLIENT, INTERNAL_DEVICE, o, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    };
+    h.send(function::FREE, 15, free(0x100));
+    assert_eq!(h.recv().result, status::OK);
+    h.send(function::FREE, 16, free(0x100));
+    assert_eq!(h.recv().result, status::OBJECT_NOT_FOUND);
+    let state = h.gpu.gsp().state().unwrap();
+    assert_eq!(state.free_vram, 95 << 30);
+    assert_eq!(state.objects.len(), 4);
+}
+
+#[test]
+fn faults_drop_corrupt_stall_and_unknown_events() {
+    let mut h = TestHost::new("gb202-32g");
+    h.boot();
+    let gsp = h.gpu.gsp();
+    gsp.faults().drop_next_replies(1);
+    h.send(function::NOP, 1, Vec::new());
+    h.send(function::NOP, 2, Vec::new());
+    assert_eq!(h.recv().sequence, 2);
+    assert_eq!(h.gpu.gsp().stats().replies_dropped, 1);
+
+    h.gpu
+        .gsp()
+        .faults()
+        .corrupt_next_message(Corruption::Checksum);
+    h.send(function::NOP, 3, Vec::new());
+    assert!(matches!(
+        h.recv_within(Duration::from_secs(5)),
+        Some(Err(wire::WireError::Checksum(_)))
+    ));
+    h.send(function::NOP, 4, Vec::new());
+    assert_eq!(h.recv().sequence, 4);
+
+    h.gpu.gsp().faults().send_unknown_event(0x10FF);
+    h.gpu.bar0_write(GSP_QUEUE_HEAD0, Dword, 0).unwrap();
+    assert_eq!(h.recv().function, 0x10FF);
+
+    h.gpu.gsp().faults().stall();
+    h.send(function::NOP, 5, Vec::new());
+    assert!(h.recv_within(Duration::from_millis(20)).is_none());
+    h.gpu.gsp().faults().resume();
+    assert_eq!(h.recv().sequence, 5);
+
+    h.gpu.gsp().post_event(event::OS_ERROR_LOG, vec![9; 5000]);
+    let e = h.recv();
+    assert_eq!((e.function, e.payload.len()), (event::OS_ERROR_LOG, 5000));
+}
+
+#[test]
+fn corrupt_commands_are_skipped_and_counted() {
+    let mut h = TestHost::new("ga100-80g");
+    h.boot();
+    let msg = WireMessage::from_gsp(function::NOP, u32::MAX, 1, vec![0; 10_000]);
+    let mut b = wire::encode(&msg, 2).unwrap();
+    b[0x100] ^= 0xFF;
+    h.send_raw(b, true);
+    h.send(function::NOP, 2, Vec::new());
+    assert_eq!(h.recv().sequence, 2);
+    let stats = h.gpu.gsp().stats();
+    assert_eq!(stats.endpoint.corrupt_commands, 1);
+    assert!(stats.errors[0].contains("checksum"), "{:?}", stats.errors);
+    // elemCount 0: the GSP jumps to the write pointer, dropping whatever the host had
+    // published behind the bad element (NOP 3 may or may not be among it).
+    let mut b = wire::encode(&msg, 3).unwrap();
+    b[0x28..0x2C].fill(0);
+    h.send_raw(b, false);
+    h.send(function::NOP, 3, Vec::new());
+    let start = Instant::now();
+    while h.gpu.gsp().stats().endpoint.corrupt_commands < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.send(function::NOP, 4, Vec::new());
+    let mut r = h.recv();
+    if r.sequence == 3 {
+        r = h.recv();
+    }
+    assert_eq!(r.sequence, 4);
+    assert_eq!(h.gpu.gsp().stats().endpoint.corrupt_commands, 2);
+}
+
+#[test]
+fn many_messages_wrap_the_rings() {
+    let mut h = TestHost::new("tu102-24g");
+    h.boot();
+    for i in 0..200u32 {
+        let len = (i as usize * 977) % (3 * SLOT_SIZE);
+        let payload: Vec<u8> = (0..len).map(|j| (j as u32 ^ i) as u8).collect();
+        h.send(function::NOP, i, payload.clone());
+        let r = h.recv();
+        assert_eq!((r.sequence, r.payload), (i, payload));
+    }
+    assert_eq!(h.gpu.gsp().stats().endpoint.sequence_gaps, 0);
+}
+
+#[test]
+fn reset_and_drop_halt_the_gsp() {
+    let mut h = TestHost::new("tu102-24g");
+    h.boot();
+    assert!(h.gpu.gsp().is_running());
+    h.gpu.reset();
+    assert!(!h.gpu.gsp().is_running());
+    h.send(function::NOP, 1, Vec::new());
+    assert!(h.recv_within(Duration::from_millis(20)).is_none());
+    // Restart on the same block after the host re-initialises its pointers.
+    let mut h2 = TestHost::new("tu102-24g");
+    h2.boot();
+    drop(h2);
+}
