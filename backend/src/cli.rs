@@ -10,9 +10,10 @@ use gpu_emulation::{ChipProfile, ProfileError};
 use thiserror::Error;
 
 use crate::host_gpu::emulated::{EmulatedHostGpu, EmulatedHostGpuError};
-use crate::inspect;
+use crate::inspect::{self, GuestLayout, PartitionLayout, SlicedLayout};
 use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
-use crate::serve::{serve, ServeError, ServeOptions};
+use crate::serve::{present_guests, serve, serve_functions, ServeError, ServeOptions};
+use crate::slice::{parse_slice_size, GuestSpec, SpecError};
 
 /// Errors of the command line.
 #[derive(Debug, Error)]
@@ -35,13 +36,18 @@ pub enum CliError {
     /// JSON encoding failed.
     #[error("encoding JSON failed: {0}")]
     Json(#[from] serde_json::Error),
+    /// The arguments contradict each other.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl CliError {
-    /// Process exit code: 2 for bad input (usage), 1 for everything else.
+    /// Process exit code: 2 for bad input (usage: unknown profile, guest sizes that do not
+    /// fit, duplicate sockets), 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::UnknownProfile(_) => 2,
+            CliError::UnknownProfile(_) | CliError::Usage(_) => 2,
+            CliError::Serve(e) if e.is_bad_request() => 2,
             _ => 1,
         }
     }
@@ -69,6 +75,9 @@ pub struct Cli {
 pub enum Command {
     /// Print what a guest would see: the chip identity and every BAR with its real size,
     /// presented (power-of-two) size, padding, mappable areas and trapped ranges.
+    ///
+    /// With `--guest` or `--slice-size` the GPU is sliced as `serve --guest` would slice it,
+    /// and every guest's function is shown with its slice of host VRAM.
     Inspect {
         /// Emulated GPU profile.
         #[arg(long, default_value = "gh200-96g", value_parser = parse_profile)]
@@ -76,19 +85,39 @@ pub enum Command {
         /// Print JSON (stable field names, sizes in bytes) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Slice the GPU: one guest of SIZE per flag, in order (the socket is a label here).
+        #[arg(long = "guest", value_name = "SOCKET:SIZE", value_parser = parse_guest)]
+        guests: Vec<GuestSpec>,
+        /// Slice the GPU: one unnamed guest of SIZE per flag, in order.
+        #[arg(long = "slice-size", value_name = "SIZE", value_parser = parse_guest_size, conflicts_with = "guests")]
+        slice_sizes: Vec<u64>,
     },
-    /// Serve the GPU over vfio-user on a unix socket until SIGTERM or SIGINT.
+    /// Serve the GPU over vfio-user until SIGTERM or SIGINT: whole to one guest on
+    /// `--socket`, or sliced between guests, one `--guest SOCKET:SIZE` each.
     Serve {
         /// Emulated GPU profile.
         #[arg(long, default_value = "gh200-96g", value_parser = parse_profile)]
         profile: &'static ChipProfile,
-        /// Socket path for QEMU's `vfio-user-pci` (a stale socket file is replaced).
-        #[arg(long)]
-        socket: PathBuf,
-        /// File mode of the socket, in octal.
+        /// Socket path for QEMU's `vfio-user-pci`: one guest owns the whole GPU (a stale
+        /// socket file is replaced).
+        #[arg(long, required_unless_present = "guests", conflicts_with = "guests")]
+        socket: Option<PathBuf>,
+        /// A guest with SIZE of VRAM (e.g. 8G, 512M; a multiple of 2 MiB) served on SOCKET.
+        /// Repeat for more guests: they get consecutive slices of VRAM, scrubbed first.
+        #[arg(long = "guest", value_name = "SOCKET:SIZE", value_parser = parse_guest)]
+        guests: Vec<GuestSpec>,
+        /// File mode of the socket(s), in octal.
         #[arg(long, default_value = "600", value_parser = parse_mode)]
         socket_mode: u32,
     },
+}
+
+fn parse_guest(text: &str) -> Result<GuestSpec, SpecError> {
+    text.parse()
+}
+
+fn parse_guest_size(text: &str) -> Result<u64, SpecError> {
+    parse_slice_size(text)
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -120,32 +149,80 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Inspect { profile, json } => {
+        Command::Inspect {
+            profile,
+            json,
+            guests,
+            slice_sizes,
+        } => {
             let host = Arc::new(EmulatedHostGpu::new(profile)?);
-            let function = PresentedFunction::new(host)?;
-            let layout = FunctionLayout::of(&function);
             let mut out = std::io::stdout().lock();
+            let mut guests = guests;
+            guests.extend(slice_sizes.into_iter().map(GuestSpec::unnamed));
+            if guests.is_empty() {
+                let function = PresentedFunction::new(host)?;
+                let layout = FunctionLayout::of(&function);
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &layout)?;
+                    writeln!(out)?;
+                } else {
+                    inspect::write_table(&mut out, &layout)?;
+                }
+                return Ok(());
+            }
+            let (gpu, functions) = present_guests(host, &guests)?;
+            let layout = SlicedLayout {
+                partition: PartitionLayout::of(&gpu),
+                guests: guests
+                    .iter()
+                    .zip(&functions)
+                    .map(|(spec, function)| GuestLayout {
+                        socket: spec.socket.as_ref().map(|s| s.display().to_string()),
+                        function: FunctionLayout::of(function),
+                    })
+                    .collect(),
+            };
             if json {
                 serde_json::to_writer_pretty(&mut out, &layout)?;
                 writeln!(out)?;
             } else {
-                inspect::write_table(&mut out, &layout)?;
+                inspect::write_sliced_table(&mut out, &layout)?;
             }
             Ok(())
         }
         Command::Serve {
             profile,
             socket,
+            guests,
             socket_mode,
         } => {
             let host = Arc::new(EmulatedHostGpu::new(profile)?);
-            serve(
-                host,
-                &ServeOptions {
-                    socket,
-                    socket_mode,
-                },
-            )?;
+            if guests.is_empty() {
+                let socket = socket.ok_or_else(|| {
+                    CliError::Usage("serve needs --socket or at least one --guest".to_owned())
+                })?;
+                serve(
+                    host,
+                    &ServeOptions {
+                        socket,
+                        socket_mode,
+                    },
+                )?;
+                return Ok(());
+            }
+            let (_gpu, functions) = present_guests(host, &guests)?;
+            let served = guests
+                .iter()
+                .zip(functions)
+                .enumerate()
+                .map(|(i, (spec, function))| {
+                    spec.socket
+                        .clone()
+                        .map(|socket| (socket, function))
+                        .ok_or(ServeError::NoSocket(i))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            serve_functions(served, socket_mode)?;
             Ok(())
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! Layers, bottom up (see `docs/architecture.md`):
 //! - [`host_gpu`]: the one boundary to the GPU being driven (the emulated GPU by default).
-//! - [`presentation`]: what a guest sees: power-of-two BARs and PCI config space.
+//! - [`slice`]: guests' ranges of host VRAM, the shared host PRAMIN window, BAR1 windows.
+//! - [`presentation`]: what a guest sees: power-of-two BARs, the trapped BAR0, PCI config
+//!   space.
 //! - [`vfio_user`]: the vfio-user server QEMU's `vfio-user-pci` connects to.
 //! - [`cli`]: the command line behind the `gpu-backend` binary.
 
@@ -13,4 +15,5 @@ pub mod host_gpu;
 pub mod inspect;
 pub mod presentation;
 pub mod serve;
+pub mod slice;
 pub mod vfio_user;

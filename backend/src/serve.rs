@@ -1,4 +1,6 @@
-//! `gpu-backend serve`: present the GPU over vfio-user until SIGTERM or SIGINT.
+//! `gpu-backend serve`: present the GPU over vfio-user until SIGTERM or SIGINT, whole to
+//! one guest ([`serve`]) or sliced between several guests, each on its own socket and
+//! thread ([`present_guests`] + [`serve_functions`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use thiserror::Error;
 use crate::gpu_device::GpuDevice;
 use crate::host_gpu::HostGpu;
 use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
+use crate::slice::{GuestSpec, SetupError, SlicedGpu};
 use crate::vfio_user::shutdown::ShutdownError;
 use crate::vfio_user::{Server, ServerError, ShutdownSignal};
 
@@ -20,6 +23,15 @@ pub enum ServeError {
     /// The GPU cannot be presented.
     #[error("cannot present the GPU: {0}")]
     Presentation(#[from] PresentationError),
+    /// The guests' VRAM cannot be set up (sizes, BAR1 tables).
+    #[error("cannot slice the GPU: {0}")]
+    Setup(#[from] SetupError),
+    /// Two guests name the same socket.
+    #[error("socket {0} is given to more than one guest")]
+    DuplicateSocket(PathBuf),
+    /// A guest has no socket to be served on.
+    #[error("guest {0} has no socket")]
+    NoSocket(usize),
     /// The socket could not be set up or the server failed.
     #[error(transparent)]
     Server(#[from] ServerError),
@@ -29,6 +41,20 @@ pub enum ServeError {
     /// Signal handlers could not be installed.
     #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// A server thread could not be started.
+    #[error("cannot start a server thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+impl ServeError {
+    /// Whether the error is the command line's fault (bad sizes, duplicate sockets).
+    pub fn is_bad_request(&self) -> bool {
+        match self {
+            ServeError::Setup(e) => e.is_bad_request(),
+            ServeError::DuplicateSocket(_) | ServeError::NoSocket(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What to serve and where.
@@ -40,12 +66,67 @@ pub struct ServeOptions {
     pub socket_mode: u32,
 }
 
-/// Serves `host` on `options.socket` until SIGTERM or SIGINT; the socket file is removed on
-/// the way out.
+/// Serves `host` whole to one guest on `options.socket` until SIGTERM or SIGINT; the socket
+/// file is removed on the way out.
 pub fn serve(host: Arc<dyn HostGpu>, options: &ServeOptions) -> Result<(), ServeError> {
     let function = PresentedFunction::new(host)?;
-    log_layout(&FunctionLayout::of(&function));
-    let device = Arc::new(GpuDevice::new(function));
+    serve_functions(
+        vec![(options.socket.clone(), function)],
+        options.socket_mode,
+    )
+}
+
+/// Slices `host` between `guests` in order (consecutive scrubbed slices, one BAR1 window
+/// each) and presents each guest's function. Sockets must be distinct.
+pub fn present_guests(
+    host: Arc<dyn HostGpu>,
+    guests: &[GuestSpec],
+) -> Result<(SlicedGpu, Vec<PresentedFunction>), ServeError> {
+    for (i, g) in guests.iter().enumerate() {
+        if let Some(socket) = &g.socket {
+            if guests[..i]
+                .iter()
+                .any(|o| o.socket.as_ref() == Some(socket))
+            {
+                return Err(ServeError::DuplicateSocket(socket.clone()));
+            }
+        }
+    }
+    let mut gpu = SlicedGpu::new(host)?;
+    let mut functions = Vec::with_capacity(guests.len());
+    for g in guests {
+        let guest = gpu.add_guest(g.size)?;
+        functions.push(PresentedFunction::for_guest(guest)?);
+    }
+    Ok((gpu, functions))
+}
+
+/// Serves each function on its socket, each server on its own thread, until SIGTERM or
+/// SIGINT (or until a server fails, which stops them all). Every socket is bound before
+/// any is served, so a bad path fails the whole command; socket files are removed on the
+/// way out.
+pub fn serve_functions(
+    functions: Vec<(PathBuf, PresentedFunction)>,
+    socket_mode: u32,
+) -> Result<(), ServeError> {
+    for (i, (socket, _)) in functions.iter().enumerate() {
+        if functions[..i].iter().any(|(other, _)| other == socket) {
+            return Err(ServeError::DuplicateSocket(socket.clone()));
+        }
+    }
+    let mut servers = Vec::with_capacity(functions.len());
+    for (socket, function) in functions {
+        log_layout(&FunctionLayout::of(&function));
+        let server = Server::bind(&socket, socket_mode)?;
+        log::info!(
+            "serving {} slice {} on {} (mode {:o})",
+            function.identity().name,
+            function.guest().slice(),
+            socket.display(),
+            socket_mode
+        );
+        servers.push((server, Arc::new(GpuDevice::new(function))));
+    }
 
     let shutdown = ShutdownSignal::new()?;
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
@@ -61,29 +142,55 @@ pub fn serve(host: Arc<dyn HostGpu>, options: &ServeOptions) -> Result<(), Serve
         })
         .map_err(ServeError::Signals)?;
 
-    let server = Server::bind(&options.socket, options.socket_mode)?;
-    log::info!(
-        "serving {} on {} (mode {:o})",
-        device.function().identity().name,
-        options.socket.display(),
-        options.socket_mode
-    );
-    let result = server.serve(device, shutdown.clone());
-    drop(server); // removes the socket file
+    let mut threads = Vec::with_capacity(servers.len());
+    let mut result = Ok(());
+    for (i, (server, device)) in servers.into_iter().enumerate() {
+        let stop = shutdown.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("vfio-user-{i}"))
+            .spawn(move || {
+                let result = server.serve(device, stop.clone());
+                drop(server); // removes the socket file
+                if result.is_err() {
+                    stop.trigger();
+                }
+                result
+            });
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                shutdown.trigger();
+                result = Err(ServeError::Thread(e));
+                break;
+            }
+        }
+    }
+    for handle in threads {
+        let served = handle.join().unwrap_or_else(|_| {
+            Err(ServerError::Listener(std::io::Error::other(
+                "server thread panicked",
+            )))
+        });
+        if let (true, Err(e)) = (result.is_ok(), served) {
+            result = Err(e.into());
+        }
+    }
     shutdown.trigger();
     signal_handle.close();
     let _ = signal_thread.join();
     log::info!("stopped");
-    Ok(result?)
+    result
 }
 
 fn log_layout(layout: &FunctionLayout) {
     log::info!(
-        "{} ({}): {:04x}:{:04x}",
+        "{} ({}): {:04x}:{:04x}, guest VRAM = host [{:#x}, {:#x})",
         layout.chip.name,
         layout.chip.description,
         layout.pci.vendor_id,
-        layout.pci.device_id
+        layout.pci.device_id,
+        layout.slice.start,
+        layout.slice.start + layout.slice.size
     );
     for bar in &layout.bars {
         log::info!(

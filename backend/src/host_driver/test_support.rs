@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::host_driver::addr::VramAddr;
 use crate::host_gpu::emulated::EmulatedHostGpu;
-use crate::host_gpu::{AccessWidth, ChipIdentity, HostGpu, HostGpuError, HostMemory};
+use crate::host_gpu::{AccessWidth, ChipIdentity, HostGpu, HostGpuError, HostMemory, MmapSource};
 
 /// The emulated GPU, except that reads of the dword at `offset` have `bits` forced on
 /// (e.g. a TRIGGER or PENDING bit that never clears).
@@ -48,5 +49,21 @@ impl HostGpu for StuckRegister {
 
     fn reset(&self) -> Result<(), HostGpuError> {
         self.inner.reset()
+    }
+
+    fn scrub_vram(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError> {
+        self.inner.scrub_vram(addr, len)
+    }
+
+    fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError> {
+        self.inner.bar1_read(offset, buf)
+    }
+
+    fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError> {
+        self.inner.bar1_write(offset, data)
+    }
+
+    fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource> {
+        self.inner.vram_mmap_source(addr, len)
     }
 }

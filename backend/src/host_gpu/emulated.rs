@@ -9,6 +9,7 @@ use thiserror::Error;
 use super::{
     AccessWidth, ChipIdentity, HostBar, HostBarRole, HostGpu, HostGpuError, HostMemory, MmapSource,
 };
+use crate::host_driver::addr::VramAddr as HostVramAddr;
 
 /// Errors of bringing up the emulated GPU.
 #[derive(Debug, Error)]
@@ -26,12 +27,26 @@ pub struct EmulatedHostGpu {
     gpu: Arc<EmulatedGpu>,
     identity: ChipIdentity,
     memory_bars: Vec<(u8, Arc<dyn HostMemory>)>,
+    /// A duplicate of the VRAM memfd, shared by every mapping of VRAM handed out.
+    vram_fd: Arc<OwnedFd>,
 }
 
 impl EmulatedHostGpu {
     /// Powers on an emulated GPU of `profile`.
     pub fn new(profile: &'static ChipProfile) -> Result<Self, EmulatedHostGpuError> {
         let gpu = Arc::new(EmulatedGpu::new(profile)?);
+        let dup = |memory: Option<&Vram>| -> Result<Arc<OwnedFd>, EmulatedHostGpuError> {
+            let memory = memory.ok_or_else(|| {
+                EmulatedHostGpuError::DupFd(std::io::Error::from_raw_os_error(libc::ENODEV))
+            })?;
+            Ok(Arc::new(
+                memory
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(EmulatedHostGpuError::DupFd)?,
+            ))
+        };
+        let vram_fd = dup(Some(gpu.vram()))?;
         let mut memory_bars: Vec<(u8, Arc<dyn HostMemory>)> = Vec::new();
         for bar in profile.bars() {
             let which = match bar.role {
@@ -39,16 +54,10 @@ impl EmulatedHostGpu {
                 BarRole::Vram { vram_offset } => EmulatedMemory::Vram { vram_offset },
                 BarRole::InstanceMemory => EmulatedMemory::Instance,
             };
-            let fd = Arc::new(
-                which
-                    .memory(&gpu)
-                    .ok_or_else(|| {
-                        EmulatedHostGpuError::DupFd(std::io::Error::from_raw_os_error(libc::ENODEV))
-                    })?
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(EmulatedHostGpuError::DupFd)?,
-            );
+            let fd = match which {
+                EmulatedMemory::Vram { .. } => Arc::clone(&vram_fd),
+                EmulatedMemory::Instance => dup(which.memory(&gpu))?,
+            };
             let region = EmulatedBarMemory {
                 gpu: Arc::clone(&gpu),
                 which,
@@ -61,6 +70,7 @@ impl EmulatedHostGpu {
             identity: identity_of(profile),
             gpu,
             memory_bars,
+            vram_fd,
         })
     }
 
@@ -85,6 +95,7 @@ fn identity_of(profile: &'static ChipProfile) -> ChipIdentity {
         boot42: profile.boot42().raw(),
         pci: *profile.pci(),
         vram_size: profile.vram_size(),
+        usable_vram_size: profile.usable_vram_size(),
         bars: profile
             .bars()
             .iter()
@@ -130,6 +141,38 @@ impl HostGpu for EmulatedHostGpu {
     fn reset(&self) -> Result<(), HostGpuError> {
         self.gpu.reset();
         Ok(())
+    }
+
+    fn scrub_vram(&self, addr: HostVramAddr, len: u64) -> Result<(), HostGpuError> {
+        let size = self.identity.vram_size;
+        if addr.raw().checked_add(len).is_none_or(|end| end > size) {
+            return Err(HostGpuError::VramOutOfRange { addr, len, size });
+        }
+        // Zero-fill punches holes: the scrubbed range becomes sparse again.
+        self.gpu
+            .vram()
+            .fill(VramAddr::new(addr.raw()), len, 0)
+            .map_err(|e| HostGpuError::Io(std::io::Error::other(e.to_string())))
+    }
+
+    fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError> {
+        self.gpu
+            .bar1_read(offset, buf)
+            .map_err(|e| HostGpuError::Bar1(e.to_string()))
+    }
+
+    fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError> {
+        self.gpu
+            .bar1_write(offset, data)
+            .map_err(|e| HostGpuError::Bar1(e.to_string()))
+    }
+
+    fn vram_mmap_source(&self, addr: HostVramAddr, len: u64) -> Option<MmapSource> {
+        let end = addr.raw().checked_add(len)?;
+        (end <= self.identity.vram_size).then(|| MmapSource {
+            fd: Arc::clone(&self.vram_fd),
+            file_offset: addr.raw(),
+        })
     }
 }
 

@@ -15,12 +15,27 @@ use thiserror::Error;
 
 pub use gpu_emulation::{AccessWidth, Generation, PciIdentity};
 
+use crate::host_driver::addr::VramAddr;
+
 /// Errors crossing the host-GPU boundary.
 #[derive(Debug, Error)]
 pub enum HostGpuError {
     /// A BAR0 register access was rejected (out of range or misaligned).
     #[error("BAR0 access rejected: {0}")]
     Bar0(String),
+    /// A device-memory range is outside VRAM (or overflows).
+    #[error("VRAM range {addr} + {len:#x} is outside the {size:#x}-byte VRAM")]
+    VramOutOfRange {
+        /// Start of the range.
+        addr: VramAddr,
+        /// Length of the range.
+        len: u64,
+        /// VRAM size.
+        size: u64,
+    },
+    /// A BAR1-aperture access was rejected (outside the aperture, or no aperture).
+    #[error("BAR1 aperture access rejected: {0}")]
+    Bar1(String),
     /// A memory BAR access was rejected (out of range).
     #[error("memory access of {len} bytes at {offset:#x} is outside the {size:#x}-byte region")]
     MemoryOutOfRange {
@@ -40,7 +55,10 @@ impl HostGpuError {
     /// The errno this error maps to on the wire.
     pub fn errno(&self) -> i32 {
         match self {
-            HostGpuError::Bar0(_) | HostGpuError::MemoryOutOfRange { .. } => libc::EINVAL,
+            HostGpuError::Bar0(_)
+            | HostGpuError::MemoryOutOfRange { .. }
+            | HostGpuError::VramOutOfRange { .. }
+            | HostGpuError::Bar1(_) => libc::EINVAL,
             HostGpuError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -93,6 +111,9 @@ pub struct ChipIdentity {
     pub pci: PciIdentity,
     /// Device memory in bytes, including reserved carve-outs.
     pub vram_size: u64,
+    /// Device memory the board reports as usable (`vram_size` minus carve-outs such as
+    /// the GH200 resmem region, which starts right after it).
+    pub usable_vram_size: u64,
     /// The memory BARs of the real part, by slot.
     pub bars: Vec<HostBar>,
 }
@@ -101,6 +122,15 @@ impl ChipIdentity {
     /// The BAR whose first slot is `index`.
     pub fn bar(&self, index: u8) -> Option<&HostBar> {
         self.bars.iter().find(|bar| bar.index == index)
+    }
+
+    /// The BAR1 aperture: the VRAM BAR starting at device-memory address 0, whose offsets
+    /// are VRAM addresses in physical mode and GPU virtual addresses in virtual mode
+    /// (gpu-facts 4.6). On the GH200 this is the nvgrace usemem BAR.
+    pub fn bar1_aperture(&self) -> Option<&HostBar> {
+        self.bars
+            .iter()
+            .find(|bar| bar.role == HostBarRole::Vram { vram_offset: 0 })
     }
 }
 
@@ -143,4 +173,18 @@ pub trait HostGpu: Send + Sync {
     fn memory_bar(&self, index: u8) -> Option<Arc<dyn HostMemory>>;
     /// Resets the GPU's register state. Device memory is kept.
     fn reset(&self) -> Result<(), HostGpuError>;
+    /// Sets device memory `[addr, addr + len)` to zero (scrubbing VRAM before it is
+    /// handed to a guest). The emulated GPU punches holes in its memfd, so a scrubbed range
+    /// costs no resident memory; hardware would use a copy-engine fill or PRAMIN writes.
+    fn scrub_vram(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError>;
+    /// Reads `buf.len()` bytes at `offset` of the BAR1 aperture
+    /// ([`ChipIdentity::bar1_aperture`]): VRAM 1:1 in physical mode, translated by the GPU
+    /// MMU through the bound instance block in virtual mode (faulting pages read ~0).
+    fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError>;
+    /// Writes `data` at `offset` of the BAR1 aperture (see [`HostGpu::bar1_read`]; writes
+    /// to faulting pages are dropped by the GPU).
+    fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError>;
+    /// An fd and offset that map device memory `[addr, addr + len)` directly, if the host
+    /// can hand one out (the emulated GPU: its VRAM memfd at `addr`).
+    fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource>;
 }

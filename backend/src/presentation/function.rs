@@ -2,21 +2,31 @@
 //!
 //! Every BAR of the real part is wrapped in a [`PaddedBar`], so the guest sees a power of
 //! two whose tail past the real memory reads ~0 and drops writes. The config space
-//! advertises the presented sizes. BAR0 is served register by register; the real part of a
-//! memory BAR is offered for direct mapping when the host can hand out an fd for it.
+//! advertises the presented sizes.
+//!
+//! The function belongs to one guest ([`GuestSlice`]): BAR0 is the guest's
+//! [`TrappedBar0`] (register table, virtual window register, PRAMIN aperture confined to
+//! the guest's VRAM, MSI-X); a VRAM BAR of the part at VRAM offset `o` with real size `s`
+//! shows the guest's VRAM `[o, o + s) ∩ [0, slice.size)` and is dropped when that is
+//! empty. Its real part is offered for direct mapping from host VRAM `slice.start + o`;
+//! trapped accesses go to host memory (a GPU given whole) or through the guest's BAR1
+//! window (a sliced GPU). The instance-memory BAR is presented only to a guest that owns
+//! the whole GPU (it is a host-wide aperture).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
-use crate::host_gpu::{ChipIdentity, HostBarRole, HostGpu, MmapSource};
+use crate::host_driver::addr::VramAddr;
+use crate::host_gpu::{ChipIdentity, HostBar, HostBarRole, HostGpu, MmapSource};
+use crate::slice::{whole_gpu, GuestSlice, SetupError};
 
+use super::bar0::{TrapStats, TrappedBar0};
 use super::config_space::{
     BarDecl, BarKind, ConfigSpace, ConfigSpaceError, ConfigSpaceSpec, MsixDecl, BAR_COUNT,
     CONFIG_SPACE_SIZE,
 };
-use super::host_backing::{HostMemoryBacking, RegisterBacking};
-use super::msix::MsixRegion;
+use super::guest_vram::GuestVramBacking;
 use super::padded_bar::{MappableArea, PaddedBar, PaddedBarError};
 
 /// Number of MSI-X vectors the presented function offers.
@@ -57,6 +67,9 @@ pub enum PresentationError {
     /// The host reports a memory BAR it cannot back.
     #[error("the host GPU has no memory behind BAR{0}")]
     MissingMemory(u8),
+    /// The guest's VRAM could not be set up.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
     /// The config space could not be built or accessed.
     #[error(transparent)]
     ConfigSpace(#[from] ConfigSpaceError),
@@ -71,6 +84,7 @@ impl PresentationError {
         match self {
             PresentationError::Bar { source, .. } => source.errno(),
             PresentationError::MissingMemory(_) => libc::ENODEV,
+            PresentationError::Setup(_) => libc::EIO,
             PresentationError::ConfigSpace(e) => e.errno(),
             PresentationError::NoSuchRegion(_) => libc::EINVAL,
         }
@@ -79,11 +93,11 @@ impl PresentationError {
 
 /// What a presented BAR is backed by.
 enum BarContent {
-    /// BAR0: registers.
-    Registers(PaddedBar<RegisterBacking>),
-    /// A memory BAR: host memory, plus the fd that maps its real part, if any.
+    /// BAR0: the guest's trapped registers (boxed: far larger than a memory BAR).
+    Registers(Box<PaddedBar<TrappedBar0>>),
+    /// A memory BAR: the guest's memory, plus the fd that maps its real part, if any.
     Memory {
-        bar: PaddedBar<HostMemoryBacking>,
+        bar: PaddedBar<GuestVramBacking>,
         mmap: Option<MmapSource>,
     },
 }
@@ -94,6 +108,7 @@ pub struct PresentedBar {
     role: HostBarRole,
     is_64bit: bool,
     prefetchable: bool,
+    host_vram: Option<VramAddr>,
     content: BarContent,
 }
 
@@ -116,6 +131,19 @@ impl PresentedBar {
     /// Prefetchable BAR.
     pub fn prefetchable(&self) -> bool {
         self.prefetchable
+    }
+
+    /// Host VRAM address of the BAR's first byte (VRAM BARs only).
+    pub fn host_vram(&self) -> Option<VramAddr> {
+        self.host_vram
+    }
+
+    /// The trapped BAR0, if this is BAR0.
+    pub fn registers(&self) -> Option<&TrappedBar0> {
+        match &self.content {
+            BarContent::Registers(bar) => Some(bar.backing()),
+            BarContent::Memory { .. } => None,
+        }
     }
 
     /// Real size of the backing.
@@ -161,47 +189,33 @@ impl PresentedBar {
 
 /// The PCI function a guest sees.
 pub struct PresentedFunction {
-    host: Arc<dyn HostGpu>,
+    guest: GuestSlice,
     bars: Vec<PresentedBar>,
     msix: MsixDecl,
-    msix_region: MsixRegion,
     config: Mutex<ConfigSpace>,
 }
 
+/// The guest's view of one host memory BAR: (host VRAM address, real size), or `None` if
+/// the BAR shows none of the guest's VRAM.
+fn guest_part(bar: &HostBar, vram_offset: u64, guest: &GuestSlice) -> Option<(VramAddr, u64)> {
+    let slice = guest.slice();
+    let real = bar.size.min(slice.size().checked_sub(vram_offset)?);
+    let host = slice.host_addr(vram_offset, real)?;
+    (real > 0).then_some((host, real))
+}
+
 impl PresentedFunction {
-    /// Presents `host`: pads every BAR to a power of two and builds the config space.
+    /// Presents `host` whole to one guest (see [`whole_gpu`]: its VRAM is scrubbed and
+    /// its window register taken over by the backend).
     pub fn new(host: Arc<dyn HostGpu>) -> Result<Self, PresentationError> {
+        Self::for_guest(whole_gpu(host)?)
+    }
+
+    /// The function of `guest`: pads every BAR to a power of two and builds the config
+    /// space.
+    pub fn for_guest(guest: GuestSlice) -> Result<Self, PresentationError> {
+        let host = Arc::clone(guest.host());
         let identity = host.identity().clone();
-        let mut bars = Vec::with_capacity(identity.bars.len());
-        for bar in &identity.bars {
-            let bar_error = |source| PresentationError::Bar {
-                index: bar.index,
-                source,
-            };
-            let content = match bar.role {
-                HostBarRole::Registers => BarContent::Registers(
-                    PaddedBar::new(RegisterBacking::new(Arc::clone(&host), bar.size))
-                        .map_err(bar_error)?,
-                ),
-                HostBarRole::Vram { .. } | HostBarRole::InstanceMemory => {
-                    let memory = host
-                        .memory_bar(bar.index)
-                        .ok_or(PresentationError::MissingMemory(bar.index))?;
-                    let mmap = memory.mmap_source();
-                    BarContent::Memory {
-                        bar: PaddedBar::new(HostMemoryBacking(memory)).map_err(bar_error)?,
-                        mmap,
-                    }
-                }
-            };
-            bars.push(PresentedBar {
-                index: bar.index,
-                role: bar.role,
-                is_64bit: bar.is_64bit,
-                prefetchable: bar.prefetchable,
-                content,
-            });
-        }
         let msix = MsixDecl {
             vectors: MSIX_VECTORS,
             table_bar: 0,
@@ -209,24 +223,105 @@ impl PresentedFunction {
             pba_bar: 0,
             pba_offset: MSIX_PBA_OFFSET,
         };
+        let mut bars = Vec::with_capacity(identity.bars.len());
+        for bar in &identity.bars {
+            let bar_error = |source| PresentationError::Bar {
+                index: bar.index,
+                source,
+            };
+            let (content, host_vram) = match bar.role {
+                HostBarRole::Registers => (
+                    BarContent::Registers(Box::new(
+                        PaddedBar::new(TrappedBar0::new(&guest, bar.size, &msix))
+                            .map_err(bar_error)?,
+                    )),
+                    None,
+                ),
+                HostBarRole::Vram { vram_offset } => {
+                    let Some((at, real)) = guest_part(bar, vram_offset, &guest) else {
+                        continue;
+                    };
+                    let backing = match guest.bar1_window() {
+                        None => GuestVramBacking::Host(
+                            host.memory_bar(bar.index)
+                                .ok_or(PresentationError::MissingMemory(bar.index))?,
+                        ),
+                        Some(window) => GuestVramBacking::Bar1 {
+                            host: Arc::clone(&host),
+                            va: window
+                                .offset(vram_offset)
+                                .ok_or(PresentationError::MissingMemory(bar.index))?,
+                            len: real,
+                        },
+                    };
+                    let mmap = host.vram_mmap_source(at, real);
+                    (
+                        BarContent::Memory {
+                            bar: PaddedBar::new(backing).map_err(bar_error)?,
+                            mmap,
+                        },
+                        Some(at),
+                    )
+                }
+                HostBarRole::InstanceMemory => {
+                    if !guest.is_whole_gpu() {
+                        continue;
+                    }
+                    let memory = host
+                        .memory_bar(bar.index)
+                        .ok_or(PresentationError::MissingMemory(bar.index))?;
+                    let mmap = memory.mmap_source();
+                    (
+                        BarContent::Memory {
+                            bar: PaddedBar::new(GuestVramBacking::Host(memory))
+                                .map_err(bar_error)?,
+                            mmap,
+                        },
+                        None,
+                    )
+                }
+            };
+            bars.push(PresentedBar {
+                index: bar.index,
+                role: bar.role,
+                is_64bit: bar.is_64bit,
+                prefetchable: bar.prefetchable,
+                host_vram,
+                content,
+            });
+        }
         let config = ConfigSpace::new(config_spec(&identity, &bars, msix))?;
         Ok(PresentedFunction {
-            host,
+            guest,
             bars,
             msix,
-            msix_region: MsixRegion::new(&msix),
             config: Mutex::new(config),
         })
     }
 
+    /// The guest's VRAM.
+    pub fn guest(&self) -> &GuestSlice {
+        &self.guest
+    }
+
+    /// The guest's BAR0.
+    pub fn bar0(&self) -> Option<&TrappedBar0> {
+        self.bars.iter().find_map(PresentedBar::registers)
+    }
+
+    /// Counters of the guest's BAR0 traffic.
+    pub fn trap_stats(&self) -> TrapStats {
+        self.bar0().map(TrappedBar0::stats).unwrap_or_default()
+    }
+
     /// The host GPU behind the function.
     pub fn host(&self) -> &Arc<dyn HostGpu> {
-        &self.host
+        self.guest.host()
     }
 
     /// Identity of the host GPU.
     pub fn identity(&self) -> &ChipIdentity {
-        self.host.identity()
+        self.host().identity()
     }
 
     /// The presented BARs, by slot.
@@ -272,10 +367,6 @@ impl PresentedFunction {
             self.config().read(offset, buf)?;
             return Ok(buf.len());
         }
-        if index == u32::from(self.msix.table_bar) && self.msix_region.covers(offset, buf.len()) {
-            self.msix_region.read(offset, buf);
-            return Ok(buf.len());
-        }
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
@@ -297,10 +388,6 @@ impl PresentedFunction {
             self.config().write(offset, data)?;
             return Ok(data.len());
         }
-        if index == u32::from(self.msix.table_bar) && self.msix_region.covers(offset, data.len()) {
-            self.msix_region.write(offset, data);
-            return Ok(data.len());
-        }
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
@@ -311,12 +398,15 @@ impl PresentedFunction {
             })
     }
 
-    /// Function-level reset: config space back to power-on state, GPU registers reset.
-    /// Device memory is kept.
+    /// Function-level reset: config space back to power-on state, the guest's window
+    /// register and MSI-X vectors back to reset. Device memory is kept, and the host GPU is
+    /// not reset: its registers are shared by every guest and no guest can change them.
     pub fn reset(&self) -> Result<(), crate::host_gpu::HostGpuError> {
         self.config().reset();
-        self.msix_region.reset();
-        self.host.reset()
+        if let Some(bar0) = self.bar0() {
+            bar0.reset();
+        }
+        Ok(())
     }
 }
 

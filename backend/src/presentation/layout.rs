@@ -5,7 +5,9 @@ use serde::Serialize;
 
 use crate::host_gpu::HostBarRole;
 
+use super::aperture::{APERTURE_SIZE, APERTURE_START};
 use super::function::PresentedFunction;
+use super::registers::{Emulated, RegisterMap, Treatment};
 
 /// Everything a guest would see of the function, plus the host-side facts behind it.
 #[derive(Debug, Clone, Serialize)]
@@ -14,10 +16,43 @@ pub struct FunctionLayout {
     pub chip: ChipLayout,
     /// PCI identity.
     pub pci: PciLayout,
+    /// The guest's VRAM in host VRAM.
+    pub slice: SliceLayout,
     /// Presented BARs, by slot.
     pub bars: Vec<BarLayout>,
     /// MSI-X capability.
     pub msix: MsixLayout,
+    /// The register table of the generation (what BAR0 passes, emulates, hides).
+    pub registers: Vec<RegisterLayout>,
+}
+
+/// Where the guest's VRAM lives in host VRAM.
+#[derive(Debug, Clone, Serialize)]
+pub struct SliceLayout {
+    /// First host VRAM address.
+    pub start: u64,
+    /// Size (the guest's VRAM is `[0, size)`).
+    pub size: u64,
+    /// The guest owns the whole GPU (no host-reserved region, BAR1 physical).
+    pub whole_gpu: bool,
+    /// First host BAR1 virtual address of the guest's window (sliced GPUs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bar1_window: Option<u64>,
+}
+
+/// One row of the register table.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegisterLayout {
+    /// Register name.
+    pub name: String,
+    /// BAR0 offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// `passed (reads)`, `emulated` or `hidden`.
+    pub treatment: String,
+    /// Why.
+    pub note: String,
 }
 
 /// Chip identity.
@@ -81,9 +116,13 @@ pub struct BarLayout {
     pub index: u8,
     /// What the BAR exposes: `registers`, `vram` or `instance_memory`.
     pub role: String,
-    /// Device-memory address of the BAR's first byte (VRAM BARs only).
+    /// Device-memory address of the BAR's first byte in the part's layout, i.e. in the
+    /// guest's VRAM (VRAM BARs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vram_offset: Option<u64>,
+    /// Host VRAM address of the BAR's first byte (`slice.start + vram_offset`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_vram_offset: Option<u64>,
     /// Real size of the backing.
     pub real_size: u64,
     /// Size the guest sees (a power of two).
@@ -120,6 +159,8 @@ impl FunctionLayout {
     pub fn of(function: &PresentedFunction) -> Self {
         let identity = function.identity();
         let msix = function.msix();
+        let guest = function.guest();
+        let map = RegisterMap::for_generation(identity.generation);
         FunctionLayout {
             chip: ChipLayout {
                 name: identity.name.clone(),
@@ -137,7 +178,28 @@ impl FunctionLayout {
                 class_code: identity.pci.class_code,
                 revision: identity.pci.revision,
             },
-            bars: function.bars().iter().map(bar_layout).collect(),
+            slice: SliceLayout {
+                start: guest.slice().start().raw(),
+                size: guest.slice().size(),
+                whole_gpu: guest.is_whole_gpu(),
+                bar1_window: guest.bar1_window().map(|va| va.raw()),
+            },
+            bars: function
+                .bars()
+                .iter()
+                .map(|bar| bar_layout(bar, &map, guest.is_whole_gpu()))
+                .collect(),
+            registers: map
+                .rules()
+                .iter()
+                .map(|r| RegisterLayout {
+                    name: r.name.to_owned(),
+                    offset: r.offset,
+                    size: r.size,
+                    treatment: r.treatment.label().to_owned(),
+                    note: r.note.to_owned(),
+                })
+                .collect(),
             msix: MsixLayout {
                 vectors: msix.vectors,
                 table_bar: msix.table_bar,
@@ -154,7 +216,78 @@ impl FunctionLayout {
     }
 }
 
-fn bar_layout(bar: &super::function::PresentedBar) -> BarLayout {
+/// BAR0's trapped ranges, precisely: the page holding the window register, the PRAMIN
+/// aperture, the MSI-X table and PBA, and the register space around them (served per the
+/// register table), covering the BAR in order.
+fn bar0_trapped(map: &RegisterMap, real: u64) -> Vec<TrappedLayout> {
+    const PAGE: u64 = 4096;
+    let mut special: Vec<(u64, u64, String)> = Vec::new();
+    if let Some(w) = map.emulated(Emulated::WindowRegister) {
+        special.push((
+            w.offset - w.offset % PAGE,
+            PAGE,
+            format!(
+                "window register page: {} at {:#x} virtualised per guest (base relative to the guest's VRAM)",
+                w.name, w.offset
+            ),
+        ));
+    }
+    special.push((
+        APERTURE_START,
+        APERTURE_SIZE,
+        "PRAMIN aperture: the guest's VRAM under its window, through the host PRAMIN; past it reads ~0".to_owned(),
+    ));
+    for (kind, what) in [
+        (Emulated::MsixTable, "MSI-X table"),
+        (Emulated::MsixPba, "MSI-X PBA"),
+    ] {
+        if let Some(r) = map.emulated(kind) {
+            special.push((r.offset, r.size, what.to_owned()));
+        }
+    }
+    special.sort_by_key(|s| s.0);
+    let passed: Vec<String> = map
+        .rules()
+        .iter()
+        .filter(|r| r.treatment == Treatment::PassRead)
+        .map(|r| format!("{:#x}", r.offset))
+        .collect();
+    let registers = format!(
+        "registers per the register table: reads of {} passed, the rest hidden",
+        passed.join("/")
+    );
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (offset, size, reason) in special {
+        if offset > at {
+            out.push(TrappedLayout {
+                offset: at,
+                size: offset - at,
+                reason: registers.clone(),
+            });
+        }
+        out.push(TrappedLayout {
+            offset,
+            size,
+            reason,
+        });
+        at = offset + size;
+    }
+    if at < real {
+        out.push(TrappedLayout {
+            offset: at,
+            size: real - at,
+            reason: registers,
+        });
+    }
+    out
+}
+
+fn bar_layout(
+    bar: &super::function::PresentedBar,
+    map: &RegisterMap,
+    whole_gpu: bool,
+) -> BarLayout {
     let (role, vram_offset) = match bar.role() {
         HostBarRole::Registers => ("registers", None),
         HostBarRole::Vram { vram_offset } => ("vram", Some(vram_offset)),
@@ -172,16 +305,23 @@ fn bar_layout(bar: &super::function::PresentedBar) -> BarLayout {
         .collect();
     let mapped_end = mapped.map_or(0, |area| area.offset + area.size);
     let mut trapped = Vec::new();
-    if mapped_end < real {
-        let reason = match bar.role() {
-            HostBarRole::Registers => "registers (emulated by the backend)",
-            _ if mapped_end == 0 => "real memory (no mappable fd)",
-            _ => "real memory, partial last page",
+    if bar.role() == HostBarRole::Registers {
+        trapped = bar0_trapped(map, real);
+    } else if mapped_end < real {
+        let via = if whole_gpu {
+            ""
+        } else {
+            " via the guest's BAR1 window"
+        };
+        let reason = if mapped_end == 0 {
+            format!("real memory (no mappable fd){via}")
+        } else {
+            format!("real memory, partial last page{via}")
         };
         trapped.push(TrappedLayout {
             offset: mapped_end,
             size: real - mapped_end,
-            reason: reason.to_owned(),
+            reason,
         });
     }
     if presented > real {
@@ -195,6 +335,7 @@ fn bar_layout(bar: &super::function::PresentedBar) -> BarLayout {
         index: bar.index(),
         role: role.to_owned(),
         vram_offset,
+        host_vram_offset: bar.host_vram().map(|a| a.raw()),
         real_size: real,
         presented_size: presented,
         padding: presented - real,

@@ -1,0 +1,186 @@
+//! Handing VRAM to guests: [`GuestSlice`] (what a presented function needs to know about its
+//! guest's VRAM), [`whole_gpu`] (one guest owning the GPU) and [`SlicedGpu`] (several guests,
+//! each with a scrubbed slice and a BAR1 window).
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use super::bar1::Bar1Error;
+use super::host_vram::{HostVram, HostVramError};
+use super::partition::{PartitionError, Slice, VramPartition};
+use crate::host_driver::addr::GpuVa;
+use crate::host_gpu::{HostGpu, HostGpuError};
+
+/// Errors of giving VRAM to guests.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    /// The request does not fit the partition (bad size, no space, overlap).
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    /// Host VRAM access (PRAMIN, BAR1 tables) failed.
+    #[error(transparent)]
+    HostVram(#[from] HostVramError),
+    /// Scrubbing the slice failed.
+    #[error("scrubbing {slice} failed: {source}")]
+    Scrub {
+        /// The slice.
+        slice: Slice,
+        /// What the GPU reported.
+        #[source]
+        source: HostGpuError,
+    },
+    /// The guest slice does not belong to this GPU's partition.
+    #[error("{0} is not a guest of this GPU")]
+    NotAGuest(Slice),
+}
+
+impl SetupError {
+    /// Whether the error is the request's fault (sizes that cannot be satisfied), as
+    /// opposed to a device failure.
+    pub fn is_bad_request(&self) -> bool {
+        matches!(
+            self,
+            SetupError::Partition(_)
+                | SetupError::NotAGuest(_)
+                | SetupError::HostVram(HostVramError::Bar1(Bar1Error::ApertureFull { .. }))
+        )
+    }
+}
+
+/// A guest's VRAM as the presentation sees it: its slice of host VRAM, the shared host
+/// PRAMIN window, and (for a sliced GPU) its BAR1 window.
+#[derive(Clone)]
+pub struct GuestSlice {
+    slice: Slice,
+    vram: Arc<HostVram>,
+    bar1_window: Option<GpuVa>,
+}
+
+impl std::fmt::Debug for GuestSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestSlice")
+            .field("slice", &self.slice)
+            .field("bar1_window", &self.bar1_window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuestSlice {
+    /// The guest's host VRAM.
+    pub fn slice(&self) -> Slice {
+        self.slice
+    }
+
+    /// The shared host PRAMIN window.
+    pub fn vram(&self) -> &Arc<HostVram> {
+        &self.vram
+    }
+
+    /// The GPU.
+    pub fn host(&self) -> &Arc<dyn HostGpu> {
+        self.vram.host()
+    }
+
+    /// First BAR1 VA of the guest's window (`None` for a GPU given whole: BAR1 stays in
+    /// physical mode and trapped VRAM accesses go straight to host memory).
+    pub fn bar1_window(&self) -> Option<GpuVa> {
+        self.bar1_window
+    }
+
+    /// Whether the guest owns the whole GPU.
+    pub fn is_whole_gpu(&self) -> bool {
+        self.bar1_window.is_none()
+    }
+}
+
+fn scrub(host: &dyn HostGpu, slice: Slice) -> Result<(), SetupError> {
+    host.scrub_vram(slice.start(), slice.size())
+        .map_err(|source| SetupError::Scrub { slice, source })
+}
+
+/// Gives `host` whole to one guest: its slice is all of device memory (carve-outs
+/// included, no host-reserved region), scrubbed first; the guest's window register is
+/// still virtual and its aperture served through the host PRAMIN.
+pub fn whole_gpu(host: Arc<dyn HostGpu>) -> Result<GuestSlice, SetupError> {
+    let slice = VramPartition::whole_gpu_slice(host.identity());
+    scrub(&*host, slice)?;
+    Ok(GuestSlice {
+        slice,
+        vram: Arc::new(HostVram::new(host)?),
+        bar1_window: None,
+    })
+}
+
+/// A GPU shared by several guests: the VRAM partition, the shared host PRAMIN window and
+/// BAR1 in virtual mode with one window per guest.
+pub struct SlicedGpu {
+    vram: Arc<HostVram>,
+    partition: VramPartition,
+}
+
+impl std::fmt::Debug for SlicedGpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlicedGpu")
+            .field("partition", &self.partition)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SlicedGpu {
+    /// Partitions `host`'s VRAM and sets up BAR1 in virtual mode with its tables in the
+    /// host-reserved region (no windows yet).
+    pub fn new(host: Arc<dyn HostGpu>) -> Result<SlicedGpu, SetupError> {
+        let partition = VramPartition::new(host.identity())?;
+        let vram = Arc::new(HostVram::new(host)?);
+        vram.set_up_bar1(partition.host_reserved())?;
+        Ok(SlicedGpu { vram, partition })
+    }
+
+    /// The partition (slices handed out, host-reserved region).
+    pub fn partition(&self) -> &VramPartition {
+        &self.partition
+    }
+
+    /// The shared host PRAMIN window.
+    pub fn vram(&self) -> &Arc<HostVram> {
+        &self.vram
+    }
+
+    /// The GPU.
+    pub fn host(&self) -> &Arc<dyn HostGpu> {
+        self.vram.host()
+    }
+
+    /// Hands the lowest free `size` bytes to a new guest: the slice is scrubbed, then mapped
+    /// into BAR1. On failure nothing stays assigned.
+    pub fn add_guest(&mut self, size: u64) -> Result<GuestSlice, SetupError> {
+        let slice = self.partition.assign(size)?;
+        let mapped =
+            scrub(&**self.host(), slice).and_then(|()| Ok(self.vram.map_bar1_window(slice)?));
+        match mapped {
+            Ok(va) => Ok(GuestSlice {
+                slice,
+                vram: Arc::clone(&self.vram),
+                bar1_window: Some(va),
+            }),
+            Err(e) => {
+                // `slice` was assigned just above, so it can be released.
+                let _ = self.partition.release(slice);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes a guest's VRAM back: its BAR1 window is unmapped (TLB invalidated) and the
+    /// slice returns to the free area (it is scrubbed again before the next guest gets it).
+    pub fn remove_guest(&mut self, guest: &GuestSlice) -> Result<(), SetupError> {
+        let va = guest
+            .bar1_window
+            .filter(|_| Arc::ptr_eq(&guest.vram, &self.vram))
+            .ok_or(SetupError::NotAGuest(guest.slice))?;
+        self.vram.unmap_bar1_window(va)?;
+        self.partition.release(guest.slice)?;
+        Ok(())
+    }
+}
