@@ -1,6 +1,7 @@
 //! [`ClientHandle`]: what a device keeps of a connected client, usable from any thread:
 //! raise interrupts, and DMA to/from client memory (through mmapped maps, or with
-//! server-to-client `DMA_READ`/`DMA_WRITE` messages for maps that came without an fd).
+//! server-to-client `DMA_READ`/`DMA_WRITE` messages for maps that came without an fd or with
+//! one that could shrink).
 //!
 //! Server-to-client requests are written on the shared socket; the connection thread, which
 //! reads everything, hands their replies back through [`Requests`].
@@ -485,8 +486,10 @@ impl ClientHandle {
         Ok(())
     }
 
-    /// Run `f` on the client's fd-backed read-write DMA maps as vm-memory guest memory
-    /// (addresses are IOVAs). `DMA_UNMAP` and disconnect wait for `f` to return.
+    /// Run `f` on the client's mmapped read-write DMA maps as vm-memory guest memory
+    /// (addresses are IOVAs). Only maps whose fd is sealed against shrinking are mmapped (see
+    /// [`super::dma`]); the others are reachable through [`ClientHandle::dma_read`] and
+    /// [`ClientHandle::dma_write`] only. `DMA_UNMAP` and disconnect wait for `f` to return.
     pub fn with_dma_memory<R>(&self, f: impl FnOnce(&GuestMemoryMmap) -> R) -> Result<R, DmaError> {
         if !self.is_connected() {
             return Err(DmaError::NotConnected);

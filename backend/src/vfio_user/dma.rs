@@ -1,22 +1,34 @@
 //! The DMA space of one connection: the ranges the client announced with `DMA_MAP`.
 //!
-//! A map that came with an fd is `mmap()`ed (vm-memory [`GuestRegionMmap`]) and accessed
-//! directly; a map without an fd is recorded and reached with server-to-client
-//! `DMA_READ`/`DMA_WRITE` messages (done by the caller, see [`Segment::Socket`]).
+//! A map that came with an fd that **cannot shrink** is `mmap()`ed (vm-memory
+//! [`GuestRegionMmap`]) and accessed directly; any other map is recorded and reached with
+//! server-to-client `DMA_READ`/`DMA_WRITE` messages (done by the caller, see
+//! [`Segment::Socket`]).
+//!
+//! # Why an fd must be sealed to be mapped
+//!
+//! Touching a shared file mapping past the end of its file faults with SIGBUS, which takes the
+//! whole server down. A map is checked against the file size when it is added (`offset + size`
+//! must fit, else `EINVAL`), but a client could `ftruncate` the file afterwards. So an fd is
+//! mapped only if it carries `F_SEAL_SHRINK` (`fcntl(F_GET_SEALS)`): QEMU's
+//! `memory-backend-memfd` seals its memfd that way by default (`seal=on`: grow, shrink and seal
+//! seals; `seal=off` leaves only `F_SEAL_SEAL`; both checked against QEMU 11.1.3 by the
+//! real-QEMU test). The seals are read *before* the size, and seals can only be added, so the
+//! size checked is a floor for the map's lifetime. An fd without the seal
+//! (`memory-backend-file`, `memory-backend-memfd,seal=off`, a plain memfd) still works, through
+//! socket DMA, and the first such map of a connection logs at info level why. Fds that are not
+//! regular files (a device-dax character device, say) have no size to check and cannot be
+//! sealed: they are accepted and served through socket DMA too.
 //!
 //! The table sits behind a `RwLock`: direct accesses hold the read lock while they copy, and
 //! `DMA_UNMAP` takes the write lock, so by the time the unmap is answered no access to that
 //! range is in flight and its mapping is gone (the spec's rule, and what keeps a disconnected
 //! client's memory from staying mapped).
-//!
-//! Limitation: a map is checked against the size of its file when it is added, but a client
-//! that later shrinks the file (`ftruncate` on its memfd) makes accesses fault with SIGBUS, as
-//! with vhost-user. The client (the VMM) is trusted with its own memory; a hostile one can
-//! only take the server down this way, not read anything it did not share.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
@@ -102,9 +114,9 @@ pub struct DmaMapRequest {
 
 #[derive(Debug)]
 enum Backing {
-    /// mmapped from the client's fd.
+    /// mmapped from the client's fd (sealed against shrinking).
     Mapped(Arc<GuestRegionMmap>),
-    /// No fd: reach it with DMA_READ/DMA_WRITE messages.
+    /// No fd, or one that could shrink: reach it with DMA_READ/DMA_WRITE messages.
     Socket,
 }
 
@@ -143,6 +155,8 @@ pub enum Segment {
 #[derive(Debug, Default)]
 pub struct DmaSpace {
     state: RwLock<DmaState>,
+    /// The "fd not sealed, using socket DMA" notice was logged.
+    unsealed_logged: AtomicBool,
 }
 
 fn mmap_error(err: MmapRegionError) -> Errno {
@@ -152,28 +166,72 @@ fn mmap_error(err: MmapRegionError) -> Errno {
     }
 }
 
-/// Check an fd-backed map fits its file (a regular file shorter than `offset + size` would
-/// fault with SIGBUS on access).
-fn check_file_extent(fd: &OwnedFd, offset: u64, size: u64) -> Result<(), Errno> {
-    // SAFETY: stat is plain data; fstat fills it for a valid fd.
+/// Check an fd-backed map `[offset, offset + size)` of `fd` against the file (`EINVAL` if a
+/// regular file is too short for it) and return the file's seals (`F_GET_SEALS`; 0 for files
+/// that do not support sealing). Only a file with `F_SEAL_SHRINK` may be mapped.
+///
+/// The seals are read before the size: seals are never removed, so once `F_SEAL_SHRINK` is
+/// seen the size read afterwards can only grow.
+fn check_fd(fd: &OwnedFd, offset: u64, size: u64) -> Result<libc::c_int, Errno> {
+    // SAFETY: F_GET_SEALS takes no argument and only reads the seals of a valid fd.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    // Files without sealing support (EINVAL) have no seals.
+    let seals = seals.max(0);
+    // SAFETY: stat is plain data; all-zero is a valid value for fstat to overwrite.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and pointer to a local stat buffer.
+    // SAFETY: a valid fd and a pointer to a local stat buffer.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(Errno::from_io(&std::io::Error::last_os_error()));
     }
+    // Only regular files (memfd, tmpfs, hugetlbfs, disk files) have a meaningful size; other
+    // fds (a device-dax char device, say) cannot be sealed, so they are never mapped.
     if st.st_mode & libc::S_IFMT == libc::S_IFREG {
         let end = offset.checked_add(size).ok_or(Errno::EINVAL)?;
-        if end > st.st_size as u64 {
+        if end > u64::try_from(st.st_size).unwrap_or(0) {
             return Err(Errno::EINVAL);
         }
     }
-    Ok(())
+    Ok(seals)
+}
+
+/// `mmap()` `len` bytes of `fd` at `req.offset` with the map's protection.
+fn map_fd(fd: OwnedFd, req: &DmaMapRequest, len: usize) -> Result<GuestRegionMmap, Errno> {
+    let mut prot = 0;
+    if req.readable {
+        prot |= libc::PROT_READ;
+    }
+    if req.writable {
+        prot |= libc::PROT_WRITE;
+    }
+    let region = MmapRegionBuilder::new(len)
+        .with_file_offset(FileOffset::new(File::from(fd), req.offset))
+        .with_mmap_prot(prot)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(mmap_error)?;
+    GuestRegionMmap::new(region, GuestAddress(req.iova)).ok_or(Errno::EINVAL)
 }
 
 impl DmaSpace {
     /// An empty DMA space.
     pub fn new() -> DmaSpace {
         DmaSpace::default()
+    }
+
+    /// Say once per connection why a map with an fd is not mapped.
+    fn log_unsealed(&self, req: &DmaMapRequest, seals: libc::c_int) {
+        if !self.unsealed_logged.swap(true, Ordering::Relaxed) {
+            log::info!(
+                "vfio-user: DMA map [{:#x}, +{:#x}) came with an fd that is not sealed against \
+                 shrinking (seals {seals:#x}; e.g. memory-backend-file, or memory-backend-memfd \
+                 with seal=off): mapping it would let a truncated file crash the server with \
+                 SIGBUS, so it and any other such map of this client are reached through \
+                 DMA_READ/DMA_WRITE messages instead (slower); use memory-backend-memfd \
+                 (sealed by default) for direct access",
+                req.iova,
+                req.size
+            );
+        }
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, DmaState> {
@@ -194,7 +252,7 @@ impl DmaSpace {
         self.len() == 0
     }
 
-    /// Number of maps that are mmapped (fd-backed).
+    /// Number of maps that are mmapped (fd-backed and sealed against shrinking).
     pub fn mapped_count(&self) -> usize {
         self.read_state()
             .maps
@@ -204,7 +262,9 @@ impl DmaSpace {
     }
 
     /// Add a map. `EEXIST` if it overlaps one, `ENOSPC` past `max_maps`, `EINVAL` for a bad
-    /// range, an fd offset that is not page-aligned or a range past the end of the file.
+    /// range, an fd offset that is not page-aligned or a range past the end of the file. An fd
+    /// is mmapped only if it is sealed against shrinking (see the module docs); otherwise the
+    /// map is served through socket DMA.
     pub fn map(
         &self,
         req: DmaMapRequest,
@@ -215,29 +275,27 @@ impl DmaSpace {
             return Err(Errno::EINVAL);
         }
         let end = req.iova.checked_add(req.size).ok_or(Errno::EINVAL)?;
+        let mut unsealed = None;
         let backing = match fd {
             Some(fd) if req.readable || req.writable => {
                 if req.offset % DMA_PAGE_SIZE != 0 {
                     return Err(Errno::EINVAL);
                 }
                 let len = usize::try_from(req.size).map_err(|_| Errno::EINVAL)?;
-                check_file_extent(&fd, req.offset, req.size)?;
-                let mut prot = 0;
-                if req.readable {
-                    prot |= libc::PROT_READ;
+                let seals = check_fd(&fd, req.offset, req.size)?;
+                let sealed = seals & libc::F_SEAL_SHRINK != 0;
+                log::debug!(
+                    "vfio-user: DMA map [{:#x}, +{:#x}): fd seals {seals:#x}, {}",
+                    req.iova,
+                    req.size,
+                    if sealed { "mapped" } else { "socket DMA" }
+                );
+                if sealed {
+                    Backing::Mapped(Arc::new(map_fd(fd, &req, len)?))
+                } else {
+                    unsealed = Some(seals);
+                    Backing::Socket
                 }
-                if req.writable {
-                    prot |= libc::PROT_WRITE;
-                }
-                let region = MmapRegionBuilder::new(len)
-                    .with_file_offset(FileOffset::new(File::from(fd), req.offset))
-                    .with_mmap_prot(prot)
-                    .with_mmap_flags(libc::MAP_SHARED)
-                    .build()
-                    .map_err(mmap_error)?;
-                let region =
-                    GuestRegionMmap::new(region, GuestAddress(req.iova)).ok_or(Errno::EINVAL)?;
-                Backing::Mapped(Arc::new(region))
             }
             // No access allowed: nothing worth mapping (the fd, if any, is closed here).
             _ => Backing::Socket,
@@ -268,6 +326,10 @@ impl DmaSpace {
                 backing,
             },
         );
+        drop(state);
+        if let Some(seals) = unsealed {
+            self.log_unsealed(&req, seals);
+        }
         Ok(())
     }
 
@@ -357,15 +419,30 @@ mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
 
-    fn memfd(size: u64) -> OwnedFd {
+    /// A memfd of `size` bytes with `seals` added (`F_ADD_SEALS`, none if 0).
+    fn memfd_with_seals(size: u64, seals: libc::c_int) -> OwnedFd {
         // SAFETY: memfd_create with a static NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"dma".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(c"dma".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         assert!(fd >= 0);
         // SAFETY: fresh fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: valid fd.
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+        if seals != 0 {
+            // SAFETY: F_ADD_SEALS with an int argument on a valid memfd.
+            assert_eq!(
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+                0
+            );
+        }
         fd
+    }
+
+    /// A memfd sealed against shrinking and growing, like QEMU's `memory-backend-memfd`.
+    fn memfd(size: u64) -> OwnedFd {
+        memfd_with_seals(size, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)
     }
 
     fn req(iova: u64, size: u64) -> DmaMapRequest {
@@ -434,5 +511,65 @@ mod tests {
         ));
         dma.unmap(0x10000, 0x2000).unwrap();
         dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 0));
+    }
+
+    #[test]
+    fn only_fds_sealed_against_shrinking_are_mapped() {
+        let dma = DmaSpace::new();
+        // Unsealed: recorded, reached through socket DMA; truncating it later cannot fault.
+        let unsealed = memfd_with_seals(0x2000, 0);
+        dma.map(req(0x10000, 0x2000), Some(unsealed.try_clone().unwrap()), 9)
+            .unwrap();
+        assert_eq!((dma.len(), dma.mapped_count()), (1, 0));
+        // SAFETY: valid fd.
+        assert_eq!(unsafe { libc::ftruncate(unsealed.as_raw_fd(), 0) }, 0);
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            dma.read_step(0x11ff8, &mut buf).unwrap(),
+            Segment::Socket(8)
+        );
+        assert_eq!(dma.write_step(0x10000, &buf).unwrap(), Segment::Socket(16));
+        dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 0));
+        // Only grow/write seals: still able to shrink.
+        dma.map(
+            req(0x20000, 0x1000),
+            Some(memfd_with_seals(0x1000, libc::F_SEAL_GROW)),
+            9,
+        )
+        .unwrap();
+        assert_eq!(dma.mapped_count(), 0);
+        // F_SEAL_SHRINK alone is enough.
+        dma.map(
+            req(0x30000, 0x1000),
+            Some(memfd_with_seals(0x1000, libc::F_SEAL_SHRINK)),
+            9,
+        )
+        .unwrap();
+        assert_eq!(dma.mapped_count(), 1);
+        assert_eq!(dma.read_step(0x30000, &mut buf).unwrap(), Segment::Done(16));
+        // Too small is refused whether sealed or not; so is a range past the end of the file
+        // at an offset.
+        for seals in [0, libc::F_SEAL_SHRINK] {
+            assert_eq!(
+                dma.map(
+                    req(0x40000, 0x2000),
+                    Some(memfd_with_seals(0x1000, seals)),
+                    9
+                ),
+                Err(Errno::EINVAL)
+            );
+            let mut r = req(0x40000, 0x1000);
+            r.offset = 0x1000;
+            assert_eq!(
+                dma.map(r, Some(memfd_with_seals(0x1000, seals)), 9),
+                Err(Errno::EINVAL)
+            );
+        }
+        // A non-regular fd cannot be sealed: socket DMA, no size check.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        dma.map(req(0x50000, 0x1000), Some(OwnedFd::from(a)), 9)
+            .unwrap();
+        assert_eq!((dma.len(), dma.mapped_count()), (4, 1));
+        assert!(dma.unsealed_logged.load(Ordering::Relaxed));
     }
 }

@@ -40,6 +40,40 @@ fn memfd(name: &str, size: u64) -> OwnedFd {
     fd
 }
 
+/// A memfd that can be sealed, with `seals` added (`F_ADD_SEALS`; none if 0).
+fn memfd_with_seals(name: &str, size: u64, seals: libc::c_int) -> OwnedFd {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: valid fd.
+    assert_eq!(
+        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
+        0
+    );
+    if seals != 0 {
+        // SAFETY: F_ADD_SEALS with an int argument on a valid memfd.
+        assert_eq!(
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+            0
+        );
+    }
+    fd
+}
+
+/// Guest RAM as QEMU's `memory-backend-memfd` shares it: sealed against shrinking and growing,
+/// so the server maps it directly.
+fn sealed_memfd(name: &str, size: u64) -> OwnedFd {
+    memfd_with_seals(
+        name,
+        size,
+        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+    )
+}
+
 fn eventfd() -> OwnedFd {
     // SAFETY: plain eventfd creation.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -843,7 +877,7 @@ fn more_fds_than_max_msg_fds_are_refused() {
 #[test]
 fn fd_backed_dma_is_shared_with_the_device() {
     let mut s = Session::negotiated();
-    let guest = memfd(&unique("guest-ram"), 0x20000);
+    let guest = sealed_memfd(&unique("guest-ram"), 0x20000);
     pwrite(&guest, 0x10000 + 0x40, b"hello from the guest");
     // iova 0x100000 maps file offset 0x10000.
     s.client
@@ -881,7 +915,7 @@ fn fd_backed_dma_is_shared_with_the_device() {
         h.dma_read(0x10fff0, &mut buf),
         Err(DmaError::Unmapped { iova: 0x110000 })
     );
-    let ro = memfd("ro", 0x1000);
+    let ro = sealed_memfd("ro", 0x1000);
     s.client
         .dma_map(dma_flags::MAP_READ, 0, 0x300000, 0x1000, Some(ro.as_fd()))
         .unwrap();
@@ -905,10 +939,109 @@ fn fd_backed_dma_is_shared_with_the_device() {
     s.close();
 }
 
+/// Keep the client reading (it answers the server's DMA requests) until `worker` is done.
+fn serve_dma_until_done<T>(client: &mut TestClient, worker: &JoinHandle<T>) {
+    while !worker.is_finished() {
+        let id = client
+            .send(
+                Command::DeviceGetInfo as u16,
+                0,
+                &[&[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+                &[],
+            )
+            .unwrap();
+        client.reply_to(id).unwrap();
+    }
+}
+
+#[test]
+fn only_shrink_sealed_fds_are_mapped_and_truncation_cannot_crash_the_server() {
+    let mut s = Session::negotiated();
+    let memory = Arc::new(Mutex::new(vec![0x77u8; 0x4000]));
+    s.client.set_dma_backing(
+        DmaBacking {
+            base: 0x100000,
+            memory: Arc::clone(&memory),
+        },
+        DmaMessageLayout::Spec,
+    );
+    // An fd that can shrink (memory-backend-file, memfd seal=off): accepted, not mmapped.
+    let name = unique("unsealed-ram");
+    let unsealed = memfd_with_seals(&name, 0x4000, 0);
+    s.client
+        .dma_map(3, 0, 0x100000, 0x4000, Some(unsealed.as_fd()))
+        .unwrap();
+    assert!(
+        !proc_maps_contains(&name),
+        "an unsealed fd must not be mmapped"
+    );
+    // The client truncates it to nothing; accesses go through DMA_READ/DMA_WRITE, which the
+    // client answers (here from its byte vector), so nothing faults.
+    // SAFETY: valid fd.
+    assert_eq!(unsafe { libc::ftruncate(unsealed.as_raw_fd(), 0) }, 0);
+    let h = s.device.handle();
+    let worker = std::thread::spawn(move || {
+        let mut b = [0u8; 8];
+        let r = h.dma_read(0x100ff8, &mut b);
+        let w = h.dma_write(0x100010, b"still here");
+        (r, w, b)
+    });
+    serve_dma_until_done(&mut s.client, &worker);
+    let (r, w, b) = worker.join().unwrap();
+    r.unwrap();
+    w.unwrap();
+    assert_eq!(b, [0x77; 8]);
+    assert_eq!(&memory.lock().unwrap()[0x10..0x1a], b"still here");
+    assert!(s.client.dma_requests_served() >= 2);
+
+    // Sealed against shrinking (QEMU's memory-backend-memfd): mapped and accessed directly,
+    // with no message to the client (which is not reading here).
+    let name = unique("sealed-ram");
+    let sealed = sealed_memfd(&name, 0x4000);
+    s.client
+        .dma_map(3, 0, 0x200000, 0x4000, Some(sealed.as_fd()))
+        .unwrap();
+    assert!(proc_maps_contains(&name), "a sealed fd is mmapped");
+    let served = s.client.dma_requests_served();
+    let h = s.device.handle();
+    h.dma_write(0x200100, b"direct").unwrap();
+    let mut back = [0u8; 6];
+    pread(&sealed, 0x100, &mut back);
+    assert_eq!(&back, b"direct");
+    // SAFETY: valid fd.
+    assert_ne!(
+        unsafe { libc::ftruncate(sealed.as_raw_fd(), 0) },
+        0,
+        "sealed"
+    );
+
+    // A file too small for the map is refused, sealed or not.
+    for seals in [0, libc::F_SEAL_SHRINK] {
+        let small = memfd_with_seals("small", 0x2000, seals);
+        assert_eq!(
+            errno_of(
+                s.client
+                    .dma_map(3, 0, 0x300000, 0x4000, Some(small.as_fd()))
+            ),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno_of(
+                s.client
+                    .dma_map(3, 0x1000, 0x300000, 0x2000, Some(small.as_fd()))
+            ),
+            libc::EINVAL
+        );
+    }
+    assert_eq!(s.client.dma_requests_served(), served);
+    let (_, stats) = s.close();
+    assert_eq!(stats.end, "peer closed the connection");
+}
+
 #[test]
 fn unmap_rules_and_unmap_all() {
     let mut s = Session::negotiated();
-    let ram = memfd(&unique("unmap-ram"), 0x4000);
+    let ram = sealed_memfd(&unique("unmap-ram"), 0x4000);
     s.client
         .dma_map(3, 0, 0x0, 0x4000, Some(ram.as_fd()))
         .unwrap();
@@ -1032,18 +1165,7 @@ fn socket_dma_roundtrip(layout: DmaMessageLayout) {
         let mut b = [0u8; 8];
         h.dma_read(0x90000, &mut b)
     });
-    while !worker.is_finished() {
-        let id = s
-            .client
-            .send(
-                Command::DeviceGetInfo as u16,
-                0,
-                &[&[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
-                &[],
-            )
-            .unwrap();
-        s.client.reply_to(id).unwrap();
-    }
+    serve_dma_until_done(&mut s.client, &worker);
     assert_eq!(worker.join().unwrap(), Err(DmaError::Remote(Errno::EFAULT)));
     s.close();
 }
@@ -1445,7 +1567,7 @@ fn disconnect_drops_maps_and_fds_and_reconnect_keeps_device_state() {
     c1.version().unwrap();
     c1.region_write(BAR0, 0x40, &[0x11, 0x22], false).unwrap();
     let name = unique("reconnect-ram");
-    let ram = memfd(&name, 0x10000);
+    let ram = sealed_memfd(&name, 0x10000);
     c1.dma_map(3, 0, 0x0, 0x10000, Some(ram.as_fd())).unwrap();
     assert!(proc_maps_contains(&name), "DMA map is mmapped");
     let efd = eventfd();
@@ -1742,12 +1864,10 @@ mod fuzz {
         for c in chunks {
             let (bytes, nfds) = encode(c);
             let owned: Vec<OwnedFd> = (0..nfds)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        memfd("fuzz", 0x2000)
-                    } else {
-                        eventfd()
-                    }
+                .map(|i| match i % 3 {
+                    0 => memfd("fuzz", 0x2000),
+                    1 => sealed_memfd("fuzz-sealed", 0x2000),
+                    _ => eventfd(),
                 })
                 .collect();
             let fds: Vec<BorrowedFd<'_>> = owned.iter().map(|f| f.as_fd()).collect();
@@ -1861,7 +1981,8 @@ struct Qtest {
 }
 
 impl Qtest {
-    fn start(qemu: &std::path::Path, socket: &std::path::Path) -> Qtest {
+    /// Start QEMU with the device on `socket`, plus `extra` arguments.
+    fn start(qemu: &std::path::Path, socket: &std::path::Path, extra: &[&str]) -> Qtest {
         let device = format!(
             r#"{{"driver":"vfio-user-pci","socket":{{"type":"unix","path":"{}"}},"addr":"0x5"}}"#,
             socket.display()
@@ -1879,6 +2000,7 @@ impl Qtest {
                 "none",
             ])
             .args(["-device", &device])
+            .args(extra)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -1950,7 +2072,7 @@ fn real_qemu_trapped_and_mmapped_bars_and_socket_dma() {
         Server::bind(&path, DEFAULT_SOCKET_MODE).unwrap(),
         device.clone(),
     );
-    let mut q = Qtest::start(&qemu, &path);
+    let mut q = Qtest::start(&qemu, &path, &[]);
 
     // Place BAR0 (trapped), BAR1 (sparse mmap) and enable memory decoding and bus mastering.
     q.config_write(0x10, 0xfe00_0000);
@@ -2001,6 +2123,96 @@ fn real_qemu_trapped_and_mmapped_bars_and_socket_dma() {
     drop(q);
     running.stop();
     assert_eq!(device.disconnects.load(Ordering::SeqCst), 1);
+}
+
+/// The seals of QEMU's `memory-backend-memfd` file, read through `/proc/<pid>/fd` (the same
+/// file the server received with DMA_MAP), if QEMU holds one.
+fn qemu_memfd_seals(pid: u32) -> Option<libc::c_int> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if !target
+            .to_string_lossy()
+            .starts_with("/memfd:memory-backend-memfd")
+        {
+            continue;
+        }
+        let file = std::fs::File::open(entry.path()).ok()?;
+        // SAFETY: F_GET_SEALS on a valid fd we own; no argument.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        return (seals >= 0).then_some(seals);
+    }
+    None
+}
+
+/// One QEMU run with guest RAM in a shared memfd (`seal=on|off`): checks the memfd's seals
+/// and that the server maps it directly only when it is sealed against shrinking; device DMA
+/// works either way.
+fn qemu_memfd_guest_ram(qemu: &std::path::Path, seal: bool) {
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vfio-user-qemu").unwrap();
+    let path = dir.as_path().join("dev.sock");
+    let device = FakeDevice::new();
+    let running = Running::start(
+        Server::bind(&path, DEFAULT_SOCKET_MODE).unwrap(),
+        device.clone(),
+    );
+    let backend = format!(
+        "memory-backend-memfd,id=mem,size=64M,share=on,seal={}",
+        if seal { "on" } else { "off" }
+    );
+    let mut q = Qtest::start(
+        qemu,
+        &path,
+        &["-object", &backend, "-machine", "memory-backend=mem"],
+    );
+    q.config_write(0x04, 0x0006);
+    let seals = qemu_memfd_seals(q.child.id()).expect("QEMU holds a memory-backend-memfd fd");
+    eprintln!(
+        "QEMU memory-backend-memfd seal={seal}: seals {seals:#x} (shrink {}, grow {}, seal {}, \
+         write {})",
+        seals & libc::F_SEAL_SHRINK != 0,
+        seals & libc::F_SEAL_GROW != 0,
+        seals & libc::F_SEAL_SEAL != 0,
+        seals & libc::F_SEAL_WRITE != 0
+    );
+    // seal=off: a memfd created without MFD_ALLOW_SEALING, which the kernel marks with
+    // F_SEAL_SEAL alone (no further seals can be added; it can still shrink).
+    let expected = if seal {
+        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+    } else {
+        libc::F_SEAL_SEAL
+    };
+    assert_eq!(seals, expected, "QEMU's memfd seals changed");
+    // The first qtest answer came after realize, whose DMA maps QEMU waits for.
+    let mapped = || proc_maps_contains("/memfd:memory-backend-memfd");
+    if seal {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !mapped() {
+            assert!(
+                Instant::now() < deadline,
+                "sealed guest RAM was never mmapped"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    q.cmd("write 0x100000 0x8 0x0807060504030201");
+    let h = device.handle();
+    let mut b = [0u8; 8];
+    h.dma_read(0x100000, &mut b).unwrap();
+    assert_eq!(b, [8, 7, 6, 5, 4, 3, 2, 1]);
+    h.dma_write(0x200003, &[0x00, 0x07, 0x0e, 0x15]).unwrap();
+    assert_eq!(q.value("read 0x200003 0x4"), 0x0007_0e15);
+    assert_eq!(mapped(), seal, "mapped directly only when sealed");
+    drop(q);
+    running.stop();
+    assert!(!mapped(), "guest RAM unmapped on disconnect");
+}
+
+#[test]
+fn real_qemu_memfd_guest_ram_is_mapped_only_when_sealed() {
+    let qemu = lab_qemu();
+    // One after the other: both look for QEMU's memfd in this process's mappings.
+    qemu_memfd_guest_ram(&qemu, true);
+    qemu_memfd_guest_ram(&qemu, false);
 }
 
 // ---------------------------------------------------------------------------------------------
