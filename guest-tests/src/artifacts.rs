@@ -123,15 +123,36 @@ pub fn probe_binary() -> Result<PathBuf> {
         })
 }
 
-fn build_backend() -> Result<PathBuf> {
+/// Which cargo profile to build the backend with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BuildProfile {
+    /// `cargo build` (`<target>/debug`): what the tests and the demo use.
+    Debug,
+    /// `cargo build --release` (`<target>/release`): what the benchmarks use.
+    Release,
+}
+
+impl BuildProfile {
+    /// The directory name under the target directory.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            BuildProfile::Debug => "debug",
+            BuildProfile::Release => "release",
+        }
+    }
+}
+
+fn build_backend(profile: BuildProfile) -> Result<PathBuf> {
     if let Some(path) = std::env::var_os(BACKEND_BIN_ENV) {
         return Ok(PathBuf::from(path));
     }
-    run_cargo(
-        "gpu-backend",
-        &["build", "-p", "gpu-backend", "--bin", "gpu-backend"],
-    )?;
-    let path = target_dir().join("debug").join("gpu-backend");
+    let mut args = vec!["build"];
+    if profile == BuildProfile::Release {
+        args.push("--release");
+    }
+    args.extend(["-p", "gpu-backend", "--bin", "gpu-backend"]);
+    run_cargo("gpu-backend", &args)?;
+    let path = target_dir().join(profile.dir_name()).join("gpu-backend");
     if path.is_file() {
         Ok(path)
     } else {
@@ -145,17 +166,28 @@ fn build_backend() -> Result<PathBuf> {
 /// The backend binary: `$GPU_BACKEND_BIN`, or `<target>/debug/gpu-backend` after
 /// `cargo build -p gpu-backend` (run once per process so the binary is never stale).
 pub fn backend_binary() -> Result<PathBuf> {
-    static BACKEND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BACKEND
-        .get_or_init(|| {
-            build_backend().map_err(|e| match e {
-                HarnessError::Build { reason, .. } => reason,
-                other => other.to_string(),
-            })
+    backend_binary_for(BuildProfile::Debug)
+}
+
+/// The backend binary built with `profile`: `$GPU_BACKEND_BIN`, or
+/// `<target>/<debug|release>/gpu-backend` after `cargo build [--release] -p gpu-backend`
+/// (each profile built at most once per process).
+pub fn backend_binary_for(profile: BuildProfile) -> Result<PathBuf> {
+    static DEBUG: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    static RELEASE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    let cell = match profile {
+        BuildProfile::Debug => &DEBUG,
+        BuildProfile::Release => &RELEASE,
+    };
+    cell.get_or_init(|| {
+        build_backend(profile).map_err(|e| match e {
+            HarnessError::Build { reason, .. } => reason,
+            other => other.to_string(),
         })
-        .clone()
-        .map_err(|reason| HarnessError::Build {
-            what: "gpu-backend".into(),
-            reason,
-        })
+    })
+    .clone()
+    .map_err(|reason| HarnessError::Build {
+        what: "gpu-backend".into(),
+        reason,
+    })
 }

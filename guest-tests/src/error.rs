@@ -57,6 +57,14 @@ pub enum HarnessError {
         /// The end of the guest's serial log.
         serial_tail: String,
     },
+    /// `gpu-backend inspect` failed (e.g. an unknown profile) or printed unusable JSON.
+    #[error("`gpu-backend inspect --profile {profile}`: {reason}")]
+    Inspect {
+        /// The profile asked for.
+        profile: String,
+        /// What went wrong (the backend's own message for an unknown profile).
+        reason: String,
+    },
     /// The backend process could not be started or did not create its socket.
     #[error("backend: {reason}\n--- backend log (tail) ---\n{log_tail}")]
     Backend {

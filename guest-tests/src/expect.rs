@@ -1,6 +1,7 @@
 //! What a guest should see for a backend profile, taken from the backend itself
 //! (`gpu-backend inspect --profile <name> --json`), turned into [`ProbeArgs`].
 
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
@@ -8,6 +9,20 @@ use serde_json::Value;
 use crate::artifacts::backend_binary;
 use crate::error::{HarnessError, Result};
 use crate::probe_args::ProbeArgs;
+use crate::report::ProbeReport;
+
+/// `64-bit, prefetchable`, `32-bit, non-prefetchable`, ...
+pub fn bar_type(is_64bit: bool, prefetchable: bool) -> String {
+    format!(
+        "{}, {}",
+        if is_64bit { "64-bit" } else { "32-bit" },
+        if prefetchable {
+            "prefetchable"
+        } else {
+            "non-prefetchable"
+        }
+    )
+}
 
 /// One BAR of the presented function.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +35,17 @@ pub struct BarExpectation {
     pub real_size: u64,
     /// Power-of-two size the guest sees.
     pub presented_size: u64,
+    /// A 64-bit memory BAR.
+    pub is_64bit: bool,
+    /// A prefetchable memory BAR.
+    pub prefetchable: bool,
+}
+
+impl BarExpectation {
+    /// Bytes past the real memory (reads ~0, writes dropped).
+    pub fn padding(&self) -> u64 {
+        self.presented_size.saturating_sub(self.real_size)
+    }
 }
 
 /// The guest-visible identity and BAR layout of a profile.
@@ -27,6 +53,12 @@ pub struct BarExpectation {
 pub struct ProfileLayout {
     /// Profile name.
     pub profile: String,
+    /// Marketing name of the chip, e.g. `NVIDIA GH200 Grace Hopper Superchip (...)`.
+    pub description: String,
+    /// GPU generation, e.g. `Hopper` (empty if the backend did not say).
+    pub generation: String,
+    /// PCI vendor id.
+    pub vendor_id: u16,
     /// PCI device id.
     pub device_id: u16,
     /// PCI class code.
@@ -60,6 +92,7 @@ impl ProfileLayout {
                     .and_then(Value::as_u64)
                     .ok_or_else(|| format!("bar lacks {k}"))
             };
+            let flag = |k: &str| b.get(k).and_then(Value::as_bool).unwrap_or(false);
             bars.push(BarExpectation {
                 index: n("index")? as u8,
                 role: b
@@ -69,10 +102,21 @@ impl ProfileLayout {
                     .to_string(),
                 real_size: n("real_size")?,
                 presented_size: n("presented_size")?,
+                is_64bit: flag("is_64bit"),
+                prefetchable: flag("prefetchable"),
             });
         }
+        let text_of = |path: &[&str]| {
+            field(&v, path)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
         Ok(ProfileLayout {
             profile: profile.to_string(),
+            description: text_of(&["chip", "description"]),
+            generation: text_of(&["chip", "generation"]),
+            vendor_id: num(&["pci", "vendor_id"])? as u16,
             device_id: num(&["pci", "device_id"])? as u16,
             class_code: num(&["pci", "class_code"])? as u32,
             boot0: num(&["chip", "boot0"])? as u32,
@@ -80,26 +124,31 @@ impl ProfileLayout {
         })
     }
 
-    /// Ask the backend binary for the layout of `profile`.
+    /// Ask the backend binary (the debug build, see [`backend_binary`]) for the layout of
+    /// `profile`.
     pub fn inspect(profile: &str) -> Result<ProfileLayout> {
-        let bin = backend_binary()?;
-        let err = |reason: String| HarnessError::Backend {
+        Self::inspect_with(&backend_binary()?, profile)
+    }
+
+    /// Ask the backend binary `bin` for the layout of `profile`.
+    pub fn inspect_with(bin: &Path, profile: &str) -> Result<ProfileLayout> {
+        let err = |reason: String| HarnessError::Inspect {
+            profile: profile.to_string(),
             reason,
-            log_tail: String::new(),
         };
-        let out = Command::new(&bin)
+        let out = Command::new(bin)
             .args(["inspect", "--profile", profile, "--json"])
             .output()
-            .map_err(|e| err(format!("running {} inspect: {e}", bin.display())))?;
+            .map_err(|e| err(format!("running {}: {e}", bin.display())))?;
         if !out.status.success() {
             return Err(err(format!(
-                "`inspect --profile {profile} --json` failed with {}: {}",
+                "{}: {}",
                 out.status,
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
         Self::from_json(profile, &String::from_utf8_lossy(&out.stdout))
-            .map_err(|e| err(format!("parsing `inspect --json` of {profile}: {e}")))
+            .map_err(|e| err(format!("parsing its JSON: {e}")))
     }
 
     /// The VRAM BAR the probe should exercise: the one with padding if any, else the largest.
@@ -108,6 +157,49 @@ impl ProfileLayout {
             .iter()
             .filter(|b| b.role == "vram")
             .max_by_key(|b| (b.presented_size > b.real_size, b.real_size))
+    }
+
+    /// The BAR0 offset of the generation's BAR0 window register (`NV_PBUS_BAR0_WINDOW` at
+    /// `0x1700` up to Ada, `NV_XAL_EP_BAR0_WINDOW` at `0x10FD40` on Hopper and Blackwell): a
+    /// register a guest may rewrite with its current value without side effects.
+    pub fn window_register(&self) -> u32 {
+        match self.generation.as_str() {
+            "Hopper" | "Blackwell" => 0x10_FD40,
+            _ => 0x1700,
+        }
+    }
+
+    /// The BAR with `index`, if the profile has it.
+    pub fn bar(&self, index: u8) -> Option<&BarExpectation> {
+        self.bars.iter().find(|b| b.index == index)
+    }
+
+    /// Compare the BARs a guest saw with the layout: every expected BAR present with the
+    /// presented size and the same 64-bit / prefetchable type bits. Returns one line per
+    /// mismatch (empty: everything matches).
+    pub fn bar_mismatches(&self, report: &ProbeReport) -> Vec<String> {
+        let mut bad = Vec::new();
+        for want in &self.bars {
+            let Some(got) = report.bars.iter().find(|b| b.index == want.index) else {
+                bad.push(format!("BAR{} missing in the guest", want.index));
+                continue;
+            };
+            if got.size != want.presented_size {
+                bad.push(format!(
+                    "BAR{} size {} (want {})",
+                    want.index, got.size, want.presented_size
+                ));
+            }
+            if (got.is_64bit(), got.is_prefetchable()) != (want.is_64bit, want.prefetchable) {
+                bad.push(format!(
+                    "BAR{} type {} (want {})",
+                    want.index,
+                    bar_type(got.is_64bit(), got.is_prefetchable()),
+                    bar_type(want.is_64bit, want.prefetchable)
+                ));
+            }
+        }
+        bad
     }
 
     /// Probe arguments checking everything the layout promises: ids, BOOT_0, every BAR's size
@@ -136,11 +228,13 @@ mod tests {
 
     #[test]
     fn parses_inspect_json() {
-        let json = r#"{"chip":{"name":"x","boot0":402653345},
+        let json = r#"{"chip":{"name":"x","boot0":402653345,"generation":"Hopper"},
             "pci":{"vendor_id":4318,"device_id":9026,"class_code":197120},
-            "bars":[{"index":0,"role":"registers","real_size":16777216,"presented_size":16777216},
+            "bars":[{"index":0,"role":"registers","real_size":16777216,"presented_size":16777216,
+                     "is_64bit":true,"prefetchable":true},
                     {"index":2,"role":"vram","real_size":1073741824,"presented_size":1073741824},
-                    {"index":4,"role":"vram","real_size":102005473280,"presented_size":137438953472}]}"#;
+                    {"index":4,"role":"vram","real_size":102005473280,"presented_size":137438953472,
+                     "is_64bit":true,"prefetchable":true}]}"#;
         let l = ProfileLayout::from_json("x", json).unwrap();
         assert_eq!(
             (l.device_id, l.class_code, l.boot0),
@@ -151,5 +245,34 @@ mod tests {
         assert_eq!(args.get("vram_real"), Some("102005473280"));
         assert_eq!(args.get("bar4_size"), Some("137438953472"));
         assert_eq!(args.get("boot0_bar"), Some("0"));
+        assert_eq!(l.window_register(), 0x10_FD40);
+        assert!(l.bar(0).unwrap().is_64bit && !l.bar(2).unwrap().prefetchable);
+        assert_eq!(l.bar(4).unwrap().padding(), 33 << 30);
+    }
+
+    #[test]
+    fn compares_guest_bars() {
+        let json = r#"{"chip":{"boot0":1},"pci":{"vendor_id":4318,"device_id":1,"class_code":2},
+            "bars":[{"index":0,"role":"registers","real_size":4096,"presented_size":4096,
+                     "is_64bit":false,"prefetchable":false},
+                    {"index":1,"role":"vram","real_size":6144,"presented_size":8192,
+                     "is_64bit":true,"prefetchable":true}]}"#;
+        let l = ProfileLayout::from_json("t", json).unwrap();
+        assert_eq!(l.window_register(), 0x1700);
+        let report = ProbeReport::parse(
+            "GPUPROBE bar index=0 start=0x1000 size=4096 flags=0x40200 kind=mem\n\
+             GPUPROBE bar index=1 start=0x8000 size=8192 flags=0x14220c kind=mem\n",
+        );
+        assert_eq!(l.bar_mismatches(&report), Vec::<String>::new());
+        let report = ProbeReport::parse(
+            "GPUPROBE bar index=0 start=0x1000 size=4096 flags=0x14220c kind=mem\n",
+        );
+        assert_eq!(
+            l.bar_mismatches(&report),
+            [
+                "BAR0 type 64-bit, prefetchable (want 32-bit, non-prefetchable)",
+                "BAR1 missing in the guest"
+            ]
+        );
     }
 }

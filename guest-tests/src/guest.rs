@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::artifacts::probe_binary;
+use crate::artifacts::{backend_binary, probe_binary};
 use crate::backend::Backend;
 use crate::error::{tail, HarnessError, Result};
 use crate::initramfs::write_guest_initramfs;
@@ -32,6 +32,8 @@ pub struct GuestOptions {
     pub timeout: Duration,
     /// Guest RAM in MiB.
     pub memory_mib: u32,
+    /// Guest vCPUs (`-smp`).
+    pub smp: u32,
     /// Extra kernel command-line words.
     pub extra_kernel_args: String,
     /// Extra raw QEMU arguments.
@@ -49,6 +51,7 @@ impl GuestOptions {
             vfio_user_props: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             memory_mib: DEFAULT_MEMORY_MIB,
+            smp: DEFAULT_SMP,
             extra_kernel_args: String::new(),
             extra_qemu_args: Vec::new(),
             label: "guest".into(),
@@ -64,6 +67,23 @@ impl GuestOptions {
     /// Name the run directory.
     pub fn label(mut self, label: &str) -> Self {
         self.label = label.into();
+        self
+    }
+
+    /// Number of guest vCPUs.
+    pub fn smp(mut self, vcpus: u32) -> Self {
+        self.smp = vcpus.max(1);
+        self
+    }
+
+    /// Append raw QEMU arguments (e.g. `["-device", "edu"]`).
+    pub fn qemu_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_qemu_args
+            .extend(args.into_iter().map(Into::into));
         self
     }
 }
@@ -121,7 +141,7 @@ pub fn boot_guest(opts: &GuestOptions) -> Result<GuestRun> {
         vfio_user_socket: opts.vfio_user_socket.clone(),
         vfio_user_props: opts.vfio_user_props.clone(),
         memory_mib: opts.memory_mib,
-        smp: DEFAULT_SMP,
+        smp: opts.smp,
         serial_log: run_dir.join("serial.log"),
         extra_args: opts.extra_qemu_args.clone(),
     };
@@ -172,8 +192,18 @@ pub fn boot_guest_with_backend(profile: &str, probe: &ProbeArgs) -> Result<Probe
 /// same backend, for persistence), then stop it. Backend output goes to
 /// `<target>/guest-tests/runs/backend-<profile>-…/backend.log`.
 pub fn with_backend<T>(profile: &str, f: impl FnOnce(&Backend) -> Result<T>) -> Result<T> {
+    with_backend_bin(&backend_binary()?, profile, f)
+}
+
+/// [`with_backend`] with a given backend binary (e.g. a release build from
+/// [`crate::artifacts::backend_binary_for`]).
+pub fn with_backend_bin<T>(
+    bin: &Path,
+    profile: &str,
+    f: impl FnOnce(&Backend) -> Result<T>,
+) -> Result<T> {
     let dir = new_run_dir(&format!("backend-{profile}"))?;
-    let mut backend = Backend::spawn(profile, &dir.join("backend.log"))?;
+    let mut backend = Backend::spawn_with(bin, profile, &dir.join("backend.log"), &[])?;
     let result = f(&backend);
     backend.stop();
     match &result {

@@ -14,25 +14,33 @@
 //! Modules: [`qemu`] (install via `qemu-configs/install.sh`, argv, run with timeout),
 //! [`initramfs`] (newc cpio + gzip), [`artifacts`] (building the probe and the backend),
 //! [`backend`] (the `serve` process), [`expect`] (what a profile should look like, from
-//! `gpu-backend inspect --json`), [`guest`] (the boot API), [`probe_args`] and [`report`].
+//! `gpu-backend inspect --json`), [`guest`] (the boot API), [`probe_args`] and [`report`];
+//! for the programs: [`demo`] (the tables of `gpu-demo`), [`bench`], [`bench_table`],
+//! [`pingpong`], [`stats`] and [`affinity`] (the guest benchmarks of `gpu-guest-bench`).
 
+pub mod affinity;
 pub mod artifacts;
 pub mod backend;
+pub mod bench;
+pub mod bench_table;
+pub mod demo;
 pub mod error;
 pub mod expect;
 pub mod guest;
 pub mod initramfs;
 pub mod paths;
+pub mod pingpong;
 pub mod probe_args;
 pub mod qemu;
 pub mod report;
+pub mod stats;
 
 pub use backend::Backend;
 pub use error::{HarnessError, Result};
 pub use expect::ProfileLayout;
 pub use guest::{
-    boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, GuestOptions,
-    GuestRun,
+    boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, with_backend_bin,
+    GuestOptions, GuestRun,
 };
 pub use probe_args::ProbeArgs;
 pub use qemu::QemuLab;

@@ -118,6 +118,23 @@ pub struct BarInfo {
     pub kind: String,
 }
 
+/// `IORESOURCE_PREFETCH` in the kernel's resource flags.
+pub const IORESOURCE_PREFETCH: u64 = 0x2000;
+/// `IORESOURCE_MEM_64` in the kernel's resource flags.
+pub const IORESOURCE_MEM_64: u64 = 0x0010_0000;
+
+impl BarInfo {
+    /// A 64-bit memory BAR (from the kernel's resource flags).
+    pub fn is_64bit(&self) -> bool {
+        self.flags & IORESOURCE_MEM_64 != 0
+    }
+
+    /// A prefetchable memory BAR (from the kernel's resource flags).
+    pub fn is_prefetchable(&self) -> bool {
+        self.flags & IORESOURCE_PREFETCH != 0
+    }
+}
+
 /// The final `GPUPROBE done` line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Done {

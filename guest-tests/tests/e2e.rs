@@ -1,12 +1,48 @@
 //! End-to-end tests: boot a real QEMU guest (TCG) running `gpu-guest-probe`.
 //!
 //! These tests need QEMU from `qemu-configs/install.sh`; they fail (never skip) if it cannot be
-//! installed. Each boot takes about 7-15 s on two cores.
+//! installed. Each boot takes about 7-15 s on two cores. One test function per profile, so that
+//! the test harness runs them in parallel; the probe, the initramfs and the backend are built
+//! once per test process.
 
 use guest_tests::{
-    boot_guest, boot_guest_without_device, with_backend, GuestOptions, Outcome, ProbeArgs,
-    ProfileLayout,
+    boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, GuestOptions,
+    Outcome, ProbeArgs, ProbeReport, ProfileLayout,
 };
+
+/// Assert that every named check ran and passed.
+fn assert_passed(report: &ProbeReport, checks: &[&str]) {
+    for name in checks {
+        let c = report
+            .check(name)
+            .unwrap_or_else(|| panic!("check {name} missing\n{}", report.summary_table()));
+        assert_eq!(
+            c.outcome,
+            Outcome::Pass,
+            "{c:?}\n{}",
+            report.summary_table()
+        );
+    }
+}
+
+/// The checks every emulated GPU must pass in a guest.
+const GUEST_CHECKS: &[&str] = &[
+    "device_found",
+    "device_id",
+    "class",
+    "bar_sizes_pow2",
+    "bars_assigned",
+    "boot0_mmap",
+    "boot0_devmem",
+    "vram_bar",
+    "vram_rw_mmap",
+    "vram_rw_devmem",
+    "vram_rw_devmem_write",
+    "vram_pad_read_devmem",
+    "vram_pad_read_mmap",
+    "vram_pad_write_dropped",
+    "vram_pad_write_no_alias",
+];
 
 /// The whole pipeline (QEMU install, kernel, initramfs, static probe, serial parsing, power
 /// off) without the vfio-user device: the probe must run to the end and report that it found
@@ -75,6 +111,8 @@ fn emulated_gh200_in_guest_and_vram_persists_across_guests() {
             run.report.failures(),
             run.run_dir.display()
         );
+        assert_passed(&run.report, GUEST_CHECKS);
+        assert_eq!(layout.bar_mismatches(&run.report), Vec::<String>::new());
     }
     for (run, check) in [
         (&first, "persist_write"),
@@ -88,4 +126,64 @@ fn emulated_gh200_in_guest_and_vram_persists_across_guests() {
             .unwrap_or_else(|| panic!("{check} missing"));
         assert_eq!(c.outcome, Outcome::Pass, "{c:?}");
     }
+}
+
+/// A pre-Hopper GPU: the emulated TITAN RTX (Turing TU102). Its BAR layout differs from the
+/// Hopper profiles: a 32-bit, non-prefetchable register BAR0, the VRAM aperture in BAR1 (23.65 GiB
+/// of memory presented as a 32 GiB BAR, 8.35 GiB of padding) and a 32 MiB instance-memory BAR3.
+/// One guest: ids, BOOT_0, power-of-two BARs of the expected sizes and types, VRAM read-back
+/// below the real size, 0xFF padding and dropped padding writes.
+#[test]
+fn emulated_tu102_turing_in_guest() {
+    const PROFILE: &str = "tu102-24g";
+    let layout = ProfileLayout::inspect(PROFILE).unwrap_or_else(|e| panic!("{e}"));
+    // The facts the test is about, stated independently of `inspect`.
+    assert_eq!(layout.boot0, 0x1620_00a1, "TU102 BOOT_0");
+    assert_eq!((layout.vendor_id, layout.device_id), (0x10de, 0x1e02));
+    let bar0 = layout.bar(0).expect("BAR0");
+    assert_eq!(
+        (
+            bar0.role.as_str(),
+            bar0.presented_size,
+            bar0.is_64bit,
+            bar0.prefetchable
+        ),
+        ("registers", 16 << 20, false, false)
+    );
+    let vram = layout.vram_bar().expect("a VRAM BAR");
+    assert_eq!(
+        (vram.index, vram.real_size, vram.presented_size),
+        (1, 25_396_510_720, 32 << 30)
+    );
+    let bar3 = layout.bar(3).expect("BAR3");
+    assert_eq!(bar3.presented_size, 32 << 20);
+
+    let report =
+        boot_guest_with_backend(PROFILE, &layout.probe_args()).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", report.summary_table());
+    assert!(
+        report.all_passed(),
+        "failed checks: {:#?}",
+        report.failures()
+    );
+    assert_passed(&report, GUEST_CHECKS);
+    assert_eq!(layout.bar_mismatches(&report), Vec::<String>::new());
+    let device = report.device.as_ref().expect("device");
+    assert_eq!(
+        (device.vendor, device.device, device.class),
+        (0x10de, 0x1e02, 0x030000)
+    );
+    let bar0 = report
+        .bars
+        .iter()
+        .find(|b| b.index == 0)
+        .expect("BAR0 in the guest");
+    assert!(!bar0.is_64bit() && !bar0.is_prefetchable(), "{bar0:?}");
+    assert!(bar0.start < 1 << 32, "a 32-bit BAR below 4 GiB: {bar0:?}");
+    let padding = report
+        .facts_of("padding")
+        .next()
+        .expect("padding offsets were probed");
+    assert_eq!(padding.num("real"), Some(25_396_510_720));
+    assert_eq!(padding.num("size"), Some(32 << 30));
 }

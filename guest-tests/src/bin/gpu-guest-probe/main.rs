@@ -14,6 +14,7 @@
 //!
 //! `--no-poweroff` makes it exit instead of powering off (for interactive use in a guest shell).
 
+mod bench;
 mod checks;
 mod mem;
 mod out;

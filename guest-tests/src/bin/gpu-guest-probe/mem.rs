@@ -79,6 +79,20 @@ impl Window {
         Ok(unsafe { self.ptr.add(rel) })
     }
 
+    /// Pointer to file offset `offset` with `len` bytes of the mapping behind it (for bulk
+    /// access, e.g. bandwidth measurements).
+    pub fn region(&self, offset: u64, len: usize) -> io::Result<*mut u8> {
+        let rel = offset
+            .checked_sub(self.base)
+            .and_then(|r| usize::try_from(r).ok())
+            .filter(|r| r.checked_add(len).is_some_and(|e| e <= self.len))
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "range outside mapped window")
+            })?;
+        // SAFETY: rel + len <= self.len, so the pointer stays inside the mapping.
+        Ok(unsafe { self.ptr.add(rel) })
+    }
+
     /// Volatile 32-bit read at file offset `offset`.
     pub fn read32(&self, offset: u64) -> io::Result<u32> {
         let p = self.at(offset, 4)?;

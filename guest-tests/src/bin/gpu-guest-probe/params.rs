@@ -17,6 +17,13 @@
 //! | `persist_seed` | pattern seed | `1` |
 //! | `timeout` | watchdog, seconds | `120` |
 //! | `shell` | `1`: `/init` starts a shell after the probe instead of powering off | off |
+//! | `bench` | `1`: after the checks, run the benchmarks (see `bench`) | off |
+//! | `bench_n` | timed accesses per latency benchmark | `2000` |
+//! | `bench_warmup` | untimed accesses before each latency benchmark | `200` |
+//! | `bench_mib` | MiB read/written by the bandwidth benchmarks (`0`: skip) | `64` |
+//! | `bench_memcpy_mib` | MiB copied by the `memcpy` bandwidth benchmarks (`0`: skip) | `16` |
+//! | `bench_reg` | BAR`boot0_bar` offset of a register safe to rewrite (posted writes) | skipped |
+//! | `bench_edu` | `1`: also measure QEMU's `edu` device (1234:11e8) as a baseline | `1` |
 //!
 //! Numbers are decimal or `0x` hexadecimal; sizes also accept `K`, `M`, `G`, `T` suffixes (binary).
 
@@ -60,6 +67,20 @@ pub struct Params {
     pub persist_seed: u64,
     /// Watchdog seconds.
     pub timeout: u32,
+    /// Run the benchmarks.
+    pub bench: bool,
+    /// Timed accesses per latency benchmark.
+    pub bench_n: u32,
+    /// Untimed warm-up accesses per latency benchmark.
+    pub bench_warmup: u32,
+    /// MiB for the sequential bandwidth benchmarks (0: skip).
+    pub bench_mib: u64,
+    /// MiB for the memcpy bandwidth benchmarks (0: skip).
+    pub bench_memcpy_mib: u64,
+    /// Register offset for the posted-write benchmark.
+    pub bench_reg: Option<u64>,
+    /// Measure the `edu` device too.
+    pub bench_edu: bool,
     /// Parameters that could not be understood (reported as a failed check).
     pub errors: Vec<String>,
 }
@@ -80,6 +101,13 @@ impl Default for Params {
             persist_len: 4096,
             persist_seed: 1,
             timeout: 120,
+            bench: false,
+            bench_n: 2000,
+            bench_warmup: 200,
+            bench_mib: 64,
+            bench_memcpy_mib: 16,
+            bench_reg: None,
+            bench_edu: true,
             errors: Vec::new(),
         }
     }
@@ -150,6 +178,13 @@ impl Params {
             }
             "persist_seed" => self.persist_seed = num()?,
             "timeout" => self.timeout = narrow(num()?, 86_400)?.max(1) as u32,
+            "bench" => self.bench = narrow(num()?, 1)? == 1,
+            "bench_n" => self.bench_n = narrow(num()?, 10_000_000)?.max(1) as u32,
+            "bench_warmup" => self.bench_warmup = narrow(num()?, 10_000_000)? as u32,
+            "bench_mib" => self.bench_mib = narrow(num()?, 1024)?,
+            "bench_memcpy_mib" => self.bench_memcpy_mib = narrow(num()?, 1024)?,
+            "bench_reg" => self.bench_reg = Some(narrow(num()?, 0xff_fffc)?),
+            "bench_edu" => self.bench_edu = narrow(num()?, 1)? == 1,
             // Read by /init (start a shell after the probe), not by the probe.
             "shell" => {}
             _ => {
@@ -194,6 +229,14 @@ mod tests {
         assert_eq!(p.persist_seed, 7);
         assert_eq!(p.vendor, 0x10de, "out-of-range vendor rejected");
         assert_eq!(p.errors.len(), 2, "{:?}", p.errors);
+        assert!(!p.bench);
+        let b =
+            Params::from_cmdline("gpuprobe.bench=1 gpuprobe.bench_n=500 gpuprobe.bench_reg=0x1700");
+        assert!(b.bench && b.bench_edu);
+        assert_eq!(
+            (b.bench_n, b.bench_reg, b.bench_mib),
+            (500, Some(0x1700), 64)
+        );
     }
 
     #[test]

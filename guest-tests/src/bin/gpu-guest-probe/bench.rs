@@ -1,0 +1,390 @@
+//! Guest-side benchmarks (`gpuprobe.bench=1`), run after the checks. The probe only measures
+//! and prints; the host harness (`guest_tests::bench`) collects and compares.
+//!
+//! Output, one line each (times in nanoseconds, measured with `Instant`, i.e. the vDSO clock):
+//!
+//! ```text
+//! GPUPROBE bench name=env clocksource=tsc cpus=2
+//! GPUPROBE bench name=timer kind=latency n=.. p50_ns=.. p99_ns=.. mean_ns=.. min_ns=.. max_ns=.. loop_mean_ns=..
+//! GPUPROBE bench name=gpu_bar0_read32 kind=latency ...       (trapped: crosses the vfio-user socket)
+//! GPUPROBE bench name=edu_bar0_read32 kind=latency ...       (QEMU's in-process edu device)
+//! GPUPROBE bench name=gpu_bar0_posted_write kind=burst n=.. issue_ns=.. drain_ns=.. total_ns=..
+//! GPUPROBE bench name=edu_bar0_write32 kind=latency ...
+//! GPUPROBE bench name=vram_seq_read64 kind=bandwidth bytes=.. ns=<best> median_ns=.. first_ns=.. reps=5
+//!     (also ram_seq_read64, {vram,ram}_seq_write64, {vram,ram}_memcpy)
+//! ```
+//!
+//! Latency samples time one access each (so they include the timer's own cost, reported as
+//! `timer`); `loop_mean_ns` is a separate untimed loop of the same accesses divided by their
+//! number. Each benchmark that cannot run prints a `check ... result=fail` line instead.
+
+use std::fs::File;
+use std::hint::black_box;
+use std::io;
+use std::time::Instant;
+
+use crate::mem::{Window, PAGE};
+use crate::out::{fact, fail, pass, set_current};
+use crate::params::Params;
+use crate::pci::{Bar, PciDevice};
+
+/// QEMU's educational PCI device.
+const EDU_VENDOR: u16 = 0x1234;
+const EDU_DEVICE: u16 = 0x11e8;
+/// edu register 0x04: "card liveness check" (reads back the inverted value written).
+const EDU_LIVENESS: u64 = 0x04;
+/// Posted-write bursts; the median burst is reported.
+const BURSTS: usize = 5;
+/// Repetitions of each bandwidth pass; the best is reported (with the median and the first).
+const BANDWIDTH_REPS: usize = 5;
+
+/// Per-access statistics of `samples` (nanoseconds), sorted in place.
+fn stats_fields(samples: &mut [u64], loop_mean: u64) -> String {
+    samples.sort_unstable();
+    let n = samples.len();
+    let pct = |p: usize| samples[((n * p).div_ceil(100)).clamp(1, n) - 1];
+    let mean = samples.iter().sum::<u64>() / n as u64;
+    format!(
+        "kind=latency n={n} p50_ns={} p99_ns={} mean_ns={mean} min_ns={} max_ns={} loop_mean_ns={loop_mean}",
+        pct(50),
+        pct(99),
+        samples[0],
+        samples[n - 1]
+    )
+}
+
+/// Warm up, then time `n` calls of `f` one by one, then `n` calls in one untimed loop.
+fn measure<T>(params: &Params, mut f: impl FnMut() -> io::Result<T>) -> io::Result<String> {
+    for _ in 0..params.bench_warmup {
+        black_box(f()?);
+    }
+    let n = params.bench_n as usize;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        black_box(f()?);
+        samples.push(t.elapsed().as_nanos() as u64);
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        black_box(f()?);
+    }
+    let loop_mean = t.elapsed().as_nanos() as u64 / n as u64;
+    Ok(stats_fields(&mut samples, loop_mean))
+}
+
+fn open_rw(path: &str) -> io::Result<File> {
+    File::options().read(true).write(true).open(path)
+}
+
+/// Run every benchmark the parameters allow.
+pub fn run(params: &Params, gpu: &PciDevice, bars: &[Bar], devices: &[PciDevice]) {
+    let clocksource =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    fact(
+        "bench",
+        &format!("name=env clocksource={clocksource} cpus={cpus}"),
+    );
+
+    set_current("bench_timer");
+    if let Ok(fields) = measure(params, || Ok(())) {
+        fact("bench", &format!("name=timer {fields}"));
+    }
+
+    bench_gpu_registers(params, gpu);
+    if params.bench_edu {
+        bench_edu(params, devices);
+    }
+    if params.bench_mib > 0 || params.bench_memcpy_mib > 0 {
+        match params.vram_bar {
+            Some(index) => bench_bandwidth(params, gpu, bars, index),
+            None => fail("bench_bandwidth", "no gpuprobe.vram_bar given"),
+        }
+    }
+}
+
+/// (a) trapped BOOT_0 reads and (e) posted writes to a harmless register, via resource mmap.
+fn bench_gpu_registers(params: &Params, gpu: &PciDevice) {
+    set_current("bench_gpu_read");
+    let bar = params.boot0_bar;
+    let file = match open_rw(&gpu.resource_path(bar)) {
+        Ok(f) => f,
+        Err(e) => return fail("bench_gpu_read", &format!("open resource{bar}: {e}")),
+    };
+    let boot0 = match Window::map(&file, 0, 4) {
+        Ok(w) => w,
+        Err(e) => return fail("bench_gpu_read", &format!("mmap resource{bar}: {e}")),
+    };
+    match measure(params, || boot0.read32(0)) {
+        Ok(fields) => {
+            fact("bench", &format!("name=gpu_bar{bar}_read32 {fields}"));
+            pass("bench_gpu_read", "");
+        }
+        Err(e) => fail("bench_gpu_read", &format!("read BAR{bar} offset 0: {e}")),
+    }
+
+    let Some(reg) = params.bench_reg else {
+        return;
+    };
+    set_current("bench_gpu_posted_write");
+    let result = Window::map(&file, reg, 4).and_then(|w| {
+        let value = w.read32(reg)?;
+        // One small burst first so that the connection is warm.
+        for _ in 0..params.bench_warmup {
+            w.write32(reg, value)?;
+        }
+        boot0.read32(0)?;
+        let n = params.bench_n;
+        let mut bursts = Vec::with_capacity(BURSTS);
+        for _ in 0..BURSTS {
+            let t0 = Instant::now();
+            for _ in 0..n {
+                w.write32(reg, value)?;
+            }
+            let t1 = Instant::now();
+            boot0.read32(0)?;
+            let t2 = Instant::now();
+            bursts.push((
+                (t2 - t0).as_nanos(),
+                (t1 - t0).as_nanos(),
+                (t2 - t1).as_nanos(),
+            ));
+        }
+        bursts.sort_unstable();
+        let (total, issue, drain) = bursts[BURSTS / 2];
+        let after = w.read32(reg)?;
+        Ok((value, after, n, total, issue, drain))
+    });
+    match result {
+        Ok((value, after, n, total, issue, drain)) => {
+            fact(
+                "bench",
+                &format!(
+                    "name=gpu_bar{bar}_posted_write kind=burst reg={reg:#x} n={n} bursts={BURSTS} \
+                     issue_ns={issue} drain_ns={drain} total_ns={total}"
+                ),
+            );
+            if after == value {
+                pass(
+                    "bench_gpu_posted_write",
+                    &format!("reg={reg:#x} value={value:#010x} unchanged"),
+                );
+            } else {
+                fail(
+                    "bench_gpu_posted_write",
+                    &format!(
+                        "reg={reg:#x} was {value:#010x}, reads {after:#010x} after rewriting it"
+                    ),
+                );
+            }
+        }
+        Err(e) => fail(
+            "bench_gpu_posted_write",
+            &format!("BAR{bar} offset {reg:#x}: {e}"),
+        ),
+    }
+}
+
+/// (b) the same accesses on QEMU's in-process edu device.
+fn bench_edu(params: &Params, devices: &[PciDevice]) {
+    set_current("bench_edu");
+    let Some(edu) = devices
+        .iter()
+        .find(|d| d.vendor == EDU_VENDOR && d.device == EDU_DEVICE)
+    else {
+        return fail(
+            "bench_edu",
+            "no edu device (1234:11e8); add `-device edu` to QEMU",
+        );
+    };
+    let result = open_rw(&edu.resource_path(0))
+        .and_then(|f| Window::map(&f, 0, PAGE))
+        .and_then(|w| {
+            let id = w.read32(0)?;
+            let read = measure(params, || w.read32(0))?;
+            let write = measure(params, || w.write32(EDU_LIVENESS, 0x5a5a_0000))?;
+            let liveness = w.read32(EDU_LIVENESS)?;
+            Ok((id, read, write, liveness))
+        });
+    match result {
+        Ok((id, read, write, liveness)) => {
+            fact("bench", &format!("name=edu_bar0_read32 {read}"));
+            fact("bench", &format!("name=edu_bar0_write32 {write}"));
+            pass(
+                "bench_edu",
+                &format!("bdf={} id={id:#010x} liveness={liveness:#010x}", edu.bdf),
+            );
+        }
+        Err(e) => fail("bench_edu", &format!("{}: {e}", edu.bdf)),
+    }
+}
+
+/// A private anonymous mapping of `len` bytes, populated (guest RAM).
+struct AnonBuffer {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AnonBuffer {
+    fn new(len: usize) -> io::Result<AnonBuffer> {
+        // SAFETY: a fresh private anonymous mapping chosen by the kernel; only accessed inside
+        // its bounds and unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(AnonBuffer {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for AnonBuffer {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly the mapping created in `new`, unmapped only here.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Fill `len` bytes at `p` with 8-byte volatile stores; nanoseconds taken.
+///
+/// # Safety
+/// `p` must be 8-byte aligned and valid for writes of `len` bytes.
+unsafe fn write_seq64(p: *mut u8, len: usize) -> u128 {
+    let words = p.cast::<u64>();
+    let t = Instant::now();
+    for i in 0..len / 8 {
+        // SAFETY: i * 8 + 8 <= len, inside the region the caller vouches for.
+        unsafe {
+            std::ptr::write_volatile(words.add(i), (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        };
+    }
+    t.elapsed().as_nanos()
+}
+
+/// Read `len` bytes at `p` with 8-byte volatile loads; (nanoseconds, xor of the words).
+///
+/// # Safety
+/// `p` must be 8-byte aligned and valid for reads of `len` bytes.
+unsafe fn read_seq64(p: *const u8, len: usize) -> (u128, u64) {
+    let words = p.cast::<u64>();
+    let mut acc = 0u64;
+    let t = Instant::now();
+    for i in 0..len / 8 {
+        // SAFETY: i * 8 + 8 <= len, inside the region the caller vouches for.
+        acc ^= unsafe { std::ptr::read_volatile(words.add(i)) };
+    }
+    (t.elapsed().as_nanos(), black_box(acc))
+}
+
+/// (d) sequential bandwidth: the mapped (real) part of the VRAM BAR against guest RAM.
+fn bench_bandwidth(params: &Params, gpu: &PciDevice, bars: &[Bar], index: usize) {
+    set_current("bench_bandwidth");
+    let Some(bar) = bars.iter().find(|b| b.index == index && b.is_mem()) else {
+        return fail(
+            "bench_bandwidth",
+            &format!("BAR{index} is not a memory BAR"),
+        );
+    };
+    let real = params.vram_real.unwrap_or(bar.size);
+    let len = (params.bench_mib.max(params.bench_memcpy_mib) << 20).min(real) as usize;
+    let seq = (params.bench_mib << 20).min(len as u64) as usize;
+    let copy = (params.bench_memcpy_mib << 20).min(len as u64) as usize;
+    let vram = match open_rw(&gpu.resource_path(index)).and_then(|f| Window::map(&f, 0, len as u64))
+    {
+        Ok(w) => w,
+        Err(e) => {
+            return fail(
+                "bench_bandwidth",
+                &format!("mmap {len} bytes of BAR{index}: {e}"),
+            )
+        }
+    };
+    let (vram_ptr, ram, dst) = match (
+        vram.region(0, len),
+        AnonBuffer::new(len),
+        AnonBuffer::new(copy.max(PAGE as usize)),
+    ) {
+        (Ok(p), Ok(r), Ok(d)) => (p, r, d),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return fail("bench_bandwidth", &format!("buffers of {len} bytes: {e}"))
+        }
+    };
+    // Alternate VRAM and RAM passes and keep every repetition: the best shows what the path can
+    // do despite other load on the host, the first VRAM write also pays for populating the
+    // backend's sparse VRAM memfd.
+    let mut times: Vec<(String, usize, Vec<u128>)> = Vec::new();
+    let mut record = |name: String, bytes: usize, ns: u128| match times
+        .iter_mut()
+        .find(|(n, _, _)| *n == name)
+    {
+        Some(entry) => entry.2.push(ns),
+        None => times.push((name, bytes, vec![ns])),
+    };
+    let mut sums = [None, None];
+    for _ in 0..BANDWIDTH_REPS {
+        for (slot, (what, p)) in [("vram", vram_ptr), ("ram", ram.ptr)]
+            .into_iter()
+            .enumerate()
+        {
+            if seq > 0 {
+                // SAFETY: `p` is page aligned and `seq <= len` bytes of a live read-write mapping.
+                let w = unsafe { write_seq64(p, seq) };
+                // SAFETY: as above.
+                let (r, sum) = unsafe { read_seq64(p, seq) };
+                sums[slot] = Some(sum);
+                record(format!("{what}_seq_write64"), seq, w);
+                record(format!("{what}_seq_read64"), seq, r);
+            }
+            if copy > 0 {
+                let t = Instant::now();
+                // SAFETY: both regions are at least `copy` bytes, distinct mappings.
+                unsafe { std::ptr::copy_nonoverlapping(p.cast_const(), dst.ptr, copy) };
+                let ns = t.elapsed().as_nanos();
+                black_box(dst.ptr);
+                record(format!("{what}_memcpy"), copy, ns);
+            }
+        }
+    }
+    for (name, bytes, ns) in times {
+        let first = ns[0];
+        let mut sorted = ns;
+        sorted.sort_unstable();
+        fact(
+            "bench",
+            &format!(
+                "name={name} kind=bandwidth bytes={bytes} ns={} median_ns={} first_ns={first} reps={}",
+                sorted[0],
+                sorted[sorted.len() / 2],
+                sorted.len()
+            ),
+        );
+    }
+    if let [Some(v), Some(r)] = sums {
+        if v != r {
+            return fail(
+                "bench_bandwidth",
+                &format!("VRAM read back differently from RAM: xor {v:#x} vs {r:#x}"),
+            );
+        }
+    }
+    pass(
+        "bench_bandwidth",
+        &format!(
+            "BAR{index} {seq} bytes sequential, {copy} bytes memcpy, {BANDWIDTH_REPS} passes each"
+        ),
+    );
+}
