@@ -174,6 +174,18 @@ impl HostGpu for EmulatedHostGpu {
             file_offset: addr.raw(),
         })
     }
+
+    fn dma_alloc(&self, len: u64) -> Result<Arc<dyn super::dma::DmaBuffer>, HostGpuError> {
+        let buffer = super::dma::EmulatedDmaBuffer::new(Arc::clone(&self.gpu), len)?;
+        Ok(Arc::new(buffer))
+    }
+
+    fn gsp_start(&self, args: &super::dma::MessageQueueInitArgs) -> Result<(), HostGpuError> {
+        self.gpu
+            .gsp()
+            .start(&args.into())
+            .map_err(|e| HostGpuError::Io(std::io::Error::other(e.to_string())))
+    }
 }
 
 /// Which emulated memory a BAR shows.

@@ -6,6 +6,7 @@
 //! (opened with `vfio-ioctls`). Code above this trait (the presentation, the vfio-user
 //! server, the host driver) must not know which one it drives.
 
+pub mod dma;
 pub mod emulated;
 
 use std::os::fd::OwnedFd;
@@ -187,4 +188,23 @@ pub trait HostGpu: Send + Sync {
     /// An fd and offset that map device memory `[addr, addr + len)` directly, if the host
     /// can hand one out (the emulated GPU: its VRAM memfd at `addr`).
     fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource>;
+    /// Allocates `len` bytes (a multiple of 4 KiB) of zero-filled host memory the GPU
+    /// reaches by DMA (the GSP's shared queue block). The emulated GPU maps a memfd into
+    /// its emulated IOMMU; a VFIO host would map anonymous memory with
+    /// `VFIO_IOMMU_MAP_DMA`. The default refuses with ENOTSUP.
+    fn dma_alloc(&self, len: u64) -> Result<Arc<dyn dma::DmaBuffer>, HostGpuError> {
+        let _ = len;
+        Err(HostGpuError::Io(std::io::Error::from_raw_os_error(
+            libc::ENOTSUP,
+        )))
+    }
+    /// Starts (or restarts) the GSP with its message queues where `args` says. The
+    /// emulated GPU hands them to its GSP directly; hardware would carry them through the
+    /// firmware boot chain (gpu-facts 3.7). The default refuses with ENOTSUP.
+    fn gsp_start(&self, args: &dma::MessageQueueInitArgs) -> Result<(), HostGpuError> {
+        let _ = args;
+        Err(HostGpuError::Io(std::io::Error::from_raw_os_error(
+            libc::ENOTSUP,
+        )))
+    }
 }
