@@ -138,9 +138,155 @@ impl VfioUserDevice for GpuDevice {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
     use super::*;
+    use crate::host_driver::addr::MIB;
     use crate::host_gpu::emulated::EmulatedHostGpu;
+    use crate::host_gpu::HostGpu;
     use crate::presentation::function::CONFIG_REGION_INDEX;
+    use crate::slice::SlicedGpu;
+    use crate::vfio_user::test_client::TestClient;
+    use crate::vfio_user::{serve_stream, Server, ServerConfig, ShutdownSignal};
+
+    const WINDOW: u64 = 0x1700;
+    const APERTURE: u64 = 0x70_0000;
+
+    /// Two guests on an emulated TU102; the device of the second (8 MiB at 4 MiB).
+    fn sliced_device() -> (Arc<EmulatedHostGpu>, SlicedGpu, Arc<GpuDevice>) {
+        let gpu = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let host: Arc<dyn HostGpu> = gpu.clone();
+        let mut sliced = SlicedGpu::new(host).unwrap();
+        sliced.add_guest(4 * MIB).unwrap();
+        let guest = sliced.add_guest(8 * MIB).unwrap();
+        let device = Arc::new(GpuDevice::new(PresentedFunction::for_guest(guest).unwrap()));
+        (gpu, sliced, device)
+    }
+
+    fn vram(gpu: &EmulatedHostGpu, addr: u64) -> u32 {
+        gpu.emulated()
+            .vram()
+            .read_u32(gpu_emulation::VramAddr::new(addr))
+            .unwrap()
+    }
+
+    #[test]
+    fn posted_window_moves_are_ordered_before_aperture_accesses() {
+        let (gpu, _sliced, device) = sliced_device();
+        let (a, b) = UnixStream::pair().unwrap();
+        let dev: Arc<dyn VfioUserDevice> = device.clone();
+        let server =
+            std::thread::spawn(move || serve_stream(b, dev, ServerConfig::default(), None));
+        let mut client = TestClient::new(a);
+        client.version().unwrap();
+        // QEMU posts BAR writes: each window move is followed at once by a posted aperture
+        // write that must land under the new window.
+        for i in 0..128u32 {
+            client
+                .region_write(0, WINDOW, &i.to_le_bytes(), true)
+                .unwrap();
+            client
+                .region_write(
+                    0,
+                    APERTURE + 4 * u64::from(i),
+                    &(0xC0DE_0000 | i).to_le_bytes(),
+                    true,
+                )
+                .unwrap();
+        }
+        // Posted move, then a read under the new window (in reverse order of the writes).
+        for i in (0..128u32).rev() {
+            client
+                .region_write(0, WINDOW, &i.to_le_bytes(), true)
+                .unwrap();
+            let back = client
+                .region_read(0, APERTURE + 4 * u64::from(i), 4)
+                .unwrap();
+            assert_eq!(back, (0xC0DE_0000 | i).to_le_bytes(), "window {i}");
+        }
+        // WRITE_MULTI: move and write in one posted message, applied in order.
+        client
+            .region_write_multi(
+                &[
+                    (0, WINDOW, &5u32.to_le_bytes()),
+                    (0, APERTURE + 0x10, &0xFEED_0005u32.to_le_bytes()),
+                    (0, WINDOW, &6u32.to_le_bytes()),
+                    (0, APERTURE + 0x10, &0xFEED_0006u32.to_le_bytes()),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            client.region_read(0, WINDOW, 4).unwrap(),
+            6u32.to_le_bytes()
+        );
+        drop(client);
+        server.join().unwrap().unwrap();
+        // Host VRAM: guest address i * 64 KiB + 4i lives at 4 MiB + that.
+        for i in 0..128u64 {
+            assert_eq!(
+                vram(&gpu, 4 * MIB + (i << 16) + 4 * i),
+                0xC0DE_0000 | i as u32
+            );
+        }
+        assert_eq!(vram(&gpu, 4 * MIB + (5 << 16) + 0x10), 0xFEED_0005);
+        assert_eq!(vram(&gpu, 4 * MIB + (6 << 16) + 0x10), 0xFEED_0006);
+        assert_eq!(device.function().trap_stats().aperture_bytes_refused, 0);
+    }
+
+    #[test]
+    fn the_same_guest_reconnecting_keeps_its_vram() {
+        let (gpu, _sliced, device) = sliced_device();
+        let dir = std::env::temp_dir().join(format!("gpu-device-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("reconnect.sock");
+        let server = Server::bind(&path, 0o600).unwrap();
+        let shutdown = ShutdownSignal::new().unwrap();
+        let stop = shutdown.clone();
+        let dev: Arc<dyn VfioUserDevice> = device.clone();
+        let thread = std::thread::spawn(move || server.serve(dev, stop));
+
+        let connect = || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let mut client = TestClient::connect(&path).unwrap();
+                client.set_reply_timeout(Duration::from_secs(2));
+                match client.version() {
+                    Ok(_) => return client,
+                    // Refused while the previous connection is still being torn down.
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => panic!("cannot reconnect: {e}"),
+                }
+            }
+        };
+        let pattern: Vec<u8> = (0..64u8).collect();
+        let mut first = connect();
+        first.region_write(1, 0x2000, &pattern, false).unwrap();
+        first
+            .region_write(0, WINDOW, &1u32.to_le_bytes(), true)
+            .unwrap();
+        first
+            .region_write(0, APERTURE + 8, &0xABCD_0123u32.to_le_bytes(), false)
+            .unwrap();
+        drop(first);
+        let mut second = connect();
+        assert_eq!(second.region_read(1, 0x2000, 64).unwrap(), pattern);
+        second
+            .region_write(0, WINDOW, &1u32.to_le_bytes(), true)
+            .unwrap();
+        assert_eq!(
+            second.region_read(0, APERTURE + 8, 4).unwrap(),
+            0xABCD_0123u32.to_le_bytes()
+        );
+        drop(second);
+        shutdown.trigger();
+        thread.join().unwrap().unwrap();
+        assert_eq!(vram(&gpu, 4 * MIB + 0x2000), 0x0302_0100);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn device(profile: &str) -> GpuDevice {
         let host = Arc::new(EmulatedHostGpu::by_name(profile).unwrap());

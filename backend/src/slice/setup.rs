@@ -2,6 +2,7 @@
 //! guest's VRAM), [`whole_gpu`] (one guest owning the GPU) and [`SlicedGpu`] (several guests,
 //! each with a scrubbed slice and a BAR1 window).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -52,6 +53,9 @@ impl SetupError {
 /// PRAMIN window, and (for a sliced GPU) its BAR1 window.
 #[derive(Clone)]
 pub struct GuestSlice {
+    /// Unique per [`SlicedGpu`] (0 for a GPU given whole), so a stale handle cannot remove
+    /// a later guest that got the same slice and window.
+    id: u64,
     slice: Slice,
     vram: Arc<HostVram>,
     bar1_window: Option<GpuVa>,
@@ -60,6 +64,7 @@ pub struct GuestSlice {
 impl std::fmt::Debug for GuestSlice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestSlice")
+            .field("id", &self.id)
             .field("slice", &self.slice)
             .field("bar1_window", &self.bar1_window)
             .finish_non_exhaustive()
@@ -106,6 +111,7 @@ pub fn whole_gpu(host: Arc<dyn HostGpu>) -> Result<GuestSlice, SetupError> {
     let slice = VramPartition::whole_gpu_slice(host.identity());
     scrub(&*host, slice)?;
     Ok(GuestSlice {
+        id: 0,
         slice,
         vram: Arc::new(HostVram::new(host)?),
         bar1_window: None,
@@ -117,6 +123,9 @@ pub fn whole_gpu(host: Arc<dyn HostGpu>) -> Result<GuestSlice, SetupError> {
 pub struct SlicedGpu {
     vram: Arc<HostVram>,
     partition: VramPartition,
+    /// Live guests by id.
+    guests: BTreeMap<u64, Slice>,
+    next_id: u64,
 }
 
 impl std::fmt::Debug for SlicedGpu {
@@ -134,7 +143,12 @@ impl SlicedGpu {
         let partition = VramPartition::new(host.identity())?;
         let vram = Arc::new(HostVram::new(host)?);
         vram.set_up_bar1(partition.host_reserved())?;
-        Ok(SlicedGpu { vram, partition })
+        Ok(SlicedGpu {
+            vram,
+            partition,
+            guests: BTreeMap::new(),
+            next_id: 1,
+        })
     }
 
     /// The partition (slices handed out, host-reserved region).
@@ -159,11 +173,17 @@ impl SlicedGpu {
         let mapped =
             scrub(&**self.host(), slice).and_then(|()| Ok(self.vram.map_bar1_window(slice)?));
         match mapped {
-            Ok(va) => Ok(GuestSlice {
-                slice,
-                vram: Arc::clone(&self.vram),
-                bar1_window: Some(va),
-            }),
+            Ok(va) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.guests.insert(id, slice);
+                Ok(GuestSlice {
+                    id,
+                    slice,
+                    vram: Arc::clone(&self.vram),
+                    bar1_window: Some(va),
+                })
+            }
             Err(e) => {
                 // `slice` was assigned just above, so it can be released.
                 let _ = self.partition.release(slice);
@@ -175,11 +195,14 @@ impl SlicedGpu {
     /// Takes a guest's VRAM back: its BAR1 window is unmapped (TLB invalidated) and the
     /// slice returns to the free area (it is scrubbed again before the next guest gets it).
     pub fn remove_guest(&mut self, guest: &GuestSlice) -> Result<(), SetupError> {
+        let live = Arc::ptr_eq(&guest.vram, &self.vram)
+            && self.guests.get(&guest.id) == Some(&guest.slice);
         let va = guest
             .bar1_window
-            .filter(|_| Arc::ptr_eq(&guest.vram, &self.vram))
+            .filter(|_| live)
             .ok_or(SetupError::NotAGuest(guest.slice))?;
         self.vram.unmap_bar1_window(va)?;
+        self.guests.remove(&guest.id);
         self.partition.release(guest.slice)?;
         Ok(())
     }
