@@ -43,7 +43,7 @@ impl GspFaults {
         self.state().stalled = true;
     }
 
-    /// Ends a [`GspFaults::stall`]. The GSP notices within its idle poll period (1 ms), or
+    /// Ends a [`GspFaults::stall`]. The GSP notices within its idle poll period (5 ms), or
     /// at once on the next doorbell.
     pub fn resume(&self) {
         self.state().stalled = false;

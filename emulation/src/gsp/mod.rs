@@ -14,8 +14,8 @@
 //!   before (SET_SYSTEM_INFO, SET_REGISTRY) and posts GSP_INIT_DONE ([`firmware`]).
 //! - **Doorbell.** A BAR0 write to `NV_PGSP_QUEUE_HEAD(0)` (0x110C00) wakes the thread
 //!   through a condition variable ([`falcon`]); the write returns at once, so the host's
-//!   own waiting and timeouts are real. The thread also wakes every millisecond when idle
-//!   (to notice [`GspFaults::resume`]) and every 100 µs while replies wait for room in the
+//!   own waiting and timeouts are real. The thread also wakes every 5 ms when idle (to
+//!   notice [`GspFaults::resume`]) and every 100 µs while replies wait for room in the
 //!   message queue (hardware would poll the CPU's read pointer the same way).
 //! - **Interrupt.** After posting messages the GSP raises SWGEN0 (bit 6 of the falcon
 //!   IRQSTAT, 0x110008); the host acks through IRQSCLR (0x110004).
@@ -58,7 +58,7 @@ use crate::profile::ChipProfile;
 use firmware::{Firmware, Outgoing};
 
 /// Idle wake-up period of the GSP thread.
-const IDLE_POLL: Duration = Duration::from_millis(1);
+const IDLE_POLL: Duration = Duration::from_millis(5);
 /// Wake-up period while replies wait for room in the message queue.
 const BACKLOG_POLL: Duration = Duration::from_micros(100);
 /// Most error strings kept in [`GspStats::errors`].
