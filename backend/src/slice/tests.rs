@@ -841,3 +841,111 @@ proptest! {
         isolation("gh100-80g", [2 * MIB, 6 * MIB, 4 * MIB], ops)?;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Cost of the trapped paths, in process (no socket).
+
+/// `cargo test --release -p gpu-backend --lib slice::tests::report_trap_costs -- --ignored --nocapture`
+#[test]
+#[ignore = "timing report; meaningful in an optimised build"]
+fn report_trap_costs() {
+    use std::time::Instant;
+    let (_gpu, host) = emulated("gh100-80g");
+    let mut sliced = SlicedGpu::new(host.clone()).unwrap();
+    sliced.add_guest(8 * MIB).unwrap();
+    let f = PresentedFunction::for_guest(sliced.add_guest(64 * MIB).unwrap()).unwrap();
+    let bar = vram_bar(&f);
+    f.region_write(0, 0x10_FD40, &0x10u32.to_le_bytes())
+        .unwrap();
+    let moves = f.guest().vram().window_moves();
+    let time = |label: &str, n: u64, bytes: usize, mut access: Box<dyn FnMut(u64)>| {
+        let start = Instant::now();
+        for i in 0..n {
+            access(i);
+        }
+        let per = start.elapsed() / n as u32;
+        let mbs = bytes as f64 / per.as_secs_f64() / 1e6;
+        eprintln!("{label:<48} {per:>10?} per access  ({mbs:>8.1} MB/s)");
+    };
+    let mut buf4 = [0u8; 4];
+    let mut buf4k = vec![0u8; 4096];
+    let ff = &f;
+    time(
+        "BAR0 passed read (BOOT_0, 4 B)",
+        200_000,
+        4,
+        Box::new(move |_| {
+            ff.region_read(0, 0, &mut buf4).unwrap();
+        }),
+    );
+    time(
+        "BAR0 hidden read (MMU_INVALIDATE, 4 B)",
+        200_000,
+        4,
+        Box::new(move |_| {
+            ff.region_read(0, 0xB8_30B0, &mut buf4).unwrap();
+        }),
+    );
+    time(
+        "window register write (4 B)",
+        200_000,
+        4,
+        Box::new(move |i| {
+            ff.region_write(0, 0x10_FD40, &((i as u32) & 0x3FF).to_le_bytes())
+                .unwrap();
+        }),
+    );
+    ff.region_write(0, 0x10_FD40, &0x10u32.to_le_bytes())
+        .unwrap();
+    time(
+        "aperture read, same host window (4 B)",
+        200_000,
+        4,
+        Box::new(move |i| {
+            ff.region_read(0, APERTURE + (i * 4) % MIB, &mut buf4)
+                .unwrap();
+        }),
+    );
+    time(
+        "aperture read, window move every access (4 B)",
+        100_000,
+        4,
+        Box::new(move |i| {
+            ff.region_write(0, 0x10_FD40, &((i as u32) % 0x3F0).to_le_bytes())
+                .unwrap();
+            ff.region_read(0, APERTURE, &mut buf4).unwrap();
+        }),
+    );
+    let mut buf4k2 = buf4k.clone();
+    time(
+        "aperture read (4 KiB)",
+        20_000,
+        4096,
+        Box::new(move |i| {
+            ff.region_read(0, APERTURE + (i * 4096) % MIB, &mut buf4k)
+                .unwrap();
+        }),
+    );
+    time(
+        "VRAM BAR read through BAR1 (4 B)",
+        200_000,
+        4,
+        Box::new(move |i| {
+            ff.region_read(bar, (i * 4) % (64 * MIB), &mut buf4)
+                .unwrap();
+        }),
+    );
+    time(
+        "VRAM BAR read through BAR1 (4 KiB)",
+        20_000,
+        4096,
+        Box::new(move |i| {
+            ff.region_read(bar, (i * 4096) % (64 * MIB), &mut buf4k2)
+                .unwrap();
+        }),
+    );
+    eprintln!(
+        "host window moves: {}",
+        f.guest().vram().window_moves() - moves
+    );
+}
