@@ -76,9 +76,9 @@ impl Counters {
         let dword = dword as u32; // BAR0 offsets are below 16 MiB
         if seen.len() < HIDDEN_OFFSETS_RECORDED && !seen.contains(&dword) {
             seen.push(dword);
-        }
-        if write {
-            log::debug!("guest write to hidden BAR0 register {dword:#x} dropped");
+            // Logged once per offset (of the first recorded ones), not per access.
+            let what = if write { "write dropped" } else { "read as 0" };
+            log::debug!("guest access to hidden BAR0 register {dword:#x}: {what}");
         }
     }
 
