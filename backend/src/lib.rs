@@ -3,7 +3,7 @@
 //! Layers, bottom up (see `docs/architecture.md`):
 //! - [`host_gpu`]: the one boundary to the GPU being driven (the emulated GPU by default).
 //! - [`gsp`]: the GSP's command/message queues, RPCs, boot handshake and object requests.
-//! - [`slice`]: guests' ranges of host VRAM, the shared host PRAMIN window, BAR1 windows.
+//! - [`slice`](mod@slice): guests' ranges of host VRAM, the shared host PRAMIN window, BAR1 windows.
 //! - [`presentation`]: what a guest sees: power-of-two BARs, the trapped BAR0, PCI config
 //!   space.
 //! - [`vfio_user`]: the vfio-user server QEMU's `vfio-user-pci` connects to.
