@@ -16,14 +16,15 @@
 #   --smp N              vCPUs (default 2)
 #   --accel tcg|kvm|auto accelerator (default auto: kvm only if kvm_intel/kvm_amd is loaded)
 #   --addr SLOT          PCI slot of the GPU (default 0x5 -> guest 0000:00:05.0)
-#   --no-posted-writes   make every BAR write wait for the backend's reply (x-no-posted-writes)
+#   --no-posted-writes   x-no-posted-writes (no effect with gpu-backend: QEMU already waits
+#                        for every write of a device with mmappable regions; see README)
 #   --msg-timeout MS     how long QEMU waits for a backend reply (x-msg-timeout, default 5000)
 #   --pci-hole64 SIZE    size of q35's 64-bit PCI window, for BARs of hundreds of GiB (e.g. 1T)
 #   --qemu BIN           QEMU binary (default: the lab wrapper from install.sh, else PATH)
 #   --dry-run            print the command instead of running it
 #
 # Example (guest shell with the probe; the initramfs is built by the guest-tests harness):
-#   target/debug/gpu-backend serve --profile gh200 --socket /tmp/gpu0.sock &
+#   target/debug/gpu-backend serve --profile gh200-96g --socket /tmp/gpu0.sock &
 #   qemu-configs/gpu-vfio-user.sh --socket /tmp/gpu0.sock \
 #       --initrd target/guest-tests/initramfs-latest.cpio.gz \
 #       --append "console=ttyS0 panic=-1 iomem=relaxed gpuprobe.shell=1 gpuprobe.vram_bar=4"

@@ -26,6 +26,8 @@ pub struct BenchSummary<'a> {
     pub pingpong: &'a [(Placement, Latency)],
     /// Extra boots with other `-smp` / pinning (register latencies only).
     pub variants: &'a [BenchRun],
+    /// Host 1-minute load average at the start and the end of the run, and the host's CPUs.
+    pub host_load: Option<(f64, f64, usize)>,
 }
 
 fn latency_row(s: &mut String, what: &str, l: Option<&Latency>) {
@@ -87,6 +89,13 @@ impl BenchSummary<'_> {
             cfg.describe(),
             self.backend_build
         );
+        if let Some((start, end, cpus)) = self.host_load {
+            let _ = writeln!(
+                s,
+                "Host: {cpus} CPUs, 1-minute load average {start:.2} at the start, {end:.2} at the \
+                 end (other work on the host inflates every figure below, the trapped round trips most).\n"
+            );
+        }
         let timer = b.latency.get("timer");
         let _ = writeln!(
             s,
@@ -152,10 +161,10 @@ impl BenchSummary<'_> {
         if seq_bytes.is_some() || copy_bytes.is_some() {
             let _ = writeln!(
                 s,
-                "\n### Sequential bandwidth (d), MB/s, best of {} passes: {} with 8-byte volatile accesses, {} memcpy into guest RAM\n",
+                "\n### Sequential bandwidth (d), MB/s, best of {} passes: {} with 8-byte volatile accesses{}\n",
                 b.bandwidth.values().map(|x| x.reps).max().unwrap_or(1),
                 seq_bytes.map_or("-".into(), |x| format!("{} MiB", x >> 20)),
-                copy_bytes.map_or("-".into(), |x| format!("{} MiB", x >> 20)),
+                copy_bytes.map_or(String::new(), |x| format!(", {} MiB memcpy into guest RAM", x >> 20)),
             );
             s.push_str("| source | read | write | memcpy |\n|---|---:|---:|---:|\n");
             let bar = self.vram_bar.map_or("?".into(), |i| i.to_string());

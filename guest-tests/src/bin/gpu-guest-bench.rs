@@ -29,7 +29,7 @@ ping-pong with vfio-user-sized messages. Prints a markdown report on stdout, pro
   --n N              timed accesses per latency benchmark (default 2000)
   --warmup N         untimed accesses before each (default 200)
   --mib M            MiB for the sequential bandwidth passes (default 64, 0 skips)
-  --memcpy-mib M     MiB for the memcpy passes (default 16, 0 skips)
+  --memcpy-mib M     MiB for memcpy passes into guest RAM (default 0: off; noisy under TCG)
   --smp N            guest vCPUs of the main boot (default 2)
   --pin CPUS         pin QEMU and the backend of the main boot to these host CPUs (e.g. 0)
   --matrix           also boot with -smp 1 / pinned to one CPU (register latencies only)
@@ -99,6 +99,16 @@ fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     Ok(r)
 }
 
+/// The host's 1-minute load average.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn run(args: &Args) -> Result<bool> {
     let backend = step(
         &format!("building gpu-backend ({})", args.build.dir_name()),
@@ -114,6 +124,7 @@ fn run(args: &Args) -> Result<bool> {
         guest_initramfs()
     })?;
 
+    let load_start = load_average();
     let cpus = affinity::current().unwrap_or_default();
     let mut placements = vec![Placement::Unpinned];
     if let Some(&c0) = cpus.first() {
@@ -177,6 +188,13 @@ fn run(args: &Args) -> Result<bool> {
         vram_bar: layout.vram_bar().map(|b| b.index),
         pingpong: &pingpong,
         variants: &variants,
+        host_load: load_start.zip(load_average()).map(|(a, b)| {
+            (
+                a,
+                b,
+                std::thread::available_parallelism().map_or(0, |n| n.get()),
+            )
+        }),
     };
     println!("{}", summary.markdown());
     let mut ok = true;

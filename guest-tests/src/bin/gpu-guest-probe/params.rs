@@ -21,7 +21,7 @@
 //! | `bench_n` | timed accesses per latency benchmark | `2000` |
 //! | `bench_warmup` | untimed accesses before each latency benchmark | `200` |
 //! | `bench_mib` | MiB read/written by the bandwidth benchmarks (`0`: skip) | `64` |
-//! | `bench_memcpy_mib` | MiB copied by the `memcpy` bandwidth benchmarks (`0`: skip) | `16` |
+//! | `bench_memcpy_mib` | MiB copied by the `memcpy` bandwidth benchmarks (`0`: skip) | `0` |
 //! | `bench_reg` | BAR`boot0_bar` offset of a register safe to rewrite (posted writes) | skipped |
 //! | `bench_edu` | `1`: also measure QEMU's `edu` device (1234:11e8) as a baseline | `1` |
 //!
@@ -105,7 +105,7 @@ impl Default for Params {
             bench_n: 2000,
             bench_warmup: 200,
             bench_mib: 64,
-            bench_memcpy_mib: 16,
+            bench_memcpy_mib: 0,
             bench_reg: None,
             bench_edu: true,
             errors: Vec::new(),
