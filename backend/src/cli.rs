@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use gpu_emulation::{ChipProfile, ProfileError};
 use thiserror::Error;
 
+use crate::gsp::{self, BootError, GspReport};
 use crate::host_gpu::emulated::{EmulatedHostGpu, EmulatedHostGpuError};
 use crate::inspect::{self, GuestLayout, PartitionLayout, SlicedLayout};
 use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
@@ -33,6 +34,9 @@ pub enum CliError {
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// The GSP did not boot.
+    #[error("the GSP did not boot: {0}")]
+    Gsp(#[from] BootError),
     /// JSON encoding failed.
     #[error("encoding JSON failed: {0}")]
     Json(#[from] serde_json::Error),
@@ -133,6 +137,14 @@ fn parse_profile(name: &str) -> Result<&'static ChipProfile, ProfileError> {
     ChipProfile::by_name(name)
 }
 
+/// An `inspect` report with what the GSP reported after booting, under `gsp`.
+#[derive(serde::Serialize)]
+struct WithGsp<T: serde::Serialize> {
+    #[serde(flatten)]
+    layout: T,
+    gsp: GspReport,
+}
+
 /// Parses the process arguments, runs the command and returns the exit code.
 pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -156,6 +168,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             slice_sizes,
         } => {
             let host = Arc::new(EmulatedHostGpu::new(profile)?);
+            let gsp = gsp::boot_and_report(host.as_ref())?;
             let mut out = std::io::stdout().lock();
             let mut guests = guests;
             guests.extend(slice_sizes.into_iter().map(GuestSpec::unnamed));
@@ -163,10 +176,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 let function = PresentedFunction::new(host)?;
                 let layout = FunctionLayout::of(&function);
                 if json {
-                    serde_json::to_writer_pretty(&mut out, &layout)?;
+                    let report = WithGsp { layout, gsp };
+                    serde_json::to_writer_pretty(&mut out, &report)?;
                     writeln!(out)?;
                 } else {
                     inspect::write_table(&mut out, &layout)?;
+                    writeln!(out)?;
+                    writeln!(out, "{gsp}")?;
                 }
                 return Ok(());
             }
@@ -183,10 +199,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     .collect(),
             };
             if json {
-                serde_json::to_writer_pretty(&mut out, &layout)?;
+                let report = WithGsp { layout, gsp };
+                serde_json::to_writer_pretty(&mut out, &report)?;
                 writeln!(out)?;
             } else {
                 inspect::write_sliced_table(&mut out, &layout)?;
+                writeln!(out)?;
+                writeln!(out, "{gsp}")?;
             }
             Ok(())
         }

@@ -318,3 +318,33 @@ fn serve_with_two_guests_isolates_them_and_stops_on_sigterm() {
     assert!(!s0.exists() && !s1.exists(), "sockets left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn inspect_boots_the_gsp_and_shows_its_framebuffer_regions() {
+    let out = gpu_backend(&["inspect", "--profile", "gh200-96g", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gsp = &json["gsp"];
+    assert_eq!(gsp["usable_vram"], 95u64 << 30);
+    let regions = gsp["fb_regions"].as_array().unwrap();
+    assert_eq!(regions[0]["kind"], "usable");
+    assert_eq!(regions[0]["size"], 95u64 << 30);
+    assert!(regions
+        .iter()
+        .any(|r| r["kind"] == "board_reserved" && r["size"] == 1u64 << 30));
+    assert!(gsp["boot_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "GSP_INIT_DONE"));
+    let table = gpu_backend(&["inspect", "--profile", "tu102-24g"]);
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        text.contains("GSP (tu102-24g") && text.contains("usable"),
+        "{text}"
+    );
+}

@@ -340,7 +340,11 @@ fn the_whole_boot_from_cold_on_every_profile() {
         let mut s = boot(&h, patient()).unwrap_or_else(|e| panic!("{profile}: {e}"));
         let info = s.static_info().clone();
         assert_eq!(info.usable_bytes(), profile.usable_vram_size(), "{profile}");
-        assert_eq!(info.fb_size, profile.vram_size());
+        // The physical framebuffer holds the modelled VRAM plus the firmware carve-out above it.
+        assert_eq!(
+            info.fb_size,
+            profile.vram_size() + gpu_emulation::gsp::fb::FIRMWARE_RESERVED
+        );
         let usable: Vec<_> = info.usable_regions().collect();
         assert_eq!(usable.len(), 1);
         assert_eq!(usable[0].start, VramAddr::ZERO);

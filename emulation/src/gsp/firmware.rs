@@ -73,9 +73,11 @@ pub(crate) struct Firmware {
 impl Firmware {
     pub(crate) fn new(profile: &'static ChipProfile) -> Firmware {
         let regions = fb_regions(profile);
+        // The physical framebuffer ends where the last region (the firmware carve-out) ends.
+        let fb_size = regions.last().map_or(profile.vram_size(), |r| r.limit + 1);
         Firmware {
             pci: *profile.pci(),
-            fb_size: profile.vram_size(),
+            fb_size,
             objects: Objects::new(&regions),
             regions,
             profile_name: profile.name(),

@@ -197,7 +197,10 @@ fn boots_on_every_profile_and_reports_fb_regions() {
         let r = h.recv();
         assert_eq!((r.function, r.result, r.sequence), (65, 0, 7));
         let count = u32::from_le_bytes(r.payload[0..4].try_into().unwrap()) as usize;
-        assert_eq!(u64_at(&r.payload, 8), p.vram_size());
+        assert_eq!(
+            u64_at(&r.payload, 8),
+            p.vram_size() + super::fb::FIRMWARE_RESERVED
+        );
         assert_eq!(u64_at(&r.payload, 32), 0);
         assert_eq!(u64_at(&r.payload, 40) + 1, p.usable_vram_size(), "{p}");
         assert_eq!(count, if p.reserved_vram_size() > 0 { 3 } else { 2 });
