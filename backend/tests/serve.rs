@@ -28,7 +28,11 @@ fn wait_for_socket(socket: &Path, child: &mut Child) {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("serve exited early with {status}");
         }
-        assert!(Instant::now() < deadline, "socket {} never appeared", socket.display());
+        assert!(
+            Instant::now() < deadline,
+            "socket {} never appeared",
+            socket.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -48,7 +52,10 @@ fn terminate(child: &mut Child, signal: i32) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(Instant::now() < deadline, "serve did not stop after signal {signal}");
+        assert!(
+            Instant::now() < deadline,
+            "serve did not stop after signal {signal}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

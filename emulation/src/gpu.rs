@@ -603,45 +603,6 @@ mod tests {
         assert_eq!(g.unimplemented_accesses().reads, 0);
     }
 
-    /// Rough cost of BAR0 accesses. Run with
-    /// `cargo test -p gpu-emulation --release -- --ignored --nocapture bar0_access_cost`.
-    #[test]
-    #[ignore = "timing report; meaningful only in an optimised build"]
-    fn bar0_access_cost() {
-        let g = gpu("gh100-80g");
-        set_window(&g, 0x10_0000);
-        const N: u64 = 1_000_000;
-        let time = |what: &str, f: &dyn Fn(u64)| {
-            let start = std::time::Instant::now();
-            for i in 0..N {
-                f(i);
-            }
-            let ns = start.elapsed().as_nanos() as f64 / N as f64;
-            eprintln!("{what:<28} {ns:>7.1} ns/access");
-            ns
-        };
-        let results = [
-            time("BOOT_0 read", &|_| {
-                std::hint::black_box(g.bar0_read(BOOT_0, Dword).unwrap());
-            }),
-            time("window register write", &|i| {
-                g.bar0_write(0x10FD40, Dword, 0x10 + (i & 1)).unwrap();
-            }),
-            time("PRAMIN dword read", &|i| {
-                std::hint::black_box(g.bar0_read(PRAMIN_BASE + (i & 0xFF) * 4, Dword).unwrap());
-            }),
-            time("PRAMIN qword write", &|i| {
-                g.bar0_write(PRAMIN_BASE + (i & 0xFF) * 8, Qword, i)
-                    .unwrap();
-            }),
-            time("unimplemented read", &|i| {
-                std::hint::black_box(g.bar0_read(0x2_0000 + (i & 0x7F) * 4, Dword).unwrap());
-            }),
-        ];
-        // Loose bound: catches pathological regressions, not tuning noise.
-        assert!(results.iter().all(|&ns| ns < 2_000.0), "{results:?}");
-    }
-
     // --- property test ---------------------------------------------------------------
 
     #[derive(Debug, Clone)]

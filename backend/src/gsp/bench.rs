@@ -235,15 +235,4 @@ mod tests {
             Err(BenchError::Empty)
         ));
     }
-
-    /// Prints the figures (run by hand in release):
-    /// `cargo test --release -p gpu-backend --lib gsp::bench -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "measurement, run by hand in release"]
-    fn print_figures() {
-        for payload in [0, 4000] {
-            let r = measure_rpc("gh100-80g", 20_000, 200_000, payload).unwrap();
-            println!("{r:#?}");
-        }
-    }
 }

@@ -161,29 +161,4 @@ mod tests {
             Err(BenchError::TooSmall { .. })
         ));
     }
-
-    /// `cargo test --release -p gpu-backend --lib host_driver::bench -- --ignored --nocapture`
-    #[test]
-    #[ignore = "builds 24 GiB of mappings; meaningful in an optimised build"]
-    fn report_24g_builds() {
-        for size in [PageSize::Size2M, PageSize::Size64K, PageSize::Size4K] {
-            let m = measure_24g_on_emulated(size).unwrap();
-            eprintln!(
-                "24 GiB, pages <= {size}: {} entries ({} PTEs: 4K {} / 64K {} / 2M {}, {} PDEs), \
-                 {} bytes written, {} window moves ({:.3}/1000 entries), {:.3} s, {:.2} M entries/s",
-                m.entries_written(),
-                m.report.ptes(),
-                m.report.ptes_4k,
-                m.report.ptes_64k,
-                m.report.ptes_2m,
-                m.report.pdes,
-                m.report.bytes_written,
-                m.window_moves(),
-                m.window_moves_per_1000_entries(),
-                m.elapsed.as_secs_f64(),
-                m.entries_per_second() / 1e6,
-            );
-            assert_eq!(m.report.ptes() * size.bytes(), BENCH_MAPPING);
-        }
-    }
 }
