@@ -136,12 +136,20 @@ impl BenchSummary<'_> {
             "edu BAR0 register write",
             b.latency.get("edu_bar0_write32"),
         );
+        if b.latency.contains_key("vram_read32") {
+            latency_row(
+                &mut s,
+                "mapped VRAM 4-byte read (resource mmap, never reaches the socket)",
+                b.latency.get("vram_read32"),
+            );
+            latency_row(&mut s, "guest RAM 4-byte read", b.latency.get("ram_read32"));
+        }
         latency_row(&mut s, "guest timer alone (empty sample)", timer);
 
         if let Some(p) = &b.posted {
             let _ = writeln!(
                 s,
-                "\n### Posted writes (e): burst of {} writes to BAR0 {:#x} (window register, \
+                "\n### BAR0 writes (e): burst of {} writes to BAR0 {:#x} (window register, \
                  rewritten with its own value), then one BOOT_0 read; median of 5 bursts\n",
                 p.n, p.reg
             );
@@ -166,7 +174,12 @@ impl BenchSummary<'_> {
                 seq_bytes.map_or("-".into(), |x| format!("{} MiB", x >> 20)),
                 copy_bytes.map_or(String::new(), |x| format!(", {} MiB memcpy into guest RAM", x >> 20)),
             );
-            s.push_str("| source | read | write | memcpy |\n|---|---:|---:|---:|\n");
+            let with_copy = copy_bytes.is_some();
+            s.push_str(if with_copy {
+                "| source | read | write | memcpy |\n|---|---:|---:|---:|\n"
+            } else {
+                "| source | read | write |\n|---|---:|---:|\n"
+            });
             let bar = self.vram_bar.map_or("?".into(), |i| i.to_string());
             for (what, key) in [
                 (
@@ -175,13 +188,16 @@ impl BenchSummary<'_> {
                 ),
                 ("guest RAM (anonymous mapping)".to_string(), "ram"),
             ] {
-                let _ = writeln!(
+                let _ = write!(
                     s,
-                    "| {what} | {} | {} | {} |",
+                    "| {what} | {} | {} |",
                     fmt_mbps(mbps(b, &format!("{key}_seq_read64"))),
                     fmt_mbps(mbps(b, &format!("{key}_seq_write64"))),
-                    fmt_mbps(mbps(b, &format!("{key}_memcpy"))),
                 );
+                if with_copy {
+                    let _ = write!(s, " {} |", fmt_mbps(mbps(b, &format!("{key}_memcpy"))));
+                }
+                s.push('\n');
             }
             if let Some(w) = b.bandwidth.get("vram_seq_write64") {
                 let _ = writeln!(
@@ -203,13 +219,21 @@ impl BenchSummary<'_> {
             );
         }
         if let Some(g) = b.gpu_read() {
+            // The floor is the fastest placement; the others show what scheduling adds.
+            let floor = self.pingpong.iter().map(|(_, l)| l.p50_ns).min();
             for (p, l) in self.pingpong {
+                let note = if Some(l.p50_ns) == floor {
+                    "the floor: fastest placement"
+                } else {
+                    ""
+                };
                 let _ = writeln!(
                     s,
-                    "| trapped read / ping-pong floor, {} (p50) | {} | mean {} |",
+                    "| trapped read / ping-pong, {} (p50) | {} | mean {}{}{note} |",
                     p.describe(),
                     ratio(g.p50_ns, l.p50_ns),
-                    ratio(g.mean_ns, l.mean_ns)
+                    ratio(g.mean_ns, l.mean_ns),
+                    if note.is_empty() { "" } else { "; " }
                 );
             }
         }
@@ -248,8 +272,8 @@ impl BenchSummary<'_> {
             let note = if issue * 4 >= g.p50_ns {
                 format!(
                     "\n**BAR0 writes are not posted here**: a write takes {} µs to retire, like a \
-                     trapped read ({} µs), and the read after a burst costs about one round trip \
-                     ({} µs), not a backlog of queued writes. \
+                     trapped read ({} µs), and the read after a burst takes {} µs, nowhere near \
+                     the {} ms a backlog of {} queued writes would need. \
                      QEMU's vfio-user client (hw/vfio-user/device.c, `vfio_user_get_region_info`) \
                      turns posted writes off for the whole device as soon as any region has the \
                      MMAP flag (a direct mapping could overtake a queued write), and this \
@@ -257,7 +281,9 @@ impl BenchSummary<'_> {
                      trip.\n",
                     us(issue),
                     us(g.p50_ns),
-                    us(p.drain_ns)
+                    us(p.drain_ns),
+                    (p.n * g.p50_ns) / 1_000_000,
+                    p.n
                 )
             } else {
                 format!(
@@ -273,7 +299,7 @@ impl BenchSummary<'_> {
         if !self.variants.is_empty() {
             s.push_str(
                 "\n### Placement: register reads (a) and (b) per QEMU configuration (µs)\n\n\
-                 | configuration | GPU read p50 | GPU read p99 | GPU read mean | edu read p50 | posted write, per write (burst + read) |\n\
+                 | configuration | GPU read p50 | GPU read p99 | GPU read mean | edu read p50 | BAR0 write, per write (burst + read) |\n\
                  |---|---:|---:|---:|---:|---:|\n",
             );
             for v in std::iter::once(self.main).chain(self.variants) {

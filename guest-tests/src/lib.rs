@@ -15,7 +15,7 @@
 //! [`initramfs`] (newc cpio + gzip), [`artifacts`] (building the probe and the backend),
 //! [`backend`] (the `serve` process), [`expect`] (what a profile should look like, from
 //! `gpu-backend inspect --json`), [`guest`] (the boot API), [`probe_args`] and [`report`];
-//! for the programs: [`demo`] (the tables of `gpu-demo`), [`bench`], [`bench_table`],
+//! for the programs: [`demo`] (the tables of `gpu-demo`), [`bench`](mod@bench), [`bench_table`],
 //! [`pingpong`], [`stats`] and [`affinity`] (the guest benchmarks of `gpu-guest-bench`).
 
 pub mod affinity;
