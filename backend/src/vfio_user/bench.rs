@@ -21,7 +21,7 @@ pub enum BenchMode {
     /// server's cost (parse, device read, reply) plus the four socket syscalls, without
     /// scheduler wake-ups.
     Inline,
-    /// Only the server's step is timed: one `recvmsg`, the handling, one `sendmsg`.
+    /// Only the server's step is timed: one `recvmsg`, the handling, one `send`.
     ServerStep,
     /// Only the in-memory handling is timed: parse, validate, device read, reply encoding
     /// (no syscalls).

@@ -24,7 +24,7 @@ use super::protocol::{
     WriteMultiEntry, WriteMultiMsg, HEADER_SIZE, VERSION_MAJOR, VERSION_MINOR,
     WRITE_MULTI_MAX_DATA,
 };
-use super::shutdown::ShutdownSignal;
+use super::shutdown::{ShutdownSignal, ShutdownWaker};
 use super::socket::{Incoming, MessageReader, SocketError, SocketWriter};
 
 /// Most regions / interrupt types the server takes from a device.
@@ -690,13 +690,16 @@ pub struct Connection {
     reader: MessageReader,
     state: State,
     shutdown: Option<ShutdownSignal>,
+    /// Ends the blocking wait for the next message when `shutdown` fires.
+    waker: Option<ShutdownWaker>,
     started: bool,
     finished: bool,
 }
 
 impl Connection {
     /// Prepare to serve `stream` for `device`. Snapshots the device's region and interrupt
-    /// tables.
+    /// tables. Between messages the connection waits blocked in `recvmsg()`; with a `shutdown`
+    /// signal, a small waker thread ends that wait when it fires.
     pub fn new(
         stream: UnixStream,
         device: Arc<dyn VfioUserDevice>,
@@ -745,6 +748,11 @@ impl Connection {
         let mut reader =
             MessageReader::new(max_message, config.max_msg_fds as usize, config.msg_timeout);
         reader.set_spin(config.poll_spin);
+        reader.set_block_when_idle(true);
+        let waker = match &shutdown {
+            Some(signal) => Some(ShutdownWaker::spawn(signal, stream.try_clone()?)?),
+            None => None,
+        };
         Ok(Connection {
             reader,
             stream,
@@ -761,6 +769,7 @@ impl Connection {
                 stats: ConnectionStats::default(),
             },
             shutdown,
+            waker,
             started: false,
             finished: false,
         })
@@ -833,6 +842,7 @@ impl Connection {
             return;
         }
         self.finished = true;
+        drop(self.waker.take());
         self.state.shared.disconnect();
         if self.started {
             self.state.device.client_disconnected();

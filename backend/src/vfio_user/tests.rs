@@ -792,6 +792,42 @@ fn busy_polling_connection_still_serves_and_stops() {
 }
 
 #[test]
+fn shutdown_ends_a_connection_waiting_idle_or_mid_message_at_once() {
+    for spin in [Duration::ZERO, Duration::from_micros(200)] {
+        for mid_message in [false, true] {
+            let config = ServerConfig {
+                poll_spin: spin,
+                ..Default::default()
+            };
+            let signal = ShutdownSignal::new().unwrap();
+            let (a, b) = UnixStream::pair().unwrap();
+            let device: Arc<dyn VfioUserDevice> = FakeDevice::new();
+            let stop = signal.clone();
+            let server = std::thread::spawn(move || serve_stream(b, device, config, Some(stop)));
+            let mut client = TestClient::new(a);
+            client.version().unwrap();
+            assert_eq!(client.region_read(BAR0, 0, 4).unwrap().len(), 4);
+            if mid_message {
+                client.send_raw(&[0u8; 10], &[]).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(30));
+            let start = Instant::now();
+            signal.trigger();
+            while !server.is_finished() {
+                assert!(
+                    start.elapsed() < Duration::from_millis(500),
+                    "spin {spin:?}, mid-message {mid_message}: shutdown did not end the connection"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let stats = server.join().unwrap().unwrap();
+            assert_eq!(stats.end, "shutdown requested");
+            assert!(client.device_info().is_err());
+        }
+    }
+}
+
+#[test]
 fn stalled_client_is_dropped_after_the_message_timeout() {
     let config = ServerConfig {
         msg_timeout: Duration::from_millis(200),
