@@ -101,8 +101,8 @@ impl BenchSummary<'_> {
             s,
             "One guest with the vfio-user GPU and `-device edu`; guest clock source `{}`, {} vCPUs. \
              Each latency sample times one access with `Instant::now()` (the timer itself costs \
-             p50 {} µs, included in p50/p99/mean); \"loop mean\" is an untimed loop of the same \
-             accesses divided by their number. N = {} after {} warm-up accesses.\n",
+             p50 {} µs, included in p50/p99/mean); \"loop mean\" is the fastest of 5 untimed \
+             loops of the same accesses, divided by their number. N = {} after {} warm-up accesses.\n",
             b.clocksource,
             b.cpus,
             timer.map_or("?".into(), |t| us(t.p50_ns)),
@@ -257,15 +257,50 @@ impl BenchSummary<'_> {
                 );
             }
         }
-        if missed {
+        let single = b
+            .latency
+            .get("vram_read32")
+            .zip(b.latency.get("ram_read32"))
+            .and_then(|(v, r)| Some((v.loop_mean_ns?, r.loop_mean_ns?)));
+        if b.bandwidth.contains_key("vram_seq_read64") {
             s.push_str(
                 "\nThe mapped VRAM is QEMU's mmap of the backend's VRAM memfd (a `ram_device` \
-                 region); guest accesses to it never reach the backend's socket (a single mapped \
-                 read costs well under a microsecond, a trapped one tens). Under TCG, QEMU \
-                 emulates accesses to such regions on a slower path than to guest RAM, so a \
-                 ratio below the target here measures TCG, not the backend; with KVM the guest's \
-                 page tables point straight at the mapping.\n",
+                 region); guest accesses to it never reach the backend's socket.",
             );
+        }
+        match single {
+            // Within a factor of two per access (including the loop's own cost): same path.
+            Some((v, r)) if v <= 2 * r.max(1) => {
+                let _ = write!(
+                    s,
+                    " Under this QEMU's TCG a single mapped read costs what a guest-RAM read costs \
+                     ({} vs {} µs, loop mean), so both run on the same fast path and the \
+                     bandwidth ratio is 1 up to noise{}.",
+                    us(v),
+                    us(r),
+                    if missed {
+                        ": a miss here comes from other load on the host during the passes \
+                         (best of several passes; rerun on a quiet host)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Some((v, r)) => {
+                let _ = write!(
+                    s,
+                    " Under TCG a single mapped read costs {} µs against {} µs for guest RAM \
+                     (loop mean): QEMU serves the region on a slower path than RAM. This \
+                     measures TCG, not the backend; with KVM the guest's page tables point \
+                     straight at the mapping.",
+                    us(v),
+                    us(r)
+                );
+            }
+            None => {}
+        }
+        if b.bandwidth.contains_key("vram_seq_read64") || single.is_some() {
+            s.push('\n');
         }
         if let (Some(p), Some(g)) = (&b.posted, b.gpu_read()) {
             let issue = p.issue_per_write_ns();
