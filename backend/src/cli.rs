@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use gpu_emulation::{ChipProfile, ProfileError};
@@ -15,6 +16,7 @@ use crate::inspect::{self, GuestLayout, PartitionLayout, SlicedLayout};
 use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
 use crate::serve::{present_guests, serve, serve_functions, ServeError, ServeOptions};
 use crate::slice::{parse_slice_size, GuestSpec, SpecError};
+use crate::vfio_user::ServerConfig;
 
 /// Errors of the command line.
 #[derive(Debug, Error)]
@@ -113,6 +115,11 @@ pub enum Command {
         /// File mode of the socket(s), in octal.
         #[arg(long, default_value = "600", value_parser = parse_mode)]
         socket_mode: u32,
+        /// After each message, busy-poll the socket this many microseconds (at most 1000)
+        /// before sleeping: a trapped access that follows soon skips the server's wake-up, at
+        /// the cost of CPU time. 0 (the default) never spins.
+        #[arg(long, default_value = "0", value_parser = clap::value_parser!(u64).range(0..=1000))]
+        poll_spin_us: u64,
     },
 }
 
@@ -214,7 +221,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             socket,
             guests,
             socket_mode,
+            poll_spin_us,
         } => {
+            let server_config = ServerConfig {
+                poll_spin: Duration::from_micros(poll_spin_us),
+                ..ServerConfig::default()
+            };
             let host = Arc::new(EmulatedHostGpu::new(profile)?);
             if guests.is_empty() {
                 let socket = socket.ok_or_else(|| {
@@ -225,6 +237,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     &ServeOptions {
                         socket,
                         socket_mode,
+                        server_config,
                     },
                 )?;
                 return Ok(());
@@ -241,7 +254,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         .ok_or(ServeError::NoSocket(i))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            serve_functions(served, socket_mode)?;
+            serve_functions(served, socket_mode, server_config)?;
             Ok(())
         }
     }

@@ -15,7 +15,7 @@ use crate::host_gpu::HostGpu;
 use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
 use crate::slice::{GuestSpec, SetupError, SlicedGpu};
 use crate::vfio_user::shutdown::ShutdownError;
-use crate::vfio_user::{Server, ServerError, ShutdownSignal};
+use crate::vfio_user::{Server, ServerConfig, ServerError, ShutdownSignal};
 
 /// Errors of serving.
 #[derive(Debug, Error)]
@@ -64,6 +64,8 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     /// File mode of the socket (0o600 unless widened).
     pub socket_mode: u32,
+    /// Limits and tuning of the vfio-user connections.
+    pub server_config: ServerConfig,
 }
 
 /// Serves `host` whole to one guest on `options.socket` until SIGTERM or SIGINT; the socket
@@ -73,6 +75,7 @@ pub fn serve(host: Arc<dyn HostGpu>, options: &ServeOptions) -> Result<(), Serve
     serve_functions(
         vec![(options.socket.clone(), function)],
         options.socket_mode,
+        options.server_config,
     )
 }
 
@@ -108,6 +111,7 @@ pub fn present_guests(
 pub fn serve_functions(
     functions: Vec<(PathBuf, PresentedFunction)>,
     socket_mode: u32,
+    server_config: ServerConfig,
 ) -> Result<(), ServeError> {
     for (i, (socket, _)) in functions.iter().enumerate() {
         if functions[..i].iter().any(|(other, _)| other == socket) {
@@ -117,7 +121,7 @@ pub fn serve_functions(
     let mut servers = Vec::with_capacity(functions.len());
     for (socket, function) in functions {
         log_layout(&FunctionLayout::of(&function));
-        let server = Server::bind(&socket, socket_mode)?;
+        let server = Server::bind(&socket, socket_mode)?.with_config(server_config);
         log::info!(
             "serving {} slice {} on {} (mode {:o})",
             function.identity().name,

@@ -348,3 +348,18 @@ fn inspect_boots_the_gsp_and_shows_its_framebuffer_regions() {
         "{text}"
     );
 }
+
+#[test]
+fn serve_rejects_a_poll_spin_over_one_millisecond() {
+    let out = gpu_backend(&[
+        "serve",
+        "--profile",
+        "tu102-24g",
+        "--socket",
+        "/nonexistent/never.sock",
+        "--poll-spin-us",
+        "5000",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("poll-spin-us"));
+}
