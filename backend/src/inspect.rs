@@ -3,6 +3,8 @@
 
 use std::io::{self, Write};
 
+pub use crate::units::human_size;
+
 use serde::Serialize;
 
 use crate::presentation::layout::{BarLayout, FunctionLayout, RangeLayout};
@@ -68,26 +70,6 @@ impl PartitionLayout {
             bar1_instance_block: tables.map(|(_, inst)| inst.raw()),
         }
     }
-}
-
-/// Formats a byte count as `N GiB`/`N MiB`/`N KiB`/`N B`, with two decimals when inexact.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("B", 1),
-    ];
-    for (unit, scale) in UNITS {
-        if bytes >= scale {
-            return if bytes % scale == 0 {
-                format!("{} {unit}", bytes / scale)
-            } else {
-                format!("{:.2} {unit}", bytes as f64 / scale as f64)
-            };
-        }
-    }
-    "0 B".to_owned()
 }
 
 fn ranges(bar: &BarLayout) -> (String, String) {
@@ -261,18 +243,4 @@ fn write_function(out: &mut impl Write, layout: &FunctionLayout) -> io::Result<(
         layout.msix.pba_offset
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human_size(128 << 30), "128 GiB");
-        assert_eq!(human_size(95 << 30), "95 GiB");
-        assert_eq!(human_size(16 << 20), "16 MiB");
-        assert_eq!(human_size(1536 << 20), "1.50 GiB");
-        assert_eq!(human_size(0), "0 B");
-    }
 }

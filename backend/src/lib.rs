@@ -18,4 +18,5 @@ pub mod inspect;
 pub mod presentation;
 pub mod serve;
 pub mod slice;
+pub mod units;
 pub mod vfio_user;

@@ -8,6 +8,7 @@ use super::client::{ClientStats, GspTimeouts};
 use super::cmdq::QueueStats;
 use super::rpc::{FbRegionKind, InternalHandles};
 use crate::host_gpu::HostGpu;
+use crate::units::human_size;
 
 /// The RPC numbering the host driver uses.
 pub const RPC_NUMBERING: &str = "r570";
@@ -89,18 +90,6 @@ pub fn boot_and_report(host: &dyn HostGpu) -> Result<GspReport, BootError> {
 }
 
 /// Bytes in binary units with up to two decimals (1 GiB, 95 GiB, 23.65 GiB).
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    let s = format!("{v:.2}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    format!("{s} {}", UNITS[unit])
-}
 
 impl fmt::Display for GspReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -109,10 +98,10 @@ impl fmt::Display for GspReport {
             "GSP ({}, {} numbering): usable VRAM {} ({} bytes), reserved {}, framebuffer {}",
             self.chip,
             self.rpc_numbering,
-            human(self.usable_vram),
+            human_size(self.usable_vram),
             self.usable_vram,
-            human(self.reserved),
-            human(self.fb_size)
+            human_size(self.reserved),
+            human_size(self.fb_size)
         )?;
         writeln!(
             f,
@@ -130,24 +119,10 @@ impl fmt::Display for GspReport {
                 "{:<16} {:<20} {:>12}  {}",
                 kind,
                 format!("[{:#x}, {:#x})", r.start, r.end),
-                human(r.size),
+                human_size(r.size),
                 if r.protected { "yes" } else { "no" }
             )?;
         }
         write!(f, "boot events: {}", self.boot_events.join(", "))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human(0), "0 B");
-        assert_eq!(human(1 << 30), "1 GiB");
-        assert_eq!(human(95 << 30), "95 GiB");
-        assert_eq!(human(24_220 << 20), "23.65 GiB");
-        assert_eq!(human(256 << 20), "256 MiB");
     }
 }
