@@ -10,7 +10,7 @@ use thiserror::Error;
 use super::bar1::Bar1Error;
 use super::host_vram::{HostVram, HostVramError};
 use super::partition::{PartitionError, Slice, VramPartition};
-use crate::host_driver::addr::GpuVa;
+use crate::host_driver::addr::{GpuVa, VramAddr};
 use crate::host_gpu::{HostGpu, HostGpuError};
 
 /// Errors of giving VRAM to guests.
@@ -34,6 +34,12 @@ pub enum SetupError {
     /// The guest slice does not belong to this GPU's partition.
     #[error("{0} is not a guest of this GPU")]
     NotAGuest(Slice),
+    /// The GSP did not boot, so the framebuffer layout is unknown.
+    #[error("the GSP did not boot: {0}")]
+    Gsp(#[from] crate::gsp::BootError),
+    /// The GSP reported no usable framebuffer region starting at VRAM address 0.
+    #[error("the GSP reported no usable framebuffer region at VRAM address 0")]
+    NoUsableRegion,
 }
 
 impl SetupError {
@@ -136,11 +142,32 @@ impl std::fmt::Debug for SlicedGpu {
     }
 }
 
+/// End of the usable framebuffer region at VRAM address 0, as the freshly booted GSP reports.
+fn gsp_usable_vram(host: &dyn HostGpu) -> Result<u64, SetupError> {
+    let session = crate::gsp::boot(host, crate::gsp::GspTimeouts::default())?;
+    let usable = session
+        .static_info()
+        .usable_regions()
+        .find(|region| region.start == VramAddr::ZERO)
+        .map(|region| region.end.raw())
+        .ok_or(SetupError::NoUsableRegion)?;
+    log::info!(
+        "GSP reports {usable:#x} bytes of usable VRAM at 0 ({} usable in all)",
+        session.static_info().usable_bytes()
+    );
+    Ok(usable)
+}
+
 impl SlicedGpu {
     /// Partitions `host`'s VRAM and sets up BAR1 in virtual mode with its tables in the
     /// host-reserved region (no windows yet).
+    ///
+    /// The usable VRAM comes from the GSP: it is booted, and the usable framebuffer region
+    /// at address 0 of its GET_GSP_STATIC_INFO reply bounds the partition (board-reserved
+    /// and firmware regions are never handed out). The GSP stays running.
     pub fn new(host: Arc<dyn HostGpu>) -> Result<SlicedGpu, SetupError> {
-        let partition = VramPartition::new(host.identity())?;
+        let usable = gsp_usable_vram(&*host)?;
+        let partition = VramPartition::with_sizes(host.identity().vram_size, usable)?;
         let vram = Arc::new(HostVram::new(host)?);
         vram.set_up_bar1(partition.host_reserved())?;
         Ok(SlicedGpu {

@@ -844,3 +844,17 @@ proptest! {
 
 // ---------------------------------------------------------------------------------------
 // Cost of the trapped paths, in process (no socket).
+
+#[test]
+fn the_partition_is_bounded_by_the_usable_region_the_gsp_reports() {
+    let (gpu, host) = emulated("gh200-96g");
+    let sliced = SlicedGpu::new(host).unwrap();
+    let partition = sliced.partition();
+    // The GSP reports 95 GiB usable and the 1 GiB nvgrace carve-out as board-reserved: the
+    // host-reserved region ends at the usable end and no slice can reach the carve-out.
+    let usable = gpu.emulated().profile().usable_vram_size();
+    assert_eq!(partition.usable(), usable);
+    assert_eq!(partition.host_reserved().end.raw(), usable);
+    assert!(partition.guest_area_end() < usable);
+    assert!(gpu.emulated().gsp().state().is_some_and(|s| s.init_done));
+}
