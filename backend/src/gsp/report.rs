@@ -89,8 +89,6 @@ pub fn boot_and_report(host: &dyn HostGpu) -> Result<GspReport, BootError> {
     })
 }
 
-/// Bytes in binary units with up to two decimals (1 GiB, 95 GiB, 23.65 GiB).
-
 impl fmt::Display for GspReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
