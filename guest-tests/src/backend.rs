@@ -1,5 +1,6 @@
-//! The backend process: `gpu-backend serve --profile <name> --socket <path>`, started before a
-//! guest boots and stopped with SIGTERM afterwards.
+//! The backend process: `gpu-backend serve --profile <name> --socket <path>` (the GPU whole to
+//! one guest) or `... --guest <path>:<size> ...` (VRAM slices, one socket each), started before
+//! a guest boots and stopped with SIGTERM afterwards.
 
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
@@ -16,10 +17,10 @@ pub const SOCKET_WAIT: Duration = Duration::from_secs(30);
 /// How long to wait for the backend to exit after SIGTERM before SIGKILL.
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
 
-/// A running backend serving one device on a unix socket.
+/// A running backend serving one device per unix socket.
 pub struct Backend {
     child: Option<Child>,
-    socket: PathBuf,
+    sockets: Vec<PathBuf>,
     socket_dir: PathBuf,
     log: PathBuf,
     profile: String,
@@ -41,17 +42,54 @@ impl Backend {
         log: &Path,
         extra_args: &[String],
     ) -> Result<Backend> {
+        Self::spawn_inner(bin, profile, log, &[], extra_args)
+    }
+
+    /// Start `bin serve --profile <profile> --guest <dir>/<name>.sock:<size> ...`: one VRAM
+    /// slice per entry of `guests` (name, size in bytes), consecutive from the bottom of VRAM in
+    /// this order; return once every socket exists. [`Backend::socket_of`] finds a guest's
+    /// socket.
+    pub fn spawn_sliced(
+        bin: &Path,
+        profile: &str,
+        log: &Path,
+        guests: &[(&str, u64)],
+    ) -> Result<Backend> {
+        if guests.is_empty() {
+            return Err(HarnessError::Backend {
+                reason: "spawn_sliced needs at least one guest".into(),
+                log_tail: String::new(),
+            });
+        }
+        Self::spawn_inner(bin, profile, log, guests, &[])
+    }
+
+    fn spawn_inner(
+        bin: &Path,
+        profile: &str,
+        log: &Path,
+        guests: &[(&str, u64)],
+        extra_args: &[String],
+    ) -> Result<Backend> {
         let socket_dir = new_socket_dir()?;
-        let socket = socket_dir.join("gpu.sock");
         let out = File::create(log).ctx(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().ctx(|| "duplicating the log file".into())?;
         let mut cmd = Command::new(bin);
-        cmd.arg("serve")
-            .arg("--profile")
-            .arg(profile)
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra_args)
+        cmd.arg("serve").arg("--profile").arg(profile);
+        let mut sockets = Vec::new();
+        if guests.is_empty() {
+            let socket = socket_dir.join("gpu.sock");
+            cmd.arg("--socket").arg(&socket);
+            sockets.push(socket);
+        }
+        for (name, size) in guests {
+            let socket = socket_dir.join(format!("{name}.sock"));
+            let mut spec = socket.clone().into_os_string();
+            spec.push(format!(":{size}"));
+            cmd.arg("--guest").arg(spec);
+            sockets.push(socket);
+        }
+        cmd.args(extra_args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -61,7 +99,7 @@ impl Backend {
         let child = cmd.spawn().ctx(|| format!("starting {}", bin.display()))?;
         let mut backend = Backend {
             child: Some(child),
-            socket,
+            sockets,
             socket_dir,
             log: log.to_path_buf(),
             profile: profile.to_string(),
@@ -73,16 +111,21 @@ impl Backend {
     fn wait_for_socket(&mut self) -> Result<()> {
         let start = Instant::now();
         loop {
-            if std::fs::metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket()) {
+            let missing = self
+                .sockets
+                .iter()
+                .find(|s| !std::fs::metadata(s).is_ok_and(|m| m.file_type().is_socket()))
+                .cloned();
+            let Some(missing) = missing else {
                 return Ok(());
-            }
+            };
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
                     return Err(self.error(format!(
                         "`serve --profile {}` exited with {status} before creating {}",
                         self.profile,
-                        self.socket.display()
+                        missing.display()
                     )));
                 }
             }
@@ -90,7 +133,7 @@ impl Backend {
                 let _ = self.stop();
                 return Err(self.error(format!(
                     "socket {} did not appear within {} s",
-                    self.socket.display(),
+                    missing.display(),
                     SOCKET_WAIT.as_secs()
                 )));
             }
@@ -105,9 +148,28 @@ impl Backend {
         }
     }
 
-    /// The unix socket QEMU connects to.
+    /// The unix socket QEMU connects to (the first guest's, when sliced).
     pub fn socket(&self) -> &Path {
-        &self.socket
+        &self.sockets[0]
+    }
+
+    /// Every guest's socket, in the order given.
+    pub fn sockets(&self) -> &[PathBuf] {
+        &self.sockets
+    }
+
+    /// The socket of the guest called `name` in [`Backend::spawn_sliced`].
+    pub fn socket_of(&self, name: &str) -> Option<&Path> {
+        let file = format!("{name}.sock");
+        self.sockets
+            .iter()
+            .find(|s| s.file_name().is_some_and(|f| f == file.as_str()))
+            .map(PathBuf::as_path)
+    }
+
+    /// The process id of `gpu-backend serve` while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The backend's output so far.

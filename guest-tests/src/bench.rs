@@ -26,6 +26,14 @@ pub struct BenchConfig {
     /// depends on glibc's copy strategy and TCG's software TLB and varied threefold between
     /// runs on the development machine).
     pub memcpy_mib: u64,
+    /// KiB read through the PRAMIN aperture per window position (0: skip the aperture
+    /// benchmark).
+    pub aperture_kib: u64,
+    /// Window positions (1 MiB apart) per aperture pass.
+    pub aperture_windows: u64,
+    /// Aperture passes (each `aperture_kib` x `aperture_windows`; every 8-byte load is a
+    /// trapped round trip, so keep this small).
+    pub aperture_reps: u64,
     /// Guest vCPUs.
     pub smp: u32,
     /// Pin QEMU and the backend to these host CPUs (`None`: unpinned).
@@ -41,6 +49,9 @@ impl Default for BenchConfig {
             warmup: 200,
             mib: 64,
             memcpy_mib: 0,
+            aperture_kib: 64,
+            aperture_windows: 16,
+            aperture_reps: 2,
             smp: crate::qemu::DEFAULT_SMP,
             cpus: None,
             label: "bench".into(),
@@ -88,7 +99,8 @@ impl Bandwidth {
         Self::rate(self.bytes, self.first_ns.unwrap_or(self.ns))
     }
 
-    fn rate(bytes: u64, ns: u64) -> f64 {
+    /// Decimal megabytes per second of `bytes` in `ns` nanoseconds (0 for 0 ns).
+    pub fn rate(bytes: u64, ns: u64) -> f64 {
         if ns == 0 {
             return 0.0;
         }
@@ -136,6 +148,8 @@ pub struct GuestBench {
     pub bandwidth: BTreeMap<String, Bandwidth>,
     /// The posted-write burst, if measured.
     pub posted: Option<PostedWrites>,
+    /// Window positions of the aperture benchmark, if measured.
+    pub aperture_windows: Option<u64>,
 }
 
 impl GuestBench {
@@ -155,6 +169,9 @@ impl GuestBench {
                     }
                 }
                 (_, Some("bandwidth")) => {
+                    if name == "aperture_read64" {
+                        b.aperture_windows = f.num("windows");
+                    }
                     if let Some(bw) = bandwidth(f) {
                         b.bandwidth.insert(name, bw);
                     }
@@ -174,6 +191,16 @@ impl GuestBench {
     /// The read of edu's register 0 (benchmark b).
     pub fn edu_read(&self) -> Option<&Latency> {
         self.latency.get("edu_bar0_read32")
+    }
+
+    /// Sequential 8-byte reads through the PRAMIN aperture (benchmark f).
+    pub fn aperture_read(&self) -> Option<&Bandwidth> {
+        self.bandwidth.get("aperture_read64")
+    }
+
+    /// The same bytes through the mapped VRAM BAR (benchmark f's baseline).
+    pub fn aperture_mapped_read(&self) -> Option<&Bandwidth> {
+        self.bandwidth.get("aperture_mapped_read64")
     }
 }
 
@@ -224,6 +251,11 @@ pub fn run_bench(
         .set("bench_mib", config.mib)
         .set("bench_memcpy_mib", config.memcpy_mib)
         .set("bench_reg", format!("{:#x}", layout.window_register()))
+        .set("bench_aperture_kib", config.aperture_kib)
+        .set("bench_aperture_windows", config.aperture_windows)
+        .set("bench_aperture_reps", config.aperture_reps)
+        .set("window_reg", format!("{:#x}", layout.window_register()))
+        .set("vram_map", layout.vram_map())
         // Generous: the bandwidth passes go through QEMU's slow MMIO path under TCG.
         .watchdog_secs(600);
     let run = with_cpus(config.cpus.as_deref(), || {
@@ -255,7 +287,8 @@ mod tests {
             "GPUPROBE bench name=env clocksource=tsc cpus=2\n\
              GPUPROBE bench name=gpu_bar0_read32 kind=latency n=10 p50_ns=60000 p99_ns=90000 mean_ns=61000 min_ns=50000 max_ns=95000 loop_mean_ns=59000\n\
              GPUPROBE bench name=gpu_bar0_posted_write kind=burst reg=0x10fd40 n=100 bursts=5 issue_ns=100000 drain_ns=500000 total_ns=600000\n\
-             GPUPROBE bench name=vram_seq_read64 kind=bandwidth bytes=1000000 ns=1000000\n",
+             GPUPROBE bench name=vram_seq_read64 kind=bandwidth bytes=1000000 ns=1000000\n\
+             GPUPROBE bench name=aperture_read64 kind=bandwidth bytes=1048576 ns=4000000000 median_ns=4100000000 first_ns=4200000000 reps=3 windows=16 chunk=65536\n",
         );
         let b = GuestBench::from_report(&r);
         assert_eq!(b.clocksource, "tsc");
@@ -266,5 +299,11 @@ mod tests {
             (0x10fd40, 6000, 1000)
         );
         assert!((b.bandwidth["vram_seq_read64"].mb_per_s() - 1000.0).abs() < 1e-9);
+        let ap = b.aperture_read().unwrap();
+        assert_eq!(
+            (ap.bytes, ap.reps, ap.median_ns),
+            (1 << 20, 3, Some(4_100_000_000))
+        );
+        assert!(b.aperture_mapped_read().is_none());
     }
 }

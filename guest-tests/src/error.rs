@@ -65,6 +65,9 @@ pub enum HarnessError {
         /// What went wrong (the backend's own message for an unknown profile).
         reason: String,
     },
+    /// The backend's host VRAM could not be found or accessed.
+    #[error("host VRAM: {0}")]
+    HostVram(#[from] crate::host_vram::HostVramError),
     /// The backend process could not be started or did not create its socket.
     #[error("backend: {reason}\n--- backend log (tail) ---\n{log_tail}")]
     Backend {

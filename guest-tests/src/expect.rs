@@ -39,6 +39,8 @@ pub struct BarExpectation {
     pub is_64bit: bool,
     /// A prefetchable memory BAR.
     pub prefetchable: bool,
+    /// For a VRAM BAR: the guest VRAM address of its first byte.
+    pub vram_offset: Option<u64>,
 }
 
 impl BarExpectation {
@@ -77,13 +79,19 @@ impl ProfileLayout {
     /// Parse the JSON printed by `gpu-backend inspect --json`.
     pub fn from_json(profile: &str, text: &str) -> std::result::Result<ProfileLayout, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        Self::from_value(profile, &v)
+    }
+
+    /// Parse one function's JSON object (the whole output of `inspect --json`, or one entry of
+    /// its `guests` array when sliced).
+    pub fn from_value(profile: &str, v: &Value) -> std::result::Result<ProfileLayout, String> {
         let num = |path: &[&str]| {
-            field(&v, path)
+            field(v, path)
                 .and_then(Value::as_u64)
                 .ok_or_else(|| format!("missing number {}", path.join(".")))
         };
         let mut bars = Vec::new();
-        for b in field(&v, &["bars"])
+        for b in field(v, &["bars"])
             .and_then(Value::as_array)
             .ok_or("missing bars")?
         {
@@ -104,10 +112,11 @@ impl ProfileLayout {
                 presented_size: n("presented_size")?,
                 is_64bit: flag("is_64bit"),
                 prefetchable: flag("prefetchable"),
+                vram_offset: b.get("vram_offset").and_then(Value::as_u64),
             });
         }
         let text_of = |path: &[&str]| {
-            field(&v, path)
+            field(v, path)
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string()
@@ -169,6 +178,61 @@ impl ProfileLayout {
         }
     }
 
+    /// The bits of the window register that latch (what an all-ones write reads back as):
+    /// BASE 23:0 + TARGET 25:24 up to Ada, BASE 21:0 on Hopper, BASE 22:0 on Blackwell
+    /// (docs/registers.md).
+    pub fn window_register_mask(&self) -> u32 {
+        match self.generation.as_str() {
+            "Hopper" => 0x003f_ffff,
+            "Blackwell" => 0x007f_ffff,
+            _ => 0x03ff_ffff,
+        }
+    }
+
+    /// Whether the window register has the TARGET field (Turing–Ada).
+    pub fn window_has_target(&self) -> bool {
+        !matches!(self.generation.as_str(), "Hopper" | "Blackwell")
+    }
+
+    /// `gpuprobe.vram_map`: which BAR shows which guest VRAM (`BAR:OFFSET:LEN,...`), from the
+    /// VRAM BARs' offsets and real sizes.
+    pub fn vram_map(&self) -> String {
+        self.bars
+            .iter()
+            .filter(|b| b.role == "vram")
+            .map(|b| format!("{}:{}:{}", b.index, b.vram_offset.unwrap_or(0), b.real_size))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Probe arguments of the window checks (`gpuprobe.window=1`) for a guest owning
+    /// `vram_size` bytes of VRAM: the window register, its defined bits and TARGET field, the
+    /// VRAM map. Add them to [`ProfileLayout::probe_args`] or to bare identity checks.
+    pub fn window_probe_args(&self, args: ProbeArgs, vram_size: u64) -> ProbeArgs {
+        args.set("window", 1)
+            .set("window_reg", format!("{:#x}", self.window_register()))
+            .set("window_mask", format!("{:#x}", self.window_register_mask()))
+            .set("window_target", u8::from(self.window_has_target()))
+            .set("slice_size", vram_size)
+            .set("vram_map", self.vram_map())
+    }
+
+    /// Probe arguments checking the identity and the BAR sizes only (no VRAM writes by the
+    /// regular checks).
+    pub fn identity_probe_args(&self) -> ProbeArgs {
+        let mut a = ProbeArgs::new()
+            .device(self.device_id)
+            .class(self.class_code)
+            .boot0(self.boot0);
+        if let Some(reg) = self.bars.iter().find(|b| b.role == "registers") {
+            a = a.boot0_bar(reg.index);
+        }
+        for b in &self.bars {
+            a = a.bar_size(b.index, b.presented_size);
+        }
+        a
+    }
+
     /// The BAR with `index`, if the profile has it.
     pub fn bar(&self, index: u8) -> Option<&BarExpectation> {
         self.bars.iter().find(|b| b.index == index)
@@ -205,16 +269,7 @@ impl ProfileLayout {
     /// Probe arguments checking everything the layout promises: ids, BOOT_0, every BAR's size
     /// and the VRAM BAR's real size.
     pub fn probe_args(&self) -> ProbeArgs {
-        let mut a = ProbeArgs::new()
-            .device(self.device_id)
-            .class(self.class_code)
-            .boot0(self.boot0);
-        if let Some(reg) = self.bars.iter().find(|b| b.role == "registers") {
-            a = a.boot0_bar(reg.index);
-        }
-        for b in &self.bars {
-            a = a.bar_size(b.index, b.presented_size);
-        }
+        let mut a = self.identity_probe_args();
         if let Some(v) = self.vram_bar() {
             a = a.vram(v.index, v.real_size);
         }
@@ -248,6 +303,27 @@ mod tests {
         assert_eq!(l.window_register(), 0x10_FD40);
         assert!(l.bar(0).unwrap().is_64bit && !l.bar(2).unwrap().prefetchable);
         assert_eq!(l.bar(4).unwrap().padding(), 33 << 30);
+        assert_eq!(l.window_register_mask(), 0x3f_ffff);
+        assert!(!l.window_has_target());
+    }
+
+    #[test]
+    fn window_arguments() {
+        let json = r#"{"chip":{"boot0":1,"generation":"Turing"},
+            "pci":{"vendor_id":4318,"device_id":1,"class_code":2},
+            "bars":[{"index":0,"role":"registers","real_size":4096,"presented_size":4096},
+                    {"index":1,"role":"vram","vram_offset":0,"real_size":67108864,
+                     "presented_size":67108864},
+                    {"index":2,"role":"vram","vram_offset":67108864,"real_size":2097152,
+                     "presented_size":2097152}]}"#;
+        let l = ProfileLayout::from_json("t", json).unwrap();
+        assert_eq!(l.vram_map(), "1:0:67108864,2:67108864:2097152");
+        let a = l.window_probe_args(l.identity_probe_args(), 69206016);
+        assert_eq!(a.get("window_reg"), Some("0x1700"));
+        assert_eq!(a.get("window_mask"), Some("0x3ffffff"));
+        assert_eq!(a.get("window_target"), Some("1"));
+        assert_eq!(a.get("slice_size"), Some("69206016"));
+        assert_eq!(a.get("vram_bar"), None, "identity only: no VRAM checks");
     }
 
     #[test]

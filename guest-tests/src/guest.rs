@@ -203,12 +203,33 @@ pub fn with_backend_bin<T>(
     f: impl FnOnce(&Backend) -> Result<T>,
 ) -> Result<T> {
     let dir = new_run_dir(&format!("backend-{profile}"))?;
-    let mut backend = Backend::spawn_with(bin, profile, &dir.join("backend.log"), &[])?;
+    let backend = Backend::spawn_with(bin, profile, &dir.join("backend.log"), &[])?;
+    run_then_stop(backend, &dir, f)
+}
+
+/// Start `bin serve --profile <profile>` with one VRAM slice per entry of `guests` (name, size
+/// in bytes; see [`Backend::spawn_sliced`]), run `f` with it, then stop it.
+pub fn with_sliced_backend<T>(
+    bin: &Path,
+    profile: &str,
+    guests: &[(&str, u64)],
+    f: impl FnOnce(&Backend) -> Result<T>,
+) -> Result<T> {
+    let dir = new_run_dir(&format!("backend-{profile}-sliced"))?;
+    let backend = Backend::spawn_sliced(bin, profile, &dir.join("backend.log"), guests)?;
+    run_then_stop(backend, &dir, f)
+}
+
+fn run_then_stop<T>(
+    mut backend: Backend,
+    dir: &Path,
+    f: impl FnOnce(&Backend) -> Result<T>,
+) -> Result<T> {
     let result = f(&backend);
     backend.stop();
     match &result {
         Ok(_) if !keep_runs() => {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(dir);
         }
         Ok(_) => {}
         Err(_) => eprintln!(

@@ -14,7 +14,10 @@
 //! Modules: [`qemu`] (install via `qemu-configs/install.sh`, argv, run with timeout),
 //! [`initramfs`] (newc cpio + gzip), [`artifacts`] (building the probe and the backend),
 //! [`backend`] (the `serve` process), [`expect`] (what a profile should look like, from
-//! `gpu-backend inspect --json`), [`guest`] (the boot API), [`probe_args`] and [`report`];
+//! `gpu-backend inspect --json`), [`slices`] (a sliced GPU's partition), [`guest`] (the boot
+//! API), [`probe_args`] and [`report`]; for slice isolation: [`host_vram`] (the backend's VRAM
+//! memfd from the host), [`isolation`] (canaries and host-side checks) and [`pattern`] (the
+//! probe's VRAM patterns);
 //! for the programs: [`demo`] (the tables of `gpu-demo`), [`bench`](mod@bench), [`bench_table`],
 //! [`pingpong`], [`stats`] and [`affinity`] (the guest benchmarks of `gpu-guest-bench`).
 
@@ -27,12 +30,16 @@ pub mod demo;
 pub mod error;
 pub mod expect;
 pub mod guest;
+pub mod host_vram;
 pub mod initramfs;
+pub mod isolation;
 pub mod paths;
+pub mod pattern;
 pub mod pingpong;
 pub mod probe_args;
 pub mod qemu;
 pub mod report;
+pub mod slices;
 pub mod stats;
 
 pub use backend::Backend;
@@ -40,8 +47,10 @@ pub use error::{HarnessError, Result};
 pub use expect::ProfileLayout;
 pub use guest::{
     boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, with_backend_bin,
-    GuestOptions, GuestRun,
+    with_sliced_backend, GuestOptions, GuestRun,
 };
+pub use host_vram::HostVram;
 pub use probe_args::ProbeArgs;
 pub use qemu::QemuLab;
 pub use report::{Check, Outcome, ProbeReport};
+pub use slices::{GuestSlice, SlicedLayout};

@@ -5,9 +5,12 @@
 //! the test harness runs them in parallel; the probe, the initramfs and the backend are built
 //! once per test process.
 
+use guest_tests::artifacts::backend_binary;
+use guest_tests::isolation::{canaries_around, plant, verify};
 use guest_tests::{
-    boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, GuestOptions,
-    Outcome, ProbeArgs, ProbeReport, ProfileLayout,
+    boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend,
+    with_sliced_backend, GuestOptions, HostVram, Outcome, ProbeArgs, ProbeReport, ProfileLayout,
+    SlicedLayout,
 };
 
 /// Assert that every named check ran and passed.
@@ -186,4 +189,80 @@ fn emulated_tu102_turing_in_guest() {
         .expect("padding offsets were probed");
     assert_eq!(padding.num("real"), Some(25_396_510_720));
     assert_eq!(padding.num("size"), Some(32 << 30));
+}
+
+/// The probe's window checks (`gpuprobe.window=1`).
+const WINDOW_CHECKS: &[&str] = &[
+    "window_reg_readback",
+    "window_aperture_rw",
+    "window_bar_to_aperture",
+    "window_move_order",
+    "window_past_end_read",
+    "window_past_end_write",
+    "window_target_sysmem",
+    "window_written_intact",
+];
+
+/// The trapped BAR0 window in a sliced GPU, seen from a real guest. `serve` carves three
+/// 64 MiB slices from a TU102 (Turing: the window register has a TARGET field); the guest
+/// under test owns the middle one, so its VRAM address 0 is host VRAM 64 MiB and it has a
+/// neighbour on each side. Before it boots, the host plants canaries through the backend's
+/// VRAM memfd: the last bytes below its slice, the first above, inside both neighbours, in the
+/// free VRAM and at the end of the host-reserved region. The guest moves the window over its
+/// VRAM (base 0, middle, last MiB) and writes and reads through the aperture and the VRAM BAR
+/// both ways; straddles its VRAM end, points past it and far past it (reads 0xFF, writes
+/// dropped); points TARGET at system memory (reads 0xFF); checks the register reads back.
+/// After it powered off the host finds every canary intact, only zeros and canaries in the
+/// neighbours, the free and the host-reserved VRAM, and the guest's slice holding exactly what
+/// the guest wrote, at slice start + guest offset.
+#[test]
+fn window_trap_confines_a_sliced_guest() {
+    const PROFILE: &str = "tu102-24g";
+    const SLICE: u64 = 64 << 20;
+    let guests = [("low", SLICE), ("a", SLICE), ("high", SLICE)];
+    let bin = backend_binary().unwrap_or_else(|e| panic!("{e}"));
+    let sliced =
+        SlicedLayout::inspect_with(&bin, PROFILE, &guests).unwrap_or_else(|e| panic!("{e}"));
+    let a = sliced.guest("a").expect("guest a").clone();
+    assert_eq!((a.start, a.size), (SLICE, SLICE), "the middle slice");
+    assert_eq!(a.layout.generation, "Turing");
+    let canaries = canaries_around(&sliced, &a);
+    let args = a
+        .layout
+        .window_probe_args(a.layout.identity_probe_args(), a.size);
+
+    let (run, host_checks) = with_sliced_backend(&bin, PROFILE, &guests, |backend| {
+        let pid = backend.pid().expect("backend running");
+        let vram = HostVram::open(pid)?;
+        assert_eq!(vram.size(), sliced.vram_size, "the whole VRAM memfd");
+        plant(&vram, &canaries)?;
+        let socket = backend.socket_of("a").expect("socket of a");
+        let run = boot_guest(
+            &GuestOptions::new(args.clone())
+                .with_socket(socket)
+                .label("window-a"),
+        )?;
+        let checks = verify(&vram, &sliced, &a, &canaries, &run.report)?;
+        Ok((run, checks))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    eprintln!("boot to power-off: {:.1} s", run.boot_time.as_secs_f64());
+    eprintln!("{}", run.report.summary_table());
+    for c in &host_checks {
+        eprintln!("  host: {:<28} {:?}  {}", c.name, c.outcome, c.detail);
+    }
+    assert!(
+        run.report.all_passed(),
+        "failed checks: {:#?}\nlogs: {}",
+        run.report.failures(),
+        run.run_dir.display()
+    );
+    assert_passed(&run.report, &["device_found", "device_id", "boot0_mmap"]);
+    assert_passed(&run.report, WINDOW_CHECKS);
+    assert_eq!(a.layout.bar_mismatches(&run.report), Vec::<String>::new());
+    for c in &host_checks {
+        assert_eq!(c.outcome, Outcome::Pass, "{c:?}");
+    }
+    assert_eq!(host_checks.len(), 4);
 }

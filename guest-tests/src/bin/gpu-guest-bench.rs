@@ -1,6 +1,7 @@
-//! `gpu-guest-bench`: what a trapped register access, a posted write and the mapped VRAM cost as
-//! a QEMU guest sees them, next to QEMU's in-process `edu` device and a host unix-socket
-//! ping-pong (the floor of any vfio-user round trip). Prints a markdown report on stdout.
+//! `gpu-guest-bench`: what a trapped register access, a posted write, the PRAMIN aperture and
+//! the mapped VRAM cost as a QEMU guest sees them, next to QEMU's in-process `edu` device and a
+//! host unix-socket ping-pong (the floor of any vfio-user round trip). Prints a markdown report
+//! on stdout.
 //!
 //! ```text
 //! cargo run --release -p guest-tests --bin gpu-guest-bench [-- --profile gh200-96g --matrix]
@@ -18,18 +19,25 @@ use guest_tests::{affinity, ProfileLayout, QemuLab, Result};
 
 const USAGE: &str = "\
 usage: gpu-guest-bench [--profile NAME] [--n N] [--warmup N] [--mib M] [--memcpy-mib M]
+                       [--aperture-kib K] [--aperture-windows W] [--aperture-reps R]
                        [--smp N] [--pin CPU[,CPU]] [--matrix] [--debug-backend]
 
 Boots one TCG guest with the emulated GPU (vfio-user) and QEMU's edu device and measures, from
 inside the guest: (a) trapped BAR0 BOOT_0 reads, (b) edu register reads, (d) sequential reads of
-the mapped VRAM against guest RAM, (e) posted BAR0 writes; and on the host (c) a unix-socket
-ping-pong with vfio-user-sized messages. Prints a markdown report on stdout, progress on stderr.
+the mapped VRAM against guest RAM, (e) posted BAR0 writes, (f) sequential reads through the
+PRAMIN aperture (window moved over VRAM) against the same bytes through the mapped VRAM BAR;
+and on the host (c) a unix-socket ping-pong with vfio-user-sized messages. Prints a markdown
+report on stdout, progress on stderr.
 
   --profile NAME     emulated GPU profile (default gh200-96g)
   --n N              timed accesses per latency benchmark (default 2000)
   --warmup N         untimed accesses before each (default 200)
   --mib M            MiB for the sequential bandwidth passes (default 64, 0 skips)
   --memcpy-mib M     MiB for memcpy passes into guest RAM (default 0: off; noisy under TCG)
+  --aperture-kib K   KiB read through the aperture per window position (default 64, max 1024,
+                     0 skips (f); every 8-byte load is a trapped round trip)
+  --aperture-windows W  window positions, 1 MiB apart (default 16)
+  --aperture-reps R  aperture passes, the best is reported (default 2)
   --smp N            guest vCPUs of the main boot (default 2)
   --pin CPUS         pin QEMU and the backend of the main boot to these host CPUs (e.g. 0)
   --matrix           also boot with -smp 1 / pinned to one CPU (register latencies only)
@@ -67,6 +75,17 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--mib" => a.main.mib = num("--mib", value("--mib")?)?.min(1024),
             "--memcpy-mib" => {
                 a.main.memcpy_mib = num("--memcpy-mib", value("--memcpy-mib")?)?.min(1024)
+            }
+            "--aperture-kib" => {
+                a.main.aperture_kib = num("--aperture-kib", value("--aperture-kib")?)?.min(1024)
+            }
+            "--aperture-windows" => {
+                a.main.aperture_windows =
+                    num("--aperture-windows", value("--aperture-windows")?)?.min(1024)
+            }
+            "--aperture-reps" => {
+                a.main.aperture_reps =
+                    num("--aperture-reps", value("--aperture-reps")?)?.clamp(1, 100)
             }
             "--smp" => a.main.smp = num("--smp", value("--smp")?)?.clamp(1, 64) as u32,
             "--pin" => {
@@ -109,6 +128,17 @@ fn load_average() -> Option<f64> {
         .ok()
 }
 
+/// The command line that reproduces this run.
+fn reproduction_command() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut cmd = String::from("cargo run --release -p guest-tests --bin gpu-guest-bench");
+    if !args.is_empty() {
+        cmd.push_str(" -- ");
+        cmd.push_str(&args.join(" "));
+    }
+    cmd
+}
+
 fn run(args: &Args) -> Result<bool> {
     let backend = step(
         &format!("building gpu-backend ({})", args.build.dir_name()),
@@ -149,7 +179,7 @@ fn run(args: &Args) -> Result<bool> {
 
     let main = step(
         &format!(
-            "booting the benchmark guest ({}, TCG; about 20-40 s)",
+            "booting the benchmark guest ({}, TCG; about 40-90 s, the aperture passes take most)",
             args.main.describe()
         ),
         || run_bench(&backend, &layout, &args.main),
@@ -160,6 +190,7 @@ fn run(args: &Args) -> Result<bool> {
         let base = BenchConfig {
             mib: 0,
             memcpy_mib: 0,
+            aperture_kib: 0,
             cpus: None,
             ..args.main.clone()
         };
@@ -195,6 +226,7 @@ fn run(args: &Args) -> Result<bool> {
                 std::thread::available_parallelism().map_or(0, |n| n.get()),
             )
         }),
+        command: reproduction_command(),
     };
     println!("{}", summary.markdown());
     let mut ok = true;

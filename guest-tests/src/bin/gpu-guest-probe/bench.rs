@@ -13,6 +13,9 @@
 //! GPUPROBE bench name=vram_read32 kind=latency ...           (mapped VRAM; also ram_read32)
 //! GPUPROBE bench name=vram_seq_read64 kind=bandwidth bytes=.. ns=<best> median_ns=.. first_ns=.. reps=9
 //!     (also ram_seq_read64, {vram,ram}_seq_write64, {vram,ram}_memcpy)
+//! GPUPROBE bench name=aperture_read64 kind=bandwidth bytes=.. ns=<best> ... windows=16 chunk=65536
+//!     (PRAMIN aperture, every load trapped; also aperture_mapped_read64: the same bytes through
+//!     the mapped VRAM BAR)
 //! ```
 //!
 //! Latency samples time one access each (so they include the timer's own cost, reported as
@@ -25,6 +28,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::time::Instant;
 
+use crate::aperture::{Bar0Window, VramChunk, VramView};
 use crate::mem::{Window, PAGE};
 use crate::out::{fact, fail, pass, set_current};
 use crate::params::Params;
@@ -149,6 +153,9 @@ pub fn run(params: &Params, gpu: &PciDevice, bars: &[Bar], devices: &[PciDevice]
             Some(index) => bench_bandwidth(params, gpu, bars, index),
             None => fail("bench_bandwidth", "no gpuprobe.vram_bar given"),
         }
+    }
+    if params.bench_aperture_kib > 0 && params.bench_aperture_windows > 0 {
+        bench_aperture(params, gpu, bars);
     }
 }
 
@@ -456,4 +463,140 @@ fn bench_bandwidth(params: &Params, gpu: &PciDevice, bars: &[Bar], index: usize)
             "BAR{index} {seq} bytes sequential, {copy} bytes memcpy, {BANDWIDTH_REPS} passes each"
         ),
     );
+}
+
+/// Fill `len` bytes at `p` with 8-byte volatile stores of a sequence depending on `salt`.
+///
+/// # Safety
+/// `p` must be 8-byte aligned and valid for writes of `len` bytes.
+unsafe fn fill_seq64(p: *mut u8, len: usize, salt: u64) {
+    let words = p.cast::<u64>();
+    for i in 0..len / 8 {
+        let v = (salt << 32 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        // SAFETY: i * 8 + 8 <= len, inside the region the caller vouches for.
+        unsafe { std::ptr::write_volatile(words.add(i), v) };
+    }
+}
+
+/// Best, median and first of `ns`, as bench fields.
+fn bandwidth_fields(bytes: u64, ns: &[u128]) -> String {
+    let mut sorted = ns.to_vec();
+    sorted.sort_unstable();
+    format!(
+        "kind=bandwidth bytes={bytes} ns={} median_ns={} first_ns={} reps={}",
+        sorted[0],
+        sorted[sorted.len() / 2],
+        ns[0],
+        ns.len()
+    )
+}
+
+/// (f) Sequential 8-byte reads through the PRAMIN aperture (the window moved over
+/// `bench_aperture_windows` places 1 MiB apart, `bench_aperture_kib` read at each; every load
+/// is a trapped vfio-user round trip) against the same bytes through the mapped VRAM BAR.
+fn bench_aperture(params: &Params, gpu: &PciDevice, bars: &[Bar]) {
+    const NAME: &str = "bench_aperture";
+    set_current(NAME);
+    let Some(reg) = params.window_reg else {
+        return fail(NAME, "no gpuprobe.window_reg given");
+    };
+    let chunk = (params.bench_aperture_kib << 10).min(1 << 20);
+    let windows = params.bench_aperture_windows;
+    let bar_size = params
+        .vram_bar
+        .and_then(|i| bars.iter().find(|b| b.index == i))
+        .map_or(0, |b| b.size);
+    let setup = || -> io::Result<(Bar0Window, Vec<VramChunk>, *mut u8)> {
+        let win = Bar0Window::open(gpu, params.boot0_bar, reg)?;
+        let view = VramView::open(gpu, params, bar_size)?;
+        let chunks = (0..windows)
+            .map(|i| view.chunk(i << 20, chunk))
+            .collect::<io::Result<Vec<_>>>()?;
+        for (i, c) in chunks.iter().enumerate() {
+            // SAFETY: the chunk's mapping is page aligned and `chunk` bytes long.
+            unsafe { fill_seq64(c.ptr()?, chunk as usize, i as u64 + 1) };
+        }
+        let aperture = win.region(0, chunk as usize)?;
+        Ok((win, chunks, aperture))
+    };
+    let (win, chunks, aperture) = match setup() {
+        Ok(x) => x,
+        Err(e) => return fail(NAME, &format!("{windows} x {chunk} bytes of VRAM: {e}")),
+    };
+    let len = chunk as usize;
+    // Single aperture loads with the window parked over chunk 0, timed like the BOOT_0 reads.
+    if win.set_base(0).is_ok() {
+        let (p32, p64) = (aperture.cast::<u32>(), aperture.cast::<u64>());
+        // SAFETY: the aperture mapping is page aligned, so its first word is aligned and live.
+        if let Ok(fields) = measure(params, || Ok(unsafe { std::ptr::read_volatile(p32) })) {
+            fact("bench", &format!("name=gpu_aperture_read32 {fields}"));
+        }
+        // SAFETY: as above, for the first 8 bytes.
+        if let Ok(fields) = measure(params, || Ok(unsafe { std::ptr::read_volatile(p64) })) {
+            fact("bench", &format!("name=gpu_aperture_read64 {fields}"));
+        }
+    }
+    let mut aperture_ns = Vec::new();
+    let mut aperture_sums = Vec::new();
+    for _ in 0..params.bench_aperture_reps {
+        let mut sums = Vec::with_capacity(chunks.len());
+        let t = Instant::now();
+        for i in 0..windows {
+            if let Err(e) = win.set_base(i << 20) {
+                let _ = win.set(0);
+                return fail(NAME, &format!("moving the window: {e}"));
+            }
+            // SAFETY: the aperture mapping is page aligned with at least `len` bytes.
+            sums.push(unsafe { read_seq64(aperture, len) }.1);
+        }
+        aperture_ns.push(t.elapsed().as_nanos());
+        aperture_sums = sums;
+    }
+    let _ = win.set(0);
+    let mut mapped_ns = Vec::new();
+    let mut mapped_sums = Vec::new();
+    for _ in 0..BANDWIDTH_REPS {
+        let mut sums = Vec::with_capacity(chunks.len());
+        let t = Instant::now();
+        for c in &chunks {
+            match c.ptr() {
+                // SAFETY: the chunk's mapping is page aligned and `len` bytes long.
+                Ok(p) => sums.push(unsafe { read_seq64(p, len) }.1),
+                Err(e) => return fail(NAME, &format!("VRAM chunk: {e}")),
+            }
+        }
+        mapped_ns.push(t.elapsed().as_nanos());
+        mapped_sums = sums;
+    }
+    let bytes = windows * chunk;
+    let extra = format!("windows={windows} chunk={chunk}");
+    fact(
+        "bench",
+        &format!(
+            "name=aperture_read64 {} {extra}",
+            bandwidth_fields(bytes, &aperture_ns)
+        ),
+    );
+    fact(
+        "bench",
+        &format!(
+            "name=aperture_mapped_read64 {} {extra}",
+            bandwidth_fields(bytes, &mapped_ns)
+        ),
+    );
+    match aperture_sums.iter().zip(&mapped_sums).position(|(a, m)| a != m) {
+        None => pass(
+            NAME,
+            &format!("{windows} windows x {chunk} bytes read the same through the aperture and the VRAM BAR"),
+        ),
+        Some(i) => fail(
+            NAME,
+            &format!(
+                "window {i} (guest VRAM {:#x}): aperture xor {:#x}, VRAM BAR xor {:#x}",
+                (i as u64) << 20,
+                aperture_sums[i],
+                mapped_sums[i]
+            ),
+        ),
+    }
 }

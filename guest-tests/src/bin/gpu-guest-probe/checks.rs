@@ -51,6 +51,9 @@ pub fn run(params: &Params) {
     } else {
         skip("vram", "no gpuprobe.vram_bar given");
     }
+    if params.window {
+        crate::window::run(params, &dev, &bars);
+    }
     if params.bench {
         crate::bench::run(params, &dev, &bars, &devices);
     }

