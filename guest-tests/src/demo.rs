@@ -124,6 +124,52 @@ fn skip_reason(check: &Check) -> String {
     }
 }
 
+/// One of the probe's BAR0 window checks (`gpuprobe.window=1`).
+fn is_window_check(check: &Check) -> bool {
+    check.name.starts_with("window")
+}
+
+/// The window checks in one row: the trapped window register and the PRAMIN aperture.
+fn window_row(checks: &[Check]) -> Option<Row> {
+    let window: Vec<&Check> = checks.iter().filter(|c| is_window_check(c)).collect();
+    if window.is_empty() {
+        return None;
+    }
+    let failed: Vec<&str> = window
+        .iter()
+        .filter(|c| c.outcome == Outcome::Fail)
+        .map(|c| c.name.as_str())
+        .collect();
+    let passed = window.iter().filter(|c| c.outcome == Outcome::Pass).count();
+    let accesses: u64 = window
+        .iter()
+        .filter_map(|c| {
+            c.detail
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("accesses="))
+                .and_then(crate::report::parse_u64)
+        })
+        .sum();
+    Some(Row {
+        guest: 1,
+        what: "BAR0 window trap: the PRAMIN aperture shows the guest's VRAM and nothing else"
+            .into(),
+        outcome: if failed.is_empty() {
+            Outcome::Pass
+        } else {
+            Outcome::Fail
+        },
+        detail: if failed.is_empty() {
+            format!(
+                "{passed} checks, {accesses} trapped accesses: aperture = VRAM BAR at 3 bases, \
+                 0xFF and dropped writes past the end"
+            )
+        } else {
+            format!("failed: {}", failed.join(", "))
+        },
+    })
+}
+
 /// One row of the checks table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Row {
@@ -158,7 +204,7 @@ impl DemoReport<'_> {
         let mut rows = Vec::new();
         let report = &self.first.report;
         let mut layout_done = false;
-        for c in &report.checks {
+        for c in report.checks.iter().filter(|c| !is_window_check(c)) {
             if c.name.starts_with("vram") && !layout_done {
                 rows.push(self.layout_row());
                 layout_done = true;
@@ -177,6 +223,7 @@ impl DemoReport<'_> {
         if !layout_done {
             rows.push(self.layout_row());
         }
+        rows.extend(window_row(&report.checks));
         if let Some(second) = self.second {
             let r = &second.report;
             for c in r.checks.iter().filter(|c| c.name == "persist_check") {
@@ -466,5 +513,36 @@ mod tests {
             detail: "write mmap, read mmap offsets=6".into(),
         };
         assert_eq!(friendly_detail(&o), "6 offsets; write mmap, read mmap");
+    }
+
+    #[test]
+    fn window_checks_fold_into_one_row() {
+        let check = |name: &str, outcome, detail: &str| Check {
+            name: name.into(),
+            outcome,
+            detail: detail.into(),
+        };
+        assert_eq!(window_row(&[check("boot0_mmap", Outcome::Pass, "")]), None);
+        let row = window_row(&[
+            check("window_reg_readback", Outcome::Pass, "x accesses=13"),
+            check("window_aperture_rw", Outcome::Pass, "y accesses=100"),
+            check("window_target_sysmem", Outcome::Skip, "no TARGET field"),
+        ])
+        .unwrap();
+        assert_eq!(row.outcome, Outcome::Pass);
+        assert!(
+            row.detail.starts_with("2 checks, 113 accesses"),
+            "{}",
+            row.detail
+        );
+        let row = window_row(&[
+            check("window_reg_readback", Outcome::Pass, ""),
+            check("window_past_end_read", Outcome::Fail, "bad"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (row.outcome, row.detail.as_str()),
+            (Outcome::Fail, "failed: window_past_end_read")
+        );
     }
 }

@@ -69,6 +69,9 @@ pub struct ProfileLayout {
     pub boot0: u32,
     /// The BARs.
     pub bars: Vec<BarExpectation>,
+    /// Bytes of VRAM the guest owns (its slice; all device memory for a GPU given whole), if
+    /// the backend said.
+    pub guest_vram: Option<u64>,
 }
 
 fn field<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
@@ -130,6 +133,9 @@ impl ProfileLayout {
             class_code: num(&["pci", "class_code"])? as u32,
             boot0: num(&["chip", "boot0"])? as u32,
             bars,
+            guest_vram: field(v, &["slice", "size"])
+                .or_else(|| field(v, &["chip", "vram_size"]))
+                .and_then(Value::as_u64),
         })
     }
 

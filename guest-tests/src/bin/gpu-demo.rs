@@ -6,8 +6,8 @@
 //!
 //! Builds the backend, the static guest probe and its initramfs, installs QEMU into the
 //! project cache if needed (the installer's output is shown), starts `gpu-backend serve`, boots
-//! a guest that checks the device, then a second guest against the same backend that looks
-//! for the first guest's VRAM pattern; prints the device, its BARs and every check, and exits
+//! a guest that checks the device (and the trapped BAR0 window), then a second guest against the
+//! same backend that looks for the first guest's VRAM pattern; prints the device, its BARs and every check, and exits
 //! with 0 only if all checks passed. Progress goes to stderr, the tables to stdout.
 
 use std::io::IsTerminal;
@@ -30,8 +30,8 @@ usage: gpu-demo [--profile NAME] [--once]
 
 Boots a QEMU guest (TCG) against `gpu-backend serve` and shows what the guest sees of the
 emulated GPU: the PCI device, every BAR (guest address, presented and real size, padding, type)
-and the checks (BOOT_0, VRAM read-back, padding reads 0xFF and drops writes, persistence across
-two guests). Exit status 0 only if every check passed.
+and the checks (BOOT_0, VRAM read-back, padding reads 0xFF and drops writes, the BAR0 window
+and PRAMIN aperture, persistence across two guests). Exit status 0 only if every check passed.
 
   --profile NAME   emulated GPU profile (default gh200-96g; `gpu-backend --help` lists them:
                    tu102-24g, ga100-80g, gh100-80g, gh200-96g, gb202-32g)
@@ -107,6 +107,10 @@ fn run(args: &Args) -> Result<bool> {
             )
         };
         let mut probe = layout.probe_args();
+        if let Some(vram) = layout.guest_vram {
+            // The BAR0 window checks: a few thousand trapped accesses, a second or two.
+            probe = layout.window_probe_args(probe, vram);
+        }
         if !args.once {
             probe = probe.persist_write(PATTERN_OFFSET, PATTERN_SEED);
         }
