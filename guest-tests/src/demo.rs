@@ -531,7 +531,7 @@ mod tests {
         .unwrap();
         assert_eq!(row.outcome, Outcome::Pass);
         assert!(
-            row.detail.starts_with("2 checks, 113 accesses"),
+            row.detail.starts_with("2 checks, 113 trapped accesses"),
             "{}",
             row.detail
         );
