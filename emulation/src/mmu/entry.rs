@@ -146,6 +146,19 @@ pub enum PteAperture {
     SystemNonCoherent,
 }
 
+impl PteAperture {
+    /// Decodes a 2-bit PTE aperture field (only the low two bits are used); `peer_id` is
+    /// the PTE's peer index, kept for the peer aperture.
+    pub(crate) const fn from_field(raw: u64, peer_id: u8) -> PteAperture {
+        match raw & 3 {
+            0 => PteAperture::VideoMemory,
+            1 => PteAperture::Peer { id: peer_id },
+            2 => PteAperture::SystemCoherent,
+            _ => PteAperture::SystemNonCoherent,
+        }
+    }
+}
+
 /// A successful translation of one virtual address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Translation {

@@ -102,19 +102,11 @@ pub(crate) fn decode_pte(raw: u64) -> Pte {
             no_small: p.privilege() == 1,
         };
     }
-    let vid = p.address_vid() << 12;
-    let sys = p.address_sys() << 12;
-    let (aperture, frame) = match p.aperture() {
-        0 => (PteAperture::VideoMemory, vid),
-        1 => (
-            PteAperture::Peer {
-                id: p.peer_id() as u8,
-            },
-            vid,
-        ),
-        2 => (PteAperture::SystemCoherent, sys),
-        _ => (PteAperture::SystemNonCoherent, sys),
-    };
+    let aperture = PteAperture::from_field(p.aperture(), p.peer_id() as u8);
+    let frame = match aperture {
+        PteAperture::VideoMemory | PteAperture::Peer { .. } => p.address_vid(),
+        PteAperture::SystemCoherent | PteAperture::SystemNonCoherent => p.address_sys(),
+    } << 12;
     Pte::Valid(ValidPte {
         frame,
         aperture,

@@ -108,17 +108,9 @@ pub(crate) fn decode_pte(raw: u64) -> Pte {
             no_small: pcf == PTE_PCF_NO_VALID_4KB_PAGE || pcf == PTE_PCF_MAPPING_NOWHERE,
         };
     }
-    let aperture = match p.aperture() {
-        0 => PteAperture::VideoMemory,
-        1 => PteAperture::Peer {
-            id: p.peer_id() as u8,
-        },
-        2 => PteAperture::SystemCoherent,
-        _ => PteAperture::SystemNonCoherent,
-    };
     Pte::Valid(ValidPte {
         frame: p.address() << 12,
-        aperture,
+        aperture: PteAperture::from_field(p.aperture(), p.peer_id() as u8),
         read_only: p.pcf_read_only() == 1,
         privileged: p.pcf_privilege() == 1,
         uncached: p.pcf_uncached() == 1,
