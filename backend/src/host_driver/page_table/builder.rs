@@ -420,6 +420,35 @@ impl Ctx<'_, '_> {
         Ok(())
     }
 
+    /// After a map, rewrites the entries of the table at `table` (of `level`) that need
+    /// it: every entry of a `fresh` table, else the `changed` span. `entry(ctx, i, buf)`
+    /// appends entry `i`'s qwords to `buf`.
+    fn rewrite_entries(
+        &mut self,
+        table: VramAddr,
+        level: Level,
+        fresh: bool,
+        changed: Option<(u64, u64)>,
+        entry: impl Fn(&Self, u64, &mut Vec<u64>) -> Result<(), BuildError>,
+    ) -> Result<(), BuildError> {
+        let range = if fresh {
+            Some((0, level.entries() - 1))
+        } else {
+            changed
+        };
+        let Some((a, b)) = range else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        for i in a..=b {
+            entry(self, i, &mut buf)?;
+        }
+        let r = self.write(entry_addr(table, level, a), &buf);
+        self.buf = buf;
+        r
+    }
+
     fn dir_entry(&self, child: &Option<Node>) -> Result<u64, BuildError> {
         Ok(match child {
             None => 0,
@@ -440,6 +469,12 @@ impl Ctx<'_, '_> {
 
 fn entry_addr(table: VramAddr, level: Level, index: u64) -> VramAddr {
     VramAddr::new(table.raw() + index * level.entry_bytes)
+}
+
+/// Widens the span of changed entries to entry `idx` (entries are visited in ascending
+/// order).
+fn mark_changed(changed: &mut Option<(u64, u64)>, idx: u64) {
+    *changed = Some(changed.map_or((idx, idx), |(a, _)| (a, idx)));
 }
 
 /// Builds and updates the page tables of one GPU address space in VRAM.
@@ -773,7 +808,7 @@ fn map_dir(
             });
             dir.used += 1;
             ctx.report.pdes += 1;
-            changed = Some(changed.map_or((idx, idx), |(a, _)| (a, idx)));
+            mark_changed(&mut changed, idx);
         }
         match slot {
             Some(Node::Dir(d)) => map_dir(ctx, d, depth + 1, s0, s1, child_fresh, req)?,
@@ -781,22 +816,10 @@ fn map_dir(
             None => return Err(BuildError::Internal("directory child vanished")),
         }
     }
-    let range = if fresh {
-        Some((0, level.entries() - 1))
-    } else {
-        changed
-    };
-    if let Some((a, b)) = range {
-        let mut buf = std::mem::take(&mut ctx.buf);
-        buf.clear();
-        for i in a..=b {
-            buf.push(ctx.dir_entry(&dir.children[i as usize])?);
-        }
-        let r = ctx.write(entry_addr(dir.addr, level, a), &buf);
-        ctx.buf = buf;
-        r?;
-    }
-    Ok(())
+    ctx.rewrite_entries(dir.addr, level, fresh, changed, |ctx, i, buf| {
+        buf.push(ctx.dir_entry(&dir.children[i as usize])?);
+        Ok(())
+    })
 }
 
 fn map_pd0(
@@ -846,27 +869,15 @@ fn map_pd0(
             }
         }
         if slot_changed {
-            changed = Some(changed.map_or((idx, idx), |(a, _)| (a, idx)));
+            mark_changed(&mut changed, idx);
         }
     }
-    let range = if fresh {
-        Some((0, PD0.entries() - 1))
-    } else {
-        changed
-    };
-    if let Some((a, b)) = range {
-        let mut buf = std::mem::take(&mut ctx.buf);
-        buf.clear();
-        for i in a..=b {
-            let e = ctx.pd0_entry(&pd0.slots[i as usize])?;
-            buf.push(e as u64);
-            buf.push((e >> 64) as u64);
-        }
-        let r = ctx.write(entry_addr(pd0.addr, PD0, a), &buf);
-        ctx.buf = buf;
-        r?;
-    }
-    Ok(())
+    ctx.rewrite_entries(pd0.addr, PD0, fresh, changed, |ctx, i, buf| {
+        let e = ctx.pd0_entry(&pd0.slots[i as usize])?;
+        buf.push(e as u64);
+        buf.push((e >> 64) as u64);
+        Ok(())
+    })
 }
 
 /// Writes the PTEs of `ranges` (VA ranges inside one 2 MiB region) into the page table
