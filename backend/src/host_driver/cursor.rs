@@ -156,77 +156,66 @@ impl<'a> PraminCursor<'a> {
     /// Writes consecutive 64-bit values (table entries) from `addr` (8-byte aligned), each
     /// high dword first, moving the window only at window ends.
     pub fn write_u64s(&mut self, addr: VramAddr, values: &[u64]) -> Result<(), CursorError> {
-        self.check(addr, (values.len() as u64).saturating_mul(8), 8)?;
-        let mut at = addr;
-        let mut rest = values;
-        while !rest.is_empty() {
-            let (w, o, avail) = self.window_at(at)?;
-            let n = rest.len().min((avail / 8) as usize);
-            w.write_u64s(o, &rest[..n])?;
-            rest = &rest[n..];
-            at = VramAddr::new(at.raw() + 8 * n as u64);
-        }
-        Ok(())
+        let len = (values.len() as u64).saturating_mul(8);
+        self.check(addr, len, 8)?;
+        self.for_each_chunk(addr, len, 8, u64::MAX, |w, o, done, n| {
+            w.write_u64s(o, &values[done / 8..(done + n) / 8])
+        })
     }
 
     /// Reads consecutive 64-bit values from `addr` (8-byte aligned).
     pub fn read_u64s(&mut self, addr: VramAddr, out: &mut [u64]) -> Result<(), CursorError> {
-        self.check(addr, (out.len() as u64).saturating_mul(8), 8)?;
-        let mut at = addr;
-        let mut rest = out;
-        while !rest.is_empty() {
-            let (w, o, avail) = self.window_at(at)?;
-            let n = rest.len().min((avail / 8) as usize);
-            let (now, later) = rest.split_at_mut(n);
-            w.read_u64s(o, now)?;
-            rest = later;
-            at = VramAddr::new(at.raw() + 8 * n as u64);
-        }
-        Ok(())
+        let len = (out.len() as u64).saturating_mul(8);
+        self.check(addr, len, 8)?;
+        self.for_each_chunk(addr, len, 8, u64::MAX, |w, o, done, n| {
+            w.read_u64s(o, &mut out[done / 8..(done + n) / 8])
+        })
     }
 
     /// Copies `buf.len()` bytes at `addr` into `buf` (any alignment).
     pub fn read_bytes(&mut self, addr: VramAddr, buf: &mut [u8]) -> Result<(), CursorError> {
-        self.check(addr, buf.len() as u64, 1)?;
-        let mut at = addr;
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let (w, o, avail) = self.window_at(at)?;
-            let n = rest.len().min(avail as usize);
-            let (now, later) = rest.split_at_mut(n);
-            w.read_bytes(o, now)?;
-            rest = later;
-            at = VramAddr::new(at.raw() + n as u64);
-        }
-        Ok(())
+        let len = buf.len() as u64;
+        self.check(addr, len, 1)?;
+        self.for_each_chunk(addr, len, 1, u64::MAX, |w, o, done, n| {
+            w.read_bytes(o, &mut buf[done..done + n])
+        })
     }
 
     /// Copies `data` to `addr` (any alignment), in ascending address order.
     pub fn write_bytes(&mut self, addr: VramAddr, data: &[u8]) -> Result<(), CursorError> {
-        self.check(addr, data.len() as u64, 1)?;
-        let mut at = addr;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let (w, o, avail) = self.window_at(at)?;
-            let n = rest.len().min(avail as usize);
-            w.write_bytes(o, &rest[..n])?;
-            rest = &rest[n..];
-            at = VramAddr::new(at.raw() + n as u64);
-        }
-        Ok(())
+        let len = data.len() as u64;
+        self.check(addr, len, 1)?;
+        self.for_each_chunk(addr, len, 1, u64::MAX, |w, o, done, n| {
+            w.write_bytes(o, &data[done..done + n])
+        })
     }
 
     /// Writes `len` zero bytes at `addr`, in ascending address order.
     pub fn fill_zero(&mut self, addr: VramAddr, len: u64) -> Result<(), CursorError> {
         self.check(addr, len, 1)?;
-        let mut at = addr;
-        let mut left = len;
-        while left > 0 {
-            let (w, o, avail) = self.window_at(at)?;
-            let n = left.min(avail).min(ZERO_CHUNK);
-            w.fill_zero(o, n)?;
-            left -= n;
-            at = VramAddr::new(at.raw() + n);
+        self.for_each_chunk(addr, len, 1, ZERO_CHUNK, |w, o, _, n| {
+            w.fill_zero(o, n as u64)
+        })
+    }
+
+    /// Walks `[addr, addr + len)` (already checked) in ascending order, moving the window
+    /// only at window ends: `f(window, offset, done, n)` handles the `n` bytes that lie
+    /// `done` bytes into the range, at `offset` in `window`. `n` is a multiple of `unit`
+    /// and at most `max_chunk`.
+    fn for_each_chunk(
+        &mut self,
+        addr: VramAddr,
+        len: u64,
+        unit: u64,
+        max_chunk: u64,
+        mut f: impl FnMut(&PraminWindow<'_>, u64, usize, usize) -> Result<(), PraminError>,
+    ) -> Result<(), CursorError> {
+        let mut done = 0;
+        while done < len {
+            let (w, o, avail) = self.window_at(VramAddr::new(addr.raw() + done))?;
+            let n = (len - done).min(avail / unit * unit).min(max_chunk);
+            f(&w, o, done as usize, n as usize)?;
+            done += n;
         }
         Ok(())
     }
