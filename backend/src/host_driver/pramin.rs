@@ -321,6 +321,20 @@ impl PraminWindow<'_> {
             })
     }
 
+    /// The 64-bit value at aperture offset `at` as two 32-bit reads, low dword first.
+    fn raw_read_u64(&self, at: u64) -> Result<u64, PraminError> {
+        let lo = self.raw_read(at, AccessWidth::Dword)?;
+        let hi = self.raw_read(at + 4, AccessWidth::Dword)?;
+        Ok(lo | (hi << 32))
+    }
+
+    /// Writes `value` at aperture offset `at` as two 32-bit writes, **high dword first**
+    /// (see the module documentation).
+    fn raw_write_u64(&self, at: u64, value: u64) -> Result<(), PraminError> {
+        self.raw_write(at + 4, AccessWidth::Dword, value >> 32)?;
+        self.raw_write(at, AccessWidth::Dword, value & 0xFFFF_FFFF)
+    }
+
     /// Reads the byte at `offset`.
     pub fn read_u8(&self, offset: u64) -> Result<u8, PraminError> {
         let at = self.check(offset, 1, 1)?;
@@ -342,9 +356,7 @@ impl PraminWindow<'_> {
     /// Reads the 64-bit value at `offset` (8-byte aligned) as two 32-bit reads, low first.
     pub fn read_u64(&self, offset: u64) -> Result<u64, PraminError> {
         let at = self.check(offset, 8, 8)?;
-        let lo = self.raw_read(at, AccessWidth::Dword)?;
-        let hi = self.raw_read(at + 4, AccessWidth::Dword)?;
-        Ok(lo | (hi << 32))
+        self.raw_read_u64(at)
     }
 
     /// Writes the byte at `offset`.
@@ -369,8 +381,7 @@ impl PraminWindow<'_> {
     /// dword first** (see the module documentation).
     pub fn write_u64(&self, offset: u64, value: u64) -> Result<(), PraminError> {
         let at = self.check(offset, 8, 8)?;
-        self.raw_write(at + 4, AccessWidth::Dword, value >> 32)?;
-        self.raw_write(at, AccessWidth::Dword, value & 0xFFFF_FFFF)
+        self.raw_write_u64(at, value)
     }
 
     /// Writes consecutive 64-bit values from `offset` (8-byte aligned), each as
@@ -379,9 +390,7 @@ impl PraminWindow<'_> {
         let len = (values.len() as u64).saturating_mul(8);
         let at = self.check(offset, len, 8)?;
         for (i, &v) in values.iter().enumerate() {
-            let o = at + 8 * i as u64;
-            self.raw_write(o + 4, AccessWidth::Dword, v >> 32)?;
-            self.raw_write(o, AccessWidth::Dword, v & 0xFFFF_FFFF)?;
+            self.raw_write_u64(at + 8 * i as u64, v)?;
         }
         Ok(())
     }
@@ -391,10 +400,7 @@ impl PraminWindow<'_> {
         let len = (out.len() as u64).saturating_mul(8);
         let at = self.check(offset, len, 8)?;
         for (i, v) in out.iter_mut().enumerate() {
-            let o = at + 8 * i as u64;
-            let lo = self.raw_read(o, AccessWidth::Dword)?;
-            let hi = self.raw_read(o + 4, AccessWidth::Dword)?;
-            *v = lo | (hi << 32);
+            *v = self.raw_read_u64(at + 8 * i as u64)?;
         }
         Ok(())
     }
