@@ -444,7 +444,7 @@ impl Ctx<'_, '_> {
         for i in a..=b {
             entry(self, i, &mut buf)?;
         }
-        let r = self.write(entry_addr(table, level, a), &buf);
+        let r = self.write(level.entry_addr(table, a), &buf);
         self.buf = buf;
         r
     }
@@ -465,10 +465,6 @@ impl Ctx<'_, '_> {
                 .encode_dual_pde(big.as_ref().map(|p| p.addr), small.as_ref().map(|p| p.addr))?,
         })
     }
-}
-
-fn entry_addr(table: VramAddr, level: Level, index: u64) -> VramAddr {
-    VramAddr::new(table.raw() + index * level.entry_bytes)
 }
 
 /// Widens the span of changed entries to entry `idx` (entries are visited in ascending
@@ -939,7 +935,7 @@ fn fill_pt(
                 break;
             }
             let first = level.index(GpuVa::new(r.start));
-            result = ctx.write(entry_addr(pt.addr, level, first), &buf);
+            result = ctx.write(level.entry_addr(pt.addr, first), &buf);
             if result.is_err() {
                 break;
             }
@@ -975,7 +971,7 @@ fn unmap_dir(
             let addr = slot.as_ref().map(Node::addr);
             *slot = None;
             dir.used -= 1;
-            ctx.write_clearing(entry_addr(dir.addr, level, idx), &[0])?;
+            ctx.write_clearing(level.entry_addr(dir.addr, idx), &[0])?;
             ctx.unlinked.extend(addr);
         }
     }
@@ -990,7 +986,7 @@ fn unmap_pd0(
 ) -> Result<(), BuildError> {
     for (idx, s0, s1) in entries(PD0, va, end) {
         let slot = &mut pd0.slots[idx as usize];
-        let at = entry_addr(pd0.addr, PD0, idx);
+        let at = PD0.entry_addr(pd0.addr, idx);
         match slot {
             Slot::Empty => continue,
             Slot::Huge(_) => {
@@ -1056,7 +1052,7 @@ fn clear_ptes(
         }
         let n = i - run;
         ctx.cursor
-            .fill_zero(entry_addr(pt.addr, level, run), n * level.entry_bytes)?;
+            .fill_zero(level.entry_addr(pt.addr, run), n * level.entry_bytes)?;
         ctx.unmap.ptes_cleared += n;
     }
     Ok(())

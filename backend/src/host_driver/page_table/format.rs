@@ -45,6 +45,11 @@ impl Level {
     pub const fn table_bytes(self) -> u64 {
         self.entries() * self.entry_bytes
     }
+
+    /// Address of entry `index` of the table of this level at `table`.
+    pub const fn entry_addr(self, table: VramAddr, index: u64) -> VramAddr {
+        VramAddr::new(table.raw() + index * self.entry_bytes)
+    }
 }
 
 const fn level(name: &'static str, hi: u32, lo: u32, entry_bytes: u64) -> Level {

@@ -80,10 +80,6 @@ fn table_in_vram(
     }
 }
 
-fn entry_at(table: VramAddr, index: u64, entry_bytes: u64) -> VramAddr {
-    VramAddr::new(table.raw() + index * entry_bytes)
-}
-
 fn with_offset(target: PteTarget, offset: u64) -> PteTarget {
     match target {
         PteTarget::Vram(a) => PteTarget::Vram(VramAddr::new(a.raw() + offset)),
@@ -123,7 +119,7 @@ pub fn translate(
     }
     let mut table = root;
     for level in format.directories() {
-        let at = entry_at(table, level.index(va), level.entry_bytes);
+        let at = level.entry_addr(table, level.index(va));
         let raw = cursor.read_u64(at)?;
         let decoded = format.decode_pde(raw).map_err(|source| WalkError::Entry {
             level: level.name,
@@ -135,7 +131,7 @@ pub fn translate(
             PdeView::Table(t) => table = table_in_vram(level.name, at, t)?,
         }
     }
-    let at = entry_at(table, PD0.index(va), PD0.entry_bytes);
+    let at = PD0.entry_addr(table, PD0.index(va));
     let raw = read_pd0(cursor, at)?;
     let pd0 = format.decode_pd0(raw).map_err(|source| WalkError::Entry {
         level: PD0.name,
@@ -152,7 +148,7 @@ pub fn translate(
     ] {
         let Some(pt) = pt else { continue };
         let pt = table_in_vram(PD0.name, at, pt)?;
-        let pte_at = entry_at(pt, level.index(va), level.entry_bytes);
+        let pte_at = level.entry_addr(pt, level.index(va));
         let raw = cursor.read_u64(pte_at)?;
         let pte = format.decode_pte(raw).map_err(|source| WalkError::Entry {
             level: level.name,
@@ -213,7 +209,7 @@ fn count_dir(
     let mut raw = vec![0u64; level.entries() as usize];
     cursor.read_u64s(table, &mut raw)?;
     for (i, &e) in raw.iter().enumerate() {
-        let at = entry_at(table, i as u64, level.entry_bytes);
+        let at = level.entry_addr(table, i as u64);
         let decoded = format.decode_pde(e).map_err(|source| WalkError::Entry {
             level: level.name,
             at,
@@ -236,7 +232,7 @@ fn count_pd0(
     let mut raw = vec![0u64; 2 * PD0.entries() as usize];
     cursor.read_u64s(table, &mut raw)?;
     for i in 0..PD0.entries() {
-        let at = entry_at(table, i, PD0.entry_bytes);
+        let at = PD0.entry_addr(table, i);
         let e = u128::from(raw[2 * i as usize]) | (u128::from(raw[2 * i as usize + 1]) << 64);
         let decoded = format.decode_pd0(e).map_err(|source| WalkError::Entry {
             level: PD0.name,
@@ -258,7 +254,7 @@ fn count_pd0(
                     for (j, &p) in ptes.iter().enumerate() {
                         let decoded = format.decode_pte(p).map_err(|source| WalkError::Entry {
                             level: level.name,
-                            at: entry_at(pt, j as u64, level.entry_bytes),
+                            at: level.entry_addr(pt, j as u64),
                             source,
                         })?;
                         *count += u64::from(decoded.valid);
