@@ -210,12 +210,7 @@ impl EmulatedGpu {
     /// checked.
     pub fn bar1_translate(&self, va: u64) -> Result<Translation, Bar1Fault> {
         let block = mmu::instance::read_instance_block(&self.vram, &self.bar0.bar1_binding())?;
-        if !block.allows(va) {
-            return Err(Bar1Fault::AboveAddressLimit {
-                va,
-                limit: block.address_limit.unwrap_or(u64::MAX),
-            });
-        }
+        block.check_limit(va)?;
         mmu::translate(
             &self.vram,
             block.pdb,

@@ -155,12 +155,7 @@ impl Bar1<'_> {
         write: bool,
     ) -> Result<Option<u64>, Bar1Fault> {
         let block = root.as_ref().map_err(|f| *f)?;
-        if !block.allows(va) {
-            return Err(Bar1Fault::AboveAddressLimit {
-                va,
-                limit: block.address_limit.unwrap_or(u64::MAX),
-            });
-        }
+        block.check_limit(va)?;
         let t = match self
             .mmu
             .tlb

@@ -16,6 +16,7 @@
 
 use thiserror::Error;
 
+use super::fault::Bar1Fault;
 use crate::regs::{register, BarBlock, BarBlockHigh, BarBlockLow, BarMode, MemoryTarget};
 use crate::vram::{Vram, VramAddr};
 
@@ -138,6 +139,17 @@ impl InstanceBlock {
             None => true,
             Some(limit) => va <= limit | 0xFFF,
         }
+    }
+
+    /// [`Bar1Fault::AboveAddressLimit`] unless `va` is within the address limit.
+    pub(crate) fn check_limit(&self, va: u64) -> Result<(), Bar1Fault> {
+        if !self.allows(va) {
+            return Err(Bar1Fault::AboveAddressLimit {
+                va,
+                limit: self.address_limit.unwrap_or(u64::MAX),
+            });
+        }
+        Ok(())
     }
 }
 
