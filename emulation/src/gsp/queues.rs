@@ -260,20 +260,21 @@ impl GspQueues {
         self.stats
     }
 
-    fn cpu_write_ptr(&self) -> Result<u32, QueueError> {
-        let w = self.mem.load_u32(self.cmdq + WRITE_PTR)?;
-        if w >= SLOT_COUNT {
-            return Err(QueueError::BadPointer(w));
+    /// Loads a pointer the CPU wrote (in the command queue region), checked to be a slot.
+    fn cpu_ptr(&self, offset: u64) -> Result<u32, QueueError> {
+        let p = self.mem.load_u32(self.cmdq + offset)?;
+        if p >= SLOT_COUNT {
+            return Err(QueueError::BadPointer(p));
         }
-        Ok(w)
+        Ok(p)
+    }
+
+    fn cpu_write_ptr(&self) -> Result<u32, QueueError> {
+        self.cpu_ptr(WRITE_PTR)
     }
 
     fn cpu_read_ptr(&self) -> Result<u32, QueueError> {
-        let r = self.mem.load_u32(self.cmdq + RX_HEADER_OFFSET)?;
-        if r >= SLOT_COUNT {
-            return Err(QueueError::BadPointer(r));
-        }
-        Ok(r)
+        self.cpu_ptr(RX_HEADER_OFFSET)
     }
 
     fn slot_offset(queue: u64, slot: u32) -> u64 {
@@ -316,8 +317,7 @@ impl GspQueues {
     /// plausible, else everything up to the CPU's write pointer) and reported as
     /// [`QueueError::Corrupt`].
     pub fn receive(&mut self) -> Result<Option<WireMessage>, QueueError> {
-        let write = self.cpu_write_ptr()?;
-        let avail = (write + SLOT_COUNT - self.cmd_read) % SLOT_COUNT;
+        let avail = self.pending_command_slots()?;
         if avail == 0 {
             return Ok(None);
         }
