@@ -229,8 +229,8 @@ impl<'a> GspClient<'a> {
                 Ok(true)
             }
             Ok(None) => Ok(false),
-            Err(CmdqError::Corrupt { error, resync }) => {
-                log::warn!("GSP message dropped ({resync:?}): {error}");
+            Err(CmdqError::Corrupt { .. }) => {
+                // Cmdq::drop_corrupt has logged it.
                 self.stats.corrupt_messages += 1;
                 Ok(true)
             }
