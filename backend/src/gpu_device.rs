@@ -288,6 +288,114 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Guest A's VRAM BAR fd holds A's slice and nothing else: a compromised QEMU of A
+    /// that maps all of it (at any offset it can) reaches neither B nor the host VRAM.
+    #[test]
+    fn a_sliced_guests_vram_fd_holds_only_its_slice() {
+        use std::os::fd::AsRawFd;
+        let gpu = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let host: Arc<dyn HostGpu> = gpu.clone();
+        let mut sliced = SlicedGpu::new(host).unwrap();
+        let a = sliced.add_guest(4 * MIB).unwrap();
+        let b = sliced.add_guest(8 * MIB).unwrap();
+        let (a_start, b_start) = (a.slice().start().raw(), b.slice().start().raw());
+        assert_eq!((a_start, b_start), (0, 4 * MIB));
+        let device_a = Arc::new(GpuDevice::new(PresentedFunction::for_guest(a).unwrap()));
+        let device_b = Arc::new(GpuDevice::new(PresentedFunction::for_guest(b).unwrap()));
+        let emu = gpu.emulated().vram();
+        emu.write_u32(gpu_emulation::VramAddr::new(b_start + 0x100), 0xB0B0_B0B0)
+            .unwrap();
+
+        let (s, t) = UnixStream::pair().unwrap();
+        let dev: Arc<dyn VfioUserDevice> = device_a.clone();
+        let server =
+            std::thread::spawn(move || serve_stream(t, dev, ServerConfig::default(), None));
+        let mut client = TestClient::new(s);
+        client.version().unwrap();
+        let (small, _, _) = client.region_info(1, 32).unwrap();
+        let (info, _, fd) = client.region_info(1, small.argsz).unwrap();
+        let fd = fd.expect("VRAM fd of guest A");
+        assert_eq!(info.offset, 0, "file offset of A's VRAM BAR");
+        let file = std::fs::File::from(fd.try_clone().unwrap());
+        assert_eq!(
+            file.metadata().unwrap().len(),
+            4 * MIB,
+            "fd size = A's slice"
+        );
+        // The fd is not the whole-VRAM memfd.
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert!(
+            link.to_string_lossy().contains("gpu-emulation-vram-slice"),
+            "{link:?}"
+        );
+        // Mapping past the slice fails; mapping all of it reaches A's VRAM only.
+        let map = |offset: u64, len: u64| {
+            // SAFETY: a fresh shared mapping of an fd we hold; only accessed by raw pointer
+            // within `len` and unmapped below.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    offset as libc::off_t,
+                )
+            }
+        };
+        let whole = map(0, 4 * MIB);
+        assert_ne!(whole, libc::MAP_FAILED);
+        let beyond = map(4 * MIB, 0x1000);
+        if beyond != libc::MAP_FAILED {
+            // Mapping past the end of a file may succeed; touching it must not reach B
+            // (SIGBUS), so only check there is no data to see via the file size above.
+            // SAFETY: unmapping what was just mapped.
+            unsafe { libc::munmap(beyond, 0x1000) };
+        }
+        let p = whole.cast::<u32>();
+        // SAFETY: within the 4 MiB mapping above.
+        unsafe {
+            std::ptr::write_volatile(p.add(0x40), 0xA0A0_0001);
+            std::ptr::write_volatile(p.add((4 * MIB / 4 - 1) as usize), 0xA0A0_0002);
+            // Nothing of B is visible anywhere in the mapping.
+            let all = std::slice::from_raw_parts(p.cast::<u8>(), (4 * MIB) as usize);
+            assert!(!all.windows(4).any(|w| w == 0xB0B0_B0B0u32.to_le_bytes()));
+        }
+        // Host VRAM: the writes landed in A's slice, at the slice offsets.
+        assert_eq!(vram(&gpu, a_start + 0x100), 0xA0A0_0001);
+        assert_eq!(vram(&gpu, a_start + 4 * MIB - 4), 0xA0A0_0002);
+        assert_eq!(vram(&gpu, b_start + 0x100), 0xB0B0_B0B0);
+        assert_eq!(vram(&gpu, b_start), 0, "B untouched");
+        // Guest A reads them back over the socket; B sees none of it.
+        assert_eq!(
+            client.region_read(1, 0x100, 4).unwrap(),
+            0xA0A0_0001u32.to_le_bytes()
+        );
+        assert_eq!(
+            client.region_read(1, 4 * MIB - 4, 4).unwrap(),
+            0xA0A0_0002u32.to_le_bytes()
+        );
+        let mut buf = [0u8; 4];
+        device_b.function().region_read(1, 0x100, &mut buf).unwrap();
+        assert_eq!(buf, 0xB0B0_B0B0u32.to_le_bytes());
+        device_b
+            .function()
+            .region_read(1, 4 * MIB - 4, &mut buf)
+            .unwrap();
+        assert_eq!(buf, [0; 4]);
+        // B's own fd is another one, of B's size; asking again gives the same fd.
+        let b_info = device_b.region_info(1).unwrap().mmap.unwrap();
+        assert_eq!(b_info.file_offset, 0);
+        let b_file = std::fs::File::from(b_info.fd.try_clone().unwrap());
+        assert_eq!(b_file.metadata().unwrap().len(), 8 * MIB);
+        let again = device_b.region_info(1).unwrap().mmap.unwrap();
+        assert!(Arc::ptr_eq(&b_info.fd, &again.fd));
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(whole, (4 * MIB) as usize) };
+        drop(client);
+        server.join().unwrap().unwrap();
+    }
+
     fn device(profile: &str) -> GpuDevice {
         let host = Arc::new(EmulatedHostGpu::by_name(profile).unwrap());
         GpuDevice::new(PresentedFunction::new(host).unwrap())

@@ -11,6 +11,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
 
@@ -124,6 +125,26 @@ pub enum VramError {
     /// `fstat` of the memfd failed.
     #[error("fstat of the VRAM memfd failed: {0}")]
     Stat(#[source] io::Error),
+    /// A [`Vram::carve`] request that is misaligned, empty, out of range or overlaps an
+    /// existing carve.
+    #[error("cannot carve {len:#x} bytes at {addr}: {reason}")]
+    BadCarve {
+        /// Start of the requested range.
+        addr: VramAddr,
+        /// Its length.
+        len: u64,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// A system call of [`Vram::carve`] failed.
+    #[error("carving VRAM failed: {what}: {source}")]
+    CarveOs {
+        /// The failing step.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// An access (or an address computation) that does not lie inside VRAM.
     #[error("VRAM access of {len:#x} bytes at {addr} is outside VRAM of {size:#x} bytes")]
     OutOfBounds {
@@ -142,10 +163,30 @@ pub enum VramError {
 /// modified through other mappings of [`Vram::as_fd`] (QEMU maps it for the guest). All
 /// accessors are bounds-checked and return errors instead of panicking. The same type backs
 /// the instance-memory BAR.
+///
+/// Ranges handed to [`Vram::carve`] move to memfds of their own (so a range can be shared
+/// with one process without exposing the rest of VRAM); the mapping stays one contiguous
+/// address range, so accesses do not care.
 pub struct Vram {
     fd: OwnedFd,
     ptr: NonNull<u8>,
     size: u64,
+    /// Carved ranges, sorted by start. Only `carve`, `fill` and `allocated_bytes` take the
+    /// lock; plain accesses go through the mapping and never look at it.
+    carves: Mutex<Vec<Carve>>,
+}
+
+/// One range of VRAM backed by its own memfd (see [`Vram::carve`]).
+struct Carve {
+    start: u64,
+    len: u64,
+    fd: Arc<OwnedFd>,
+}
+
+impl Carve {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
 }
 
 // SAFETY: `Vram` owns a shared mapping that stays valid until `Drop`; it is never remapped.
@@ -249,7 +290,153 @@ impl Vram {
             size,
             source: io::Error::other("mmap returned NULL"),
         })?;
-        Ok(Vram { fd, ptr, size })
+        Ok(Vram {
+            fd,
+            ptr,
+            size,
+            carves: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Moves `[addr, addr + len)` to a memfd of its own and returns that memfd (file offset
+    /// 0 = `addr`), so the range can be shared with another process (QEMU of one guest)
+    /// without handing out the rest of VRAM.
+    ///
+    /// The new memfd (named `gpu-emulation-vram-slice@<addr in hex>`, exactly `len` bytes,
+    /// sealed against shrinking and growing) is mapped over the range of the existing
+    /// mapping, so every access through this `Vram` reaches it from now on; the range of
+    /// the base memfd ([`Vram::as_fd`]) is punched out and stays a hole that no access of
+    /// ours touches again. The carved range starts zero-filled: its previous contents are
+    /// discarded (carving is meant for slices at hand-out, which are scrubbed anyway).
+    ///
+    /// `addr` and `len` must be multiples of [`Vram::SIZE_ALIGN`], `len` non-zero, the range
+    /// inside VRAM and disjoint from every earlier carve. Carves last as long as the `Vram`.
+    pub fn carve(&self, addr: VramAddr, len: u64) -> Result<Arc<OwnedFd>, VramError> {
+        let bad = |reason| VramError::BadCarve { addr, len, reason };
+        if len == 0 {
+            return Err(bad("empty range"));
+        }
+        if !addr.is_aligned(Self::SIZE_ALIGN) || len % Self::SIZE_ALIGN != 0 {
+            return Err(bad("not page aligned"));
+        }
+        let off = self.check(addr, len)?;
+        let start = addr.raw();
+        let end = start + len; // checked
+        let (Ok(len_usize), Ok(off_len), Ok(off_start)) = (
+            usize::try_from(len),
+            libc::off_t::try_from(len),
+            libc::off_t::try_from(start),
+        ) else {
+            return Err(bad("range does not fit the host's types"));
+        };
+        let mut carves = self.carves.lock().unwrap_or_else(PoisonError::into_inner);
+        if carves.iter().any(|c| c.start < end && start < c.end()) {
+            return Err(bad("overlaps an earlier carve"));
+        }
+        let os = |what| VramError::CarveOs {
+            what,
+            source: io::Error::last_os_error(),
+        };
+
+        let name = std::ffi::CString::new(format!("gpu-emulation-vram-slice@{start:#x}"))
+            .map_err(|_| bad("memfd name"))?;
+        // SAFETY: `name` is a valid NUL-terminated string; no other preconditions.
+        let raw_fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if raw_fd < 0 {
+            return Err(os("memfd_create"));
+        }
+        // SAFETY: `raw_fd` was just returned by memfd_create and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw_fd) };
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), off_len) } != 0 {
+            return Err(os("ftruncate"));
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS with an int argument on a memfd we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(os("F_ADD_SEALS"));
+        }
+
+        // SAFETY: `[off, off + len)` lies inside our own live mapping (checked above), which
+        // no Rust reference points into (all access is by raw pointer), so replacing its
+        // pages with a mapping of a file of exactly `len` bytes is sound: accesses racing
+        // with the replacement see either mapping, both valid and writable.
+        let mapped = unsafe {
+            libc::mmap(
+                self.at(off).cast(),
+                len_usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            let error = os("mmap over VRAM");
+            // A failed MAP_FIXED may have unmapped the range: map the base memfd back.
+            // SAFETY: as above; this restores exactly the mapping `create` made there.
+            let restored = unsafe {
+                libc::mmap(
+                    self.at(off).cast(),
+                    len_usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    self.fd.as_raw_fd(),
+                    off_start,
+                )
+            };
+            assert_ne!(
+                restored,
+                libc::MAP_FAILED,
+                "VRAM mapping lost at {addr} after a failed carve"
+            );
+            return Err(error);
+        }
+        // The base memfd must no longer hold any byte of the range.
+        // SAFETY: plain syscall on our fd; the range is inside the file.
+        let rc = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off_start,
+                off_len,
+            )
+        };
+        if rc != 0 {
+            // Nothing maps the base memfd's range any more; the carve stands, but the old
+            // bytes would stay readable through the base memfd: overwrite them instead.
+            let zeros = vec![0u8; 1 << 16];
+            let mut at = start;
+            while at < end {
+                let n = (end - at).min(zeros.len() as u64) as usize;
+                // SAFETY: `zeros[..n]` is a valid buffer; the fd is ours.
+                let w = unsafe {
+                    libc::pwrite(
+                        self.fd.as_raw_fd(),
+                        zeros.as_ptr().cast(),
+                        n,
+                        at as libc::off_t,
+                    )
+                };
+                if w <= 0 {
+                    return Err(os("clearing the base memfd"));
+                }
+                at += w as u64;
+            }
+        }
+        let fd = Arc::new(fd);
+        let at = carves.partition_point(|c| c.start < start);
+        carves.insert(
+            at,
+            Carve {
+                start,
+                len,
+                fd: Arc::clone(&fd),
+            },
+        );
+        Ok(fd)
     }
 
     /// Size in bytes.
@@ -258,23 +445,18 @@ impl Vram {
     }
 
     /// The memfd backing this memory, for other processes (QEMU) to mmap. Offsets in the
-    /// file are VRAM addresses.
+    /// file are VRAM addresses; ranges moved out by [`Vram::carve`] are holes in it.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 
-    /// Bytes of memory the memfd actually holds (allocated pages), from `fstat`. An
-    /// untouched VRAM reports (close to) zero.
+    /// Bytes of memory the memfds actually hold (allocated pages of the base memfd and of
+    /// every carve), from `fstat`. An untouched VRAM reports (close to) zero.
     pub fn allocated_bytes(&self) -> Result<u64, VramError> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `st` is a valid out-pointer to a `stat` buffer; the fd is ours.
-        let rc = unsafe { libc::fstat(self.fd.as_raw_fd(), st.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(VramError::Stat(io::Error::last_os_error()));
-        }
-        // SAFETY: fstat succeeded, so it initialised the buffer.
-        let st = unsafe { st.assume_init() };
-        Ok(u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512))
+        let carves = self.carves.lock().unwrap_or_else(PoisonError::into_inner);
+        std::iter::once(self.fd.as_fd())
+            .chain(carves.iter().map(|c| c.fd.as_fd()))
+            .try_fold(0u64, |sum, fd| Ok(sum.saturating_add(allocated_of(fd)?)))
     }
 
     /// Checks that `[addr, addr + len)` lies inside VRAM and returns the start as a byte
@@ -358,18 +540,27 @@ impl Vram {
         ) else {
             return false;
         };
-        // SAFETY: plain syscall on our fd; the range is inside the file.
-        let rc = unsafe {
-            libc::fallocate(
-                self.fd.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                plen,
-            )
-        };
-        if rc != 0 {
+        if !punch(self.fd.as_fd(), off, plen) {
             return false;
         }
+        // Carved pages live in their carve's memfd (the base memfd holds holes there).
+        let carves = self.carves.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in carves.iter() {
+            let (lo, hi) = (first_page.max(c.start), last_page.min(c.end()));
+            if lo >= hi {
+                continue;
+            }
+            let (Ok(off), Ok(plen)) = (
+                libc::off_t::try_from(lo - c.start),
+                libc::off_t::try_from(hi - lo),
+            ) else {
+                return false;
+            };
+            if !punch(c.fd.as_fd(), off, plen) {
+                return false;
+            }
+        }
+        drop(carves);
         for (lo, hi) in [(start, first_page), (last_page, end)] {
             if hi > lo {
                 // `lo..hi` lies inside the already-checked range, and is < 1 page long.
@@ -379,6 +570,33 @@ impl Vram {
         }
         true
     }
+}
+
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)` of `[off, off + len)` of `fd`; false if refused.
+fn punch(fd: BorrowedFd<'_>, off: libc::off_t, len: libc::off_t) -> bool {
+    // SAFETY: plain syscall on a valid fd; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    rc == 0
+}
+
+/// Bytes `fd` holds (allocated blocks), from `fstat`.
+fn allocated_of(fd: BorrowedFd<'_>) -> Result<u64, VramError> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is a valid out-pointer to a `stat` buffer; the fd is valid.
+    let rc = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(VramError::Stat(io::Error::last_os_error()));
+    }
+    // SAFETY: fstat succeeded, so it initialised the buffer.
+    let st = unsafe { st.assume_init() };
+    Ok(u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512))
 }
 
 macro_rules! scalar_access {
@@ -438,18 +656,21 @@ impl AsFd for Vram {
 
 impl fmt::Debug for Vram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let carves = self.carves.lock().unwrap_or_else(PoisonError::into_inner);
         f.debug_struct("Vram")
             .field("fd", &self.fd.as_raw_fd())
             .field("size", &format_args!("{:#x}", self.size))
+            .field("carves", &carves.len())
             .finish()
     }
 }
 
 impl Drop for Vram {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`size` describe the mapping created in `new`, which nothing else
-        // unmaps; no reference into it can outlive `self`. `size` fits a usize (checked in
-        // `new`).
+        // SAFETY: `ptr`/`size` describe the mapping created in `new` (carves only replaced
+        // parts of it in place), which nothing else unmaps; no reference into it can outlive
+        // `self`. `size` fits a usize (checked in `new`). The memfds (base and carves) are
+        // closed after this, when the fields drop; other holders of a carve's fd keep it.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.size as usize) };
     }
 }
@@ -611,6 +832,170 @@ mod tests {
             std::ptr::write_volatile(p.add(0x20), 0x1234_5678);
             assert_eq!(v.read_u32(VramAddr::new(0x80)).unwrap(), 0x1234_5678);
             libc::munmap(p.cast(), MIB as usize);
+        }
+    }
+
+    /// Maps `len` bytes of `fd` shared; the caller unmaps.
+    fn map_fd(fd: BorrowedFd<'_>, len: u64) -> *mut u8 {
+        // SAFETY: a fresh shared mapping chosen by the kernel; callers access it only
+        // through raw pointers within `len` and unmap it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p.cast()
+    }
+
+    fn fd_size(fd: BorrowedFd<'_>) -> u64 {
+        std::fs::File::from(fd.try_clone_to_owned().unwrap())
+            .metadata()
+            .unwrap()
+            .len()
+    }
+
+    fn pread_base(v: &Vram, at: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::from(v.as_fd().try_clone_to_owned().unwrap());
+        let mut buf = vec![0xEEu8; len];
+        file.read_exact_at(&mut buf, at).unwrap();
+        buf
+    }
+
+    #[test]
+    fn carve_moves_a_range_to_its_own_memfd() {
+        let v = Vram::new(16 * MIB).unwrap();
+        // Data written before the carve leaves the base memfd (the carve starts zeroed).
+        v.fill(VramAddr::new(4 * MIB), 2 * MIB, 0x5A).unwrap();
+        v.write_u32(VramAddr::new(4 * MIB - 4), 0x1111_1111)
+            .unwrap();
+        v.write_u32(VramAddr::new(8 * MIB), 0x2222_2222).unwrap();
+        let fd = v.carve(VramAddr::new(4 * MIB), 4 * MIB).unwrap();
+        assert_eq!(fd_size(fd.as_fd()), 4 * MIB);
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert!(
+            link.to_string_lossy()
+                .contains("memfd:gpu-emulation-vram-slice@0x400000"),
+            "{link:?}"
+        );
+        assert_eq!(v.read_u32(VramAddr::new(4 * MIB)).unwrap(), 0);
+        // Neighbours keep their bytes.
+        assert_eq!(v.read_u32(VramAddr::new(4 * MIB - 4)).unwrap(), 0x1111_1111);
+        assert_eq!(v.read_u32(VramAddr::new(8 * MIB)).unwrap(), 0x2222_2222);
+        // Emulator writes show through the carved fd, and the other way round.
+        v.write_u32(VramAddr::new(4 * MIB + 0x40), 0xCAFE_F00D)
+            .unwrap();
+        v.write(VramAddr::new(8 * MIB - 8), b"lastbyte").unwrap();
+        let p = map_fd(fd.as_fd(), 4 * MIB);
+        // SAFETY: inside the 4 MiB mapping made above, unmapped at the end.
+        unsafe {
+            assert_eq!(
+                std::ptr::read_volatile(p.add(0x40).cast::<u32>()),
+                0xCAFE_F00D
+            );
+            let mut last = [0u8; 8];
+            std::ptr::copy_nonoverlapping(p.add((4 * MIB - 8) as usize), last.as_mut_ptr(), 8);
+            assert_eq!(&last, b"lastbyte");
+            std::ptr::write_volatile(p.add(0x1000).cast::<u32>(), 0x1234_5678);
+        }
+        assert_eq!(
+            v.read_u32(VramAddr::new(4 * MIB + 0x1000)).unwrap(),
+            0x1234_5678
+        );
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(p.cast(), (4 * MIB) as usize) };
+        // The base memfd holds nothing of the carved range, only its neighbours.
+        assert!(pread_base(&v, 4 * MIB, (4 * MIB) as usize)
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(pread_base(&v, 4 * MIB - 4, 4), 0x1111_1111u32.to_le_bytes());
+        assert_eq!(pread_base(&v, 8 * MIB, 4), 0x2222_2222u32.to_le_bytes());
+        // The carve is sealed against resizing.
+        // SAFETY: plain syscall on a valid fd.
+        assert_ne!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0) }, 0);
+    }
+
+    #[test]
+    fn bad_carves_are_errors() {
+        let v = Vram::new(16 * MIB).unwrap();
+        v.carve(VramAddr::new(2 * MIB), 2 * MIB).unwrap();
+        for (addr, len) in [
+            (2 * MIB, 2 * MIB),  // the same range again
+            (MIB, 2 * MIB),      // overlaps its start
+            (3 * MIB, 4 * MIB),  // overlaps its end
+            (0, 16 * MIB),       // contains it
+            (0x800, 0x1000),     // misaligned start
+            (4 * MIB, 0x800),    // misaligned length
+            (4 * MIB, 0),        // empty
+            (14 * MIB, 4 * MIB), // past the end
+            (!0xFFF, 0x1000),    // overflows
+        ] {
+            let e = v.carve(VramAddr::new(addr), len).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    VramError::BadCarve { .. } | VramError::OutOfBounds { .. }
+                ),
+                "{addr:#x}+{len:#x}: {e}"
+            );
+        }
+        // Adjacent ranges are fine.
+        v.carve(VramAddr::new(0), 2 * MIB).unwrap();
+        v.carve(VramAddr::new(4 * MIB), 2 * MIB).unwrap();
+        assert!(format!("{v:?}").contains("carves: 3"));
+    }
+
+    #[test]
+    fn fill_and_allocated_bytes_see_carves() {
+        let v = Vram::new(16 * MIB).unwrap();
+        let fd = v.carve(VramAddr::new(4 * MIB), 4 * MIB).unwrap();
+        assert!(v.allocated_bytes().unwrap() < 64 * 1024);
+        // A fill across the carve's start: half in the base memfd, half in the carve.
+        v.fill(VramAddr::new(2 * MIB), 4 * MIB, 0x77).unwrap();
+        let in_carve = allocated_of(fd.as_fd()).unwrap();
+        assert!(in_carve >= 2 * MIB, "{in_carve}");
+        let total = v.allocated_bytes().unwrap();
+        assert!(total >= 4 * MIB, "{total}");
+        assert!(pread_base(&v, 4 * MIB, 0x1000).iter().all(|&b| b == 0));
+        // Zeroing (unaligned edges) punches both memfds.
+        v.fill(VramAddr::new(2 * MIB + 0x10), 4 * MIB - 0x20, 0)
+            .unwrap();
+        let after = v.allocated_bytes().unwrap();
+        assert!(after < 64 * 1024, "allocated after zero fill: {after}");
+        assert!(allocated_of(fd.as_fd()).unwrap() < 64 * 1024);
+        assert_eq!(v.read_u8(VramAddr::new(2 * MIB + 0xF)).unwrap(), 0x77);
+        assert_eq!(v.read_u8(VramAddr::new(6 * MIB - 0x10)).unwrap(), 0x77);
+        let mut buf = vec![0xFFu8; (4 * MIB - 0x20) as usize];
+        v.read(VramAddr::new(2 * MIB + 0x10), &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        // A zero fill entirely inside the carve (reading back above allocated pages again).
+        let read_back = allocated_of(fd.as_fd()).unwrap();
+        v.fill(VramAddr::new(6 * MIB), MIB, 0x33).unwrap();
+        assert!(allocated_of(fd.as_fd()).unwrap() >= read_back + MIB);
+        v.fill(VramAddr::new(6 * MIB), MIB, 0).unwrap();
+        assert!(allocated_of(fd.as_fd()).unwrap() <= read_back);
+        assert_eq!(v.read_u64(VramAddr::new(6 * MIB + 8)).unwrap(), 0);
+    }
+
+    /// The carved fd outlives the `Vram` (a peer may still hold it); the `Vram` unmaps and
+    /// closes its own copies on drop.
+    #[test]
+    fn carved_fd_outlives_the_vram() {
+        let v = Vram::new(4 * MIB).unwrap();
+        let fd = v.carve(VramAddr::new(2 * MIB), 2 * MIB).unwrap();
+        v.write_u32(VramAddr::new(2 * MIB), 0xABCD_0123).unwrap();
+        drop(v);
+        let p = map_fd(fd.as_fd(), 2 * MIB);
+        // SAFETY: inside the mapping made above, then unmapped.
+        unsafe {
+            assert_eq!(std::ptr::read_volatile(p.cast::<u32>()), 0xABCD_0123);
+            libc::munmap(p.cast(), (2 * MIB) as usize);
         }
     }
 

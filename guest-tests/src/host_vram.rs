@@ -1,6 +1,10 @@
 //! The emulated GPU's VRAM as the host sees it: the `gpu-emulation-vram` memfd of a running
 //! `gpu-backend serve`, opened through `/proc/<pid>/fd/<n>` (needs the rights to read another
-//! process's fds: root, or the same user with ptrace access). File offset = host VRAM address.
+//! process's fds: root, or the same user with ptrace access). File offset = host VRAM address,
+//! except in the slices carved out into memfds of their own
+//! (`gpu-emulation-vram-slice@<start>`, file offset 0 = host VRAM `start`; the base memfd
+//! holds holes there): [`HostVram`] opens those too and routes each access to the memfd
+//! that holds it, so it reads and writes host VRAM as the emulated GPU sees it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -11,6 +15,22 @@ use crate::error::{IoContext, Result};
 /// The name the emulated GPU gives its VRAM memfd (shown by `readlink` as
 /// `/memfd:gpu-emulation-vram (deleted)`).
 pub const VRAM_MEMFD_NAME: &str = "memfd:gpu-emulation-vram";
+
+/// The name prefix of a carved slice's memfd; the slice's host VRAM start follows in hex.
+pub const SLICE_MEMFD_PREFIX: &str = "memfd:gpu-emulation-vram-slice@";
+
+/// What a `/proc/<pid>/fd` link names: the base VRAM memfd, a slice memfd starting at host
+/// VRAM address `.0`, or neither.
+fn classify(target: &str) -> Option<Option<u64>> {
+    let name = target.strip_prefix('/').unwrap_or(target);
+    let name = name.strip_suffix(" (deleted)").unwrap_or(name);
+    if name == VRAM_MEMFD_NAME {
+        return Some(None);
+    }
+    let start = name.strip_prefix(SLICE_MEMFD_PREFIX)?;
+    let start = start.strip_prefix("0x").unwrap_or(start);
+    u64::from_str_radix(start, 16).ok().map(Some)
+}
 
 /// Errors of finding the VRAM memfd.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +61,8 @@ pub struct HostVram {
     file: File,
     path: PathBuf,
     size: u64,
+    /// The carved slices, sorted by start: (start, memfd, its path, its size).
+    slices: Vec<(u64, File, PathBuf, u64)>,
 }
 
 impl HostVram {
@@ -48,18 +70,61 @@ impl HostVram {
     pub fn open(pid: u32) -> Result<HostVram> {
         let dir = PathBuf::from(format!("/proc/{pid}/fd"));
         let entries = std::fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))?;
-        let mut fds = 0;
+        let (mut fds, mut base) = (0, None);
+        let mut slices: Vec<(u64, File, PathBuf, u64)> = Vec::new();
         for entry in entries {
             let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
             fds += 1;
             let Ok(target) = std::fs::read_link(entry.path()) else {
                 continue;
             };
-            if target.to_string_lossy().contains(VRAM_MEMFD_NAME) {
-                return Self::open_path(entry.path());
+            match classify(&target.to_string_lossy()) {
+                Some(None) if base.is_none() => base = Some(Self::open_path(entry.path())?),
+                Some(Some(start)) if !slices.iter().any(|(s, ..)| *s == start) => {
+                    let one = Self::open_path(entry.path())?;
+                    slices.push((start, one.file, one.path, one.size));
+                }
+                _ => {}
             }
         }
-        Err(HostVramError::NotFound { pid, fds }.into())
+        let mut vram = base.ok_or(HostVramError::NotFound { pid, fds })?;
+        slices.sort_by_key(|(start, ..)| *start);
+        vram.slices = slices;
+        Ok(vram)
+    }
+
+    /// Host VRAM starts of the carved slices found (sorted).
+    pub fn slice_starts(&self) -> Vec<u64> {
+        self.slices.iter().map(|(start, ..)| *start).collect()
+    }
+
+    /// The pieces of `[offset, offset + len)`: (file, its path, offset in it, length).
+    fn pieces(&self, offset: u64, len: usize) -> Vec<(&File, &PathBuf, u64, usize)> {
+        let (mut out, mut at, end) = (Vec::new(), offset, offset + len as u64);
+        while at < end {
+            let inside = self
+                .slices
+                .iter()
+                .find(|(start, .., size)| *start <= at && at < start + size);
+            let piece = match inside {
+                Some((start, file, path, size)) => {
+                    let n = (end.min(start + size) - at) as usize;
+                    (file, path, at - start, n)
+                }
+                None => {
+                    let next = self
+                        .slices
+                        .iter()
+                        .map(|(start, ..)| *start)
+                        .find(|&start| start > at)
+                        .unwrap_or(end);
+                    (&self.file, &self.path, at, (end.min(next) - at) as usize)
+                }
+            };
+            at += piece.3 as u64;
+            out.push(piece);
+        }
+        out
     }
 
     /// Open a file standing for host VRAM (the memfd's `/proc` link, or any file in tests).
@@ -73,7 +138,12 @@ impl HostVram {
             .metadata()
             .ctx(|| format!("stat {}", path.display()))?
             .len();
-        Ok(HostVram { file, path, size })
+        Ok(HostVram {
+            file,
+            path,
+            size,
+            slices: Vec::new(),
+        })
     }
 
     /// VRAM size in bytes.
@@ -98,18 +168,25 @@ impl HostVram {
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.check(offset, len)?;
         let mut buf = vec![0; len];
-        self.file
-            .read_exact_at(&mut buf, offset)
-            .ctx(|| format!("reading {} at {offset:#x}", self.path.display()))?;
+        let mut done = 0;
+        for (file, path, at, n) in self.pieces(offset, len) {
+            file.read_exact_at(&mut buf[done..done + n], at)
+                .ctx(|| format!("reading {} at {at:#x}", path.display()))?;
+            done += n;
+        }
         Ok(buf)
     }
 
     /// Write `bytes` at host VRAM address `offset`.
     pub fn write(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.check(offset, bytes.len())?;
-        self.file
-            .write_all_at(bytes, offset)
-            .ctx(|| format!("writing {} at {offset:#x}", self.path.display()))
+        let mut done = 0;
+        for (file, path, at, n) in self.pieces(offset, bytes.len()) {
+            file.write_all_at(&bytes[done..done + n], at)
+                .ctx(|| format!("writing {} at {at:#x}", path.display()))?;
+            done += n;
+        }
+        Ok(())
     }
 }
 
@@ -130,21 +207,57 @@ mod tests {
         std::fs::remove_file(path).unwrap();
     }
 
-    #[test]
-    fn finds_a_memfd_by_name() {
-        // This process's own memfd of that name stands in for the backend's.
-        let name = c"gpu-emulation-vram";
+    fn memfd(name: &std::ffi::CStr, len: u64) -> File {
         // SAFETY: memfd_create with a valid NUL-terminated name; the fd is owned by `file`.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
         assert!(fd >= 0);
         // SAFETY: `fd` is a fresh fd nothing else owns.
         let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(1 << 20).unwrap();
+        file.set_len(len).unwrap();
+        file
+    }
+
+    #[test]
+    fn classifies_memfd_links() {
+        let base = "/memfd:gpu-emulation-vram (deleted)";
+        assert_eq!(classify(base), Some(None));
+        let slice = "/memfd:gpu-emulation-vram-slice@0x4000000 (deleted)";
+        assert_eq!(classify(slice), Some(Some(0x400_0000)));
+        assert_eq!(classify("/memfd:gpu-emulation-test (deleted)"), None);
+        assert_eq!(classify("/memfd:gpu-emulation-vram-x (deleted)"), None);
+        assert_eq!(classify("/dev/null"), None);
+    }
+
+    /// (One test: the memfds of this process stand in for the backend's, and a second
+    /// test creating its own would race with this one's lookup.)
+    #[test]
+    fn finds_the_memfds_by_name_and_routes_slices_to_theirs() {
+        let file = memfd(c"gpu-emulation-vram", 1 << 20);
+        // A carved slice [0x4000, 0x6000): the base memfd holds a hole there.
+        let slice = memfd(c"gpu-emulation-vram-slice@0x4000", 0x2000);
         let v = HostVram::open(std::process::id()).unwrap();
         assert_eq!(v.size(), 1 << 20);
+        assert_eq!(v.slice_starts(), [0x4000]);
         v.write(0x1000, b"canary").unwrap();
         let mut buf = [0u8; 6];
         file.read_exact_at(&mut buf, 0x1000).unwrap();
         assert_eq!(&buf, b"canary");
+        // Straddling both edges of the slice: base, slice, base.
+        v.write(0x3FFE, &[1, 2, 3, 4]).unwrap();
+        v.write(0x5FFE, &[5, 6, 7, 8]).unwrap();
+        let mut two = [0u8; 2];
+        file.read_exact_at(&mut two, 0x3FFE).unwrap();
+        assert_eq!(two, [1, 2]);
+        slice.read_exact_at(&mut two, 0).unwrap();
+        assert_eq!(two, [3, 4]);
+        slice.read_exact_at(&mut two, 0x1FFE).unwrap();
+        assert_eq!(two, [5, 6]);
+        file.read_exact_at(&mut two, 0x6000).unwrap();
+        assert_eq!(two, [7, 8]);
+        file.read_exact_at(&mut two, 0x4000).unwrap();
+        assert_eq!(two, [0, 0], "the base memfd's hole stays untouched");
+        let all = v.read(0x3FFE, 0x2004).unwrap();
+        assert_eq!(&all[..4], &[1, 2, 3, 4]);
+        assert_eq!(&all[0x2000..], &[5, 6, 7, 8]);
     }
 }

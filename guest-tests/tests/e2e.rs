@@ -235,6 +235,12 @@ fn window_trap_confines_a_sliced_guest() {
         let pid = backend.pid().expect("backend running");
         let vram = HostVram::open(pid)?;
         assert_eq!(vram.size(), sliced.vram_size, "the whole VRAM memfd");
+        let starts: Vec<u64> = sliced.guests.iter().map(|g| g.start).collect();
+        assert_eq!(
+            vram.slice_starts(),
+            starts,
+            "each slice in a memfd of its own"
+        );
         plant(&vram, &canaries)?;
         let socket = backend.socket_of("a").expect("socket of a");
         let run = boot_guest(

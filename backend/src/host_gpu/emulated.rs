@@ -1,7 +1,7 @@
 //! [`HostGpu`] for the emulated GPU of the `gpu-emulation` crate (the embedded default).
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use gpu_emulation::{BarRole, ChipProfile, EmulatedGpu, GpuError, Vram, VramAddr};
 use thiserror::Error;
@@ -27,8 +27,10 @@ pub struct EmulatedHostGpu {
     gpu: Arc<EmulatedGpu>,
     identity: ChipIdentity,
     memory_bars: Vec<(u8, Arc<dyn HostMemory>)>,
-    /// A duplicate of the VRAM memfd, shared by every mapping of VRAM handed out.
-    vram_fd: Arc<OwnedFd>,
+    /// VRAM ranges handed out by [`HostGpu::vram_mmap_source`]: (start, len, the range's
+    /// own memfd from [`Vram::carve`]). Never the whole-VRAM memfd, which would let the
+    /// peer map every other slice and the host-reserved VRAM.
+    carves: Mutex<Vec<(u64, u64, Arc<OwnedFd>)>>,
 }
 
 impl EmulatedHostGpu {
@@ -46,6 +48,7 @@ impl EmulatedHostGpu {
                     .map_err(EmulatedHostGpuError::DupFd)?,
             ))
         };
+        // Shared by the VRAM BARs, whose mapping is for a guest given the whole GPU.
         let vram_fd = dup(Some(gpu.vram()))?;
         let mut memory_bars: Vec<(u8, Arc<dyn HostMemory>)> = Vec::new();
         for bar in profile.bars() {
@@ -70,7 +73,7 @@ impl EmulatedHostGpu {
             identity: identity_of(profile),
             gpu,
             memory_bars,
-            vram_fd,
+            carves: Mutex::new(Vec::new()),
         })
     }
 
@@ -167,12 +170,32 @@ impl HostGpu for EmulatedHostGpu {
             .map_err(|e| HostGpuError::Bar1(e.to_string()))
     }
 
+    /// The range's own memfd (carved out of VRAM on first use, the same fd afterwards), at
+    /// file offset 0: whoever maps it reaches `[addr, addr + len)` and nothing else. A
+    /// range that overlaps an earlier, different one gets no mmap source (its accesses are
+    /// trapped instead).
     fn vram_mmap_source(&self, addr: HostVramAddr, len: u64) -> Option<MmapSource> {
-        let end = addr.raw().checked_add(len)?;
-        (end <= self.identity.vram_size).then(|| MmapSource {
-            fd: Arc::clone(&self.vram_fd),
-            file_offset: addr.raw(),
-        })
+        let (start, end) = (addr.raw(), addr.raw().checked_add(len)?);
+        if end > self.identity.vram_size {
+            return None;
+        }
+        let mut carves = self.carves.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, _, fd)) = carves.iter().find(|(s, l, _)| (*s, *l) == (start, len)) {
+            return Some(MmapSource {
+                fd: Arc::clone(fd),
+                file_offset: 0,
+            });
+        }
+        match self.gpu.vram().carve(VramAddr::new(start), len) {
+            Ok(fd) => {
+                carves.push((start, len, Arc::clone(&fd)));
+                Some(MmapSource { fd, file_offset: 0 })
+            }
+            Err(e) => {
+                log::warn!("VRAM {addr} + {len:#x} cannot be mapped directly: {e}");
+                None
+            }
+        }
     }
 
     fn dma_alloc(&self, len: u64) -> Result<Arc<dyn super::dma::DmaBuffer>, HostGpuError> {

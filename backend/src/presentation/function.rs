@@ -241,20 +241,27 @@ impl PresentedFunction {
                     let Some((at, real)) = guest_part(bar, vram_offset, &guest) else {
                         continue;
                     };
-                    let backing = match guest.bar1_window() {
-                        None => GuestVramBacking::Host(
-                            host.memory_bar(bar.index)
-                                .ok_or(PresentationError::MissingMemory(bar.index))?,
+                    // A GPU given whole maps the host BAR as it is; a slice maps only its
+                    // own VRAM (its own fd), never the memory of the whole GPU.
+                    let (backing, mmap) = match guest.bar1_window() {
+                        None => {
+                            let memory = host
+                                .memory_bar(bar.index)
+                                .ok_or(PresentationError::MissingMemory(bar.index))?;
+                            let mmap = memory.mmap_source();
+                            (GuestVramBacking::Host(memory), mmap)
+                        }
+                        Some(window) => (
+                            GuestVramBacking::Bar1 {
+                                host: Arc::clone(&host),
+                                va: window
+                                    .offset(vram_offset)
+                                    .ok_or(PresentationError::MissingMemory(bar.index))?,
+                                len: real,
+                            },
+                            host.vram_mmap_source(at, real),
                         ),
-                        Some(window) => GuestVramBacking::Bar1 {
-                            host: Arc::clone(&host),
-                            va: window
-                                .offset(vram_offset)
-                                .ok_or(PresentationError::MissingMemory(bar.index))?,
-                            len: real,
-                        },
                     };
-                    let mmap = host.vram_mmap_source(at, real);
                     (
                         BarContent::Memory {
                             bar: PaddedBar::new(backing).map_err(bar_error)?,

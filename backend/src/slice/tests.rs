@@ -327,7 +327,9 @@ fn sliced_guest_sees_only_its_vram_bars() {
     );
     let (area, source) = usemem.mappable().unwrap();
     assert_eq!((area.offset, area.size), (0, 6 * MIB));
-    assert_eq!(source.file_offset, g.slice().start().raw());
+    // The slice's own memfd, from its start: nothing else of VRAM can be mapped from it.
+    assert_eq!(source.file_offset, 0);
+    assert_eq!(fd_len(&source.fd), 6 * MIB);
     // TU102: the instance-memory BAR belongs to the host.
     let (_gpu, host) = emulated("tu102-24g");
     let mut sliced = SlicedGpu::new(host).unwrap();
@@ -336,7 +338,16 @@ fn sliced_guest_sees_only_its_vram_bars() {
     let f = PresentedFunction::for_guest(g.clone()).unwrap();
     assert!(f.bar(3).is_none());
     let (_, source) = f.bar(1).unwrap().mappable().unwrap();
-    assert_eq!(source.file_offset, 2 * MIB);
+    assert_eq!(source.file_offset, 0);
+    assert_eq!(fd_len(&source.fd), 4 * MIB);
+    assert_eq!(g.slice().start().raw(), 2 * MIB);
+}
+
+fn fd_len(fd: &std::os::fd::OwnedFd) -> u64 {
+    std::fs::File::from(fd.try_clone().unwrap())
+        .metadata()
+        .unwrap()
+        .len()
 }
 
 // ---------------------------------------------------------------------------------------
