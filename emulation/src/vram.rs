@@ -126,7 +126,7 @@ pub enum VramError {
     #[error("fstat of the VRAM memfd failed: {0}")]
     Stat(#[source] io::Error),
     /// A [`Vram::carve`] request that is misaligned, empty, out of range or overlaps an
-    /// existing carve.
+    /// existing carve, or a [`Vram::uncarve`] of a range that is not exactly one carve.
     #[error("cannot carve {len:#x} bytes at {addr}: {reason}")]
     BadCarve {
         /// Start of the requested range.
@@ -136,7 +136,7 @@ pub enum VramError {
         /// Why it was refused.
         reason: &'static str,
     },
-    /// A system call of [`Vram::carve`] failed.
+    /// A system call of [`Vram::carve`] or [`Vram::uncarve`] failed.
     #[error("carving VRAM failed: {what}: {source}")]
     CarveOs {
         /// The failing step.
@@ -310,7 +310,8 @@ impl Vram {
     /// discarded (carving is meant for slices at hand-out, which are scrubbed anyway).
     ///
     /// `addr` and `len` must be multiples of [`Vram::SIZE_ALIGN`], `len` non-zero, the range
-    /// inside VRAM and disjoint from every earlier carve. Carves last as long as the `Vram`.
+    /// inside VRAM and disjoint from every other carve. A carve lasts until
+    /// [`Vram::uncarve`] or as long as the `Vram`.
     pub fn carve(&self, addr: VramAddr, len: u64) -> Result<Arc<OwnedFd>, VramError> {
         let bad = |reason| VramError::BadCarve { addr, len, reason };
         if len == 0 {
@@ -437,6 +438,78 @@ impl Vram {
             },
         );
         Ok(fd)
+    }
+
+    /// Undoes [`Vram::carve`] of exactly `[addr, addr + len)`: the base memfd is mapped
+    /// back over the range (so accesses through this `Vram` reach the base memfd's range,
+    /// a zero-filled hole, again) and the carve is forgotten, so the range can be carved
+    /// afresh. The carve's memfd stays valid for whoever still holds or maps it, but is no
+    /// longer connected to this VRAM: nothing written through it reaches VRAM, and nothing
+    /// written to VRAM shows through it. Its pages are released (best effort), since the
+    /// contents of a released range do not matter (slices are scrubbed at hand-out).
+    ///
+    /// `[addr, addr + len)` must be exactly the range of an existing carve.
+    pub fn uncarve(&self, addr: VramAddr, len: u64) -> Result<(), VramError> {
+        let bad = |reason| VramError::BadCarve { addr, len, reason };
+        let mut carves = self.carves.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(at) = carves
+            .iter()
+            .position(|c| (c.start, c.len) == (addr.raw(), len))
+        else {
+            return Err(bad("not a carved range"));
+        };
+        // A carved range was checked and converted when it was carved.
+        let off = self.check(addr, len)?;
+        let (Ok(len_usize), Ok(off_len), Ok(off_start)) = (
+            usize::try_from(len),
+            libc::off_t::try_from(len),
+            libc::off_t::try_from(addr.raw()),
+        ) else {
+            return Err(bad("range does not fit the host's types"));
+        };
+        // SAFETY: `[off, off + len)` lies inside our own live mapping (checked above), which
+        // no Rust reference points into (all access is by raw pointer), so replacing its
+        // pages with the base memfd's range (exactly what `create` mapped there) is sound:
+        // accesses racing with the replacement see either mapping, both valid and writable.
+        let mapped = unsafe {
+            libc::mmap(
+                self.at(off).cast(),
+                len_usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                self.fd.as_raw_fd(),
+                off_start,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            let error = VramError::CarveOs {
+                what: "mmap of the base memfd over a carve",
+                source: io::Error::last_os_error(),
+            };
+            // A failed MAP_FIXED may have unmapped the range: map the carve back, which
+            // stays in place (the range is still carved).
+            // SAFETY: as above; this restores exactly the mapping `carve` made there.
+            let restored = unsafe {
+                libc::mmap(
+                    self.at(off).cast(),
+                    len_usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    carves[at].fd.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(
+                restored,
+                libc::MAP_FAILED,
+                "VRAM mapping lost at {addr} after a failed uncarve"
+            );
+            return Err(error);
+        }
+        let carve = carves.remove(at);
+        // Release the old carve's pages; a failure only costs memory.
+        let _ = punch(carve.fd.as_fd(), 0, off_len);
+        Ok(())
     }
 
     /// Size in bytes.
@@ -981,6 +1054,55 @@ mod tests {
         v.fill(VramAddr::new(6 * MIB), MIB, 0).unwrap();
         assert!(allocated_of(fd.as_fd()).unwrap() <= read_back);
         assert_eq!(v.read_u64(VramAddr::new(6 * MIB + 8)).unwrap(), 0);
+    }
+
+    /// After `uncarve` the old carve's fd is disconnected from VRAM in both directions, and
+    /// carving the range again yields a different memfd.
+    #[test]
+    fn uncarve_disconnects_the_old_fd_and_allows_a_fresh_carve() {
+        let v = Vram::new(8 * MIB).unwrap();
+        let old = v.carve(VramAddr::new(2 * MIB), 2 * MIB).unwrap();
+        let p = map_fd(old.as_fd(), 2 * MIB);
+        v.write_u32(VramAddr::new(2 * MIB + 0x10), 0x1111_1111)
+            .unwrap();
+        for (addr, len) in [(2 * MIB, MIB), (0, 2 * MIB), (2 * MIB + 0x1000, 2 * MIB)] {
+            let e = v.uncarve(VramAddr::new(addr), len).unwrap_err();
+            assert!(matches!(e, VramError::BadCarve { .. }), "{e}");
+        }
+        v.uncarve(VramAddr::new(2 * MIB), 2 * MIB).unwrap();
+        assert!(v.uncarve(VramAddr::new(2 * MIB), 2 * MIB).is_err());
+        assert!(format!("{v:?}").contains("carves: 0"));
+        let new = v.carve(VramAddr::new(2 * MIB), 2 * MIB).unwrap();
+        assert!(!Arc::ptr_eq(&old, &new));
+        v.write_u32(VramAddr::new(2 * MIB + 0x20), 0x2222_2222)
+            .unwrap();
+        // SAFETY: inside the 2 MiB mapping of the old fd made above, unmapped at the end.
+        unsafe {
+            assert_eq!(std::ptr::read_volatile(p.add(0x20).cast::<u32>()), 0);
+            std::ptr::write_volatile(p.add(0x40).cast::<u32>(), 0x3333_3333);
+            libc::munmap(p.cast(), (2 * MIB) as usize);
+        }
+        assert_eq!(v.read_u32(VramAddr::new(2 * MIB + 0x40)).unwrap(), 0);
+        assert_eq!(v.read_u32(VramAddr::new(2 * MIB + 0x10)).unwrap(), 0);
+        assert_eq!(pread_base(&v, 2 * MIB + 0x40, 4), [0; 4]);
+        // The new carve is the range now, from both sides.
+        let q = map_fd(new.as_fd(), 2 * MIB);
+        // SAFETY: inside the 2 MiB mapping of the new fd, unmapped at the end.
+        unsafe {
+            assert_eq!(
+                std::ptr::read_volatile(q.add(0x20).cast::<u32>()),
+                0x2222_2222
+            );
+            libc::munmap(q.cast(), (2 * MIB) as usize);
+        }
+        // Uncarving without a new carve puts the base memfd back under the range.
+        v.uncarve(VramAddr::new(2 * MIB), 2 * MIB).unwrap();
+        v.write_u32(VramAddr::new(2 * MIB + 0x80), 0x4444_4444)
+            .unwrap();
+        assert_eq!(
+            pread_base(&v, 2 * MIB + 0x80, 4),
+            0x4444_4444u32.to_le_bytes()
+        );
     }
 
     /// The carved fd outlives the `Vram` (a peer may still hold it); the `Vram` unmaps and

@@ -66,4 +66,8 @@ impl HostGpu for StuckRegister {
     fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource> {
         self.inner.vram_mmap_source(addr, len)
     }
+
+    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) {
+        self.inner.release_vram_mmap_source(addr, len)
+    }
 }

@@ -170,7 +170,8 @@ impl HostGpu for EmulatedHostGpu {
             .map_err(|e| HostGpuError::Bar1(e.to_string()))
     }
 
-    /// The range's own memfd (carved out of VRAM on first use, the same fd afterwards), at
+    /// The range's own memfd (carved out of VRAM on first use, the same fd afterwards until
+    /// [`HostGpu::release_vram_mmap_source`]), at
     /// file offset 0: whoever maps it reaches `[addr, addr + len)` and nothing else. A
     /// range that overlaps an earlier, different one gets no mmap source (its accesses are
     /// trapped instead).
@@ -196,6 +197,28 @@ impl HostGpu for EmulatedHostGpu {
                 None
             }
         }
+    }
+
+    /// Uncarves every cached range overlapping `[addr, addr + len)` and forgets it: the
+    /// next [`HostGpu::vram_mmap_source`] of the range carves a fresh memfd, and the old
+    /// one (which a removed guest's QEMU may still map) is no longer VRAM. A range whose
+    /// uncarve fails stays carved in the VRAM, so it can be carved again by nobody: later
+    /// requests for it get no mmap source (trapped access) instead of the old memfd.
+    fn release_vram_mmap_source(&self, addr: HostVramAddr, len: u64) {
+        let end = addr.raw().saturating_add(len);
+        let mut carves = self.carves.lock().unwrap_or_else(PoisonError::into_inner);
+        carves.retain(|&(start, carve_len, _)| {
+            if start >= end || start + carve_len <= addr.raw() {
+                return true;
+            }
+            if let Err(e) = self.gpu.vram().uncarve(VramAddr::new(start), carve_len) {
+                log::warn!(
+                    "VRAM {start:#x} + {carve_len:#x} stays carved and cannot be mapped \
+                     directly again: {e}"
+                );
+            }
+            false
+        });
     }
 
     fn dma_alloc(&self, len: u64) -> Result<Arc<dyn super::dma::DmaBuffer>, HostGpuError> {

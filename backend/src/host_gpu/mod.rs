@@ -188,6 +188,14 @@ pub trait HostGpu: Send + Sync {
     /// An fd and offset that map device memory `[addr, addr + len)` directly, if the host
     /// can hand one out (the emulated GPU: its VRAM memfd at `addr`).
     fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource>;
+    /// Disconnects every source [`HostGpu::vram_mmap_source`] handed out for device memory
+    /// overlapping `[addr, addr + len)` (called when a guest's slice is taken back), so the
+    /// next request for the range gets a fresh source and whoever still maps an old one no
+    /// longer reaches device memory through it. The default does nothing (a host that hands
+    /// out no sources).
+    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) {
+        let _ = (addr, len);
+    }
     /// Allocates `len` bytes (a multiple of 4 KiB) of zero-filled host memory the GPU
     /// reaches by DMA (the GSP's shared queue block). The emulated GPU maps a memfd into
     /// its emulated IOMMU; a VFIO host would map anonymous memory with

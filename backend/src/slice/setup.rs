@@ -219,8 +219,11 @@ impl SlicedGpu {
         }
     }
 
-    /// Takes a guest's VRAM back: its BAR1 window is unmapped (TLB invalidated) and the
-    /// slice returns to the free area (it is scrubbed again before the next guest gets it).
+    /// Takes a guest's VRAM back: its BAR1 window is unmapped (TLB invalidated), the
+    /// memfd handed out for its slice is disconnected from VRAM
+    /// ([`HostGpu::release_vram_mmap_source`]; the next guest of the range gets a fresh
+    /// one) and the slice returns to the free area (it is scrubbed again before the next
+    /// guest gets it).
     pub fn remove_guest(&mut self, guest: &GuestSlice) -> Result<(), SetupError> {
         let live = Arc::ptr_eq(&guest.vram, &self.vram)
             && self.guests.get(&guest.id) == Some(&guest.slice);
@@ -229,6 +232,10 @@ impl SlicedGpu {
             .filter(|_| live)
             .ok_or(SetupError::NotAGuest(guest.slice))?;
         self.vram.unmap_bar1_window(va)?;
+        // The slice's memfd (which the guest's QEMU may still map) is disconnected before
+        // anybody else can get the slice.
+        self.host()
+            .release_vram_mmap_source(guest.slice.start(), guest.slice.size());
         self.guests.remove(&guest.id);
         self.partition.release(guest.slice)?;
         Ok(())

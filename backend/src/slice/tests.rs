@@ -298,6 +298,81 @@ fn a_slice_handed_to_a_new_guest_is_scrubbed_and_stays_sparse() {
     assert_eq!(buf, [0; 64]);
 }
 
+/// Maps `len` bytes of `fd` shared; the caller unmaps.
+fn map_shared(fd: &std::os::fd::OwnedFd, len: u64) -> *mut u8 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh shared mapping chosen by the kernel; callers access it only through
+    // raw pointers within `len` and unmap it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p.cast()
+}
+
+/// A removed guest's QEMU may keep its mapping of the slice's memfd: the next guest of the
+/// same range gets a fresh memfd, and the old mapping reaches nothing of it either way.
+#[test]
+fn a_removed_guests_memfd_is_not_reused_for_the_next_guest() {
+    let (gpu, host) = emulated("tu102-24g");
+    let mut sliced = SlicedGpu::new(host).unwrap();
+    let a = sliced.add_guest(4 * MIB).unwrap();
+    let fa = PresentedFunction::for_guest(a.clone()).unwrap();
+    let bar = vram_bar(&fa);
+    let fd_a = Arc::clone(&fa.bar(bar).unwrap().mappable().unwrap().1.fd);
+    let pa = map_shared(&fd_a, 4 * MIB);
+    fa.region_write(bar, 0x100, &[0xA1; 16]).unwrap();
+    // SAFETY: inside the 4 MiB mapping made above (unmapped at the end).
+    assert_eq!(unsafe { std::ptr::read_volatile(pa.add(0x100)) }, 0xA1);
+    sliced.remove_guest(&a).unwrap();
+    drop(fa);
+
+    let b = sliced.add_guest(4 * MIB).unwrap();
+    assert_eq!(b.slice(), a.slice(), "first fit reuses the range");
+    let fb = PresentedFunction::for_guest(b.clone()).unwrap();
+    let fd_b = Arc::clone(&fb.bar(bar).unwrap().mappable().unwrap().1.fd);
+    assert!(
+        !Arc::ptr_eq(&fd_a, &fd_b),
+        "the old memfd was handed out again"
+    );
+    let ino = |fd: &std::os::fd::OwnedFd| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::File::from(fd.try_clone().unwrap())
+            .metadata()
+            .unwrap()
+            .ino()
+    };
+    assert_ne!(ino(&fd_a), ino(&fd_b));
+    // B writes (trapped, and through its own mapping); A's old mapping sees none of it.
+    fb.region_write(bar, 0x100, &[0xB2; 16]).unwrap();
+    let pb = map_shared(&fd_b, 4 * MIB);
+    // SAFETY: inside the two 4 MiB mappings made above, unmapped here.
+    unsafe {
+        std::ptr::write_volatile(pb.add(0x2000), 0xB3);
+        for at in [0x100, 0x10F, 0x2000] {
+            assert_ne!(std::ptr::read_volatile(pa.add(at)) & 0xF0, 0xB0, "{at:#x}");
+        }
+        // A writes through its old mapping; B's VRAM does not change.
+        std::ptr::write_bytes(pa, 0xAA, (4 * MIB) as usize);
+        libc::munmap(pb.cast(), (4 * MIB) as usize);
+        libc::munmap(pa.cast(), (4 * MIB) as usize);
+    }
+    let start = b.slice().start().raw();
+    assert_eq!(vram_read(&gpu, start + 0x100, 16), [0xB2; 16]);
+    assert_eq!(vram_read(&gpu, start + 0x2000, 1), [0xB3]);
+    assert!(vram_read(&gpu, start, 0x100).iter().all(|&x| x == 0));
+    let mut buf = [0u8; 16];
+    fb.region_read(bar, 0x100, &mut buf).unwrap();
+    assert_eq!(buf, [0xB2; 16]);
+}
+
 #[test]
 fn sizes_that_do_not_fit_are_bad_requests() {
     let (_gpu, host) = emulated("tu102-24g");
