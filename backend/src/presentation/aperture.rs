@@ -4,10 +4,12 @@
 //! The guest address `g = base + o` is checked against the guest's VRAM size; the part of
 //! an access inside it goes to host VRAM `slice.start + g` (the shared [`HostVram`] moves
 //! the host window there under its lock), and the rest reads ~0 (0xFF bytes) and drops
-//! writes. A window whose TARGET is not video memory reaches nothing. So no window value,
+//! writes. A window whose TARGET is not video memory reaches nothing, and neither does any
+//! access once the guest was removed (its [`SliceAccess`] is revoked). So no window value,
 //! offset or width reaches VRAM outside the guest's slice, and never host system memory.
 //!
 //! [`HostVram`]: crate::slice::HostVram
+//! [`SliceAccess`]: crate::slice::SliceAccess
 
 use crate::host_driver::addr::MIB;
 use crate::host_driver::pramin::PRAMIN_APERTURE;
@@ -27,7 +29,8 @@ pub const APERTURE_END: u64 = APERTURE_START + APERTURE_SIZE;
 pub struct ApertureOutcome {
     /// Bytes read from / written to the guest's VRAM.
     pub served: usize,
-    /// Bytes past the guest's VRAM or under a non-VRAM target (read ~0, writes dropped).
+    /// Bytes past the guest's VRAM, under a non-VRAM target or of a removed guest (read ~0,
+    /// writes dropped).
     pub refused: usize,
 }
 
@@ -66,11 +69,18 @@ impl GuestAperture {
             Some((guest, n)) => {
                 let slice = self.guest.slice();
                 // `inside` proved `guest + n <= slice.size()`.
-                if let Some(addr) = slice.host_addr(guest, n as u64) {
-                    self.guest.vram().read(addr, &mut buf[..n])?;
-                    n
-                } else {
-                    0
+                let vram = self.guest.vram();
+                let read = slice.host_addr(guest, n as u64).and_then(|addr| {
+                    self.guest
+                        .access()
+                        .with_live(|| vram.read(addr, &mut buf[..n]))
+                });
+                match read {
+                    Some(result) => {
+                        result?;
+                        n
+                    }
+                    None => 0,
                 }
             }
             None => 0,
@@ -92,11 +102,18 @@ impl GuestAperture {
         let served = match self.inside(window, o, data.len()) {
             Some((guest, n)) => {
                 let slice = self.guest.slice();
-                if let Some(addr) = slice.host_addr(guest, n as u64) {
-                    self.guest.vram().write(addr, &data[..n])?;
-                    n
-                } else {
-                    0
+                let vram = self.guest.vram();
+                let written = slice.host_addr(guest, n as u64).and_then(|addr| {
+                    self.guest
+                        .access()
+                        .with_live(|| vram.write(addr, &data[..n]))
+                });
+                match written {
+                    Some(result) => {
+                        result?;
+                        n
+                    }
+                    None => 0,
                 }
             }
             None => 0,

@@ -258,6 +258,7 @@ impl PresentedFunction {
                                     .offset(vram_offset)
                                     .ok_or(PresentationError::MissingMemory(bar.index))?,
                                 len: real,
+                                access: Arc::clone(guest.access()),
                             },
                             host.vram_mmap_source(at, real),
                         ),

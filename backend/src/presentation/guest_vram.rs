@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::host_driver::addr::GpuVa;
 use crate::host_gpu::{HostGpu, HostGpuError, HostMemory};
+use crate::slice::SliceAccess;
 
 use super::padded_bar::{BackingError, BarBacking};
 
@@ -28,6 +29,10 @@ pub enum GuestVramBacking {
         va: GpuVa,
         /// Real length.
         len: u64,
+        /// The guest's access to its slice: once revoked (the guest was removed, and its
+        /// BAR1 window may belong to another guest), reads return ~0 and writes are
+        /// dropped without reaching BAR1.
+        access: Arc<SliceAccess>,
     },
 }
 
@@ -55,9 +60,20 @@ impl BarBacking for GuestVramBacking {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
         match self {
             GuestVramBacking::Host(memory) => memory.read(offset, buf).map_err(backing_error),
-            GuestVramBacking::Bar1 { host, va, len } => {
+            GuestVramBacking::Bar1 {
+                host,
+                va,
+                len,
+                access,
+            } => {
                 let at = Self::bar1_offset(*va, *len, offset, buf.len())?;
-                host.bar1_read(at, buf).map_err(backing_error)
+                match access.with_live(|| host.bar1_read(at, buf)) {
+                    Some(result) => result.map_err(backing_error),
+                    None => {
+                        buf.fill(0xFF);
+                        Ok(())
+                    }
+                }
             }
         }
     }
@@ -65,9 +81,17 @@ impl BarBacking for GuestVramBacking {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackingError> {
         match self {
             GuestVramBacking::Host(memory) => memory.write(offset, data).map_err(backing_error),
-            GuestVramBacking::Bar1 { host, va, len } => {
+            GuestVramBacking::Bar1 {
+                host,
+                va,
+                len,
+                access,
+            } => {
                 let at = Self::bar1_offset(*va, *len, offset, data.len())?;
-                host.bar1_write(at, data).map_err(backing_error)
+                access
+                    .with_live(|| host.bar1_write(at, data))
+                    .unwrap_or(Ok(()))
+                    .map_err(backing_error)
             }
         }
     }

@@ -3,7 +3,7 @@
 //! each with a scrubbed slice and a BAR1 window).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use thiserror::Error;
 
@@ -55,6 +55,36 @@ impl SetupError {
     }
 }
 
+/// Whether a guest may still reach its slice: revoked for good when the guest is removed
+/// ([`SlicedGpu::remove_guest`]), shared by every clone of the guest's [`GuestSlice`].
+///
+/// Every access of the guest's trapped aperture and VRAM BAR runs inside
+/// [`SliceAccess::with_live`], which holds off revocation until the access is done, so no
+/// access of a removed guest can land after its slice was handed to somebody else.
+#[derive(Debug, Default)]
+pub struct SliceAccess {
+    revoked: RwLock<bool>,
+}
+
+impl SliceAccess {
+    /// Runs `access` if the slice is still the guest's (revocation waits until it
+    /// returns); `None`, without running it, once revoked.
+    pub fn with_live<R>(&self, access: impl FnOnce() -> R) -> Option<R> {
+        let revoked = self.revoked.read().unwrap_or_else(PoisonError::into_inner);
+        (!*revoked).then(access)
+    }
+
+    /// Whether the guest was removed.
+    pub fn is_revoked(&self) -> bool {
+        *self.revoked.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Revokes access for good, after every access in flight has finished.
+    fn revoke(&self) {
+        *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = true;
+    }
+}
+
 /// A guest's VRAM as the presentation sees it: its slice of host VRAM, the shared host
 /// PRAMIN window, and (for a sliced GPU) its BAR1 window.
 #[derive(Clone)]
@@ -65,6 +95,8 @@ pub struct GuestSlice {
     slice: Slice,
     vram: Arc<HostVram>,
     bar1_window: Option<GpuVa>,
+    /// Revoked when the guest is removed; every access to the slice checks it.
+    access: Arc<SliceAccess>,
 }
 
 impl std::fmt::Debug for GuestSlice {
@@ -73,6 +105,7 @@ impl std::fmt::Debug for GuestSlice {
             .field("id", &self.id)
             .field("slice", &self.slice)
             .field("bar1_window", &self.bar1_window)
+            .field("revoked", &self.access.is_revoked())
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +132,12 @@ impl GuestSlice {
         self.bar1_window
     }
 
+    /// Whether the guest may still reach its slice (see [`SliceAccess`]); every access of
+    /// its aperture and VRAM BAR must go through [`SliceAccess::with_live`].
+    pub fn access(&self) -> &Arc<SliceAccess> {
+        &self.access
+    }
+
     /// Whether the guest owns the whole GPU.
     pub fn is_whole_gpu(&self) -> bool {
         self.bar1_window.is_none()
@@ -121,6 +160,7 @@ pub fn whole_gpu(host: Arc<dyn HostGpu>) -> Result<GuestSlice, SetupError> {
         slice,
         vram: Arc::new(HostVram::new(host)?),
         bar1_window: None,
+        access: Arc::default(),
     })
 }
 
@@ -209,6 +249,7 @@ impl SlicedGpu {
                     slice,
                     vram: Arc::clone(&self.vram),
                     bar1_window: Some(va),
+                    access: Arc::default(),
                 })
             }
             Err(e) => {
@@ -219,7 +260,8 @@ impl SlicedGpu {
         }
     }
 
-    /// Takes a guest's VRAM back: its BAR1 window is unmapped (TLB invalidated), the
+    /// Takes a guest's VRAM back: its access is revoked (every handle of the guest reads
+    /// ~0 and drops writes from now on, see [`SliceAccess`]), its BAR1 window is unmapped (TLB invalidated), the
     /// memfd handed out for its slice is disconnected from VRAM
     /// ([`HostGpu::release_vram_mmap_source`]; the next guest of the range gets a fresh
     /// one) and the slice returns to the free area (it is scrubbed again before the next
@@ -231,6 +273,9 @@ impl SlicedGpu {
             .bar1_window
             .filter(|_| live)
             .ok_or(SetupError::NotAGuest(guest.slice))?;
+        // First of all, so that nothing of the guest still presented (its aperture, its
+        // trapped VRAM BAR) reaches the slice once somebody else may get it.
+        guest.access.revoke();
         self.vram.unmap_bar1_window(va)?;
         // The slice's memfd (which the guest's QEMU may still map) is disconnected before
         // anybody else can get the slice.

@@ -493,6 +493,50 @@ fn window_is_relative_to_the_slice_and_confined_to_it() {
     }
 }
 
+/// A presented function that outlives its guest's removal reaches nothing: its aperture
+/// and its trapped VRAM BAR read ~0 and drop writes, even with the slice (and possibly its
+/// BAR1 window) given to the next guest.
+#[test]
+fn a_removed_guests_function_reaches_nothing() {
+    for name in ["tu102-24g", "gh100-80g"] {
+        let (gpu, host) = emulated(name);
+        let mut sliced = SlicedGpu::new(host).unwrap();
+        let a = sliced.add_guest(4 * MIB).unwrap();
+        let fa = PresentedFunction::for_guest(a.clone()).unwrap();
+        let bar = vram_bar(&fa);
+        fa.region_write(0, APERTURE + 0x40, &[0xA1; 8]).unwrap();
+        fa.region_write(bar, 0x80, &[0xA2; 8]).unwrap();
+        assert!(!a.access().is_revoked());
+        sliced.remove_guest(&a).unwrap();
+        assert!(a.access().is_revoked());
+
+        let b = sliced.add_guest(4 * MIB).unwrap();
+        assert_eq!(b.slice(), a.slice(), "{name}: first fit reuses the range");
+        assert!(!b.access().is_revoked());
+        let fb = PresentedFunction::for_guest(b.clone()).unwrap();
+        fb.region_write(0, APERTURE + 0x40, &[0xB1; 8]).unwrap();
+        fb.region_write(bar, 0x80, &[0xB2; 8]).unwrap();
+
+        let mut buf = [0u8; 8];
+        fa.region_read(0, APERTURE + 0x40, &mut buf).unwrap();
+        assert_eq!(buf, [0xFF; 8], "{name}: A's aperture");
+        fa.region_read(bar, 0x80, &mut buf).unwrap();
+        assert_eq!(buf, [0xFF; 8], "{name}: A's VRAM BAR");
+        let refused = fa.trap_stats().aperture_bytes_refused;
+        fa.region_write(0, APERTURE + 0x40, &[0xA3; 8]).unwrap();
+        fa.region_write(bar, 0x80, &[0xA4; 8]).unwrap();
+        assert_eq!(fa.trap_stats().aperture_bytes_refused, refused + 8);
+
+        let start = b.slice().start().raw();
+        assert_eq!(vram_read(&gpu, start + 0x40, 8), [0xB1; 8], "{name}");
+        assert_eq!(vram_read(&gpu, start + 0x80, 8), [0xB2; 8], "{name}");
+        fb.region_read(0, APERTURE + 0x40, &mut buf).unwrap();
+        assert_eq!(buf, [0xB1; 8], "{name}: B's aperture");
+        fb.region_read(bar, 0x80, &mut buf).unwrap();
+        assert_eq!(buf, [0xB2; 8], "{name}: B's VRAM BAR");
+    }
+}
+
 #[test]
 fn sysmem_target_reads_ones_and_drops_writes() {
     let (gpu, host) = emulated("tu102-24g");
