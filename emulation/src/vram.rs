@@ -360,39 +360,12 @@ impl Vram {
             return Err(os("F_ADD_SEALS"));
         }
 
-        // SAFETY: `[off, off + len)` lies inside our own live mapping (checked above), which
-        // no Rust reference points into (all access is by raw pointer), so replacing its
-        // pages with a mapping of a file of exactly `len` bytes is sound: accesses racing
-        // with the replacement see either mapping, both valid and writable.
-        let mapped = unsafe {
-            libc::mmap(
-                self.at(off).cast(),
-                len_usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
+        let mapped = self.map_over(off, len_usize, fd.as_fd(), 0);
+        if !mapped {
             let error = os("mmap over VRAM");
             // A failed MAP_FIXED may have unmapped the range: map the base memfd back.
-            // SAFETY: as above; this restores exactly the mapping `create` made there.
-            let restored = unsafe {
-                libc::mmap(
-                    self.at(off).cast(),
-                    len_usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    self.fd.as_raw_fd(),
-                    off_start,
-                )
-            };
-            assert_ne!(
-                restored,
-                libc::MAP_FAILED,
-                "VRAM mapping lost at {addr} after a failed carve"
-            );
+            let restored = self.map_over(off, len_usize, self.fd.as_fd(), off_start);
+            assert!(restored, "VRAM mapping lost at {addr} after a failed carve");
             return Err(error);
         }
         // The base memfd must no longer hold any byte of the range.
@@ -467,41 +440,17 @@ impl Vram {
         ) else {
             return Err(bad("range does not fit the host's types"));
         };
-        // SAFETY: `[off, off + len)` lies inside our own live mapping (checked above), which
-        // no Rust reference points into (all access is by raw pointer), so replacing its
-        // pages with the base memfd's range (exactly what `create` mapped there) is sound:
-        // accesses racing with the replacement see either mapping, both valid and writable.
-        let mapped = unsafe {
-            libc::mmap(
-                self.at(off).cast(),
-                len_usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                self.fd.as_raw_fd(),
-                off_start,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
+        let mapped = self.map_over(off, len_usize, self.fd.as_fd(), off_start);
+        if !mapped {
             let error = VramError::CarveOs {
                 what: "mmap of the base memfd over a carve",
                 source: io::Error::last_os_error(),
             };
             // A failed MAP_FIXED may have unmapped the range: map the carve back, which
             // stays in place (the range is still carved).
-            // SAFETY: as above; this restores exactly the mapping `carve` made there.
-            let restored = unsafe {
-                libc::mmap(
-                    self.at(off).cast(),
-                    len_usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    carves[at].fd.as_raw_fd(),
-                    0,
-                )
-            };
-            assert_ne!(
+            let restored = self.map_over(off, len_usize, carves[at].fd.as_fd(), 0);
+            assert!(
                 restored,
-                libc::MAP_FAILED,
                 "VRAM mapping lost at {addr} after a failed uncarve"
             );
             return Err(error);
@@ -556,6 +505,38 @@ impl Vram {
         // SAFETY: the caller guarantees `off ≤ size`, so the result stays inside (or one
         // past the end of) the mapping.
         unsafe { self.ptr.as_ptr().add(off) }
+    }
+
+    /// Replaces the pages of `[off, off + len)` of our mapping with a shared mapping of
+    /// `len` bytes of `fd` at `file_offset`; returns whether `mmap` succeeded. A failed
+    /// `MAP_FIXED` may have left the range unmapped: the caller must map something back.
+    ///
+    /// The range must come from [`Vram::check`] (inside the live mapping).
+    fn map_over(
+        &self,
+        off: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        file_offset: libc::off_t,
+    ) -> bool {
+        debug_assert!(off
+            .checked_add(len)
+            .is_some_and(|end| end as u64 <= self.size));
+        // SAFETY: `[off, off + len)` lies inside our own live mapping (the caller took it
+        // from `check`), which no Rust reference points into (all access is by raw
+        // pointer), so replacing its pages with another shared, writable file mapping is
+        // sound: accesses racing with the replacement see either mapping, both valid.
+        let mapped = unsafe {
+            libc::mmap(
+                self.at(off).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                file_offset,
+            )
+        };
+        mapped != libc::MAP_FAILED
     }
 
     /// Copies `buf.len()` bytes starting at `addr` into `buf`.
