@@ -8,6 +8,7 @@
 
 pub mod dma;
 pub mod emulated;
+pub mod guest_dma;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -205,6 +206,24 @@ pub trait HostGpu: Send + Sync {
         Err(HostGpuError::Io(std::io::Error::from_raw_os_error(
             libc::ENOTSUP,
         )))
+    }
+    /// Makes `memory` (a DMA map of the guest given the whole GPU) reachable by the GPU at
+    /// bus address `iova`. The default refuses with ENOTSUP (a host that cannot lend guest
+    /// memory to its device).
+    fn map_guest_dma(
+        &self,
+        iova: u64,
+        memory: std::sync::Arc<dyn guest_dma::GuestDmaMemory>,
+    ) -> Result<(), HostGpuError> {
+        let _ = (iova, memory);
+        Err(HostGpuError::Io(std::io::Error::from_raw_os_error(
+            libc::ENOTSUP,
+        )))
+    }
+    /// Takes back the guest map that [`HostGpu::map_guest_dma`] made at `iova`; once this
+    /// returns the GPU no longer reaches it. The default does nothing.
+    fn unmap_guest_dma(&self, iova: u64) {
+        let _ = iova;
     }
     /// Starts (or restarts) the GSP with its message queues where `args` says. The
     /// emulated GPU hands them to its GSP directly; hardware would carry them through the
