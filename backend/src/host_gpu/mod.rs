@@ -9,6 +9,7 @@
 pub mod dma;
 pub mod emulated;
 pub mod guest_dma;
+pub mod vfio;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -189,6 +190,13 @@ pub trait HostGpu: Send + Sync {
     /// An fd and offset that map device memory `[addr, addr + len)` directly, if the host
     /// can hand one out (the emulated GPU: its VRAM memfd at `addr`).
     fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource>;
+    /// An fd and offset that map `[offset, offset + len)` of the BAR1 aperture directly
+    /// (a sliced guest's BAR1 window), if the host can export exactly that range; `None`
+    /// (the default) serves the range through the socket.
+    fn bar1_mmap_source(&self, offset: u64, len: u64) -> Option<MmapSource> {
+        let _ = (offset, len);
+        None
+    }
     /// Disconnects every source [`HostGpu::vram_mmap_source`] handed out for device memory
     /// overlapping `[addr, addr + len)` (called when a guest's slice is taken back), so the
     /// next request for the range gets a fresh source and whoever still maps an old one no
