@@ -12,6 +12,8 @@ use thiserror::Error;
 
 use crate::gsp::{self, BootError, GspReport};
 use crate::host_gpu::emulated::{EmulatedHostGpu, EmulatedHostGpuError};
+use crate::host_gpu::vfio::{DmaBufSupport, VfioHostGpu, VfioHostGpuError};
+use crate::host_gpu::HostGpu;
 use crate::inspect::{self, GuestLayout, PartitionLayout, SlicedLayout};
 use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
 use crate::serve::{present_guests, serve, serve_functions, ServeError, ServeOptions};
@@ -45,6 +47,9 @@ pub enum CliError {
     /// The arguments contradict each other.
     #[error("{0}")]
     Usage(String),
+    /// The GPU given with `--vfio` cannot be driven.
+    #[error(transparent)]
+    Vfio(#[from] VfioHostGpuError),
 }
 
 impl CliError {
@@ -52,7 +57,7 @@ impl CliError {
     /// fit, duplicate sockets), 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::UnknownProfile(_) | CliError::Usage(_) => 2,
+            CliError::UnknownProfile(_) | CliError::Usage(_) | CliError::Vfio(_) => 2,
             CliError::Serve(e) if e.is_bad_request() => 2,
             _ => 1,
         }
@@ -88,6 +93,10 @@ pub enum Command {
         /// Emulated GPU profile.
         #[arg(long, default_value = "gh200-96g", value_parser = parse_profile)]
         profile: &'static ChipProfile,
+        /// Drive the real GPU at this PCI address (DDDD:BB:DD.F), bound to vfio-pci,
+        /// instead of an emulated one.
+        #[arg(long, value_name = "PCI_ADDRESS", conflicts_with = "profile")]
+        vfio: Option<String>,
         /// Print JSON (stable field names, sizes in bytes) instead of a table.
         #[arg(long)]
         json: bool,
@@ -104,6 +113,10 @@ pub enum Command {
         /// Emulated GPU profile.
         #[arg(long, default_value = "gh200-96g", value_parser = parse_profile)]
         profile: &'static ChipProfile,
+        /// Serve the real GPU at this PCI address (DDDD:BB:DD.F), bound to vfio-pci,
+        /// instead of an emulated one.
+        #[arg(long, value_name = "PCI_ADDRESS", conflicts_with = "profile")]
+        vfio: Option<String>,
         /// Socket path for QEMU's `vfio-user-pci`: one guest owns the whole GPU (a stale
         /// socket file is replaced).
         #[arg(long, required_unless_present = "guests", conflicts_with = "guests")]
@@ -144,12 +157,58 @@ fn parse_profile(name: &str) -> Result<&'static ChipProfile, ProfileError> {
     ChipProfile::by_name(name)
 }
 
-/// An `inspect` report with what the GSP reported after booting, under `gsp`.
+/// An `inspect` report with what the GSP reported after booting, under `gsp`, and for a
+/// GPU behind VFIO how its VRAM reaches QEMU, under `vfio`.
 #[derive(serde::Serialize)]
 struct WithGsp<T: serde::Serialize> {
     #[serde(flatten)]
     layout: T,
     gsp: GspReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vfio: Option<VfioReport>,
+}
+
+/// How a GPU behind VFIO is reached.
+#[derive(Debug, Clone, serde::Serialize)]
+struct VfioReport {
+    /// The PCI address.
+    address: String,
+    /// Whether guests' VRAM is mapped by QEMU (dma-buf export) or served over the socket.
+    vram_mapping: DmaBufSupport,
+}
+
+impl VfioReport {
+    fn line(&self) -> String {
+        match &self.vram_mapping {
+            DmaBufSupport::Mappable => format!(
+                "VFIO {}: guests' VRAM is mapped by QEMU through dma-buf exports of their range",
+                self.address
+            ),
+            DmaBufSupport::Unavailable(why) => format!(
+                "VFIO {}: guests' VRAM is served through the socket (every access trapped): {why}",
+                self.address
+            ),
+        }
+    }
+}
+
+/// Brings up the GPU to drive: the one at `vfio` if given, else an emulated `profile`.
+fn open_host(
+    profile: &'static ChipProfile,
+    vfio: Option<&str>,
+) -> Result<(Arc<dyn HostGpu>, Option<VfioReport>), CliError> {
+    match vfio {
+        Some(address) => {
+            let gpu = VfioHostGpu::open(address)?;
+            let report = VfioReport {
+                address: gpu.identity().name.clone(),
+                vram_mapping: gpu.dma_buf_support().clone(),
+            };
+            log::info!("{}", report.line());
+            Ok((Arc::new(gpu), Some(report)))
+        }
+        None => Ok((Arc::new(EmulatedHostGpu::new(profile)?), None)),
+    }
 }
 
 /// Parses the process arguments, runs the command and returns the exit code.
@@ -170,11 +229,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Inspect {
             profile,
+            vfio,
             json,
             guests,
             slice_sizes,
         } => {
-            let host = Arc::new(EmulatedHostGpu::new(profile)?);
+            let (host, vfio) = open_host(profile, vfio.as_deref())?;
             let gsp = gsp::boot_and_report(host.as_ref())?;
             let mut out = std::io::stdout().lock();
             let mut guests = guests;
@@ -183,13 +243,16 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 let function = PresentedFunction::new(host)?;
                 let layout = FunctionLayout::of(&function);
                 if json {
-                    let report = WithGsp { layout, gsp };
+                    let report = WithGsp { layout, gsp, vfio };
                     serde_json::to_writer_pretty(&mut out, &report)?;
                     writeln!(out)?;
                 } else {
                     inspect::write_table(&mut out, &layout)?;
                     writeln!(out)?;
                     writeln!(out, "{gsp}")?;
+                    if let Some(vfio) = &vfio {
+                        writeln!(out, "{}", vfio.line())?;
+                    }
                 }
                 return Ok(());
             }
@@ -206,18 +269,22 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     .collect(),
             };
             if json {
-                let report = WithGsp { layout, gsp };
+                let report = WithGsp { layout, gsp, vfio };
                 serde_json::to_writer_pretty(&mut out, &report)?;
                 writeln!(out)?;
             } else {
                 inspect::write_sliced_table(&mut out, &layout)?;
                 writeln!(out)?;
                 writeln!(out, "{gsp}")?;
+                if let Some(vfio) = &vfio {
+                    writeln!(out, "{}", vfio.line())?;
+                }
             }
             Ok(())
         }
         Command::Serve {
             profile,
+            vfio,
             socket,
             guests,
             socket_mode,
@@ -227,7 +294,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 poll_spin: Duration::from_micros(poll_spin_us),
                 ..ServerConfig::default()
             };
-            let host = Arc::new(EmulatedHostGpu::new(profile)?);
+            let (host, _) = open_host(profile, vfio.as_deref())?;
             if guests.is_empty() {
                 let socket = socket.ok_or_else(|| {
                     CliError::Usage("serve needs --socket or at least one --guest".to_owned())
