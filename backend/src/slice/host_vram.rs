@@ -17,7 +17,11 @@ use super::partition::{Slice, VramRange};
 use crate::host_driver::addr::{GpuVa, VramAddr};
 use crate::host_driver::cursor::{CursorError, PraminCursor};
 use crate::host_driver::pramin::{Pramin, PraminError};
-use crate::host_gpu::HostGpu;
+use crate::host_gpu::{HostGpu, HostGpuError};
+
+/// Bytes zeroed per lock hold when scrubbing through PRAMIN (64 KiB: the window's
+/// granularity, a few hundred microseconds of register writes on hardware).
+pub const SCRUB_CHUNK: u64 = 0x1_0000;
 
 /// Errors of host VRAM access.
 #[derive(Debug, Error)]
@@ -31,6 +35,9 @@ pub enum HostVramError {
     /// The BAR1 address space failed.
     #[error(transparent)]
     Bar1(#[from] Bar1Error),
+    /// The host failed to scrub VRAM.
+    #[error("scrubbing VRAM: {0}")]
+    Scrub(#[source] HostGpuError),
     /// A BAR1 operation before the BAR1 address space was set up.
     #[error("the BAR1 address space is not set up")]
     NoBar1,
@@ -91,6 +98,33 @@ impl HostVram {
     pub fn write(&self, addr: VramAddr, data: &[u8]) -> Result<(), HostVramError> {
         let mut state = self.lock();
         PraminCursor::new(&mut state.pramin).write_bytes(addr, data)?;
+        Ok(())
+    }
+
+    /// Sets host VRAM `[addr, addr + len)` to zero. A host that can scrub without the
+    /// window (the emulated GPU punches holes in its memfd) does so; otherwise the range is
+    /// zeroed through the host PRAMIN window, the window register's one writer, taking
+    /// the lock per [`SCRUB_CHUNK`] so that guests' aperture accesses wait for one chunk
+    /// at most, not for the whole scrub.
+    pub fn scrub(&self, addr: VramAddr, len: u64) -> Result<(), HostVramError> {
+        match self.host.scrub_vram(addr, len) {
+            Err(HostGpuError::Io(e)) if e.raw_os_error() == Some(libc::ENOTSUP) => {}
+            other => return other.map_err(HostVramError::Scrub),
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(SCRUB_CHUNK);
+            let at = addr
+                .offset(done)
+                .ok_or(HostVramError::Scrub(HostGpuError::VramOutOfRange {
+                    addr,
+                    len,
+                    size: self.host.identity().vram_size,
+                }))?;
+            let mut state = self.lock();
+            PraminCursor::new(&mut state.pramin).fill_zero(at, n)?;
+            done += n;
+        }
         Ok(())
     }
 
