@@ -47,6 +47,9 @@ pub enum CliError {
     /// The arguments contradict each other.
     #[error("{0}")]
     Usage(String),
+    /// A measurement failed.
+    #[error(transparent)]
+    Measure(#[from] crate::measure::MeasureError),
     /// The GPU given with `--vfio` cannot be driven.
     #[error(transparent)]
     Vfio(#[from] VfioHostGpuError),
@@ -106,6 +109,27 @@ pub enum Command {
         /// Slice the GPU: one unnamed guest of SIZE per flag, in order.
         #[arg(long = "slice-size", value_name = "SIZE", value_parser = parse_guest_size, conflicts_with = "guests")]
         slice_sizes: Vec<u64>,
+    },
+    /// Time the host-driver paths on the GPU: BAR0 register reads (and, over VFIO, the
+    /// same reads through pread), a GSP boot, and a page-table build with 4 KiB pages
+    /// through PRAMIN. Writes page tables into VRAM and restarts the GSP: only for a GPU
+    /// no guest is using.
+    Measure {
+        /// Emulated GPU profile.
+        #[arg(long, default_value = "gh200-96g", value_parser = parse_profile)]
+        profile: &'static ChipProfile,
+        /// Measure the real GPU at this PCI address (DDDD:BB:DD.F), bound to vfio-pci.
+        #[arg(long, value_name = "PCI_ADDRESS", conflicts_with = "profile")]
+        vfio: Option<String>,
+        /// Register reads to time (each way).
+        #[arg(long, default_value = "10000", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        reads: u32,
+        /// Bytes to map in the page-table build (e.g. 8M; a multiple of 2 MiB).
+        #[arg(long, default_value = "8M", value_parser = parse_guest_size)]
+        map_size: u64,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Serve the GPU over vfio-user until SIGTERM or SIGINT: whole to one guest on
     /// `--socket`, or sliced between guests, one `--guest SOCKET:SIZE` each.
@@ -279,6 +303,36 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 if let Some(vfio) = &vfio {
                     writeln!(out, "{}", vfio.line())?;
                 }
+            }
+            Ok(())
+        }
+        Command::Measure {
+            profile,
+            vfio,
+            reads,
+            map_size,
+            json,
+        } => {
+            let measurement = match vfio {
+                Some(address) => {
+                    let gpu = Arc::new(VfioHostGpu::open(&address)?);
+                    let pread_gpu = Arc::clone(&gpu);
+                    let pread = move || pread_gpu.bar0_read_pread(0);
+                    crate::measure::measure(gpu, reads, Some(&pread), map_size)?
+                }
+                None => crate::measure::measure(
+                    Arc::new(EmulatedHostGpu::new(profile)?),
+                    reads,
+                    None,
+                    map_size,
+                )?,
+            };
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &measurement)?;
+                writeln!(out)?;
+            } else {
+                crate::measure::write_summary(&mut out, &measurement)?;
             }
             Ok(())
         }

@@ -114,13 +114,13 @@ impl HostVram {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(SCRUB_CHUNK);
-            let at = addr
-                .offset(done)
-                .ok_or(HostVramError::Scrub(HostGpuError::VramOutOfRange {
-                    addr,
-                    len,
-                    size: self.host.identity().vram_size,
-                }))?;
+            let at =
+                addr.offset(done)
+                    .ok_or(HostVramError::Scrub(HostGpuError::VramOutOfRange {
+                        addr,
+                        len,
+                        size: self.host.identity().vram_size,
+                    }))?;
             let mut state = self.lock();
             PraminCursor::new(&mut state.pramin).fill_zero(at, n)?;
             done += n;

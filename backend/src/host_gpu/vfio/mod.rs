@@ -124,6 +124,8 @@ pub struct VfioHostGpu {
     _device: VfioDevice,
     container: Arc<VfioContainer>,
     bar0: MappedBar,
+    /// BAR0's region offset in the device fd.
+    bar0_offset: u64,
     memory_bars: Vec<(u8, Arc<VfioBarMemory>)>,
     iova: Arc<IovaSpace>,
     lost: AtomicBool,
@@ -185,15 +187,13 @@ impl VfioHostGpu {
                 reason: "VFIO does not offer the region for mmap".to_owned(),
             });
         }
-        let bar0 = MappedBar::map(
-            device_fd.as_fd(),
-            device.get_region_offset(bar0_index),
-            bar0_size,
-        )
-        .map_err(|e: MappedBarError| VfioHostGpuError::Bar0NotMappable {
-            address,
-            reason: e.to_string(),
-        })?;
+        let bar0_offset = device.get_region_offset(bar0_index);
+        let bar0 = MappedBar::map(device_fd.as_fd(), bar0_offset, bar0_size).map_err(
+            |e: MappedBarError| VfioHostGpuError::Bar0NotMappable {
+                address,
+                reason: e.to_string(),
+            },
+        )?;
 
         let mut config = [0u8; 64];
         pread_exact(
@@ -287,6 +287,7 @@ impl VfioHostGpu {
             _device: device,
             container,
             bar0,
+            bar0_offset,
             memory_bars,
             iova: Arc::default(),
             lost: AtomicBool::new(false),
@@ -300,6 +301,19 @@ impl VfioHostGpu {
     /// Whether VRAM ranges can be handed to QEMU as mappable dma-bufs here.
     pub fn dma_buf_support(&self) -> &DmaBufSupport {
         &self.dmabuf
+    }
+
+    /// Reads the BAR0 dword at `offset` with `pread` on the device fd: one syscall per
+    /// register, the slow path the mapping avoids (kept for comparison, `gpu-backend
+    /// measure`).
+    pub fn bar0_read_pread(&self, offset: u64) -> Result<u32, HostGpuError> {
+        self.check_alive()?;
+        if offset % 4 != 0 || offset + 4 > self.bar0.len() {
+            return Err(HostGpuError::Bar0(format!("dword read at {offset:#x}")));
+        }
+        let mut raw = [0u8; 4];
+        pread_exact(self.device_fd.as_fd(), &mut raw, self.bar0_offset + offset)?;
+        Ok(u32::from_le_bytes(raw))
     }
 
     /// Whether the device stopped answering.
