@@ -150,7 +150,7 @@ pub fn write_summary(out: &mut dyn std::io::Write, m: &Measurement) -> std::io::
         )
     };
     writeln!(out, "GPU {}", m.gpu)?;
-    writeln!(out, "{}", line("BOOT_0 read", , &m.register_read))?;
+    writeln!(out, "{}", line("BOOT_0 read", &m.register_read))?;
     if let Some(p) = &m.register_read_pread {
         writeln!(
             out,
