@@ -62,8 +62,27 @@ impl CliError {
         match self {
             CliError::UnknownProfile(_) | CliError::Usage(_) | CliError::Vfio(_) => 2,
             CliError::Serve(e) if e.is_bad_request() => 2,
+            _ if self.is_dma_refused() => 2,
             _ => 1,
         }
+    }
+}
+
+impl CliError {
+    /// Whether the host refused DMA memory somewhere down the chain (RLIMIT_MEMLOCK on
+    /// hardware): the user's to fix, like any other bad setup.
+    fn is_dma_refused(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if matches!(
+                e.downcast_ref::<crate::host_gpu::HostGpuError>(),
+                Some(crate::host_gpu::HostGpuError::DmaRefused(_))
+            ) {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
     }
 }
 
@@ -378,5 +397,25 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             serve_functions(served, socket_mode, server_config)?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gsp::shmem::ShmemError;
+    use crate::host_gpu::HostGpuError;
+
+    #[test]
+    fn refused_dma_anywhere_down_the_chain_is_the_users_to_fix() {
+        let refused = CliError::Gsp(BootError::Shared(ShmemError::Alloc(
+            HostGpuError::DmaRefused("raise RLIMIT_MEMLOCK".to_owned()),
+        )));
+        assert_eq!(refused.exit_code(), 2);
+        assert!(refused.to_string().contains("GSP"), "{refused}");
+        let io = CliError::Gsp(BootError::Shared(ShmemError::Alloc(HostGpuError::Io(
+            std::io::Error::other("device error"),
+        ))));
+        assert_eq!(io.exit_code(), 1);
     }
 }

@@ -52,6 +52,13 @@ pub enum HostGpuError {
     /// The device failed the access (I/O error on hardware).
     #[error("host GPU I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The host refused to map memory for the device's DMA (on hardware: the IOMMU map
+    /// failed, typically because of `RLIMIT_MEMLOCK`). The message says what to change.
+    #[error("{0}")]
+    DmaRefused(String),
+    /// The device stopped answering (reads all ones) and is no longer driven.
+    #[error("{0}")]
+    DeviceLost(String),
 }
 
 impl HostGpuError {
@@ -63,6 +70,8 @@ impl HostGpuError {
             | HostGpuError::VramOutOfRange { .. }
             | HostGpuError::Bar1(_) => libc::EINVAL,
             HostGpuError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            HostGpuError::DmaRefused(_) => libc::ENOMEM,
+            HostGpuError::DeviceLost(_) => libc::ENODEV,
         }
     }
 }
@@ -168,6 +177,11 @@ pub trait HostMemory: Send + Sync {
 pub trait HostGpu: Send + Sync {
     /// Identity and real BAR layout.
     fn identity(&self) -> &ChipIdentity;
+    /// Whether the device stopped answering, so nothing should be served from it any
+    /// more. The default (a device that cannot get lost) is `false`.
+    fn is_lost(&self) -> bool {
+        false
+    }
     /// Reads `width` bytes of BAR0 at `offset` (little-endian, naturally aligned).
     fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError>;
     /// Writes the low `width` bytes of `value` to BAR0 at `offset`.

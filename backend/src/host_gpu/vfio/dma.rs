@@ -67,16 +67,14 @@ pub enum VfioDmaError {
 
 impl From<VfioDmaError> for HostGpuError {
     fn from(e: VfioDmaError) -> HostGpuError {
-        let errno = match &e {
-            VfioDmaError::BadSize(_) => libc::EINVAL,
-            VfioDmaError::NoRoom { .. } | VfioDmaError::Alloc { .. } | VfioDmaError::Map { .. } => {
-                libc::ENOMEM
+        match &e {
+            VfioDmaError::BadSize(_) => {
+                HostGpuError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
             }
-        };
-        HostGpuError::Io(std::io::Error::new(
-            std::io::Error::from_raw_os_error(errno).kind(),
-            e.to_string(),
-        ))
+            VfioDmaError::NoRoom { .. } | VfioDmaError::Alloc { .. } | VfioDmaError::Map { .. } => {
+                HostGpuError::DmaRefused(e.to_string())
+            }
+        }
     }
 }
 

@@ -316,11 +316,6 @@ impl VfioHostGpu {
         Ok(u32::from_le_bytes(raw))
     }
 
-    /// Whether the device stopped answering.
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
-    }
-
     fn lost_error(&self) -> HostGpuError {
         HostGpuError::Io(std::io::Error::new(
             std::io::ErrorKind::NotConnected,
@@ -375,6 +370,10 @@ impl VfioHostGpu {
 impl HostGpu for VfioHostGpu {
     fn identity(&self) -> &ChipIdentity {
         &self.identity
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
