@@ -280,9 +280,18 @@ fn serve_rejects_a_poll_spin_over_one_millisecond() {
 fn vfio_bad_devices_exit_2_with_the_reason() {
     for (args, needle) in [
         (vec!["inspect", "--vfio", "01:00"], "is not a PCI address"),
-        (vec!["inspect", "--vfio", "0000:fe:1f.7"], "no PCI device 0000:fe:1f.7"),
         (
-            vec!["serve", "--vfio", "0000:fe:1f.7", "--socket", "/tmp/never.sock"],
+            vec!["inspect", "--vfio", "0000:fe:1f.7"],
+            "no PCI device 0000:fe:1f.7",
+        ),
+        (
+            vec![
+                "serve",
+                "--vfio",
+                "0000:fe:1f.7",
+                "--socket",
+                "/tmp/never.sock",
+            ],
             "no PCI device",
         ),
         (vec!["measure", "--vfio", "0000:fe:1f.7"], "no PCI device"),
@@ -298,15 +307,17 @@ fn vfio_bad_devices_exit_2_with_the_reason() {
         .unwrap()
         .flatten()
         .find(|d| {
-            std::fs::read_to_string(d.path().join("vendor"))
-                .is_ok_and(|v| v.trim() != "0x10de")
+            std::fs::read_to_string(d.path().join("vendor")).is_ok_and(|v| v.trim() != "0x10de")
         })
         .expect("a PCI function");
     let address = other.file_name().to_string_lossy().into_owned();
     let out = gpu_backend(&["inspect", "--vfio", &address]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains(&format!("{address} is not an NVIDIA GPU")), "{err}");
+    assert!(
+        err.contains(&format!("{address} is not an NVIDIA GPU")),
+        "{err}"
+    );
     // --vfio and --profile are exclusive.
     let out = gpu_backend(&["inspect", "--vfio", &address, "--profile", "tu102-24g"]);
     assert_eq!(out.status.code(), Some(2));

@@ -68,9 +68,10 @@ pub enum VfioDmaError {
 impl From<VfioDmaError> for HostGpuError {
     fn from(e: VfioDmaError) -> HostGpuError {
         match &e {
-            VfioDmaError::BadSize(_) => {
-                HostGpuError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
-            }
+            VfioDmaError::BadSize(_) => HostGpuError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                e.to_string(),
+            )),
             VfioDmaError::NoRoom { .. } | VfioDmaError::Alloc { .. } | VfioDmaError::Map { .. } => {
                 HostGpuError::DmaRefused(e.to_string())
             }

@@ -183,11 +183,42 @@ pub fn generation_of(boot0: u32, boot42: u32) -> Option<Generation> {
     Generation::from_architecture(arch).ok()
 }
 
-/// Whether the chip reports its VRAM in `NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE` (Turing and
-/// GA100) rather than `NV_USABLE_FB_SIZE_IN_MB` (GA102 and later), as nova-core reads it.
+/// Whether nova-core reads the VRAM size from `NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE` on this
+/// chip (Turing and GA100) rather than from `NV_USABLE_FB_SIZE_IN_MB` (GA102 and later).
 fn uses_local_memory_range(generation: Generation, boot42: u32) -> bool {
     generation == Generation::Turing
         || (generation == Generation::Ampere && Boot42::from_raw(boot42).chip_id() == 0x170)
+}
+
+/// The usable VRAM size. `NV_USABLE_FB_SIZE_IN_MB` (written by the boot firmware; it
+/// excludes memory the firmware reserves) is preferred wherever it reads as a plausible
+/// size no larger than the physical size; on Turing and GA100, where nova-core reads
+/// `NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE` instead, that register is the fallback and the upper
+/// bound. Whether the firmware fills the usable-size register on Turing is **unconfirmed**.
+fn usable_vram(
+    address: PciAddress,
+    generation: Generation,
+    readout: &DeviceReadout,
+) -> Result<u64, IdentifyError> {
+    let range_raw = readout.local_memory_range;
+    let physical = Some(LocalMemoryRange::from_raw(range_raw).size())
+        .filter(|&s| !is_bogus(range_raw) && s > 0);
+    let usable_raw = readout.usable_fb_size_mb;
+    let usable = Some(u64::from(usable_raw) << 20)
+        .filter(|&s| !is_bogus(usable_raw) && physical.is_none_or(|p| s <= p));
+    if uses_local_memory_range(generation, readout.boot42) {
+        usable.or(physical).ok_or(IdentifyError::NoVramSize {
+            address,
+            register: "NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE",
+            value: range_raw,
+        })
+    } else {
+        usable.ok_or(IdentifyError::NoVramSize {
+            address,
+            register: "NV_USABLE_FB_SIZE_IN_MB",
+            value: usable_raw,
+        })
+    }
 }
 
 /// A register value that cannot be a size: unanswered (all ones), PRI error (0xBADxxxxx) or
@@ -222,28 +253,7 @@ pub fn identify(
             size: sizes[0],
         });
     }
-    let usable = if uses_local_memory_range(generation, *boot42) {
-        let raw = readout.local_memory_range;
-        let size = LocalMemoryRange::from_raw(raw).size();
-        if is_bogus(raw) || size == 0 {
-            return Err(IdentifyError::NoVramSize {
-                address,
-                register: "NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE",
-                value: raw,
-            });
-        }
-        size
-    } else {
-        let raw = readout.usable_fb_size_mb;
-        if is_bogus(raw) {
-            return Err(IdentifyError::NoVramSize {
-                address,
-                register: "NV_USABLE_FB_SIZE_IN_MB",
-                value: raw,
-            });
-        }
-        u64::from(raw) << 20
-    };
+    let usable = usable_vram(address, generation, readout)?;
 
     let bar_register = |index: usize| config_u32(config, CONFIG_BARS + 4 * index);
     let memory: Vec<(u8, u64)> = (1..6u8)
