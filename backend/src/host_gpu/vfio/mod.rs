@@ -29,13 +29,13 @@ pub mod address;
 pub mod dma;
 pub mod dmabuf;
 pub mod identify;
+pub mod liveness;
 pub mod mapped;
 pub mod memory;
 pub mod sysfs;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
@@ -55,6 +55,7 @@ pub use address::PciAddress;
 use dma::{IovaSpace, VfioDmaBuffer};
 pub use dmabuf::DmaBufSupport;
 use identify::{DeviceReadout, IdentifyError};
+use liveness::Liveness;
 use mapped::{MappedBar, MappedBarError};
 use memory::{pread_exact, VfioBarMemory};
 use sysfs::{Sysfs, SysfsError};
@@ -128,7 +129,7 @@ pub struct VfioHostGpu {
     bar0_offset: u64,
     memory_bars: Vec<(u8, Arc<VfioBarMemory>)>,
     iova: Arc<IovaSpace>,
-    lost: AtomicBool,
+    liveness: Liveness,
     dmabuf: DmaBufSupport,
     device_fd: Arc<OwnedFd>,
     /// The BAR1 aperture's VFIO region offset and region index.
@@ -290,7 +291,7 @@ impl VfioHostGpu {
             bar0_offset,
             memory_bars,
             iova: Arc::default(),
-            lost: AtomicBool::new(false),
+            liveness: Liveness::new(address),
             dmabuf,
             device_fd,
             aperture,
@@ -316,41 +317,8 @@ impl VfioHostGpu {
         Ok(u32::from_le_bytes(raw))
     }
 
-    fn lost_error(&self) -> HostGpuError {
-        HostGpuError::Io(std::io::Error::new(
-            std::io::ErrorKind::NotConnected,
-            format!(
-                "GPU {} stopped answering and is no longer served",
-                self.address
-            ),
-        ))
-    }
-
     fn check_alive(&self) -> Result<(), HostGpuError> {
-        if self.is_lost() {
-            Err(self.lost_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// A read returned all ones: if BOOT_0 does too, the device is gone.
-    fn check_all_ones(&self) -> Result<(), HostGpuError> {
-        let boot0 = self
-            .bar0
-            .read(identify::BOOT_0, AccessWidth::Dword)
-            .map_err(|e| HostGpuError::Bar0(e.to_string()))?;
-        if boot0 == u64::from(u32::MAX) {
-            if !self.lost.swap(true, Ordering::AcqRel) {
-                log::error!(
-                    "GPU {} stopped answering (NV_PMC_BOOT_0 reads 0xffffffff): it is no \
-                     longer served; its guests get errors",
-                    self.address
-                );
-            }
-            return Err(self.lost_error());
-        }
-        Ok(())
+        self.liveness.check()
     }
 
     fn aperture_memory(&self) -> Result<&Arc<VfioBarMemory>, HostGpuError> {
@@ -373,7 +341,7 @@ impl HostGpu for VfioHostGpu {
     }
 
     fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
+        self.liveness.is_lost()
     }
 
     fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
@@ -382,15 +350,12 @@ impl HostGpu for VfioHostGpu {
             .bar0
             .read(offset, width)
             .map_err(|e| HostGpuError::Bar0(e.to_string()))?;
-        let all_ones = match width {
-            AccessWidth::Dword => value == u64::from(u32::MAX),
-            AccessWidth::Qword => value == u64::MAX,
-            _ => false,
-        };
-        if all_ones {
-            self.check_all_ones()?;
-        }
-        Ok(value)
+        self.liveness.vet_read(value, width, || {
+            self.bar0
+                .read(identify::BOOT_0, AccessWidth::Dword)
+                .ok()
+                .map(|v| v as u32)
+        })
     }
 
     fn bar0_write(&self, offset: u64, width: AccessWidth, value: u64) -> Result<(), HostGpuError> {
