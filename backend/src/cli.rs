@@ -206,9 +206,42 @@ fn parse_profile(name: &str) -> Result<&'static ChipProfile, ProfileError> {
 struct WithGsp<T: serde::Serialize> {
     #[serde(flatten)]
     layout: T,
-    gsp: GspReport,
+    gsp: GspSection,
     #[serde(skip_serializing_if = "Option::is_none")]
     vfio: Option<VfioReport>,
+}
+
+/// What the GSP said, or why it did not boot.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum GspSection {
+    /// It booted.
+    Booted(GspReport),
+    /// It did not: the layout is still shown, and the command fails afterwards.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+impl GspSection {
+    fn of(result: &Result<GspReport, BootError>) -> GspSection {
+        match result {
+            Ok(report) => GspSection::Booted(report.clone()),
+            Err(e) => GspSection::Failed {
+                error: e.to_string(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for GspSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GspSection::Booted(report) => write!(f, "{report}"),
+            GspSection::Failed { error } => writeln!(f, "GSP: did not boot: {error}"),
+        }
+    }
 }
 
 /// How a GPU behind VFIO is reached.
@@ -278,7 +311,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             slice_sizes,
         } => {
             let (host, vfio) = open_host(profile, vfio.as_deref())?;
-            let gsp = gsp::boot_and_report(host.as_ref())?;
+            let booted = gsp::boot_and_report(host.as_ref());
+            let gsp = GspSection::of(&booted);
             let mut out = std::io::stdout().lock();
             let mut guests = guests;
             guests.extend(slice_sizes.into_iter().map(GuestSpec::unnamed));
@@ -297,8 +331,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         writeln!(out, "{}", vfio.line())?;
                     }
                 }
+                // The layout was worth showing; a GSP that did not boot still fails the command.
+                booted?;
                 return Ok(());
             }
+            booted?;
             let (gpu, functions) = present_guests(host, &guests)?;
             let layout = SlicedLayout {
                 partition: PartitionLayout::of(&gpu),
