@@ -11,10 +11,11 @@
 //! 4. start the GSP: the arguments' address in MAILBOX0/1, then CPUCTL.STARTCPU
 //!    ([`falcon::start`]);
 //! 5. wait for the GSP to initialise the message queue, then for GSP_INIT_DONE (0x1001),
-//!    keeping the events that come before it; if it never answers, CPUCTL and MAILBOX0
-//!    say why ([`BootError::NotStarted`]);
+//!    keeping the events that come before it; if either does not come, the error carries
+//!    what CPUCTL and MAILBOX0 say ([`BootError::NoAnswer`]: a GSP that refused to start
+//!    is halted with a non-zero MAILBOX0);
 //! 6. GET_GSP_STATIC_INFO (65): the framebuffer regions (usable VRAM and reserved ranges)
-//!    and the internal handles, returned as [`StaticInfo`](super::rpc::StaticInfo).
+//!    and the internal handles, returned as [`StaticInfo`].
 //!
 //! The session returned owns the DMA buffers and stops the GSP before they are freed
 //! ([`RunningGsp`]); every failure after step 2 does the same.
@@ -46,9 +47,9 @@ pub enum BootError {
     /// The GSP falcon could not be reset or started.
     #[error("GSP falcon: {0}")]
     Falcon(#[from] FalconError),
-    /// The GSP never answered, and its registers say it is not running.
-    #[error("the GSP did not start ({status}): {source}")]
-    NotStarted {
+    /// The GSP did not set up its message queue or post GSP_INIT_DONE in time.
+    #[error("the GSP did not come up ({status}): {source}")]
+    NoAnswer {
         /// CPUCTL and MAILBOX0 after the wait.
         status: FalconStatus,
         /// What the wait ran into.
@@ -119,7 +120,7 @@ pub(crate) fn boot_on(
     let init = client
         .wait_msgq_ready()
         .and_then(|()| client.wait_event(Function::GSP_INIT_DONE, timeouts.init_done))
-        .map_err(|source| not_started(host, source))?;
+        .map_err(|source| no_answer(host, source))?;
     let init_time = start.elapsed();
     let mut events = client.take_events();
     events.push(init);
@@ -134,12 +135,11 @@ pub(crate) fn boot_on(
     Ok(GspSession::new(client, info, trace, running))
 }
 
-/// The error for a GSP that did not answer: [`BootError::NotStarted`] if the registers say
-/// it is halted, else the wait's own error.
-fn not_started(host: &dyn HostGpu, source: ClientError) -> BootError {
+/// The error for a GSP that did not come up: [`BootError::NoAnswer`] with the falcon's
+/// status, or the wait's own error if the status cannot be read.
+fn no_answer(host: &dyn HostGpu, source: ClientError) -> BootError {
     match falcon::status(host) {
-        Ok(status) if status.halted => BootError::NotStarted { status, source },
-        Ok(_) => BootError::Rpc(source),
+        Ok(status) => BootError::NoAnswer { status, source },
         Err(e) => {
             log::warn!("reading the GSP falcon status after a failed boot: {e}");
             BootError::Rpc(source)

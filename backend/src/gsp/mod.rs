@@ -15,7 +15,7 @@
 //! - [`libos`]: the LibOS argument array and GSP_ARGUMENTS_CACHED (the host's encoder).
 //! - [`falcon`]: the GSP falcon registers: reset, start, status, and stopping the GSP
 //!   before its DMA memory is freed.
-//! - [`boot`]: the boot (reset, LibOS arguments, STARTCPU) and handshake (SET_SYSTEM_INFO,
+//! - [`boot`](mod@boot): the boot (reset, LibOS arguments, STARTCPU) and handshake (SET_SYSTEM_INFO,
 //!   SET_REGISTRY, GSP_INIT_DONE, GET_GSP_STATIC_INFO); [`session`]: the booted GSP and
 //!   object requests.
 //! - [`report`]: [`boot_and_report`] for `gpu-backend inspect`; [`bench`](mod@bench):

@@ -485,7 +485,7 @@ fn a_gsp_refusing_its_arguments_is_reported_halted_with_its_code() {
     };
     let err = boot_on(&h, mem, libos, timeouts).unwrap_err();
     match &err {
-        BootError::NotStarted { status, .. } => {
+        BootError::NoAnswer { status, .. } => {
             assert!(status.halted);
             assert_eq!(status.mailbox0, emulated_gsp::START_QUEUES_REFUSED);
         }
@@ -648,7 +648,7 @@ fn a_gsp_cannot_read_boot_arguments_the_guest_made_write_only() {
         ..patient()
     };
     match boot_on(&h, mem, libos, timeouts) {
-        Err(BootError::NotStarted { status, .. }) => {
+        Err(BootError::NoAnswer { status, .. }) => {
             assert_eq!(status.mailbox0, emulated_gsp::START_ARGS_UNREACHABLE);
         }
         other => panic!("{other:?}"),
