@@ -30,17 +30,27 @@
 //!   applies to its TLB (`crate::mmu::tlb`) before the write returns. Block registers
 //!   report binds as complete (PENDING/OUTSTANDING read 0; `BIND_STATUS` reads 0 and
 //!   ignores writes); their translation effects live in `crate::mmu`.
+//! - Framebuffer size, read-only, writes ignored: `NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE`
+//!   (0x100CE0) states the profile's VRAM size when its 6-bit mantissa and 4-bit scale
+//!   can express it, else the largest size they can below it (ECC_MODE 0); of the
+//!   built-in profiles ga100-80g and gh200-96g are exact, tu102-24g reads 24,064 MiB (of
+//!   24,220), gh100-80g 79,872 MiB (of 81,559) and gb202-32g 32,256 MiB (of 32,607).
+//!   `NV_USABLE_FB_SIZE_IN_MB` (0x1183A4) states the usable VRAM in MiB.
 //! - GSP falcon (`crate::gsp::falcon`): `IRQSTAT` (0x110008) shows SWGEN0 raised by the
-//!   emulated GSP, `IRQSCLR` (0x110004) clears it, and a write to `NV_PGSP_QUEUE_HEAD(0)`
-//!   (0x110C00) rings the doorbell that wakes the GSP thread (the only register whose
-//!   write takes a lock: the doorbell's condition-variable mutex).
+//!   emulated GSP, `IRQSCLR` (0x110004) clears it, MAILBOX0/1, CPUCTL (STARTCPU, HALTED),
+//!   ENGINE (reset) and the RISC-V CPUCTL; a write to `NV_PGSP_QUEUE_HEAD(0)` (0x110C00)
+//!   rings the doorbell that wakes the GSP thread (the only register whose write takes a
+//!   lock: the doorbell's condition-variable mutex). A CPUCTL write with STARTCPU or an
+//!   ENGINE reset write reports an effect the device applies to its GSP before the write
+//!   returns (see `crate::gsp`).
 //! - Every other offset is unimplemented: reads return the unimplemented value
 //!   ([`UNIMPLEMENTED_REGISTER_VALUE`] unless changed) and writes are dropped; both are
 //!   counted, and the first [`UNIMPLEMENTED_OFFSETS_RECORDED`] distinct dword offsets are
 //!   recorded (see [`UnimplementedStats`]).
 //!
 //! The access path takes no lock and allocates nothing: registers are atomics. (Applying a
-//! triggered TLB invalidate takes the TLB's lock, outside this module.)
+//! triggered TLB invalidate takes the TLB's lock, and starting or resetting the GSP its
+//! own, outside this module.)
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,12 +58,12 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::chip::{BarBlockRegisterKind, Generation, WindowRegisterKind};
-use crate::gsp::falcon::{FalconReg, GspFalcon};
+use crate::gsp::falcon::{FalconAction, FalconReg, GspFalcon};
 use crate::mmu::BarBinding;
 use crate::regs::{
-    self, BarBlock, BarBlockHigh, BarBlockLow, Boot0, Boot42, MmuInvalidate, MmuInvalidatePdb,
-    MmuInvalidateUpperPdb, PbusBar0Window, XalBar0Window, BAR0_SIZE, PRAMIN_BASE, PRAMIN_SIZE,
-    WINDOW_BASE_SHIFT,
+    self, BarBlock, BarBlockHigh, BarBlockLow, Boot0, Boot42, LocalMemoryRange, MmuInvalidate,
+    MmuInvalidatePdb, MmuInvalidateUpperPdb, PbusBar0Window, UsableFbSizeInMb, XalBar0Window,
+    BAR0_SIZE, PRAMIN_BASE, PRAMIN_SIZE, WINDOW_BASE_SHIFT,
 };
 use crate::vram::{Vram, VramAddr, VramError};
 
@@ -212,6 +222,35 @@ pub struct TlbInvalidateRequest {
     pub upper_pdb: MmuInvalidateUpperPdb,
 }
 
+/// What a BAR0 write asks of the rest of the device, which applies it before the write
+/// returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bar0Effect {
+    /// A TLB invalidate was triggered.
+    TlbInvalidate(TlbInvalidateRequest),
+    /// A GSP falcon write asks the GSP to start or to halt.
+    Falcon(FalconAction),
+}
+
+/// The read-only framebuffer size registers of a part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FbSizeRegisters {
+    /// `NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE`.
+    pub local_memory_range: LocalMemoryRange,
+    /// `NV_USABLE_FB_SIZE_IN_MB`.
+    pub usable_fb_size: UsableFbSizeInMb,
+}
+
+impl FbSizeRegisters {
+    /// The registers of a part with `vram_size` bytes of VRAM, `usable` of them usable.
+    pub(crate) const fn for_sizes(vram_size: u64, usable: u64) -> FbSizeRegisters {
+        FbSizeRegisters {
+            local_memory_range: LocalMemoryRange::at_most(vram_size),
+            usable_fb_size: UsableFbSizeInMb::for_bytes(usable),
+        }
+    }
+}
+
 /// Power-on value of `BAR2_BLOCK`: DEBUG_CYA = 1 (gpu-facts 4.6), physical mode.
 const BAR2_BLOCK_RESET: u32 = BarBlock::from_raw(0).with_debug_cya(1).raw();
 
@@ -341,6 +380,8 @@ enum Reg {
     Bar1BlockHigh,
     Bar2BlockLow,
     Bar2BlockHigh,
+    LocalMemoryRange,
+    UsableFbSize,
     Gsp(FalconReg),
     Unimplemented,
 }
@@ -354,6 +395,7 @@ pub(crate) struct Bar0Registers {
     /// Bits of the window register that exist on this generation.
     window_mask: u32,
     block_kind: BarBlockRegisterKind,
+    fb: FbSizeRegisters,
     regs: RegisterFile,
     unimplemented: UnimplementedTracker,
     unimplemented_value: AtomicU32,
@@ -361,8 +403,14 @@ pub(crate) struct Bar0Registers {
 }
 
 impl Bar0Registers {
-    /// A power-on register model for `generation` answering `boot0`/`boot42`.
-    pub(crate) fn new(generation: Generation, boot0: Boot0, boot42: Boot42) -> Bar0Registers {
+    /// A power-on register model for `generation` answering `boot0`/`boot42` and the
+    /// framebuffer size registers `fb`.
+    pub(crate) fn new(
+        generation: Generation,
+        boot0: Boot0,
+        boot42: Boot42,
+        fb: FbSizeRegisters,
+    ) -> Bar0Registers {
         let window_kind = generation.window_register();
         let window_mask = match window_kind {
             WindowRegisterKind::Pbus0x1700 => PbusBar0Window::DEFINED_MASK,
@@ -374,6 +422,7 @@ impl Bar0Registers {
             window_kind,
             window_mask,
             block_kind: generation.bar_block_registers(),
+            fb,
             regs: RegisterFile::new(),
             unimplemented: UnimplementedTracker::new(),
             unimplemented_value: AtomicU32::new(UNIMPLEMENTED_REGISTER_VALUE),
@@ -452,15 +501,17 @@ impl Bar0Registers {
         })
     }
 
-    /// Writes the low `width` bytes of `value` at BAR0 `offset`. Returns the TLB
-    /// invalidate the write triggered, if any, for the caller to apply.
+    /// Writes the low `width` bytes of `value` at BAR0 `offset`. Returns what the write
+    /// asks of the rest of the device (a TLB invalidate, a GSP start or halt), if
+    /// anything, for the caller to apply. (An 8-byte write covers two dwords, of which at
+    /// most one has an effect: no two effect registers share an aligned qword.)
     pub(crate) fn write(
         &self,
         vram: &Vram,
         offset: u64,
         width: AccessWidth,
         value: u64,
-    ) -> Result<Option<TlbInvalidateRequest>, Bar0Error> {
+    ) -> Result<Option<Bar0Effect>, Bar0Error> {
         check_access(offset, width)?;
         if value & !width.value_mask() != 0 {
             return Err(Bar0Error::ValueTooWide {
@@ -510,6 +561,8 @@ impl Bar0Registers {
             regs::MMU_INVALIDATE_PDB => Reg::TlbPdb,
             regs::MMU_INVALIDATE_UPPER_PDB => Reg::TlbUpperPdb,
             regs::MMU_INVALIDATE => Reg::TlbControl,
+            regs::LOCAL_MEMORY_RANGE => Reg::LocalMemoryRange,
+            regs::USABLE_FB_SIZE_IN_MB => Reg::UsableFbSize,
             o if o == self.window_kind.offset() => Reg::Window,
             o => match self.block_kind {
                 BarBlockRegisterKind::Single0xB80F40 => match o {
@@ -552,6 +605,8 @@ impl Bar0Registers {
             | Reg::Boot1
             | Reg::Boot42
             | Reg::BindStatus
+            | Reg::LocalMemoryRange
+            | Reg::UsableFbSize
             | Reg::Gsp(_)
             | Reg::Unimplemented => return None,
         })
@@ -563,6 +618,8 @@ impl Bar0Registers {
             Reg::Boot0 => self.boot0.raw(),
             Reg::Boot1 | Reg::BindStatus => 0,
             Reg::Boot42 => self.boot42.raw(),
+            Reg::LocalMemoryRange => self.fb.local_memory_range.raw(),
+            Reg::UsableFbSize => self.fb.usable_fb_size.raw(),
             Reg::Gsp(r) => self.gsp_falcon.read(r),
             Reg::Unimplemented => {
                 self.unimplemented.record(off, false);
@@ -576,16 +633,18 @@ impl Bar0Registers {
     }
 
     /// Writes the bytes of `value` selected by `byte_mask` into the dword at `off`;
-    /// returns the TLB invalidate it triggered, if any.
-    fn write_dword(&self, off: u32, byte_mask: u32, value: u32) -> Option<TlbInvalidateRequest> {
+    /// returns the effect it asks for, if any.
+    fn write_dword(&self, off: u32, byte_mask: u32, value: u32) -> Option<Bar0Effect> {
         let reg = self.decode(off);
         if reg == Reg::Unimplemented {
             self.unimplemented.record(off, true);
             return None;
         }
         if let Reg::Gsp(r) = reg {
-            self.gsp_falcon.write(r, byte_mask, value);
-            return None;
+            return self
+                .gsp_falcon
+                .write(r, byte_mask, value)
+                .map(Bar0Effect::Falcon);
         }
         // Read-only register: nothing to do.
         let (cell, sticky) = self.cell(reg)?;
@@ -599,11 +658,11 @@ impl Bar0Registers {
         if reg == Reg::TlbControl && MmuInvalidate::from_raw(value & byte_mask).trigger() == 1 {
             self.regs.tlb_invalidations.fetch_add(1, Ordering::AcqRel);
             let r = &self.regs;
-            return Some(TlbInvalidateRequest {
+            return Some(Bar0Effect::TlbInvalidate(TlbInvalidateRequest {
                 control: MmuInvalidate::from_raw(merge(old)),
                 pdb: MmuInvalidatePdb::from_raw(r.tlb_pdb.load(Ordering::Acquire)),
                 upper_pdb: MmuInvalidateUpperPdb::from_raw(r.tlb_upper_pdb.load(Ordering::Acquire)),
-            });
+            }));
         }
         None
     }
@@ -720,11 +779,14 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    const FB: FbSizeRegisters = FbSizeRegisters::for_sizes(24 << 30, 23 << 30);
+
     fn turing() -> Bar0Registers {
         Bar0Registers::new(
             Generation::Turing,
             Boot0::for_chip(0x16, 2, 0xA, 1),
             Boot42::for_chip(0x16, 2, 0xA, 1),
+            FB,
         )
     }
 
@@ -733,7 +795,16 @@ mod tests {
             Generation::Hopper,
             Boot0::for_chip(0x18, 0, 0xA, 1),
             Boot42::for_chip(0x18, 0, 0xA, 1),
+            FB,
         )
+    }
+
+    /// The TLB invalidate a write reported.
+    fn tlb(effect: Option<Bar0Effect>) -> TlbInvalidateRequest {
+        match effect {
+            Some(Bar0Effect::TlbInvalidate(req)) => req,
+            other => panic!("expected a TLB invalidate, got {other:?}"),
+        }
     }
 
     #[test]
@@ -859,6 +930,7 @@ mod tests {
             Generation::Blackwell,
             Boot0::for_chip(0x1B, 2, 0xA, 1),
             Boot42::for_chip(0x1B, 2, 0xA, 1),
+            FB,
         );
         bw.write(&v, XAL_BAR0_WINDOW, Dword, 0xFFFF_FFFF).unwrap();
         assert_eq!(bw.read(&v, XAL_BAR0_WINDOW, Dword).unwrap(), 0x007F_FFFF);
@@ -975,10 +1047,7 @@ mod tests {
         assert_eq!(b.snapshot().tlb_invalidations, 1);
         // A byte write of the top byte with TRIGGER also triggers; the request carries the
         // stored ALL_VA bit (CACHE_LEVEL is in the written byte) and the PDB registers.
-        let req = b
-            .write(&v, MMU_INVALIDATE + 3, Byte, 0x80)
-            .unwrap()
-            .expect("trigger reported");
+        let req = tlb(b.write(&v, MMU_INVALIDATE + 3, Byte, 0x80).unwrap());
         assert_eq!(b.snapshot().tlb_invalidations, 2);
         assert_eq!(req.control.trigger(), 1);
         assert_eq!(req.control.all_va(), 1);
@@ -990,10 +1059,7 @@ mod tests {
         assert_eq!(b.snapshot().tlb_invalidations, 2);
         // A qword write covering the control register reports the trigger too; other
         // register writes report nothing.
-        let req = b
-            .write(&v, MMU_INVALIDATE, Qword, 0x8000_0002)
-            .unwrap()
-            .expect("trigger reported");
+        let req = tlb(b.write(&v, MMU_INVALIDATE, Qword, 0x8000_0002).unwrap());
         assert_eq!(req.control.all_pdb(), 1);
         assert_eq!(b.write(&v, regs::BOOT_0, Dword, 0).unwrap(), None);
         assert_eq!(b.write(&v, PRAMIN_BASE, Dword, 0).unwrap(), None);
@@ -1063,6 +1129,57 @@ mod tests {
         assert_eq!(t.unimplemented_stats().writes, 1);
         t.clear_unimplemented_stats();
         assert_eq!(t.unimplemented_stats(), UnimplementedStats::default());
+    }
+
+    #[test]
+    fn fb_size_registers_are_read_only() {
+        let v = Vram::new(MIB).unwrap();
+        let b = turing();
+        use AccessWidth::*;
+        let range = b.read(&v, regs::LOCAL_MEMORY_RANGE, Dword).unwrap() as u32;
+        assert_eq!(LocalMemoryRange::from_raw(range).size(), 24 << 30);
+        assert_eq!(
+            b.read(&v, regs::USABLE_FB_SIZE_IN_MB, Dword).unwrap(),
+            23 * 1024
+        );
+        b.write(&v, regs::LOCAL_MEMORY_RANGE, Dword, 0).unwrap();
+        b.write(&v, regs::USABLE_FB_SIZE_IN_MB, Word, 1).unwrap();
+        assert_eq!(
+            b.read(&v, regs::LOCAL_MEMORY_RANGE, Dword).unwrap() as u32,
+            range
+        );
+        assert_eq!(
+            b.read(&v, regs::USABLE_FB_SIZE_IN_MB, Dword).unwrap(),
+            23 * 1024
+        );
+        let s = b.unimplemented_stats();
+        assert_eq!((s.reads, s.writes), (0, 0));
+    }
+
+    #[test]
+    fn falcon_writes_report_gsp_effects() {
+        let v = Vram::new(MIB).unwrap();
+        let b = turing();
+        use crate::gsp::falcon::{GSP_CPUCTL, GSP_CPUCTL_ALIAS, GSP_ENGINE, GSP_MAILBOX0};
+        use AccessWidth::*;
+        let start = Some(Bar0Effect::Falcon(FalconAction::StartCpu));
+        assert_eq!(b.write(&v, GSP_CPUCTL, Dword, 2).unwrap(), start);
+        assert_eq!(b.write(&v, GSP_CPUCTL_ALIAS, Dword, 2).unwrap(), start);
+        assert_eq!(b.write(&v, GSP_CPUCTL, Byte, 2).unwrap(), start);
+        assert_eq!(b.read(&v, GSP_CPUCTL, Dword).unwrap(), 0x10);
+        assert_eq!(
+            b.write(&v, GSP_ENGINE, Dword, 1).unwrap(),
+            Some(Bar0Effect::Falcon(FalconAction::Reset))
+        );
+        assert_eq!(b.write(&v, GSP_CPUCTL, Dword, 2).unwrap(), None);
+        assert_eq!(b.write(&v, GSP_ENGINE, Dword, 0).unwrap(), None);
+        // A qword write of both mailboxes.
+        b.write(&v, GSP_MAILBOX0, Qword, 0x1_2345_6000).unwrap();
+        assert_eq!(b.read(&v, GSP_MAILBOX0, Dword).unwrap(), 0x2345_6000);
+        assert_eq!(b.read(&v, GSP_MAILBOX0 + 4, Dword).unwrap(), 1);
+        b.reset();
+        assert_eq!(b.read(&v, GSP_MAILBOX0, Qword).unwrap(), 0);
+        assert_eq!(b.unimplemented_stats().reads, 0);
     }
 
     #[test]

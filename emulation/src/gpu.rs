@@ -5,8 +5,11 @@ use thiserror::Error;
 
 use std::sync::Arc;
 
-use crate::bar0::{AccessWidth, Bar0Error, Bar0Registers, RegisterSnapshot, UnimplementedStats};
-use crate::gsp::{DmaSpace, EmulatedGsp};
+use crate::bar0::{
+    AccessWidth, Bar0Effect, Bar0Error, Bar0Registers, FbSizeRegisters, RegisterSnapshot,
+    UnimplementedStats,
+};
+use crate::gsp::{DmaSpace, EmulatedGsp, FalconAction};
 use crate::mmu::bar1::{Bar1, Bar1Buf};
 use crate::mmu::{
     self, Bar1Error, Bar1Fault, Bar1Stats, BarBinding, InvalidateScope, Mmu, TlbStats, Translation,
@@ -80,7 +83,12 @@ impl EmulatedGpu {
             )?),
             None => None,
         };
-        let bar0 = Bar0Registers::new(profile.generation(), profile.boot0(), profile.boot42());
+        let bar0 = Bar0Registers::new(
+            profile.generation(),
+            profile.boot0(),
+            profile.boot42(),
+            FbSizeRegisters::for_sizes(profile.vram_size(), profile.usable_vram_size()),
+        );
         let dma = Arc::new(DmaSpace::default());
         let gsp = EmulatedGsp::new(profile, Arc::clone(bar0.gsp_falcon()), Arc::clone(&dma));
         Ok(EmulatedGpu {
@@ -135,13 +143,20 @@ impl EmulatedGpu {
     }
 
     /// Writes the low `width` bytes of `value` at BAR0 `offset`; `value` must fit the
-    /// width. See the [`crate::bar0`] module documentation. A write of `MMU_INVALIDATE`
-    /// with TRIGGER flushes the TLB (see [`crate::mmu::tlb`]) before returning.
+    /// width. See the [`crate::bar0`] module documentation. Before returning, a write of
+    /// `MMU_INVALIDATE` with TRIGGER flushes the TLB (see [`crate::mmu::tlb`]), a GSP
+    /// CPUCTL write with STARTCPU starts the GSP and a GSP ENGINE reset halts it (see
+    /// [`crate::gsp`]).
     pub fn bar0_write(&self, offset: u64, width: AccessWidth, value: u64) -> Result<(), Bar0Error> {
-        if let Some(req) = self.bar0.write(&self.vram, offset, width, value)? {
-            let scope = InvalidateScope::from_request(req);
-            let removed = self.mmu.tlb.invalidate(scope);
-            log::trace!("TLB invalidate {scope:?}: {removed} entries removed");
+        match self.bar0.write(&self.vram, offset, width, value)? {
+            Some(Bar0Effect::TlbInvalidate(req)) => {
+                let scope = InvalidateScope::from_request(req);
+                let removed = self.mmu.tlb.invalidate(scope);
+                log::trace!("TLB invalidate {scope:?}: {removed} entries removed");
+            }
+            Some(Bar0Effect::Falcon(FalconAction::StartCpu)) => self.gsp.start_cpu(),
+            Some(Bar0Effect::Falcon(FalconAction::Reset)) => self.gsp.engine_reset(),
+            None => {}
         }
         Ok(())
     }
@@ -259,8 +274,8 @@ mod tests {
     use crate::bar0::UNIMPLEMENTED_REGISTER_VALUE;
     use crate::chip::{Generation, WindowRegisterKind};
     use crate::regs::{
-        Boot0, Boot42, PbusBar0Window, XalBar0Window, BOOT_0, BOOT_1, BOOT_42, PRAMIN_BASE,
-        PRAMIN_SIZE,
+        self, Boot0, Boot42, LocalMemoryRange, PbusBar0Window, XalBar0Window, BOOT_0, BOOT_1,
+        BOOT_42, PRAMIN_BASE, PRAMIN_SIZE,
     };
     use crate::vram::VramAddr;
     use proptest::prelude::*;
@@ -529,18 +544,18 @@ mod tests {
     #[test]
     fn unimplemented_registers_read_bad_value_and_are_counted() {
         let g = gpu("gh100-80g");
-        // nova reads FB size / GFW registers the model does not implement.
+        // nova reads GFW registers the model does not implement.
         assert_eq!(
-            g.bar0_read(0x100CE0, Dword).unwrap(),
+            g.bar0_read(0x118128, Dword).unwrap(),
             u64::from(UNIMPLEMENTED_REGISTER_VALUE)
         );
-        assert_eq!(g.bar0_read(0x100CE2, Word).unwrap(), 0xBADF);
+        assert_eq!(g.bar0_read(0x11812A, Word).unwrap(), 0xBADF);
         // SEC2 falcon registers (the GSP's are modelled, see crate::gsp::falcon).
         g.bar0_write(0x840040, Dword, 1).unwrap();
         g.bar0_write(0x840004, Byte, 0x40).unwrap();
         let s = g.unimplemented_accesses();
         assert_eq!((s.reads, s.writes), (2, 2));
-        assert_eq!(s.offsets, [0x100CE0, 0x840040, 0x840004]);
+        assert_eq!(s.offsets, [0x118128, 0x840040, 0x840004]);
         assert!(!s.offsets_truncated);
         // Writes to unimplemented registers are dropped.
         assert_eq!(
@@ -548,9 +563,54 @@ mod tests {
             u64::from(UNIMPLEMENTED_REGISTER_VALUE)
         );
         g.set_unimplemented_read_value(0);
-        assert_eq!(g.bar0_read(0x100CE0, Dword).unwrap(), 0);
+        assert_eq!(g.bar0_read(0x118128, Dword).unwrap(), 0);
         g.clear_unimplemented_accesses();
         assert_eq!(g.unimplemented_accesses(), UnimplementedStats::default());
+    }
+
+    #[test]
+    fn fb_size_registers_answer_for_every_profile() {
+        // (profile, MiB LOCAL_MEMORY_RANGE states): exact where the 6-bit mantissa and
+        // 4-bit scale can state the VRAM size, the largest size below it otherwise.
+        let expected = [
+            ("tu102-24g", 24_064),
+            ("ga100-80g", 81_920),
+            ("gh100-80g", 79_872),
+            ("gh200-96g", 98_304),
+            ("gb202-32g", 32_256),
+        ];
+        assert_eq!(expected.len(), ChipProfile::all().len());
+        for (name, mib) in expected {
+            let g = gpu(name);
+            let p = g.profile();
+            let range = LocalMemoryRange::from_raw(
+                g.bar0_read(regs::LOCAL_MEMORY_RANGE, Dword).unwrap() as u32,
+            );
+            assert_eq!(range.size(), mib * MIB, "{name}");
+            assert_eq!(range.ecc_mode(), 0);
+            assert!(range.size() <= p.vram_size());
+            assert_eq!(range.size() == p.vram_size(), mib * MIB == p.vram_size());
+            let usable = g.bar0_read(regs::USABLE_FB_SIZE_IN_MB, Dword).unwrap();
+            assert_eq!(usable * MIB, p.usable_vram_size(), "{name}");
+            // Read-only.
+            g.bar0_write(regs::LOCAL_MEMORY_RANGE, Dword, 0).unwrap();
+            g.bar0_write(regs::USABLE_FB_SIZE_IN_MB, Dword, 0).unwrap();
+            assert_eq!(
+                g.bar0_read(regs::LOCAL_MEMORY_RANGE, Dword).unwrap() as u32,
+                range.raw()
+            );
+            assert_eq!(
+                g.bar0_read(regs::USABLE_FB_SIZE_IN_MB, Dword).unwrap(),
+                usable
+            );
+            assert_eq!(g.unimplemented_accesses(), UnimplementedStats::default());
+        }
+        assert_eq!(
+            gpu("gh200-96g")
+                .bar0_read(regs::USABLE_FB_SIZE_IN_MB, Dword)
+                .unwrap(),
+            95 * 1024
+        );
     }
 
     #[test]

@@ -5,13 +5,15 @@
 //! - the PCI identity and real (unpadded) BAR layout of the part ([`profile`]);
 //! - device memory as a sparse memfd that QEMU can map directly ([`Vram`], [`VramAddr`]);
 //! - the BAR0 registers a driver touches first: BOOT_0/BOOT_42, the PRAMIN window register
-//!   and its 1 MiB aperture into VRAM, TLB invalidate and BAR block registers, with every
-//!   access to an unmodelled register counted ([`bar0`], [`EmulatedGpu`]);
+//!   and its 1 MiB aperture into VRAM, TLB invalidate and BAR block registers, the
+//!   framebuffer size registers, with every access to an unmodelled register counted
+//!   ([`bar0`], [`EmulatedGpu`]);
 //! - the GPU MMU: page-table walker (formats v2 and v3), a TLB honouring the invalidate
 //!   registers, and BAR1 in physical and virtual mode ([`mmu`]);
-//! - the GSP: its end of the command/message queues in host memory reached through an
-//!   emulated IOMMU, the doorbell and SWGEN0 interrupt, and a small GSP-RM answering the
-//!   boot handshake and object requests ([`gsp`]).
+//! - the GSP: started through its falcon registers (LibOS arguments at MAILBOX0/1,
+//!   CPUCTL.STARTCPU, ENGINE reset), its end of the command/message queues in host (or
+//!   guest) memory reached through an emulated IOMMU, the doorbell and SWGEN0 interrupt,
+//!   and a small GSP-RM answering the boot handshake and object requests ([`gsp`]).
 //!
 //! Register bit layouts are typed ([`regs`]); chip vocabulary is in [`chip`].
 //! Hardware facts come from the project fact sheet; values not found there are marked as

@@ -49,6 +49,12 @@ pub const BAR1_BLOCK_HIGH_ADDR: u64 = 0xB8_0F64;
 pub const BAR2_BLOCK_LOW_ADDR: u64 = 0xB8_0F70;
 /// `NV_VIRTUAL_FUNCTION_PRIV_FUNC_BAR2_BLOCK_HIGH_ADDR` (Hopper–Blackwell).
 pub const BAR2_BLOCK_HIGH_ADDR: u64 = 0xB8_0F74;
+/// `NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE`: the size of local memory (gpu-facts 5, nova-core
+/// `fb/hal`).
+pub const LOCAL_MEMORY_RANGE: u64 = 0x10_0CE0;
+/// `NV_USABLE_FB_SIZE_IN_MB`: usable framebuffer in MiB (gpu-facts 5: read by nova-core on
+/// GA102+ and GH100; the model answers it on every generation).
+pub const USABLE_FB_SIZE_IN_MB: u64 = 0x11_83A4;
 /// `NV_PGSP_QUEUE_HEAD(0)`: the CPU→GSP doorbell (GSP falcon base 0x110000 + 0xC00); see
 /// `crate::gsp::falcon`.
 pub const GSP_QUEUE_HEAD0: u64 = 0x11_0C00;
@@ -421,6 +427,74 @@ impl XalBar0Window {
     }
 }
 
+register! {
+    /// `NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE` (BAR0 + 0x100CE0): local memory size as
+    /// `lower_mag << lower_scale` MiB (gpu-facts 5; nova-core derates the size by 15/16
+    /// when ECC_MODE is set).
+    pub struct LocalMemoryRange {
+        /// LOWER_SCALE: the size's power-of-two exponent above 1 MiB.
+        3:0 => lower_scale, with_lower_scale;
+        /// LOWER_MAG: the size's mantissa.
+        9:4 => lower_mag, with_lower_mag;
+        /// ECC_MODE.
+        30:30 => ecc_mode, with_ecc_mode;
+    }
+}
+
+impl LocalMemoryRange {
+    /// The size the register states, in bytes: `lower_mag << (lower_scale + 20)` (the
+    /// ECC derating is not applied).
+    pub const fn size(self) -> u64 {
+        (self.lower_mag() as u64) << (self.lower_scale() + 20)
+    }
+
+    /// The register (ECC off) stating the largest size it can express that is at most
+    /// `bytes`: exactly `bytes` when that is a 6-bit mantissa times a power of two
+    /// between 1 MiB and 32 GiB, less otherwise (0 below 1 MiB).
+    pub const fn at_most(bytes: u64) -> LocalMemoryRange {
+        let max_mag = field_mask(9, 4) >> 4;
+        let mut best = LocalMemoryRange(0);
+        let mut scale = 0;
+        while scale <= field_mask(3, 0) {
+            let units = bytes >> (scale + 20);
+            let mag = if units > max_mag as u64 {
+                max_mag
+            } else {
+                units as u32
+            };
+            let candidate = LocalMemoryRange(0)
+                .with_lower_scale(scale)
+                .with_lower_mag(mag);
+            if candidate.size() > best.size() {
+                best = candidate;
+            }
+            scale += 1;
+        }
+        best
+    }
+}
+
+register! {
+    /// `NV_USABLE_FB_SIZE_IN_MB` (BAR0 + 0x1183A4): the usable framebuffer in MiB
+    /// (gpu-facts 5).
+    pub struct UsableFbSizeInMb {
+        /// The size in MiB.
+        31:0 => mib, with_mib;
+    }
+}
+
+impl UsableFbSizeInMb {
+    /// The register stating `bytes` in whole MiB (rounded down; saturating).
+    pub const fn for_bytes(bytes: u64) -> UsableFbSizeInMb {
+        let mib = bytes >> 20;
+        UsableFbSizeInMb(if mib > u32::MAX as u64 {
+            u32::MAX
+        } else {
+            mib as u32
+        })
+    }
+}
+
 /// Converts a window base address into a BASE field value of `bits` bits.
 const fn window_base_field(addr: VramAddr, bits: u32) -> Result<u32, RegsError> {
     let raw = addr.raw();
@@ -707,5 +781,35 @@ mod tests {
         assert_eq!(low.target(), Ok(MemoryTarget::SysMemCoherent));
         assert_eq!(bar_block_instance_address(low, high), 0x5_ABCD_E000);
         assert_eq!(BindStatus::DEFINED_MASK, 0xF);
+    }
+
+    #[test]
+    fn local_memory_range_encodes_the_largest_size_it_can() {
+        const MIB: u64 = 1 << 20;
+        let r = LocalMemoryRange::from_raw(0)
+            .with_lower_mag(5)
+            .with_lower_scale(14);
+        assert_eq!(r.raw(), 0x5E);
+        assert_eq!(r.size(), 80 << 30);
+        for (bytes, expect) in [
+            (80u64 << 30, 80u64 << 30),
+            (96 << 30, 96 << 30),
+            (24 << 30, 24 << 30),
+            (63 * MIB, 63 * MIB),
+            (64 * MIB, 64 * MIB),
+            (24_220 * MIB, 24_064 * MIB),
+            (32_607 * MIB, 32_256 * MIB),
+            (81_559 * MIB, 79_872 * MIB),
+            (MIB - 1, 0),
+            (u64::MAX, 63 << 35),
+        ] {
+            let r = LocalMemoryRange::at_most(bytes);
+            assert_eq!(r.size(), expect, "{bytes:#x}");
+            assert_eq!(r.ecc_mode(), 0);
+            assert!(r.size() <= bytes);
+        }
+        assert_eq!(UsableFbSizeInMb::for_bytes(95 << 30).mib(), 97_280);
+        assert_eq!(UsableFbSizeInMb::for_bytes(3 * MIB - 1).mib(), 2);
+        assert_eq!(UsableFbSizeInMb::for_bytes(u64::MAX).mib(), u32::MAX);
     }
 }

@@ -12,20 +12,27 @@
 //!   messages (copy out, verify, then release), with resynchronisation after bad ones.
 //! - [`rpc`]: the function/event number table (r570) and typed payloads.
 //! - [`client`]: RPCs — replies matched by function and sequence, events, timeouts.
-//! - [`boot`]: the boot handshake (SET_SYSTEM_INFO, SET_REGISTRY, GSP_INIT_DONE,
-//!   GET_GSP_STATIC_INFO); [`session`]: the booted GSP and object requests.
+//! - [`libos`]: the LibOS argument array and GSP_ARGUMENTS_CACHED (the host's encoder).
+//! - [`falcon`]: the GSP falcon registers: reset, start, status, and stopping the GSP
+//!   before its DMA memory is freed.
+//! - [`boot`](mod@boot): the boot (reset, LibOS arguments, STARTCPU) and handshake (SET_SYSTEM_INFO,
+//!   SET_REGISTRY, GSP_INIT_DONE, GET_GSP_STATIC_INFO); [`session`]: the booted GSP and
+//!   object requests.
 //! - [`report`]: [`boot_and_report`] for `gpu-backend inspect`; [`bench`](mod@bench):
 //!   round-trip and throughput measurements.
 //!
 //! The GSP itself is reached only through [`HostGpu`](crate::host_gpu::HostGpu): BAR0 for
-//! the doorbell and interrupt registers, a DMA buffer for the queues, and
-//! [`HostGpu::gsp_start`](crate::host_gpu::HostGpu::gsp_start) to start it.
+//! the falcon registers (start, reset, doorbell, interrupt) and DMA buffers for the queues
+//! and the boot arguments, so the same code boots the emulated GSP and a real one behind
+//! VFIO (as far as the emulated boot goes: the SEC2/FSP chain of trust is not done).
 
 pub mod bench;
 pub mod boot;
 pub mod client;
 pub mod cmdq;
 pub mod element;
+pub mod falcon;
+pub mod libos;
 pub mod queue;
 pub mod report;
 pub mod rpc;

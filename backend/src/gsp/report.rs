@@ -54,8 +54,8 @@ pub struct GspReport {
     pub client: ClientStats,
 }
 
-/// Boots the GSP of `host` (default timeouts) and reports what it said. The GSP stays
-/// running; booting again restarts it.
+/// Boots the GSP of `host` (default timeouts) and reports what it said. The GSP is
+/// stopped again before this returns (the session ends).
 pub fn boot_and_report(host: &dyn HostGpu) -> Result<GspReport, BootError> {
     let session = boot(host, GspTimeouts::default())?;
     let info = session.static_info();

@@ -1,9 +1,14 @@
 //! A booted GSP: its static information and the RM object requests the backend makes
 //! (video memory objects, address spaces and their page directories). Payload layouts
 //! are project-defined (see [`super::rpc`]).
+//!
+//! The session owns the GSP's DMA buffers; dropping it stops the GSP (ENGINE reset) before
+//! they are freed ([`RunningGsp`]). Hold one session per GPU at a time: a second boot
+//! resets the GSP the first one talks to.
 
 use super::boot::BootTrace;
 use super::client::{ClientError, GspClient};
+use super::falcon::RunningGsp;
 use super::rpc::{
     AllocMemory, AllocVaSpace, BindPageDirectory, FreeObject, Function, Handle, MemoryObject,
     PayloadError, StaticInfo,
@@ -24,22 +29,30 @@ pub enum SessionError {
     Payload(#[from] PayloadError),
 }
 
-/// A booted GSP.
+/// A booted GSP. Dropping the session stops the GSP.
 #[derive(Debug)]
 pub struct GspSession<'a> {
     client: GspClient<'a>,
     info: StaticInfo,
     trace: BootTrace,
     next_handle: u32,
+    /// Stops the GSP when the session goes, before the DMA buffers are let go.
+    _running: RunningGsp<'a>,
 }
 
 impl<'a> GspSession<'a> {
-    pub(crate) fn new(client: GspClient<'a>, info: StaticInfo, trace: BootTrace) -> GspSession<'a> {
+    pub(crate) fn new(
+        client: GspClient<'a>,
+        info: StaticInfo,
+        trace: BootTrace,
+        running: RunningGsp<'a>,
+    ) -> GspSession<'a> {
         GspSession {
             client,
             info,
             trace,
             next_handle: FIRST_HANDLE,
+            _running: running,
         }
     }
 

@@ -8,14 +8,16 @@
 //! | 0x41000 | 0x40000 | GSP→CPU message queue (the GSP writes its tx header)     |
 //!
 //! The backend owns the buffer ([`HostGpu::dma_alloc`]); the GSP learns where it is from
-//! [`GspMem::init_args`] and finds every page through the page-table array.
+//! [`GspMem::init_args`] (carried in GSP_ARGUMENTS_CACHED, [`super::libos`]) and finds
+//! every page through the page-table array.
 
 use std::sync::Arc;
 
 use thiserror::Error;
 
+use super::libos::MessageQueueInitArgs;
 use super::queue::{QueueRegion, TxHeader, QUEUE_SIZE};
-use crate::host_gpu::dma::{DmaBuffer, MessageQueueInitArgs, DMA_PAGE};
+use crate::host_gpu::dma::{DmaBuffer, DMA_PAGE};
 use crate::host_gpu::{HostGpu, HostGpuError};
 
 /// Pages in the block: 128 queue pages plus the page-table array page.
@@ -87,6 +89,11 @@ impl GspMem {
     /// The underlying buffer.
     pub fn buffer(&self) -> &dyn DmaBuffer {
         self.buffer.as_ref()
+    }
+
+    /// Another handle on the underlying buffer (keeps it allocated).
+    pub fn shared_buffer(&self) -> Arc<dyn DmaBuffer> {
+        Arc::clone(&self.buffer)
     }
 
     /// What the GSP is told about the block when it starts.

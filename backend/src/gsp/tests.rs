@@ -1,25 +1,36 @@
 //! Tests of the host side against the emulated GSP: queue behaviour at the edges (wrap,
-//! full, 16-slot elements, corruption, timeouts), random interleavings of both sides, and
-//! the boot from cold on every profile.
+//! full, 16-slot elements, corruption, timeouts), random interleavings of both sides, the
+//! boot from cold on every profile through the falcon registers (also with the queues in
+//! memory a guest lent the GPU), boot failures, and stopping the GSP before its memory is
+//! freed.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpu_emulation::gsp::wire::WireMessage;
-use gpu_emulation::gsp::{Corruption, GspQueues};
+use gpu_emulation::gsp::{self as emulated_gsp, Corruption, GspQueues};
 use gpu_emulation::ChipProfile;
 use proptest::prelude::*;
 
+use super::boot::boot_on;
 use super::client::{ClientError, GspTimeouts};
 use super::cmdq::{Cmdq, CmdqError, Resync};
 use super::element::{ElementError, Outgoing, MAX_PAYLOAD};
+use super::falcon::{self, FalconStatus};
+use super::libos::{LibosArgs, MessageQueueInitArgs, LIBOS_BUFFER_SIZE};
 use super::queue::SLOT_COUNT;
 use super::rpc::{FbRegionKind, Function, NvStatus};
 use super::session::SessionError;
-use super::shmem::GspMem;
+use super::shmem::{GspMem, SHARED_SIZE};
 use super::*;
 use crate::host_driver::addr::{GpuVa, VramAddr};
+use crate::host_gpu::dma::test_memory::{GuestView, VecGuestMemory};
+use crate::host_gpu::dma::DmaBuffer;
 use crate::host_gpu::emulated::EmulatedHostGpu;
+use crate::host_gpu::guest_dma::GuestDmaMemory;
+use crate::host_gpu::{AccessWidth, ChipIdentity, HostGpu, HostGpuError, HostMemory, MmapSource};
 
 const GIB: u64 = 1 << 30;
 
@@ -53,7 +64,12 @@ fn manual(host: &EmulatedHostGpu) -> (Cmdq<'_>, GspQueues) {
     let gsp = host
         .emulated()
         .gsp()
-        .manual_endpoint(&(&args).into())
+        .manual_endpoint(&emulated_gsp::MessageQueueInitArgs {
+            shared_mem_phys_addr: args.shared_mem_phys_addr,
+            page_table_entry_count: args.page_table_entry_count,
+            cmd_queue_offset: args.cmd_queue_offset,
+            stat_queue_offset: args.stat_queue_offset,
+        })
         .unwrap();
     (Cmdq::new(host, mem), gsp)
 }
@@ -420,8 +436,228 @@ fn boot_and_report_shows_fb_regions_in_table_and_json() {
     let table = report.to_string();
     assert!(table.contains("usable VRAM 95 GiB"), "{table}");
     assert!(table.contains("board-reserved"), "{table}");
-    // Booting again restarts the GSP.
+    // The GSP was stopped and its memory freed; booting again starts it afresh.
+    assert!(!h.emulated().gsp().is_running());
+    assert_eq!(h.emulated().dma().mapping_count(), 0);
     assert_eq!(boot_and_report(&h).unwrap(), report);
+}
+
+#[test]
+fn boot_goes_through_the_falcon_registers_and_drop_stops_the_gsp() {
+    let h = host("tu102-24g");
+    let halted = FalconStatus {
+        halted: true,
+        mailbox0: 0,
+    };
+    assert_eq!(falcon::status(&h).unwrap(), halted);
+    let s = boot(&h, patient()).unwrap();
+    assert_eq!(
+        falcon::status(&h).unwrap(),
+        FalconStatus {
+            halted: false,
+            mailbox0: 0
+        }
+    );
+    // The block and the LibOS arguments.
+    assert_eq!(h.emulated().dma().mapping_count(), 2);
+    drop(s);
+    assert!(!h.emulated().gsp().is_running());
+    assert_eq!(falcon::status(&h).unwrap(), halted);
+    assert_eq!(h.emulated().dma().mapping_count(), 0, "buffers freed");
+    // A boot while a session of someone else still runs resets the GSP first.
+    let s1 = boot(&h, patient()).unwrap();
+    let mut s2 = boot(&h, patient()).unwrap();
+    s2.client_mut().call(Function::NOP, &[1]).unwrap();
+    drop(s2);
+    drop(s1);
+}
+
+#[test]
+fn a_gsp_refusing_its_arguments_is_reported_halted_with_its_code() {
+    let h = host("gh100-80g");
+    let mem = GspMem::allocate(&h).unwrap();
+    let mut queues = mem.init_args().unwrap();
+    queues.stat_queue_offset = SHARED_SIZE; // no room for the message queue
+    let libos = LibosArgs::allocate(&h, queues).unwrap();
+    let timeouts = GspTimeouts {
+        msgq_ready: Duration::from_millis(100),
+        ..patient()
+    };
+    let err = boot_on(&h, mem, libos, timeouts).unwrap_err();
+    match &err {
+        BootError::NoAnswer { status, .. } => {
+            assert!(status.halted);
+            assert_eq!(status.mailbox0, emulated_gsp::START_QUEUES_REFUSED);
+        }
+        other => panic!("{other}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("halted") && text.contains("0x47530005"),
+        "{text}"
+    );
+    let errors = h.emulated().gsp().stats().errors;
+    assert!(
+        errors.last().unwrap().contains("status queue"),
+        "{errors:?}"
+    );
+    // The failed boot freed its buffers.
+    assert_eq!(h.emulated().dma().mapping_count(), 0);
+}
+
+/// The emulated GPU, except that CPUCTL.HALTED reads 0 once `stuck` is set (a GSP that
+/// does not stop).
+struct NeverHalts {
+    inner: EmulatedHostGpu,
+    stuck: AtomicBool,
+}
+
+impl HostGpu for NeverHalts {
+    fn identity(&self) -> &ChipIdentity {
+        self.inner.identity()
+    }
+    fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
+        let v = self.inner.bar0_read(offset, width)?;
+        let cpuctl =
+            <crate::host_driver::regs::GspCpuCtl as crate::host_driver::regs::Register32>::OFFSET;
+        Ok(if offset == cpuctl && self.stuck.load(Ordering::Relaxed) {
+            v & !0x10
+        } else {
+            v
+        })
+    }
+    fn bar0_write(&self, offset: u64, width: AccessWidth, value: u64) -> Result<(), HostGpuError> {
+        self.inner.bar0_write(offset, width, value)
+    }
+    fn memory_bar(&self, index: u8) -> Option<Arc<dyn HostMemory>> {
+        self.inner.memory_bar(index)
+    }
+    fn reset(&self) -> Result<(), HostGpuError> {
+        self.inner.reset()
+    }
+    fn scrub_vram(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError> {
+        self.inner.scrub_vram(addr, len)
+    }
+    fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError> {
+        self.inner.bar1_read(offset, buf)
+    }
+    fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError> {
+        self.inner.bar1_write(offset, data)
+    }
+    fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource> {
+        self.inner.vram_mmap_source(addr, len)
+    }
+    fn dma_alloc(&self, len: u64) -> Result<Arc<dyn DmaBuffer>, HostGpuError> {
+        self.inner.dma_alloc(len)
+    }
+}
+
+#[test]
+fn buffers_of_a_gsp_that_does_not_halt_are_leaked_not_freed() {
+    let h = NeverHalts {
+        inner: host("ga100-80g"),
+        stuck: AtomicBool::new(false),
+    };
+    let s = boot(&h, patient()).unwrap();
+    h.stuck.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    drop(s);
+    assert!(t.elapsed() >= falcon::HALT_TIMEOUT);
+    // Still mapped in the GPU's IOMMU: never returned to the allocator.
+    assert_eq!(h.inner.emulated().dma().mapping_count(), 2);
+    // And a new boot cannot reset the GSP either.
+    assert!(matches!(
+        boot(&h, patient()),
+        Err(BootError::Falcon(falcon::FalconError::HaltTimeout(_)))
+    ));
+    assert_eq!(
+        h.inner.emulated().dma().mapping_count(),
+        2,
+        "unused buffers freed"
+    );
+}
+
+/// Where the guest lends its memory to the GPU in the guest-DMA test.
+const GUEST_IOVA: u64 = 0x1_2340_0000;
+
+#[test]
+fn a_gsp_boots_on_queues_in_memory_a_guest_lent_the_gpu() {
+    let h = host("gb202-32g");
+    // One guest map holding the block, then the LibOS arguments.
+    let len = SHARED_SIZE + LIBOS_BUFFER_SIZE;
+    let guest = Arc::new(VecGuestMemory::new(len, true, true));
+    h.map_guest_dma(GUEST_IOVA, guest.clone()).unwrap();
+    let view = |offset, len| -> Arc<dyn DmaBuffer> {
+        Arc::new(GuestView {
+            memory: Arc::clone(&guest),
+            iova: GUEST_IOVA,
+            offset,
+            len,
+        })
+    };
+    let mem = GspMem::new(view(0, SHARED_SIZE)).unwrap();
+    let queues: MessageQueueInitArgs = mem.init_args().unwrap();
+    assert_eq!(queues.shared_mem_phys_addr, GUEST_IOVA);
+    let libos = LibosArgs::new(view(SHARED_SIZE, LIBOS_BUFFER_SIZE), queues).unwrap();
+    let mut s = boot_on(&h, mem, libos, patient()).unwrap();
+    assert_eq!(
+        s.static_info().usable_bytes(),
+        h.identity().usable_vram_size
+    );
+    assert_eq!(
+        s.client_mut()
+            .call(Function::NOP, &[4, 5, 6])
+            .unwrap()
+            .payload,
+        [4, 5, 6]
+    );
+    // The GSP wrote its message queue header into guest memory (msgCount 63 at +0xC),
+    // and no host DMA buffer exists.
+    let mut word = [0u8; 4];
+    guest.read(0x41000 + 0xC, &mut word).unwrap();
+    assert_eq!(u32::from_le_bytes(word), 63);
+    assert_eq!(h.emulated().dma().mapping_count(), 1);
+    drop(s);
+    assert!(!h.emulated().gsp().is_running());
+    h.unmap_guest_dma(GUEST_IOVA);
+    assert_eq!(h.emulated().dma().mapping_count(), 0);
+}
+
+#[test]
+fn a_gsp_cannot_read_boot_arguments_the_guest_made_write_only() {
+    let h = host("tu102-24g");
+    let len = SHARED_SIZE + LIBOS_BUFFER_SIZE;
+    let guest = Arc::new(VecGuestMemory::new(len, false, true));
+    h.map_guest_dma(GUEST_IOVA, guest.clone()).unwrap();
+    let view = |offset, len| -> Arc<dyn DmaBuffer> {
+        Arc::new(GuestView {
+            memory: Arc::clone(&guest),
+            iova: GUEST_IOVA,
+            offset,
+            len,
+        })
+    };
+    let mem = GspMem::new(view(0, SHARED_SIZE)).unwrap();
+    let libos = LibosArgs::new(
+        view(SHARED_SIZE, LIBOS_BUFFER_SIZE),
+        mem.init_args().unwrap(),
+    )
+    .unwrap();
+    let timeouts = GspTimeouts {
+        msgq_ready: Duration::from_millis(100),
+        ..patient()
+    };
+    match boot_on(&h, mem, libos, timeouts) {
+        Err(BootError::NoAnswer { status, .. }) => {
+            assert_eq!(status.mailbox0, emulated_gsp::START_ARGS_UNREACHABLE);
+        }
+        other => panic!("{other:?}"),
+    }
+    let errors = h.emulated().gsp().stats().errors;
+    assert!(
+        errors.last().unwrap().contains("device reads"),
+        "{errors:?}"
+    );
 }
 
 #[test]

@@ -422,6 +422,48 @@ bitfield! {
     }
 }
 
+bitfield! {
+    /// GSP falcon `MAILBOX0` (BAR0 0x110040, gpu-facts 3.3): before STARTCPU the low half
+    /// of the LibOS argument array's DMA address; after it the GSP's start status.
+    pub struct GspMailbox0(u32) {
+        /// The whole register.
+        value, with_value, VALUE: 31:0;
+    }
+}
+register32!(GspMailbox0, 0x11_0040, "GSP_FALCON_MAILBOX0");
+
+bitfield! {
+    /// GSP falcon `MAILBOX1` (BAR0 0x110044): the high half of the LibOS argument array's
+    /// DMA address.
+    pub struct GspMailbox1(u32) {
+        /// The whole register.
+        value, with_value, VALUE: 31:0;
+    }
+}
+register32!(GspMailbox1, 0x11_0044, "GSP_FALCON_MAILBOX1");
+
+bitfield! {
+    /// GSP falcon `CPUCTL` (BAR0 0x110100, gpu-facts 3.3).
+    pub struct GspCpuCtl(u32) {
+        /// STARTCPU: write 1 to start the falcon's CPU.
+        startcpu, with_startcpu, STARTCPU: 1:1;
+        /// HALTED: reads 1 while the CPU is not running.
+        halted, with_halted, HALTED: 4:4;
+        /// ALIAS_EN.
+        alias_en, with_alias_en, ALIAS_EN: 6:6;
+    }
+}
+register32!(GspCpuCtl, 0x11_0100, "GSP_FALCON_CPUCTL");
+
+bitfield! {
+    /// GSP falcon `ENGINE` (BAR0 0x1103C0, gpu-facts 3.3): reset control.
+    pub struct GspEngine(u32) {
+        /// RESET: 1 holds the falcon (and the GSP) in reset.
+        reset, with_reset, RESET: 0:0;
+    }
+}
+register32!(GspEngine, 0x11_03C0, "GSP_FALCON_ENGINE");
+
 /// Polls `probe` until it returns `Some`, for at least `timeout`. The probe always runs
 /// once more after the deadline, so a late wake-up never reports a false timeout.
 /// Returns `Ok(None)` on timeout.
@@ -508,6 +550,19 @@ mod tests {
                 .with_big_page_size(1)
                 .raw(),
             0xC00
+        );
+        // GSP falcon (gpu-facts 3.3): CPUCTL bit1 STARTCPU, bit4 HALTED; ENGINE bit0.
+        assert_eq!(GspCpuCtl::from_raw(0).with_startcpu(1).raw(), 0x2);
+        assert_eq!(GspCpuCtl::from_raw(0x10).halted(), 1);
+        assert_eq!(GspEngine::from_raw(0).with_reset(1).raw(), 1);
+        assert_eq!(
+            [
+                GspMailbox0::OFFSET,
+                GspMailbox1::OFFSET,
+                GspCpuCtl::OFFSET,
+                GspEngine::OFFSET
+            ],
+            [0x110040, 0x110044, 0x110100, 0x1103C0]
         );
     }
 

@@ -3,9 +3,11 @@
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use gpu_emulation::gsp::DmaError;
 use gpu_emulation::{BarRole, ChipProfile, EmulatedGpu, GpuError, Vram, VramAddr};
 use thiserror::Error;
 
+use super::guest_dma::GuestDmaMemory;
 use super::{
     AccessWidth, ChipIdentity, HostBar, HostBarRole, HostGpu, HostGpuError, HostMemory, MmapSource,
 };
@@ -226,11 +228,31 @@ impl HostGpu for EmulatedHostGpu {
         Ok(Arc::new(buffer))
     }
 
-    fn gsp_start(&self, args: &super::dma::MessageQueueInitArgs) -> Result<(), HostGpuError> {
-        self.gpu
-            .gsp()
-            .start(&args.into())
-            .map_err(|e| HostGpuError::Io(std::io::Error::other(e.to_string())))
+    /// Puts `memory` into the emulated IOMMU at `iova` (wrapped as a DMA target that
+    /// honours its read/write permissions). A range that overlaps an existing mapping is
+    /// refused with EEXIST, an empty or wrapping one with EINVAL.
+    fn map_guest_dma(
+        &self,
+        iova: u64,
+        memory: Arc<dyn GuestDmaMemory>,
+    ) -> Result<(), HostGpuError> {
+        let target = Arc::new(super::dma::GuestDmaTarget::new(memory));
+        self.gpu.dma().map_at(iova, target).map_err(|e| {
+            log::warn!("mapping guest DMA memory at {iova:#x}: {e}");
+            let errno = match e {
+                DmaError::Overlap { .. } => libc::EEXIST,
+                _ => libc::EINVAL,
+            };
+            HostGpuError::Io(std::io::Error::from_raw_os_error(errno))
+        })
+    }
+
+    /// Takes the guest map at `iova` out of the emulated IOMMU (a GSP access already under
+    /// way keeps its reference until it ends).
+    fn unmap_guest_dma(&self, iova: u64) {
+        if let Err(e) = self.gpu.dma().unmap_at(iova) {
+            log::debug!("unmapping guest DMA memory at {iova:#x}: {e}");
+        }
     }
 }
 
@@ -353,6 +375,52 @@ mod tests {
             .read(VramAddr::new(end), &mut vram)
             .unwrap();
         assert_eq!(vram, [9; 4]);
+    }
+
+    #[test]
+    fn guest_dma_maps_honour_permissions_and_refuse_overlap() {
+        use super::super::dma::test_memory::VecGuestMemory;
+        let gpu = EmulatedHostGpu::by_name("gh100-80g").unwrap();
+        let dma = gpu.emulated().dma();
+        let write_only = Arc::new(VecGuestMemory::new(0x2000, false, true));
+        let read_only = Arc::new(VecGuestMemory::new(0x1000, true, false));
+        read_only.write(0x10, &[1, 2, 3, 4]).unwrap();
+        gpu.map_guest_dma(0x8000_0000, write_only.clone()).unwrap();
+        gpu.map_guest_dma(0x8000_2000, read_only).unwrap();
+        // The device writes write-only memory but cannot read it back.
+        let (t, off) = dma.resolve(0x8000_1000, 4).unwrap();
+        t.store_u32(off, 0xAABB_CCDD).unwrap();
+        let mut b = [0u8; 4];
+        write_only.read(0x1000, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xAABB_CCDD);
+        assert!(matches!(t.load_u32(off), Err(DmaError::NotReadable)));
+        assert!(matches!(t.read(off, &mut b), Err(DmaError::NotReadable)));
+        assert!(matches!(t.load_u32(off + 2), Err(DmaError::Misaligned(_))));
+        assert!(matches!(
+            t.read(0x1FFE, &mut b),
+            Err(DmaError::OutOfBounds { .. })
+        ));
+        // Read-only memory reads, refuses writes.
+        let (t, off) = dma.resolve(0x8000_2010, 4).unwrap();
+        assert_eq!(t.load_u32(off).unwrap(), 0x0403_0201);
+        assert!(matches!(t.store_u32(off, 0), Err(DmaError::NotWritable)));
+        // Overlap: EEXIST; empty: EINVAL.
+        let err = gpu
+            .map_guest_dma(
+                0x8000_1000,
+                Arc::new(VecGuestMemory::new(0x1000, true, true)),
+            )
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EEXIST);
+        let err = gpu
+            .map_guest_dma(0x9000_0000, Arc::new(VecGuestMemory::new(0, true, true)))
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL);
+        // Unmapped: gone from the IOMMU; unmapping again is harmless.
+        gpu.unmap_guest_dma(0x8000_0000);
+        gpu.unmap_guest_dma(0x8000_0000);
+        assert!(dma.resolve(0x8000_1000, 4).is_err());
+        assert_eq!(dma.mapping_count(), 1);
     }
 
     #[test]

@@ -220,7 +220,8 @@ pub trait HostGpu: Send + Sync {
         let _ = (addr, len);
     }
     /// Allocates `len` bytes (a multiple of 4 KiB) of zero-filled host memory the GPU
-    /// reaches by DMA (the GSP's shared queue block). The emulated GPU maps a memfd into
+    /// reaches by DMA (the GSP's shared queue block and boot arguments; the GSP itself is
+    /// started through BAR0, see `crate::gsp::falcon`). The emulated GPU maps a memfd into
     /// its emulated IOMMU; a VFIO host would map anonymous memory with
     /// `VFIO_IOMMU_MAP_DMA`. The default refuses with ENOTSUP.
     fn dma_alloc(&self, len: u64) -> Result<Arc<dyn dma::DmaBuffer>, HostGpuError> {
@@ -246,14 +247,5 @@ pub trait HostGpu: Send + Sync {
     /// returns the GPU no longer reaches it. The default does nothing.
     fn unmap_guest_dma(&self, iova: u64) {
         let _ = iova;
-    }
-    /// Starts (or restarts) the GSP with its message queues where `args` says. The
-    /// emulated GPU hands them to its GSP directly; hardware would carry them through the
-    /// firmware boot chain (gpu-facts 3.7). The default refuses with ENOTSUP.
-    fn gsp_start(&self, args: &dma::MessageQueueInitArgs) -> Result<(), HostGpuError> {
-        let _ = args;
-        Err(HostGpuError::Io(std::io::Error::from_raw_os_error(
-            libc::ENOTSUP,
-        )))
     }
 }

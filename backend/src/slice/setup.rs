@@ -182,7 +182,9 @@ impl std::fmt::Debug for SlicedGpu {
     }
 }
 
-/// End of the usable framebuffer region at VRAM address 0, as the freshly booted GSP reports.
+/// End of the usable framebuffer region at VRAM address 0, as the freshly booted GSP
+/// reports. The GSP is stopped again (through its registers) when the session ends here,
+/// before its DMA memory is freed.
 fn gsp_usable_vram(host: &dyn HostGpu) -> Result<u64, SetupError> {
     let session = crate::gsp::boot(host, crate::gsp::GspTimeouts::default())?;
     let usable = session
@@ -204,7 +206,8 @@ impl SlicedGpu {
     ///
     /// The usable VRAM comes from the GSP: it is booted, and the usable framebuffer region
     /// at address 0 of its GET_GSP_STATIC_INFO reply bounds the partition (board-reserved
-    /// and firmware regions are never handed out). The GSP stays running.
+    /// and firmware regions are never handed out). The GSP is stopped again once the
+    /// sizes are read.
     pub fn new(host: Arc<dyn HostGpu>) -> Result<SlicedGpu, SetupError> {
         let usable = gsp_usable_vram(&*host)?;
         let partition = VramPartition::with_sizes(host.identity().vram_size, usable)?;

@@ -1,11 +1,20 @@
 //! [`DmaSpace`]: the emulated GPU's view of host system memory, an emulated IOMMU.
 //!
-//! On hardware the host maps its buffer into the device's IOMMU domain (VFIO
-//! `VFIO_IOMMU_MAP_DMA`) and gives the GPU bus ("DMA") addresses. Here the host hands the
-//! emulated GPU the buffer's memfd; [`DmaSpace::map`] maps it a second time (the GPU's own
-//! mapping) at a fresh DMA address, and the GSP resolves DMA addresses through
-//! [`DmaSpace::resolve`].
+//! On hardware the host maps memory into the device's IOMMU domain (VFIO
+//! `VFIO_IOMMU_MAP_DMA`) and gives the GPU bus ("DMA") addresses. Here every mapping is a
+//! [`DmaTarget`]: anything that can be read and written at offsets, placed at a DMA
+//! address. Two kinds exist:
+//! - memory the backend allocated in-process: it hands the emulated GPU a memfd, which
+//!   [`DmaSpace::map`] maps a second time (the GPU's own mapping, a [`SharedMemory`]) at
+//!   an address of its choosing;
+//! - memory the emulator cannot map itself, placed at an address someone else chose
+//!   ([`DmaSpace::map_at`]): e.g. the DMA map of a guest that owns the whole GPU, reached
+//!   through its vfio-user connection (a mapped fd, or DMA_READ/DMA_WRITE messages).
+//!
+//! The GSP resolves DMA addresses through [`DmaSpace::resolve`]: an access must lie inside
+//! one mapping (no access spans two).
 
+use std::fmt;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -13,20 +22,20 @@ use thiserror::Error;
 
 use super::shared_memory::{SharedMemory, SharedMemoryError, SHARED_PAGE};
 
-/// First DMA address handed out (ASSUMPTION: arbitrary; 4 GiB keeps addresses above any
-/// 32-bit truncation bug).
+/// Lowest DMA address [`DmaSpace::map`] hands out (ASSUMPTION: arbitrary; 4 GiB keeps
+/// addresses above any 32-bit truncation bug).
 pub const DMA_BASE: u64 = 0x1_0000_0000;
 
-/// Gap left between mappings, so an access running off the end of one buffer faults
-/// instead of landing in the next.
+/// Gap [`DmaSpace::map`] leaves around the mappings it places, so an access running off
+/// the end of one buffer faults instead of landing in the next.
 const GUARD: u64 = 0x20_0000;
 
-/// Errors of the emulated IOMMU.
+/// Errors of the emulated IOMMU and of accesses to its targets.
 #[derive(Debug, Error)]
 pub enum DmaError {
-    /// The buffer could not be mapped.
-    #[error("mapping DMA memory failed: {0}")]
-    Map(#[from] SharedMemoryError),
+    /// A memfd could not be mapped, or its mapping rejected an access.
+    #[error("DMA memory: {0}")]
+    Memory(#[from] SharedMemoryError),
     /// No mapping covers the range.
     #[error("DMA access of {len:#x} bytes at {addr:#x} hits no mapped buffer")]
     Unmapped {
@@ -38,17 +47,117 @@ pub enum DmaError {
     /// The DMA address space is exhausted (not expected: it is 64 bits wide).
     #[error("the emulated DMA address space is exhausted")]
     Exhausted,
+    /// [`DmaSpace::map_at`] was given a range that overlaps an existing mapping.
+    #[error("DMA range {addr:#x} + {len:#x} overlaps the mapping at {existing:#x}")]
+    Overlap {
+        /// Requested address.
+        addr: u64,
+        /// Requested length.
+        len: u64,
+        /// Start of the mapping it overlaps.
+        existing: u64,
+    },
+    /// [`DmaSpace::map_at`] was given an empty range or one that wraps past 2^64.
+    #[error("DMA range {addr:#x} + {len:#x} is empty or overflows")]
+    BadRange {
+        /// Requested address.
+        addr: u64,
+        /// Requested length.
+        len: u64,
+    },
+    /// An access outside a target.
+    #[error(
+        "DMA access of {len:#x} bytes at offset {offset:#x} is outside the {size:#x}-byte target"
+    )]
+    OutOfBounds {
+        /// Offset of the access in the target.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Size of the target.
+        size: u64,
+    },
+    /// A 32-bit access at an offset that is not 4-byte aligned.
+    #[error("32-bit DMA access at offset {0:#x} is not 4-byte aligned")]
+    Misaligned(u64),
+    /// The owner of the memory did not allow the device to read it.
+    #[error("the DMA target does not allow device reads")]
+    NotReadable,
+    /// The owner of the memory did not allow the device to write it.
+    #[error("the DMA target does not allow device writes")]
+    NotWritable,
+    /// The target failed the access (e.g. its connection is gone).
+    #[error("DMA target access failed: {0}")]
+    Target(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// One buffer mapped into the emulated IOMMU.
+/// Memory the emulated GPU reaches by DMA: one mapping of the emulated IOMMU.
+///
+/// Offsets are bytes from the target's start; implementations check
+/// `offset + len <= self.len()` and return [`DmaError::OutOfBounds`] otherwise. The memory
+/// may be written by its owner at any time, so implementations copy (never hand out
+/// references); `load_u32`/`store_u32` carry the queue pointers and must order the data
+/// around them (acquire / release) where the memory is shared in-process.
+pub trait DmaTarget: Send + Sync + fmt::Debug {
+    /// Length in bytes.
+    fn len(&self) -> u64;
+    /// Whether the target is empty (never for a mapped target).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `buf.len()` bytes at `offset` out of the target (a device read).
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError>;
+    /// Copies `data` into the target at `offset` (a device write).
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError>;
+    /// Loads the little-endian `u32` at `offset` (4-byte aligned), acquire ordering.
+    fn load_u32(&self, offset: u64) -> Result<u32, DmaError>;
+    /// Stores `value` little-endian at `offset` (4-byte aligned), release ordering.
+    fn store_u32(&self, offset: u64, value: u32) -> Result<(), DmaError>;
+}
+
+impl DmaTarget for SharedMemory {
+    fn len(&self) -> u64 {
+        SharedMemory::len(self)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        Ok(SharedMemory::read(self, offset, buf)?)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
+        Ok(SharedMemory::write(self, offset, data)?)
+    }
+
+    fn load_u32(&self, offset: u64) -> Result<u32, DmaError> {
+        Ok(SharedMemory::load_u32(self, offset)?)
+    }
+
+    fn store_u32(&self, offset: u64, value: u32) -> Result<(), DmaError> {
+        Ok(SharedMemory::store_u32(self, offset, value)?)
+    }
+}
+
+/// One target mapped into the emulated IOMMU.
 #[derive(Debug, Clone)]
 struct Mapping {
     addr: u64,
-    memory: Arc<SharedMemory>,
+    target: Arc<dyn DmaTarget>,
+}
+
+impl Mapping {
+    /// One past the last byte (mappings never wrap: checked when they are made).
+    fn end(&self) -> u64 {
+        self.addr + self.target.len()
+    }
+
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.addr < end && start < self.end()
+    }
 }
 
 #[derive(Debug)]
 struct Table {
+    /// Where [`DmaSpace::map`] starts looking for room.
     next: u64,
     mappings: Vec<Mapping>,
 }
@@ -78,35 +187,83 @@ impl DmaSpace {
     }
 
     /// Maps the first `len` bytes of `fd` (a multiple of 4 KiB) and returns the DMA
-    /// address of its first byte.
+    /// address of its first byte: the lowest address at or above the last one handed out
+    /// whose range, widened by a guard gap on both sides, collides with no mapping.
     pub fn map(&self, fd: BorrowedFd<'_>, len: u64) -> Result<u64, DmaError> {
-        let memory = Arc::new(SharedMemory::map(fd, len)?);
+        let memory: Arc<dyn DmaTarget> = Arc::new(SharedMemory::map(fd, len)?);
         let mut table = self.table();
-        let addr = table.next;
+        let mut addr = table.next;
+        loop {
+            let lo = addr.checked_sub(GUARD).ok_or(DmaError::Exhausted)?;
+            let hi = addr
+                .checked_add(len)
+                .and_then(|end| end.checked_add(GUARD))
+                .ok_or(DmaError::Exhausted)?;
+            match table.mappings.iter().find(|m| m.overlaps(lo, hi)) {
+                None => break,
+                Some(m) => {
+                    addr = m
+                        .end()
+                        .checked_add(GUARD)
+                        .and_then(|a| a.checked_next_multiple_of(SHARED_PAGE))
+                        .ok_or(DmaError::Exhausted)?;
+                }
+            }
+        }
         table.next = addr
             .checked_add(len)
             .and_then(|end| end.checked_add(GUARD))
-            .map(|end| end.next_multiple_of(SHARED_PAGE))
+            .and_then(|a| a.checked_next_multiple_of(SHARED_PAGE))
             .ok_or(DmaError::Exhausted)?;
-        table.mappings.push(Mapping { addr, memory });
+        table.mappings.push(Mapping {
+            addr,
+            target: memory,
+        });
         Ok(addr)
     }
 
-    /// Removes the mapping starting at `addr`. Users that already resolved it keep their
-    /// reference (the emulator does not model IOMMU faults on in-flight accesses).
+    /// Maps `target` at DMA address `iova` (chosen by the caller). Refuses an empty
+    /// target, a range that wraps past 2^64, and one overlapping any existing mapping.
+    pub fn map_at(&self, iova: u64, target: Arc<dyn DmaTarget>) -> Result<(), DmaError> {
+        let len = target.len();
+        let end = iova
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(DmaError::BadRange { addr: iova, len })?;
+        let mut table = self.table();
+        if let Some(m) = table.mappings.iter().find(|m| m.overlaps(iova, end)) {
+            return Err(DmaError::Overlap {
+                addr: iova,
+                len,
+                existing: m.addr,
+            });
+        }
+        table.mappings.push(Mapping { addr: iova, target });
+        Ok(())
+    }
+
+    /// Removes the mapping [`DmaSpace::map`] placed at `addr`. Users that already
+    /// resolved it keep their reference (the emulator does not model IOMMU faults on
+    /// in-flight accesses).
     pub fn unmap(&self, addr: u64) -> Result<(), DmaError> {
+        self.unmap_at(addr).map(drop)
+    }
+
+    /// Removes the mapping starting at `iova` (from [`DmaSpace::map_at`] or
+    /// [`DmaSpace::map`]) and returns its target. As for [`DmaSpace::unmap`], users that
+    /// already resolved it keep their reference.
+    pub fn unmap_at(&self, iova: u64) -> Result<Arc<dyn DmaTarget>, DmaError> {
         let mut table = self.table();
         let i = table
             .mappings
             .iter()
-            .position(|m| m.addr == addr)
-            .ok_or(DmaError::Unmapped { addr, len: 0 })?;
-        table.mappings.remove(i);
-        Ok(())
+            .position(|m| m.addr == iova)
+            .ok_or(DmaError::Unmapped { addr: iova, len: 0 })?;
+        Ok(table.mappings.remove(i).target)
     }
 
-    /// The buffer holding `[addr, addr + len)` and the offset of `addr` in it.
-    pub fn resolve(&self, addr: u64, len: u64) -> Result<(Arc<SharedMemory>, u64), DmaError> {
+    /// The target holding `[addr, addr + len)` and the offset of `addr` in it.
+    pub fn resolve(&self, addr: u64, len: u64) -> Result<(Arc<dyn DmaTarget>, u64), DmaError> {
         let table = self.table();
         table
             .mappings
@@ -114,9 +271,15 @@ impl DmaSpace {
             .find_map(|m| {
                 let off = addr.checked_sub(m.addr)?;
                 let end = off.checked_add(len)?;
-                (end <= m.memory.len()).then(|| (Arc::clone(&m.memory), off))
+                (end <= m.target.len()).then(|| (Arc::clone(&m.target), off))
             })
             .ok_or(DmaError::Unmapped { addr, len })
+    }
+
+    /// Copies `buf.len()` bytes at DMA address `addr` (inside one mapping) into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let (target, off) = self.resolve(addr, buf.len() as u64)?;
+        target.read(off, buf)
     }
 
     /// Number of live mappings.
@@ -128,6 +291,29 @@ impl DmaSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A target of `len` bytes that refuses every access (its content does not matter to
+    /// the address-space tests).
+    #[derive(Debug)]
+    struct Opaque(u64);
+
+    impl DmaTarget for Opaque {
+        fn len(&self) -> u64 {
+            self.0
+        }
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), DmaError> {
+            Err(DmaError::NotReadable)
+        }
+        fn write(&self, _: u64, _: &[u8]) -> Result<(), DmaError> {
+            Err(DmaError::NotWritable)
+        }
+        fn load_u32(&self, _: u64) -> Result<u32, DmaError> {
+            Err(DmaError::NotReadable)
+        }
+        fn store_u32(&self, _: u64, _: u32) -> Result<(), DmaError> {
+            Err(DmaError::NotWritable)
+        }
+    }
 
     #[test]
     fn map_resolve_unmap() {
@@ -144,6 +330,9 @@ mod tests {
         let mut buf = [0; 16];
         mem.read(off, &mut buf).unwrap();
         assert_eq!(buf, [7; 16]);
+        let mut buf2 = [0; 16];
+        space.read(da + 0x2FF0, &mut buf2).unwrap();
+        assert_eq!(buf2, [7; 16]);
         assert!(space.resolve(da + 0x2FF0, 17).is_err());
         assert!(space.resolve(da - 1, 1).is_err());
         assert!(space.resolve(db, 0x1000).is_ok());
@@ -151,5 +340,80 @@ mod tests {
         assert!(space.resolve(da, 1).is_err());
         assert!(space.unmap(da).is_err());
         assert_eq!(space.mapping_count(), 1);
+    }
+
+    #[test]
+    fn map_at_refuses_overlap_and_overflow_and_unmaps() {
+        let space = DmaSpace::default();
+        space.map_at(0x10_0000, Arc::new(Opaque(0x2000))).unwrap();
+        for (iova, len) in [
+            (0x10_0000, 0x1000),
+            (0x10_1000, 0x1000),
+            (0x0F_F000, 0x2000),
+            (0x0F_0000, 0x20_0000),
+        ] {
+            assert!(
+                matches!(
+                    space.map_at(iova, Arc::new(Opaque(len))),
+                    Err(DmaError::Overlap {
+                        existing: 0x10_0000,
+                        ..
+                    })
+                ),
+                "{iova:#x} + {len:#x}"
+            );
+        }
+        // Touching ranges on both sides are fine.
+        space.map_at(0x0F_F000, Arc::new(Opaque(0x1000))).unwrap();
+        space.map_at(0x10_2000, Arc::new(Opaque(0x1000))).unwrap();
+        assert!(matches!(
+            space.map_at(u64::MAX - 0xFFF, Arc::new(Opaque(0x2000))),
+            Err(DmaError::BadRange { .. })
+        ));
+        assert!(matches!(
+            space.map_at(0x50_0000, Arc::new(Opaque(0))),
+            Err(DmaError::BadRange { .. })
+        ));
+        // A range may end just below 2^64 (ends are exclusive and must fit a u64).
+        space
+            .map_at(u64::MAX - 0x1FFF, Arc::new(Opaque(0x1000)))
+            .unwrap();
+        assert_eq!(space.mapping_count(), 4);
+        let (t, off) = space.resolve(0x10_1FFC, 4).unwrap();
+        assert_eq!((t.len(), off), (0x2000, 0x1FFC));
+        assert!(space.resolve(0x10_1FFC, 8).is_err(), "spans two mappings");
+        assert_eq!(space.unmap_at(0x10_0000).unwrap().len(), 0x2000);
+        assert!(space.resolve(0x10_0000, 4).is_err());
+        assert!(matches!(
+            space.unmap_at(0x10_0000),
+            Err(DmaError::Unmapped { .. })
+        ));
+        // The hole can be mapped again.
+        space.map_at(0x10_0000, Arc::new(Opaque(0x2000))).unwrap();
+    }
+
+    #[test]
+    fn map_picks_addresses_that_collide_with_nothing() {
+        let space = DmaSpace::default();
+        // A foreign mapping exactly where `map` would start, and one just past its guard.
+        space.map_at(DMA_BASE, Arc::new(Opaque(0x4000))).unwrap();
+        let far = DMA_BASE + 0x4000 + GUARD + 0x1000;
+        space.map_at(far, Arc::new(Opaque(0x1000))).unwrap();
+        let m = SharedMemory::create(c"m", 0x2000).unwrap();
+        let addr = space.map(m.as_fd(), 0x2000).unwrap();
+        assert_eq!(addr % SHARED_PAGE, 0);
+        for (start, len) in [(DMA_BASE, 0x4000), (far, 0x1000)] {
+            assert!(
+                addr + 0x2000 + GUARD <= start || start + len + GUARD <= addr,
+                "{addr:#x} too close to {start:#x}"
+            );
+        }
+        let addr2 = space.map(m.as_fd(), 0x2000).unwrap();
+        assert!(addr2 >= addr + 0x2000 + GUARD);
+        assert_eq!(space.mapping_count(), 4);
+        m.write(0, &[5]).unwrap();
+        let mut b = [0u8; 1];
+        space.read(addr2, &mut b).unwrap();
+        assert_eq!(b, [5]);
     }
 }

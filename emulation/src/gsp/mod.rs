@@ -3,20 +3,42 @@
 //!
 //! # How the host reaches it
 //! - **Memory.** The host owns the shared block (129 pages: page-table array, command
-//!   queue, message queue). It hands the emulated GPU the block's memfd, which the GPU maps
-//!   a second time into its emulated IOMMU ([`DmaSpace`]) at a DMA address; the page-table
-//!   array the host writes into page 0 holds the DMA address of every page, and the GSP
-//!   finds each page through it ([`GspQueues::attach`]), as firmware does.
-//! - **Start.** [`EmulatedGsp::start`] plays the whole firmware boot chain: it takes the
-//!   MESSAGE_QUEUE_INIT_ARGUMENTS ([`MessageQueueInitArgs`]) that hardware would find in
-//!   GSP_ARGUMENTS_CACHED, checks the command queue header, initialises the message queue
-//!   header, and starts the GSP thread, which then consumes whatever the host queued
-//!   before (SET_SYSTEM_INFO, SET_REGISTRY) and posts GSP_INIT_DONE ([`firmware`]).
+//!   queue, message queue) and makes it reachable by DMA: the emulated GPU puts it into
+//!   its emulated IOMMU ([`DmaSpace`]) at a DMA address, either a memfd the backend
+//!   allocated ([`DmaSpace::map`]) or memory reached some other way, such as the DMA map of
+//!   a guest that owns the whole GPU ([`DmaSpace::map_at`] with a [`DmaTarget`]). The
+//!   page-table array the host writes into page 0 holds the DMA address of every page, and
+//!   the GSP finds each page through it ([`GspQueues::attach`]), as firmware does; pages
+//!   may live in different targets.
+//! - **Start, through registers** ([`falcon`]). The host writes the DMA address of its
+//!   LibOS init-argument array to MAILBOX0 (low half) and MAILBOX1 (high half), then
+//!   STARTCPU to CPUCTL. The GSP reads the array, finds the RMARGS entry, reads
+//!   GSP_ARGUMENTS_CACHED and takes the MESSAGE_QUEUE_INIT_ARGUMENTS from it ([`libos`]),
+//!   checks the command queue header, initialises the message queue header, and starts
+//!   the GSP thread, which then consumes whatever the host queued before
+//!   (SET_SYSTEM_INFO, SET_REGISTRY) and posts GSP_INIT_DONE ([`firmware`]). On success
+//!   MAILBOX0 reads 0 and CPUCTL.HALTED 0. These reads are the only DMA done inside the
+//!   BAR0 write (a page, 0x48 bytes, the page table and two queue headers).
+//!
+//!   The real chain is **not modelled**: on hardware STARTCPU runs a bootloader, SEC2's
+//!   booter (Turing–Ada) or the FSP chain of trust (Hopper, Blackwell) verifies and loads
+//!   GSP-RM into WPR using the WPR metadata, and GSP-RM asks the CPU to run
+//!   RUN_CPU_SEQUENCER before it is up (gpu-facts 3.6, 3.7). Here the emulated GSP-RM
+//!   takes its LibOS arguments at STARTCPU itself.
+//! - **Start failures** leave the GSP halted (CPUCTL.HALTED stays 1), record the error in
+//!   [`GspStats::errors`] and put a code in MAILBOX0 (project-defined; none has 0xBAD in
+//!   its top 12 bits, which Open RM reads as a PRI error): [`START_ARGS_UNREACHABLE`],
+//!   [`START_NO_RMARGS`], [`START_BAD_RMARGS_ENTRY`], [`START_RMARGS_UNREACHABLE`],
+//!   [`START_QUEUES_REFUSED`], [`START_THREAD_FAILED`].
+//! - **Halt.** ENGINE.RESET = 1 stops the thread (messages not yet posted are lost) and
+//!   resets the falcon registers; the write waits for the thread at most
+//!   [`HALT_WAIT`] (it normally stops within one wake-up), after which CPUCTL.HALTED
+//!   reads 1 as soon as the thread is gone.
 //! - **Doorbell.** A BAR0 write to `NV_PGSP_QUEUE_HEAD(0)` (0x110C00) wakes the thread
-//!   through a condition variable ([`falcon`]); the write returns at once, so the host's
-//!   own waiting and timeouts are real. The thread also wakes every 5 ms when idle (to
-//!   notice [`GspFaults::resume`]) and every 100 µs while replies wait for room in the
-//!   message queue (hardware would poll the CPU's read pointer the same way).
+//!   through a condition variable; the write returns at once, so the host's own waiting
+//!   and timeouts are real. The thread also wakes every 5 ms when idle (to notice
+//!   [`GspFaults::resume`]) and every 100 µs while replies wait for room in the message
+//!   queue (hardware would poll the CPU's read pointer the same way).
 //! - **Interrupt.** After posting messages the GSP raises SWGEN0 (bit 6 of the falcon
 //!   IRQSTAT, 0x110008); the host acks through IRQSCLR (0x110004).
 //!
@@ -33,6 +55,7 @@ pub mod falcon;
 pub mod faults;
 pub mod fb;
 pub mod firmware;
+pub mod libos;
 pub mod objects;
 pub mod queues;
 pub mod rm;
@@ -43,14 +66,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-pub use dma::{DmaError, DmaSpace};
-pub use falcon::{FalconIrq, GspFalcon};
+pub use dma::{DmaError, DmaSpace, DmaTarget};
+pub use falcon::{FalconAction, FalconIrq, GspFalcon};
 pub use faults::{Corruption, GspFaults};
 pub use firmware::FirmwareState;
+pub use libos::{GspArgumentsCached, LibosError};
 pub use queues::{EndpointStats, GspQueues, MessageQueueInitArgs, QueueError};
 pub use shared_memory::{SharedMemory, SharedMemoryError};
 
@@ -63,16 +87,54 @@ const IDLE_POLL: Duration = Duration::from_millis(5);
 const BACKLOG_POLL: Duration = Duration::from_micros(100);
 /// Most error strings kept in [`GspStats::errors`].
 const ERRORS_KEPT: usize = 32;
+/// Longest an ENGINE.RESET write waits for the GSP thread to stop.
+pub const HALT_WAIT: Duration = Duration::from_millis(100);
+
+/// MAILBOX0 after a failed STARTCPU: the LibOS argument array at MAILBOX1:MAILBOX0 is not
+/// mapped (or not readable) for a whole page.
+pub const START_ARGS_UNREACHABLE: u32 = 0x4753_0001;
+/// MAILBOX0 after a failed STARTCPU: the array has no RMARGS entry before its end.
+pub const START_NO_RMARGS: u32 = 0x4753_0002;
+/// MAILBOX0 after a failed STARTCPU: the RMARGS entry is not contiguous system memory or
+/// is smaller than GSP_ARGUMENTS_CACHED.
+pub const START_BAD_RMARGS_ENTRY: u32 = 0x4753_0003;
+/// MAILBOX0 after a failed STARTCPU: GSP_ARGUMENTS_CACHED is not readable at the entry's
+/// address.
+pub const START_RMARGS_UNREACHABLE: u32 = 0x4753_0004;
+/// MAILBOX0 after a failed STARTCPU: the queues the arguments describe are unusable
+/// (unmapped pages, bad geometry, wrong command queue header).
+pub const START_QUEUES_REFUSED: u32 = 0x4753_0005;
+/// MAILBOX0 after a failed STARTCPU: the emulator could not start the GSP thread.
+pub const START_THREAD_FAILED: u32 = 0x4753_0006;
 
 /// Errors of starting the emulated GSP.
 #[derive(Debug, Error)]
 pub enum GspError {
+    /// The LibOS arguments could not be read.
+    #[error("GSP start: {0}")]
+    Libos(#[from] LibosError),
     /// The shared block could not be found or is not set up as the protocol requires.
     #[error("GSP queue setup failed: {0}")]
     Queues(#[from] QueueError),
     /// The GSP thread could not be started.
     #[error("starting the GSP thread failed: {0}")]
     Spawn(#[source] std::io::Error),
+}
+
+impl GspError {
+    /// The code a failed STARTCPU leaves in MAILBOX0 (see the module documentation).
+    pub fn mailbox_code(&self) -> u32 {
+        match self {
+            GspError::Libos(LibosError::ArrayUnreachable { .. }) => START_ARGS_UNREACHABLE,
+            GspError::Libos(LibosError::NoRmArgs) => START_NO_RMARGS,
+            GspError::Libos(LibosError::UnsupportedEntry { .. } | LibosError::EntryTooSmall(_)) => {
+                START_BAD_RMARGS_ENTRY
+            }
+            GspError::Libos(LibosError::ArgsUnreachable { .. }) => START_RMARGS_UNREACHABLE,
+            GspError::Queues(_) => START_QUEUES_REFUSED,
+            GspError::Spawn(_) => START_THREAD_FAILED,
+        }
+    }
 }
 
 /// Counters of the emulated GSP (across boots).
@@ -144,12 +206,40 @@ impl EmulatedGsp {
         }
     }
 
-    /// Boots the GSP on the queues `args` describes (halting a running one first, as a
-    /// falcon reset would). Fails at once if the shared block cannot be reached or its
-    /// command queue header is wrong.
-    pub fn start(&self, args: &MessageQueueInitArgs) -> Result<(), GspError> {
-        self.halt();
-        let queues = GspQueues::attach(&self.dma, args)?;
+    /// STARTCPU: boots the GSP on the LibOS arguments at MAILBOX1:MAILBOX0 (see the module
+    /// documentation). Ignored while the GSP runs (its previous thread has not ended).
+    /// On failure the GSP stays halted, MAILBOX0 holds the failure's code and the error
+    /// is recorded; on success MAILBOX0 is 0.
+    pub(crate) fn start_cpu(&self) {
+        let mut thread = lock(&self.thread);
+        if let Some(old) = thread.take() {
+            if !old.is_finished() {
+                log::debug!("emulated GSP: STARTCPU ignored, the GSP is running");
+                *thread = Some(old);
+                return;
+            }
+            join(old);
+        }
+        let addr = self.falcon.mailbox_address();
+        let started = libos::read_rm_args(&self.dma, addr)
+            .map_err(GspError::from)
+            .and_then(|args| Ok(GspQueues::attach(&self.dma, &args.queues)?))
+            .and_then(|queues| self.launch(queues));
+        match started {
+            Ok(handle) => {
+                *thread = Some(handle);
+                self.falcon.set_mailbox0(0);
+            }
+            Err(e) => {
+                self.falcon.set_mailbox0(e.mailbox_code());
+                self.shared
+                    .error(format!("STARTCPU with LibOS arguments at {addr:#x}: {e}"));
+            }
+        }
+    }
+
+    /// Starts the GSP thread on `queues` (no thread may be running).
+    fn launch(&self, queues: GspQueues) -> Result<JoinHandle<()>, GspError> {
         *lock(&self.shared.firmware) = Some(Firmware::new(self.profile));
         lock(&self.shared.posts).clear();
         self.shared.stop.store(false, Ordering::Release);
@@ -158,12 +248,39 @@ impl EmulatedGsp {
             Arc::clone(&self.falcon),
             Arc::clone(&self.faults),
         );
-        let handle = std::thread::Builder::new()
+        self.falcon.set_running(true);
+        let spawned = std::thread::Builder::new()
             .name(format!("gsp-{}", self.profile.name()))
-            .spawn(move || GspThread::new(shared, falcon, faults, queues).run())
-            .map_err(GspError::Spawn)?;
-        *lock(&self.thread) = Some(handle);
-        Ok(())
+            .spawn(move || {
+                let _running = RunningFlag(Arc::clone(&falcon));
+                GspThread::new(shared, falcon, faults, queues).run();
+            });
+        spawned.map_err(|e| {
+            self.falcon.set_running(false);
+            GspError::Spawn(e)
+        })
+    }
+
+    /// ENGINE.RESET: stops the GSP thread, waiting for it at most [`HALT_WAIT`] (a thread
+    /// that takes longer is left to finish on its own; CPUCTL.HALTED reads 1 once it has),
+    /// and puts the falcon registers back to power-on.
+    pub(crate) fn engine_reset(&self) {
+        let mut thread = lock(&self.thread);
+        if let Some(handle) = thread.take() {
+            self.shared.stop.store(true, Ordering::Release);
+            self.falcon.doorbell.ring();
+            let start = Instant::now();
+            while !handle.is_finished() && start.elapsed() < HALT_WAIT {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            if handle.is_finished() {
+                join(handle);
+            } else {
+                log::warn!("emulated GSP: still stopping {HALT_WAIT:?} after ENGINE reset");
+                *thread = Some(handle);
+            }
+        }
+        self.falcon.reset_registers();
     }
 
     /// Stops the GSP thread (if running) and waits for it. Messages not yet posted are
@@ -174,20 +291,17 @@ impl EmulatedGsp {
         };
         self.shared.stop.store(true, Ordering::Release);
         self.falcon.doorbell.ring();
-        if handle.join().is_err() {
-            log::error!("emulated GSP thread panicked");
-        }
+        join(handle);
     }
 
-    /// Whether the GSP thread is running.
+    /// Whether the GSP runs (CPUCTL.HALTED reads 0).
     pub fn is_running(&self) -> bool {
-        lock(&self.thread)
-            .as_ref()
-            .is_some_and(|t| !t.is_finished())
+        self.falcon.is_running()
     }
 
     /// A GSP-side queue endpoint on `args` without the firmware thread (halting a running
-    /// GSP first), for tests that step both sides of the queues by hand.
+    /// GSP first), for tests that step both sides of the queues by hand. A test tool, not
+    /// a way to start the GSP: the falcon stays halted and nothing answers the host.
     pub fn manual_endpoint(&self, args: &MessageQueueInitArgs) -> Result<GspQueues, GspError> {
         self.halt();
         Ok(GspQueues::attach(&self.dma, args)?)
@@ -219,6 +333,23 @@ impl EmulatedGsp {
 impl Drop for EmulatedGsp {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+/// Joins a GSP thread that was told to stop.
+fn join(handle: JoinHandle<()>) {
+    if handle.join().is_err() {
+        log::error!("emulated GSP thread panicked");
+    }
+}
+
+/// Held by the GSP thread: clears the falcon's running state when the thread ends, even by
+/// a panic.
+struct RunningFlag(Arc<GspFalcon>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        self.0.set_running(false);
     }
 }
 

@@ -11,9 +11,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::dma::{DmaError, DmaSpace};
+use super::dma::{DmaError, DmaSpace, DmaTarget};
 use super::faults::Corruption;
-use super::shared_memory::{SharedMemory, SharedMemoryError};
 use super::wire::{self, WireError, WireMessage, SLOT_SIZE};
 
 /// Size of one GSP page (and of a page-table array entry's page).
@@ -31,9 +30,9 @@ const WRITE_PTR: u64 = 0x10;
 /// The `flags` value of a tx header ("swap RX").
 const TX_FLAGS: u32 = 1;
 
-/// MESSAGE_QUEUE_INIT_ARGUMENTS: where the shared block is (gpu-facts 3.1). On hardware
-/// this travels to the firmware inside GSP_ARGUMENTS_CACHED; the emulated GSP is handed it
-/// directly when started.
+/// MESSAGE_QUEUE_INIT_ARGUMENTS: where the shared block is (gpu-facts 3.1). It travels to
+/// the GSP inside GSP_ARGUMENTS_CACHED, which the emulated GSP reads at STARTCPU
+/// ([`super::libos`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageQueueInitArgs {
     /// DMA address of the page-table array (page 0 of the shared block).
@@ -49,12 +48,9 @@ pub struct MessageQueueInitArgs {
 /// Errors of the GSP's queue endpoint.
 #[derive(Debug, Error)]
 pub enum QueueError {
-    /// A DMA address did not resolve.
+    /// A DMA address did not resolve, or the memory behind it failed an access.
     #[error(transparent)]
     Dma(#[from] DmaError),
-    /// Shared memory rejected an access (a bug: offsets are checked before).
-    #[error(transparent)]
-    Memory(#[from] SharedMemoryError),
     /// The init arguments or the page table are unusable.
     #[error("unusable queue setup: {0}")]
     Setup(String),
@@ -80,20 +76,21 @@ pub enum QueueError {
     TooLarge(usize),
 }
 
-/// The shared block as the GSP sees it: 4 KiB pages found through the page-table array.
+/// The shared block as the GSP sees it: 4 KiB pages found through the page-table array,
+/// each a (target, offset) pair; pages may live in different targets.
 #[derive(Debug)]
 struct Pages {
-    pages: Vec<(Arc<SharedMemory>, u64)>,
+    pages: Vec<(Arc<dyn DmaTarget>, u64)>,
 }
 
 impl Pages {
-    fn locate(&self, offset: u64) -> Result<(&SharedMemory, u64), QueueError> {
+    fn locate(&self, offset: u64) -> Result<(&dyn DmaTarget, u64), QueueError> {
         let page = usize::try_from(offset / GSP_PAGE).unwrap_or(usize::MAX);
         let (mem, base) = self
             .pages
             .get(page)
             .ok_or_else(|| QueueError::Setup(format!("offset {offset:#x} past the block")))?;
-        Ok((mem, base + offset % GSP_PAGE))
+        Ok((mem.as_ref(), base + offset % GSP_PAGE))
     }
 
     /// Runs `f` on each page-contained piece of `[offset, offset + len)`.
@@ -101,7 +98,7 @@ impl Pages {
         &self,
         offset: u64,
         len: usize,
-        mut f: impl FnMut(&SharedMemory, u64, std::ops::Range<usize>) -> Result<(), QueueError>,
+        mut f: impl FnMut(&dyn DmaTarget, u64, std::ops::Range<usize>) -> Result<(), QueueError>,
     ) -> Result<(), QueueError> {
         let mut done = 0usize;
         while done < len {

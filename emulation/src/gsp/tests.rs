@@ -1,9 +1,16 @@
 //! Tests of the emulated GSP through a minimal host written here (the real host driver
-//! lives in `gpu-backend` and has its own tests against this GSP).
+//! lives in `gpu-backend` and has its own tests against this GSP). The host here boots the
+//! GSP the way hardware is booted: LibOS arguments in DMA memory, their address in
+//! MAILBOX0/1, STARTCPU.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::falcon::{GSP_IRQSCLR, GSP_IRQSTAT, GSP_QUEUE_HEAD0};
+use super::falcon::{
+    GSP_CPUCTL, GSP_CPUCTL_ALIAS, GSP_ENGINE, GSP_IRQSCLR, GSP_IRQSTAT, GSP_MAILBOX0, GSP_MAILBOX1,
+    GSP_QUEUE_HEAD0, GSP_RISCV_CPUCTL,
+};
+use super::libos::RMARGS_ID;
 use super::objects::{INTERNAL_CLIENT, INTERNAL_DEVICE};
 use super::queues::{ENTRY_OFFSET, QUEUE_SIZE, RX_HEADER_OFFSET, SLOT_COUNT};
 use super::rm::{class, control, event, function, status};
@@ -13,54 +20,256 @@ use crate::bar0::AccessWidth::Dword;
 use crate::gpu::EmulatedGpu;
 use crate::profile::ChipProfile;
 
+const PAGE: u64 = 0x1000;
 const CMDQ: u64 = 0x1000;
 const MSGQ: u64 = 0x41000;
 const BLOCK: u64 = 0x81000;
+/// Block offset of the LibOS argument array (right after the queue block).
+const LIBOS: u64 = BLOCK;
+/// Block offset of GSP_ARGUMENTS_CACHED.
+const RMARGS: u64 = BLOCK + PAGE;
+/// Everything the host lends the GSP: the block and the two argument pages.
+const TOTAL: u64 = BLOCK + 2 * PAGE;
+/// Pages of the block.
+const BLOCK_PAGES: u64 = BLOCK / PAGE;
+/// Where the split host puts its second part (ASSUMPTION: any free IOVA will do).
+const SPLIT_IOVA: u64 = 0x7000_0000;
 
-/// A bare-bones host: owns the shared block and drives the queues by offsets.
+/// Memory that is not a memfd: a locked vector, as a guest's DMA map reached over a socket
+/// would be.
+#[derive(Debug)]
+struct VecTarget(Mutex<Vec<u8>>);
+
+impl VecTarget {
+    fn new(len: u64) -> VecTarget {
+        VecTarget(Mutex::new(vec![0; len as usize]))
+    }
+
+    fn range(&self, offset: u64, len: usize) -> Result<std::ops::Range<usize>, DmaError> {
+        let size = self.0.lock().unwrap().len() as u64;
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(offset as usize..end as usize),
+            _ => Err(DmaError::OutOfBounds {
+                offset,
+                len: len as u64,
+                size,
+            }),
+        }
+    }
+}
+
+impl DmaTarget for VecTarget {
+    fn len(&self) -> u64 {
+        self.0.lock().unwrap().len() as u64
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let r = self.range(offset, buf.len())?;
+        buf.copy_from_slice(&self.0.lock().unwrap()[r]);
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
+        let r = self.range(offset, data.len())?;
+        self.0.lock().unwrap()[r].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn load_u32(&self, offset: u64) -> Result<u32, DmaError> {
+        let mut b = [0u8; 4];
+        self.read(offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn store_u32(&self, offset: u64, value: u32) -> Result<(), DmaError> {
+        self.write(offset, &value.to_le_bytes())
+    }
+}
+
+/// The host's view of memory lent in two parts: block offsets below `boundary` are in
+/// `low`, the rest in `high` (at `offset - boundary`). Page-aligned accesses never span
+/// the boundary in these tests.
+#[derive(Debug)]
+struct Split {
+    low: Arc<dyn DmaTarget>,
+    high: Arc<dyn DmaTarget>,
+    boundary: u64,
+}
+
+impl Split {
+    fn part(&self, offset: u64) -> (&dyn DmaTarget, u64) {
+        if offset < self.boundary {
+            (self.low.as_ref(), offset)
+        } else {
+            (self.high.as_ref(), offset - self.boundary)
+        }
+    }
+}
+
+impl DmaTarget for Split {
+    fn len(&self) -> u64 {
+        self.boundary + self.high.len()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let (t, o) = self.part(offset);
+        t.read(o, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
+        let (t, o) = self.part(offset);
+        t.write(o, data)
+    }
+
+    fn load_u32(&self, offset: u64) -> Result<u32, DmaError> {
+        let (t, o) = self.part(offset);
+        t.load_u32(o)
+    }
+
+    fn store_u32(&self, offset: u64, value: u32) -> Result<(), DmaError> {
+        let (t, o) = self.part(offset);
+        t.store_u32(o, value)
+    }
+}
+
+/// A bare-bones host: owns the block (and the LibOS argument pages after it) and drives
+/// the queues by offsets.
 struct TestHost {
     gpu: EmulatedGpu,
-    mem: SharedMemory,
-    dma: u64,
+    /// The host's view of all `TOTAL` bytes, by block offset.
+    mem: Arc<dyn DmaTarget>,
+    /// DMA address of each page of `mem`.
+    pages: Vec<u64>,
+    /// Keeps the memfd the GPU mapped alive.
+    _memfd: Option<SharedMemory>,
     tx: u32,
     rx: u32,
     seq: u32,
 }
 
 impl TestHost {
+    /// Everything in one memfd the GPU maps with [`DmaSpace::map`].
     fn new(profile: &str) -> TestHost {
         let gpu = EmulatedGpu::new(ChipProfile::by_name(profile).unwrap()).unwrap();
-        let mem = SharedMemory::create(c"test-gsp-shm", BLOCK).unwrap();
-        let dma = gpu.dma().map(mem.as_fd(), BLOCK).unwrap();
-        for page in 0..BLOCK / 0x1000 {
-            mem.write(page * 8, &(dma + page * 0x1000).to_le_bytes())
+        let memfd = SharedMemory::create(c"test-gsp-shm", TOTAL).unwrap();
+        let dma = gpu.dma().map(memfd.as_fd(), TOTAL).unwrap();
+        let mem: Arc<dyn DmaTarget> = Arc::new(SharedMemory::map(memfd.as_fd(), TOTAL).unwrap());
+        let pages = (0..TOTAL / PAGE).map(|p| dma + p * PAGE).collect();
+        TestHost::with_memory(gpu, mem, pages, Some(memfd))
+    }
+
+    /// The page table, the command queue and half the message queue in a memfd; the rest
+    /// of the message queue and the argument pages in a [`VecTarget`] mapped with
+    /// [`DmaSpace::map_at`].
+    fn split(profile: &str) -> TestHost {
+        let gpu = EmulatedGpu::new(ChipProfile::by_name(profile).unwrap()).unwrap();
+        let boundary = MSGQ + 32 * PAGE;
+        let memfd = SharedMemory::create(c"test-gsp-low", boundary).unwrap();
+        let dma = gpu.dma().map(memfd.as_fd(), boundary).unwrap();
+        let high = Arc::new(VecTarget::new(TOTAL - boundary));
+        gpu.dma().map_at(SPLIT_IOVA, high.clone()).unwrap();
+        let low: Arc<dyn DmaTarget> = Arc::new(SharedMemory::map(memfd.as_fd(), boundary).unwrap());
+        let pages = (0..TOTAL / PAGE)
+            .map(|p| match p * PAGE {
+                o if o < boundary => dma + o,
+                o => SPLIT_IOVA + o - boundary,
+            })
+            .collect();
+        let mem = Arc::new(Split {
+            low,
+            high,
+            boundary,
+        });
+        TestHost::with_memory(gpu, mem, pages, Some(memfd))
+    }
+
+    fn with_memory(
+        gpu: EmulatedGpu,
+        mem: Arc<dyn DmaTarget>,
+        pages: Vec<u64>,
+        memfd: Option<SharedMemory>,
+    ) -> TestHost {
+        let mut h = TestHost {
+            gpu,
+            mem,
+            pages,
+            _memfd: memfd,
+            tx: 0,
+            rx: 0,
+            seq: 0,
+        };
+        h.init();
+        h
+    }
+
+    /// Writes the page table, the command queue header and the LibOS arguments, and
+    /// zeroes the host's queue state (as a host does before each boot).
+    fn init(&mut self) {
+        for page in 0..BLOCK_PAGES {
+            self.mem
+                .write(page * 8, &self.pages[page as usize].to_le_bytes())
                 .unwrap();
         }
         let header = [0, QUEUE_SIZE as u32, 0x1000, SLOT_COUNT, 0, 1, 0x20, 0x1000];
         for (i, v) in header.into_iter().enumerate() {
-            mem.store_u32(CMDQ + 4 * i as u64, v).unwrap();
+            self.mem.store_u32(CMDQ + 4 * i as u64, v).unwrap();
         }
-        TestHost {
-            gpu,
-            mem,
-            dma,
-            tx: 0,
-            rx: 0,
-            seq: 0,
-        }
+        self.mem.store_u32(CMDQ + RX_HEADER_OFFSET, 0).unwrap();
+        self.write_rmargs_entry(RMARGS_ID, 0x48, 1, 1);
+        let mut args = [0u8; 0x48];
+        args[0..8].copy_from_slice(&self.pages[0].to_le_bytes());
+        args[8..12].copy_from_slice(&(BLOCK_PAGES as u32).to_le_bytes());
+        args[0x10..0x18].copy_from_slice(&CMDQ.to_le_bytes());
+        args[0x18..0x20].copy_from_slice(&MSGQ.to_le_bytes());
+        args[0x30] = 1;
+        self.mem.write(RMARGS, &args).unwrap();
+        (self.tx, self.rx, self.seq) = (0, 0, 0);
     }
 
-    fn args(&self) -> MessageQueueInitArgs {
-        MessageQueueInitArgs {
-            shared_mem_phys_addr: self.dma,
-            page_table_entry_count: (BLOCK / 0x1000) as u32,
-            cmd_queue_offset: CMDQ,
-            stat_queue_offset: MSGQ,
-        }
+    /// Makes the first (and only) entry of the LibOS array name `id8`, pointing at the
+    /// GSP_ARGUMENTS_CACHED page.
+    fn write_rmargs_entry(&self, id8: u64, size: u64, kind: u8, loc: u8) {
+        let mut e = [0u8; 64];
+        e[0..8].copy_from_slice(&id8.to_le_bytes());
+        e[8..16].copy_from_slice(&self.pages[(RMARGS / PAGE) as usize].to_le_bytes());
+        e[16..24].copy_from_slice(&size.to_le_bytes());
+        e[24] = kind;
+        e[25] = loc;
+        self.mem.write(LIBOS, &e).unwrap();
     }
 
+    fn reg(&self, offset: u64) -> u32 {
+        self.gpu.bar0_read(offset, Dword).unwrap() as u32
+    }
+
+    /// MAILBOX1:MAILBOX0 = `array`, then CPUCTL.STARTCPU.
+    fn start_at(&self, array: u64) {
+        self.gpu
+            .bar0_write(GSP_MAILBOX0, Dword, array & 0xFFFF_FFFF)
+            .unwrap();
+        self.gpu
+            .bar0_write(GSP_MAILBOX1, Dword, array >> 32)
+            .unwrap();
+        self.gpu.bar0_write(GSP_CPUCTL, Dword, 0x2).unwrap();
+    }
+
+    /// Starts the GSP on this host's LibOS arguments; it must start.
     fn start(&self) {
-        self.gpu.gsp().start(&self.args()).unwrap();
+        self.start_at(self.pages[(LIBOS / PAGE) as usize]);
+        assert_eq!(self.reg(GSP_MAILBOX0), 0, "{:?}", self.gpu.gsp().stats());
+        assert_eq!(self.reg(GSP_CPUCTL) & 0x10, 0);
+        assert!(self.gpu.gsp().is_running());
+    }
+
+    /// Starts the GSP expecting it to refuse with `code`.
+    fn start_refused(&self, array: u64, code: u32) {
+        let errors = self.gpu.gsp().stats().errors.len();
+        self.start_at(array);
+        assert_eq!(self.reg(GSP_MAILBOX0), code);
+        assert_eq!(self.reg(GSP_CPUCTL), 0x10, "halted");
+        assert_eq!(self.reg(GSP_RISCV_CPUCTL), 0x01, "RISC-V halted");
+        assert!(!self.gpu.gsp().is_running());
+        assert_eq!(self.gpu.gsp().stats().errors.len(), errors + 1);
     }
 
     fn send_raw(&mut self, mut bytes: Vec<u8>, ring: bool) {
@@ -247,15 +456,122 @@ fn a_wrong_device_id_fails_the_boot() {
 }
 
 #[test]
-fn start_rejects_a_bad_command_queue_header_and_bad_addresses() {
-    let h = TestHost::new("tu102-24g");
+fn start_via_registers_reads_the_libos_arguments() {
+    let mut h = TestHost::new("tu102-24g");
+    assert_eq!(h.reg(GSP_CPUCTL), 0x10, "halted at power-on");
+    assert_eq!(h.reg(GSP_CPUCTL_ALIAS), 0x10);
+    h.boot();
+    assert_eq!(h.reg(GSP_CPUCTL), 0);
+    assert_eq!(h.reg(GSP_CPUCTL_ALIAS), 0);
+    assert_eq!(h.reg(GSP_RISCV_CPUCTL), 0x80, "RISC-V active");
+    assert!(h.gpu.gsp().stats().errors.is_empty());
+    // STARTCPU while running is ignored: same thread, nothing recorded, still answering.
+    h.start_at(0x1234_5000);
+    assert!(h.gpu.gsp().is_running());
+    assert!(h.gpu.gsp().stats().errors.is_empty());
+    h.send(function::NOP, 9, vec![1]);
+    assert_eq!(h.recv().sequence, 9);
+}
+
+#[test]
+fn bad_libos_arguments_leave_the_gsp_halted_with_a_code() {
+    let mut h = TestHost::new("gh100-80g");
+    let array = h.pages[(LIBOS / PAGE) as usize];
+    // Nothing mapped there.
+    h.start_refused(0x1234_5000, START_ARGS_UNREACHABLE);
+    // The array would run past the end of the mapping.
+    h.start_refused(array + PAGE + 0x800, START_ARGS_UNREACHABLE);
+    // No RMARGS entry.
+    h.write_rmargs_entry(u64::from_be_bytes(*b"\0\0LOGRM\0"), 0x48, 1, 1);
+    h.start_refused(array, START_NO_RMARGS);
+    // RMARGS in FB, radix3, too small.
+    h.write_rmargs_entry(RMARGS_ID, 0x48, 1, 2);
+    h.start_refused(array, START_BAD_RMARGS_ENTRY);
+    h.write_rmargs_entry(RMARGS_ID, 0x48, 2, 1);
+    h.start_refused(array, START_BAD_RMARGS_ENTRY);
+    h.write_rmargs_entry(RMARGS_ID, 0x47, 1, 1);
+    h.start_refused(array, START_BAD_RMARGS_ENTRY);
+    // RMARGS pointing nowhere.
+    let mut e = [0u8; 32];
+    e[0..8].copy_from_slice(&RMARGS_ID.to_le_bytes());
+    e[8..16].copy_from_slice(&0x10u64.to_le_bytes());
+    e[16..24].copy_from_slice(&0x48u64.to_le_bytes());
+    e[24] = 1;
+    e[25] = 1;
+    h.mem.write(LIBOS, &e).unwrap();
+    h.start_refused(array, START_RMARGS_UNREACHABLE);
+    // Queues refused: a wrong command queue header, then a page table entry pointing
+    // nowhere.
+    h.init();
     h.mem.store_u32(CMDQ + 0x0C, 64).unwrap();
-    let err = h.gpu.gsp().start(&h.args()).unwrap_err();
-    assert!(err.to_string().contains("msgCount"), "{err}");
-    let mut args = h.args();
-    args.shared_mem_phys_addr = 0x1234_5000;
-    assert!(h.gpu.gsp().start(&args).is_err());
+    h.start_refused(array, START_QUEUES_REFUSED);
+    let errors = h.gpu.gsp().stats().errors;
+    assert!(errors.last().unwrap().contains("msgCount"), "{errors:?}");
+    h.init();
+    h.mem.write(8 * 100, &0x4000u64.to_le_bytes()).unwrap();
+    h.start_refused(array, START_QUEUES_REFUSED);
+    // None of the codes looks like a PRI error.
+    for code in [
+        START_ARGS_UNREACHABLE,
+        START_NO_RMARGS,
+        START_BAD_RMARGS_ENTRY,
+        START_RMARGS_UNREACHABLE,
+        START_QUEUES_REFUSED,
+        START_THREAD_FAILED,
+    ] {
+        assert_ne!(code >> 20, 0xBAD);
+        assert_ne!(code, 0);
+    }
+    // Fixed, it starts, and MAILBOX0 is cleared.
+    h.init();
+    h.boot();
+}
+
+#[test]
+fn engine_reset_halts_the_gsp_and_resets_the_falcon() {
+    let mut h = TestHost::new("ga100-80g");
+    h.boot();
+    assert_ne!(h.reg(GSP_IRQSTAT), 0);
+    h.gpu.bar0_write(GSP_ENGINE, Dword, 1).unwrap();
     assert!(!h.gpu.gsp().is_running());
+    assert_eq!(h.reg(GSP_CPUCTL), 0x10);
+    assert_eq!(h.reg(GSP_ENGINE), 1);
+    for reg in [GSP_IRQSTAT, GSP_MAILBOX0, GSP_MAILBOX1, GSP_QUEUE_HEAD0] {
+        assert_eq!(h.reg(reg), 0, "{reg:#x}");
+    }
+    // Halted: commands are not answered.
+    h.send(function::NOP, 1, Vec::new());
+    assert!(h.recv_within(Duration::from_millis(30)).is_none());
+    // STARTCPU is ignored while the reset is held.
+    h.init();
+    h.start_at(h.pages[(LIBOS / PAGE) as usize]);
+    assert!(!h.gpu.gsp().is_running());
+    assert_eq!(h.reg(GSP_CPUCTL), 0x10);
+    // Released, the GSP boots again on the re-initialised block.
+    h.gpu.bar0_write(GSP_ENGINE, Dword, 0).unwrap();
+    assert_eq!(h.reg(GSP_ENGINE), 0);
+    h.boot();
+    h.send(function::NOP, 2, vec![7]);
+    assert_eq!(h.recv().payload, [7]);
+    // Reset of a halted GSP is harmless.
+    h.gpu.bar0_write(GSP_ENGINE, Dword, 1).unwrap();
+    h.gpu.bar0_write(GSP_ENGINE, Dword, 1).unwrap();
+    assert!(!h.gpu.gsp().is_running());
+}
+
+#[test]
+fn queues_spanning_two_dma_targets_work() {
+    let mut h = TestHost::split("gh200-96g");
+    assert_eq!(h.gpu.dma().mapping_count(), 2);
+    h.boot();
+    // Messages big enough to use slots in both halves of the message queue.
+    for i in 0..40u32 {
+        let payload: Vec<u8> = (0..9000).map(|j| (j as u32 ^ i) as u8).collect();
+        h.send(function::NOP, i, payload.clone());
+        let r = h.recv();
+        assert_eq!((r.sequence, r.payload), (i, payload));
+    }
+    assert!(h.gpu.gsp().stats().errors.is_empty());
 }
 
 #[test]
@@ -416,9 +732,12 @@ fn reset_and_drop_halt_the_gsp() {
     assert!(h.gpu.gsp().is_running());
     h.gpu.reset();
     assert!(!h.gpu.gsp().is_running());
+    assert_eq!(h.reg(GSP_CPUCTL), 0x10);
     h.send(function::NOP, 1, Vec::new());
     assert!(h.recv_within(Duration::from_millis(20)).is_none());
-    // Restart on the same block after the host re-initialises its pointers.
+    // Restart on the same block after the host re-initialises it.
+    h.init();
+    h.boot();
     let mut h2 = TestHost::new("tu102-24g");
     h2.boot();
     drop(h2);
