@@ -31,10 +31,11 @@
 //!   report binds as complete (PENDING/OUTSTANDING read 0; `BIND_STATUS` reads 0 and
 //!   ignores writes); their translation effects live in `crate::mmu`.
 //! - Framebuffer size, read-only, writes ignored: `NV_PFB_PRI_MMU_LOCAL_MEMORY_RANGE`
-//!   (0x100CE0) states the profile's VRAM size when its 6-bit mantissa and 4-bit scale
-//!   can express it, else the largest size they can below it (ECC_MODE 0); of the
-//!   built-in profiles ga100-80g and gh200-96g are exact, tu102-24g reads 24,064 MiB (of
-//!   24,220), gh100-80g 79,872 MiB (of 81,559) and gb202-32g 32,256 MiB (of 32,607).
+//!   (0x100CE0) states the physical memory: the profile's VRAM size when its 6-bit
+//!   mantissa and 4-bit scale can express it, else the next size they can above it
+//!   (ECC_MODE 0), as a board's round physical size holds what it reports as usable; of
+//!   the built-in profiles ga100-80g and gh200-96g are exact, tu102-24g reads 24 GiB (for
+//!   24,220 MiB), gh100-80g 80 GiB (for 81,559 MiB) and gb202-32g 32 GiB (for 32,607 MiB).
 //!   `NV_USABLE_FB_SIZE_IN_MB` (0x1183A4) states the usable VRAM in MiB.
 //! - GSP falcon (`crate::gsp::falcon`): `IRQSTAT` (0x110008) shows SWGEN0 raised by the
 //!   emulated GSP, `IRQSCLR` (0x110004) clears it, MAILBOX0/1, CPUCTL (STARTCPU, HALTED),
@@ -245,7 +246,7 @@ impl FbSizeRegisters {
     /// The registers of a part with `vram_size` bytes of VRAM, `usable` of them usable.
     pub(crate) const fn for_sizes(vram_size: u64, usable: u64) -> FbSizeRegisters {
         FbSizeRegisters {
-            local_memory_range: LocalMemoryRange::at_most(vram_size),
+            local_memory_range: LocalMemoryRange::at_least(vram_size),
             usable_fb_size: UsableFbSizeInMb::for_bytes(usable),
         }
     }

@@ -448,25 +448,28 @@ impl LocalMemoryRange {
         (self.lower_mag() as u64) << (self.lower_scale() + 20)
     }
 
-    /// The register (ECC off) stating the largest size it can express that is at most
-    /// `bytes`: exactly `bytes` when that is a 6-bit mantissa times a power of two
-    /// between 1 MiB and 32 GiB, less otherwise (0 below 1 MiB).
-    pub const fn at_most(bytes: u64) -> LocalMemoryRange {
-        let max_mag = field_mask(9, 4) >> 4;
-        let mut best = LocalMemoryRange(0);
+    /// The register (ECC off) stating the smallest size it can express that is at least
+    /// `bytes`: exactly `bytes` when that is a 6-bit mantissa times a power of two between
+    /// 1 MiB and 32 GiB, the next such size above otherwise (the physical memory of a
+    /// board is such a round size, and holds at least what it reports as usable: 24 GiB
+    /// for a 24,220 MiB TU102). Saturates at the largest size it can state.
+    pub const fn at_least(bytes: u64) -> LocalMemoryRange {
+        let max_mag = (field_mask(9, 4) >> 4) as u64;
+        let max_scale = field_mask(3, 0);
+        let mut best = LocalMemoryRange(0)
+            .with_lower_scale(max_scale)
+            .with_lower_mag(max_mag as u32);
         let mut scale = 0;
-        while scale <= field_mask(3, 0) {
-            let units = bytes >> (scale + 20);
-            let mag = if units > max_mag as u64 {
-                max_mag
-            } else {
-                units as u32
-            };
-            let candidate = LocalMemoryRange(0)
-                .with_lower_scale(scale)
-                .with_lower_mag(mag);
-            if candidate.size() > best.size() {
-                best = candidate;
+        while scale <= max_scale {
+            let unit = 1u64 << (scale + 20);
+            let mag = bytes.div_ceil(unit);
+            if mag <= max_mag {
+                let candidate = LocalMemoryRange(0)
+                    .with_lower_scale(scale)
+                    .with_lower_mag(mag as u32);
+                if candidate.size() < best.size() {
+                    best = candidate;
+                }
             }
             scale += 1;
         }
@@ -784,7 +787,7 @@ mod tests {
     }
 
     #[test]
-    fn local_memory_range_encodes_the_largest_size_it_can() {
+    fn local_memory_range_encodes_the_smallest_size_holding_the_vram() {
         const MIB: u64 = 1 << 20;
         let r = LocalMemoryRange::from_raw(0)
             .with_lower_mag(5)
@@ -797,17 +800,18 @@ mod tests {
             (24 << 30, 24 << 30),
             (63 * MIB, 63 * MIB),
             (64 * MIB, 64 * MIB),
-            (24_220 * MIB, 24_064 * MIB),
-            (32_607 * MIB, 32_256 * MIB),
-            (81_559 * MIB, 79_872 * MIB),
-            (MIB - 1, 0),
-            (u64::MAX, 63 << 35),
+            (24_220 * MIB, 24 << 30),
+            (32_607 * MIB, 32 << 30),
+            (81_559 * MIB, 80 << 30),
+            (MIB - 1, MIB),
+            (0, 0),
         ] {
-            let r = LocalMemoryRange::at_most(bytes);
+            let r = LocalMemoryRange::at_least(bytes);
             assert_eq!(r.size(), expect, "{bytes:#x}");
             assert_eq!(r.ecc_mode(), 0);
-            assert!(r.size() <= bytes);
+            assert!(r.size() >= bytes);
         }
+        assert_eq!(LocalMemoryRange::at_least(u64::MAX).size(), 63 << 35);
         assert_eq!(UsableFbSizeInMb::for_bytes(95 << 30).mib(), 97_280);
         assert_eq!(UsableFbSizeInMb::for_bytes(3 * MIB - 1).mib(), 2);
         assert_eq!(UsableFbSizeInMb::for_bytes(u64::MAX).mib(), u32::MAX);

@@ -418,11 +418,28 @@ mod tests {
         let mut r = readout_of(&gpu);
         for bad in [0, u32::MAX, 0xBADF_1100] {
             r.local_memory_range = bad;
+            r.usable_fb_size_mb = bad;
             assert!(matches!(
                 identify(address(), &r),
                 Err(IdentifyError::NoVramSize { .. })
             ));
         }
+        // Turing without the usable-size register: the physical size.
+        let mut r = readout_of(&gpu);
+        r.usable_fb_size_mb = 0;
+        let found = identify(address(), &r).unwrap();
+        assert_eq!(
+            found.usable_vram_size,
+            LocalMemoryRange::from_raw(r.local_memory_range).size()
+        );
+        // A usable size above the physical one is not believed.
+        let mut r = readout_of(&gpu);
+        r.usable_fb_size_mb = 1 << 20;
+        let found = identify(address(), &r).unwrap();
+        assert_eq!(
+            found.usable_vram_size,
+            LocalMemoryRange::from_raw(r.local_memory_range).size()
+        );
         let gpu = EmulatedHostGpu::by_name("gh100-80g").unwrap();
         let mut r = readout_of(&gpu);
         r.usable_fb_size_mb = 0xBADF_1100;
