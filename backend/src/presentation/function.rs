@@ -8,23 +8,31 @@
 //! [`TrappedBar0`] (register table, virtual window register, PRAMIN aperture confined to
 //! the guest's VRAM, MSI-X); a VRAM BAR of the part at VRAM offset `o` with real size `s`
 //! shows the guest's VRAM `[o, o + s) ∩ [0, slice.size)` and is dropped when that is
-//! empty. Its real part is offered for direct mapping from host VRAM `slice.start + o`;
-//! trapped accesses go to host memory (a GPU given whole) or through the guest's BAR1
-//! window (a sliced GPU). The instance-memory BAR is presented only to a guest that owns
-//! the whole GPU (it is a host-wide aperture).
+//! empty. Its real part is offered for direct mapping from host VRAM `slice.start + o`
+//! (unless [`PresentationOptions::trap_vram`]); trapped accesses go through the guest's
+//! BAR1 window (a sliced GPU) or, for a GPU given whole, through the host's BAR1 aperture
+//! for the BAR1-aperture BAR (translated as the guest set BAR1 up: the guest owns the GPU
+//! and may switch BAR1 to virtual mode) and to host memory for any other VRAM BAR. The
+//! instance-memory BAR is presented only to a guest that owns the whole GPU (it is a
+//! host-wide aperture).
+//!
+//! Power: while the config space's PMCSR says D3hot, every BAR access reads ~0 and drops
+//! writes without reaching the backing (a device in D3hot answers config space only); back
+//! in D0 the BARs answer again. A reset returns to D0.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
-use crate::host_driver::addr::VramAddr;
+use crate::host_driver::addr::{GpuVa, VramAddr};
 use crate::host_gpu::{ChipIdentity, HostBar, HostBarRole, HostGpu, MmapSource};
 use crate::slice::{whole_gpu, GuestSlice, SetupError};
 
 use super::bar0::{TrapStats, TrappedBar0};
 use super::config_space::{
-    BarDecl, BarKind, ConfigSpace, ConfigSpaceError, ConfigSpaceSpec, MsixDecl, BAR_COUNT,
-    CONFIG_SPACE_SIZE,
+    BarDecl, BarKind, ConfigSpace, ConfigSpaceError, ConfigSpaceSpec, MsixDecl, PowerState,
+    BAR_COUNT, CONFIG_SPACE_SIZE,
 };
 use super::guest_vram::GuestVramBacking;
 use super::padded_bar::{MappableArea, PaddedBar, PaddedBarError};
@@ -89,6 +97,16 @@ impl PresentationError {
             PresentationError::NoSuchRegion(_) => libc::EINVAL,
         }
     }
+}
+
+/// How a function is presented.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PresentationOptions {
+    /// Offer no VRAM BAR for direct mapping, so every VRAM-BAR access is trapped. The
+    /// mapped VRAM of the emulated GPU is device memory 1:1 (BAR1 in physical mode); a
+    /// guest owning the whole GPU that switches BAR1 to virtual mode needs its accesses
+    /// trapped to have them translated.
+    pub trap_vram: bool,
 }
 
 /// What a presented BAR is backed by.
@@ -185,6 +203,22 @@ impl PresentedBar {
             BarContent::Memory { bar, .. } => bar.write(offset, data),
         }
     }
+
+    /// Reads at `offset` of a function in D3hot: ~0, nothing reaches the backing.
+    fn read_powered_off(&self, offset: u64, buf: &mut [u8]) -> Result<usize, PaddedBarError> {
+        match &self.content {
+            BarContent::Registers(bar) => bar.read_ones(offset, buf),
+            BarContent::Memory { bar, .. } => bar.read_ones(offset, buf),
+        }
+    }
+
+    /// Writes at `offset` of a function in D3hot: dropped.
+    fn write_powered_off(&self, offset: u64, data: &[u8]) -> Result<usize, PaddedBarError> {
+        match &self.content {
+            BarContent::Registers(bar) => bar.drop_write(offset, data),
+            BarContent::Memory { bar, .. } => bar.drop_write(offset, data),
+        }
+    }
 }
 
 /// The PCI function a guest sees.
@@ -192,7 +226,11 @@ pub struct PresentedFunction {
     guest: GuestSlice,
     bars: Vec<PresentedBar>,
     msix: MsixDecl,
+    options: PresentationOptions,
     config: Mutex<ConfigSpace>,
+    /// PMCSR says D3hot (kept in step with `config` under its lock; read lock-free on the
+    /// BAR access path).
+    powered_off: AtomicBool,
 }
 
 /// The guest's view of one host memory BAR: (host VRAM address, real size), or `None` if
@@ -208,12 +246,29 @@ impl PresentedFunction {
     /// Presents `host` whole to one guest (see [`whole_gpu`]: its VRAM is scrubbed and
     /// its window register taken over by the backend).
     pub fn new(host: Arc<dyn HostGpu>) -> Result<Self, PresentationError> {
-        Self::for_guest(whole_gpu(host)?)
+        Self::new_with(host, PresentationOptions::default())
+    }
+
+    /// Presents `host` whole to one guest, as `options` say (see [`PresentedFunction::new`]).
+    pub fn new_with(
+        host: Arc<dyn HostGpu>,
+        options: PresentationOptions,
+    ) -> Result<Self, PresentationError> {
+        Self::for_guest_with(whole_gpu(host)?, options)
     }
 
     /// The function of `guest`: pads every BAR to a power of two and builds the config
     /// space.
     pub fn for_guest(guest: GuestSlice) -> Result<Self, PresentationError> {
+        Self::for_guest_with(guest, PresentationOptions::default())
+    }
+
+    /// The function of `guest`, presented as `options` say (see
+    /// [`PresentedFunction::for_guest`]).
+    pub fn for_guest_with(
+        guest: GuestSlice,
+        options: PresentationOptions,
+    ) -> Result<Self, PresentationError> {
         let host = Arc::clone(guest.host());
         let identity = host.identity().clone();
         let msix = MsixDecl {
@@ -249,7 +304,23 @@ impl PresentedFunction {
                                 .memory_bar(bar.index)
                                 .ok_or(PresentationError::MissingMemory(bar.index))?;
                             let mmap = memory.mmap_source();
-                            (GuestVramBacking::Host(memory), mmap)
+                            let is_bar1 = identity
+                                .bar1_aperture()
+                                .is_some_and(|aperture| aperture.index == bar.index);
+                            let backing = if is_bar1 {
+                                // The guest owns the GPU and may put BAR1 in virtual mode:
+                                // trapped accesses are translated as BAR1 is set up (the
+                                // same bytes as the memory itself in physical mode).
+                                GuestVramBacking::Bar1 {
+                                    host: Arc::clone(&host),
+                                    va: GpuVa::new(0),
+                                    len: memory.len(),
+                                    access: Arc::clone(guest.access()),
+                                }
+                            } else {
+                                GuestVramBacking::Host(memory)
+                            };
+                            (backing, mmap)
                         }
                         Some(window) => (
                             GuestVramBacking::Bar1 {
@@ -266,7 +337,7 @@ impl PresentedFunction {
                     (
                         BarContent::Memory {
                             bar: PaddedBar::new(backing).map_err(bar_error)?,
-                            mmap,
+                            mmap: mmap.filter(|_| !options.trap_vram),
                         },
                         Some(at),
                     )
@@ -303,8 +374,36 @@ impl PresentedFunction {
             guest,
             bars,
             msix,
+            options,
             config: Mutex::new(config),
+            powered_off: AtomicBool::new(false),
         })
+    }
+
+    /// How the function was presented.
+    pub fn options(&self) -> PresentationOptions {
+        self.options
+    }
+
+    /// The power state the guest set (PMCSR).
+    pub fn power_state(&self) -> PowerState {
+        self.config().power_state()
+    }
+
+    /// Records the config space's power state for the BAR access path.
+    fn track_power(&self, config: &ConfigSpace) {
+        let off = config.power_state() == PowerState::D3Hot;
+        if self.powered_off.swap(off, Ordering::SeqCst) != off {
+            log::debug!(
+                "{}: function {}",
+                self.identity().name,
+                if off {
+                    "in D3hot: BARs read ~0 and drop writes"
+                } else {
+                    "back in D0"
+                }
+            );
+        }
     }
 
     /// The guest's VRAM.
@@ -378,11 +477,15 @@ impl PresentedFunction {
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
-        bar.read(offset, buf)
-            .map_err(|source| PresentationError::Bar {
-                index: bar.index,
-                source,
-            })
+        let read = if self.powered_off.load(Ordering::SeqCst) {
+            bar.read_powered_off(offset, buf)
+        } else {
+            bar.read(offset, buf)
+        };
+        read.map_err(|source| PresentationError::Bar {
+            index: bar.index,
+            source,
+        })
     }
 
     /// Writes to VFIO region `index`; returns the number of bytes consumed.
@@ -393,24 +496,35 @@ impl PresentedFunction {
         data: &[u8],
     ) -> Result<usize, PresentationError> {
         if index == CONFIG_REGION_INDEX {
-            self.config().write(offset, data)?;
+            let mut config = self.config();
+            config.write(offset, data)?;
+            self.track_power(&config);
             return Ok(data.len());
         }
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
-        bar.write(offset, data)
-            .map_err(|source| PresentationError::Bar {
-                index: bar.index,
-                source,
-            })
+        let written = if self.powered_off.load(Ordering::SeqCst) {
+            bar.write_powered_off(offset, data)
+        } else {
+            bar.write(offset, data)
+        };
+        written.map_err(|source| PresentationError::Bar {
+            index: bar.index,
+            source,
+        })
     }
 
-    /// Function-level reset: config space back to power-on state, the guest's window
+    /// Function-level reset: config space back to power-on state (D0), the guest's window
     /// register and MSI-X vectors back to reset. Device memory is kept, and the host GPU is
-    /// not reset: its registers are shared by every guest and no guest can change them.
+    /// not reset: a sliced GPU's registers are shared by every guest (and none can write
+    /// them), and a guest given the whole GPU programs it from the state it finds.
     pub fn reset(&self) -> Result<(), crate::host_gpu::HostGpuError> {
-        self.config().reset();
+        {
+            let mut config = self.config();
+            config.reset();
+            self.track_power(&config);
+        }
         if let Some(bar0) = self.bar0() {
             bar0.reset();
         }
@@ -555,5 +669,87 @@ mod tests {
             .unwrap();
         function.region_read(0, 0x10FD40, &mut dword).unwrap();
         assert_eq!(u32::from_le_bytes(dword), 0x12);
+    }
+
+    /// PMCSR at its place in config space.
+    const PMCSR: u64 = super::super::config_space::PM_CAP_OFFSET as u64 + 4;
+
+    fn vram_bar(function: &PresentedFunction) -> u32 {
+        let bar = function
+            .bars()
+            .iter()
+            .find(|b| matches!(b.role(), HostBarRole::Vram { .. }));
+        u32::from(bar.unwrap().index())
+    }
+
+    #[test]
+    fn in_d3hot_bars_read_ones_and_drop_writes_and_d0_brings_them_back() {
+        let host = Arc::new(EmulatedHostGpu::by_name("gb202-32g").unwrap());
+        let function = PresentedFunction::new(host.clone()).unwrap();
+        let vram = vram_bar(&function);
+        let boot0 = function.identity().boot0;
+        function.region_write(vram, 0x40, b"before").unwrap();
+        function
+            .region_write(0, 0x10FD40, &0x12u32.to_le_bytes())
+            .unwrap();
+        // The guest's vfio-pci puts the idle device into D3hot; it reads back D3hot.
+        function
+            .region_write(CONFIG_REGION_INDEX, PMCSR, &[3])
+            .unwrap();
+        assert_eq!(function.power_state(), PowerState::D3Hot);
+        let mut pmcsr = [0u8; 2];
+        function
+            .region_read(CONFIG_REGION_INDEX, PMCSR, &mut pmcsr)
+            .unwrap();
+        assert_eq!(pmcsr[0] & 3, 3);
+        // Every BAR reads ~0 (registers, VRAM, padding) and drops writes.
+        let mut dword = [0u8; 4];
+        function.region_read(0, 0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), u32::MAX);
+        let mut six = [0u8; 6];
+        assert_eq!(function.region_read(vram, 0x40, &mut six).unwrap(), 6);
+        assert_eq!(six, [0xFF; 6]);
+        assert_eq!(function.region_write(vram, 0x40, b"during").unwrap(), 6);
+        function
+            .region_write(0, 0x10FD40, &0x34u32.to_le_bytes())
+            .unwrap();
+        let presented = function.region_size(vram);
+        assert_eq!(
+            function
+                .region_read(vram, presented, &mut six)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL,
+            "still bounded by the BAR"
+        );
+        let emulated = host.emulated().vram();
+        let mut raw = [0u8; 6];
+        emulated
+            .read(gpu_emulation::VramAddr::new(0x40), &mut raw)
+            .unwrap();
+        assert_eq!(&raw, b"before", "the D3hot write did not reach VRAM");
+        // Back in D0 (No_Soft_Reset: nothing was reset), the BARs answer as before.
+        function
+            .region_write(CONFIG_REGION_INDEX, PMCSR, &[0])
+            .unwrap();
+        assert_eq!(function.power_state(), PowerState::D0);
+        function.region_read(0, 0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), boot0);
+        function.region_read(0, 0x10FD40, &mut dword).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(dword),
+            0x12,
+            "window kept, D3hot write dropped"
+        );
+        function.region_read(vram, 0x40, &mut six).unwrap();
+        assert_eq!(&six, b"before");
+        // A reset returns to D0.
+        function
+            .region_write(CONFIG_REGION_INDEX, PMCSR, &[3])
+            .unwrap();
+        function.reset().unwrap();
+        assert_eq!(function.power_state(), PowerState::D0);
+        function.region_read(0, 0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), boot0);
     }
 }
