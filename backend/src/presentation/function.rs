@@ -752,4 +752,78 @@ mod tests {
         function.region_read(0, 0, &mut dword).unwrap();
         assert_eq!(u32::from_le_bytes(dword), boot0);
     }
+
+    /// A host register as the emulated GPU holds it, behind the boundary.
+    fn host_reg(host: &EmulatedHostGpu, offset: u64) -> u32 {
+        host.emulated()
+            .bar0_read(offset, crate::host_gpu::AccessWidth::Dword)
+            .unwrap() as u32
+    }
+
+    const GSP_DOORBELL: u64 = 0x11_0C00;
+    const GSP_MAILBOX0: u64 = 0x11_0040;
+    const MMU_INVALIDATE_PDB: u64 = 0xB8_30A0;
+
+    #[test]
+    fn a_whole_gpu_guest_writes_host_registers_a_sliced_one_does_not() {
+        let host = Arc::new(EmulatedHostGpu::by_name("gh100-80g").unwrap());
+        let whole = PresentedFunction::new(host.clone()).unwrap();
+        let bar0 = whole.bar0().unwrap();
+        assert_eq!(
+            bar0.register_map().mode(),
+            super::super::registers::RegisterMode::WholeGpu
+        );
+        // The doorbell and the TLB-invalidate target latch what the guest wrote.
+        whole
+            .region_write(0, GSP_DOORBELL, &0x5A5Au32.to_le_bytes())
+            .unwrap();
+        assert_eq!(host_reg(&host, GSP_DOORBELL), 0x5A5A);
+        whole
+            .region_write(0, MMU_INVALIDATE_PDB, &0x0012_3400u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            host.emulated().registers().mmu_invalidate_pdb.raw(),
+            host_reg(&host, MMU_INVALIDATE_PDB)
+        );
+        assert_ne!(host_reg(&host, MMU_INVALIDATE_PDB), 0);
+        // MAILBOX0 reaches the host too: the guest reads what the host holds.
+        whole
+            .region_write(0, GSP_MAILBOX0, &0xC0FFEEu32.to_le_bytes())
+            .unwrap();
+        let mut dword = [0u8; 4];
+        whole.region_read(0, GSP_MAILBOX0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), host_reg(&host, GSP_MAILBOX0));
+        let stats = whole.trap_stats();
+        assert_eq!((stats.passed_writes, stats.dropped_writes), (3, 0));
+        // The window register stays the guest's own: the host's is not written.
+        let host_window = host.emulated().registers().window;
+        whole
+            .region_write(0, 0x10_FD40, &0x77u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(host.emulated().registers().window, host_window);
+        whole.region_read(0, 0x10_FD40, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), 0x77);
+        drop(whole);
+
+        // A sliced guest of the same kind of GPU still has every write dropped.
+        let host = Arc::new(EmulatedHostGpu::by_name("gh100-80g").unwrap());
+        let mut sliced = crate::slice::SlicedGpu::new(host.clone()).unwrap();
+        let guest = PresentedFunction::for_guest(sliced.add_guest(1 << 30).unwrap()).unwrap();
+        let (doorbell, pdb) = (
+            host_reg(&host, GSP_DOORBELL),
+            host_reg(&host, MMU_INVALIDATE_PDB),
+        );
+        guest
+            .region_write(0, GSP_DOORBELL, &0xA5A5u32.to_le_bytes())
+            .unwrap();
+        guest
+            .region_write(0, MMU_INVALIDATE_PDB, &0xFFF0_0000u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(host_reg(&host, GSP_DOORBELL), doorbell);
+        assert_eq!(host_reg(&host, MMU_INVALIDATE_PDB), pdb);
+        guest.region_read(0, GSP_DOORBELL, &mut dword).unwrap();
+        assert_eq!(dword, [0; 4], "hidden");
+        let stats = guest.trap_stats();
+        assert_eq!((stats.passed_writes, stats.dropped_writes), (0, 2));
+    }
 }
