@@ -826,4 +826,75 @@ mod tests {
         let stats = guest.trap_stats();
         assert_eq!((stats.passed_writes, stats.dropped_writes), (0, 2));
     }
+
+    /// A guest given the whole GPU that puts BAR1 in virtual mode (what a nested
+    /// gpu-backend slicing the GPU does) gets trapped accesses to the BAR1-aperture BAR
+    /// translated; with `trap_vram` nothing of it is offered for mmap.
+    #[test]
+    fn whole_gpu_bar1_aperture_bar_is_translated_when_trapped() {
+        use crate::host_driver::addr::MIB;
+        use crate::slice::{Slice, VramRange};
+        let host = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let options = PresentationOptions { trap_vram: true };
+        let function = PresentedFunction::new_with(host.clone(), options).unwrap();
+        assert_eq!(function.options(), options);
+        let aperture = function.identity().bar1_aperture().unwrap().index;
+        let index = u32::from(aperture);
+        let bar = function.bar(index).unwrap();
+        assert!(bar.mappable().is_none(), "trap_vram: nothing to mmap");
+        let instance = function
+            .bars()
+            .iter()
+            .find(|b| b.role() == HostBarRole::InstanceMemory)
+            .unwrap();
+        assert!(instance.mappable().is_some(), "only VRAM BARs are trapped");
+        // Physical mode: the BAR is VRAM 1:1.
+        let emulated = host.emulated().vram();
+        let at = |a: u64| gpu_emulation::VramAddr::new(a);
+        emulated.write(at(32 * MIB + 0x100), b"translated").unwrap();
+        let mut buf = [0u8; 10];
+        function
+            .region_read(index, 32 * MIB + 0x100, &mut buf)
+            .unwrap();
+        assert_eq!(&buf, b"translated");
+        // Virtual mode, set up through the host's BAR1 as a driver in the guest would: one
+        // window over VRAM [32 MiB, 34 MiB), tables at the top of usable VRAM.
+        let usable = function.identity().usable_vram_size;
+        let vram = function.guest().vram();
+        vram.set_up_bar1(VramRange {
+            start: VramAddr::new(usable - 64 * MIB),
+            end: VramAddr::new(usable),
+        })
+        .unwrap();
+        let va = vram
+            .map_bar1_window(Slice::new(VramAddr::new(32 * MIB), 2 * MIB))
+            .unwrap()
+            .raw();
+        function.region_read(index, va + 0x100, &mut buf).unwrap();
+        assert_eq!(&buf, b"translated");
+        function
+            .region_write(index, va + 0x200, b"via BAR1")
+            .unwrap();
+        let mut raw = [0u8; 8];
+        emulated.read(at(32 * MIB + 0x200), &mut raw).unwrap();
+        assert_eq!(&raw, b"via BAR1");
+        // BAR1 VA 32 MiB + 0x100 is not mapped now: it faults (reads ~0) instead of showing
+        // VRAM 1:1 as an mmap of the memfd would.
+        assert_ne!(va, 32 * MIB);
+        function
+            .region_read(index, 32 * MIB + 0x100, &mut buf)
+            .unwrap();
+        assert_eq!(buf, [0xFF; 10]);
+    }
+
+    #[test]
+    fn by_default_the_whole_gpus_vram_bars_are_offered_for_mmap() {
+        let function = present("tu102-24g");
+        assert_eq!(function.options(), PresentationOptions::default());
+        for bar in function.bars() {
+            if matches!(bar.role(), HostBarRole::Vram { .. }) {
+                assert!(bar.mappable().is_some());
+            }
+        }
+    }
 }
