@@ -1571,11 +1571,11 @@ fn unmap_fails_socket_dma_in_flight_to_the_map() {
     });
     // Take the DMA_READ off the socket without answering it.
     let mut header = [0u8; HEADER_SIZE];
-    (&*client.stream()).read_exact(&mut header).unwrap();
+    client.stream().read_exact(&mut header).unwrap();
     let header = Header::decode(&header).unwrap();
     assert_eq!(header.command, Command::DmaRead as u16);
     let mut payload = vec![0u8; header.size as usize - HEADER_SIZE];
-    (&*client.stream()).read_exact(&mut payload).unwrap();
+    client.stream().read_exact(&mut payload).unwrap();
     let started = Instant::now();
     client.dma_unmap(0, 0x8000, 0x1000).unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
