@@ -301,8 +301,24 @@ impl State {
             }
             self.shared.dma.entries()
         } else {
-            self.shared.dma.covered(msg.address, msg.size)?
+            self.shared
+                .dma
+                .covered(msg.address, msg.size)
+                .inspect_err(|_| {
+                    log::debug!(
+                        "vfio-user: DMA unmap [{:#x}, +{:#x}) refused: it splits a map, is empty or wraps",
+                        msg.address,
+                        msg.size
+                    )
+                })?
         };
+        log::debug!(
+            "vfio-user: DMA unmap [{:#x}, +{:#x}) flags {:#x}: {} map(s)",
+            msg.address,
+            msg.size,
+            msg.flags,
+            removed.len()
+        );
         self.release_maps(&removed);
         self.shared.dma.remove(&removed);
         msg.encode(self.out()).ok_or(Errno::EINVAL)?;

@@ -30,8 +30,9 @@
 //! `DMA_UNMAP [iova, iova + size)` removes every map lying wholly inside the range, like the
 //! kernel's `VFIO_IOMMU_UNMAP_DMA` (type1): a range covering no map succeeds and removes
 //! nothing; a range that would split a map (one only partly inside, at either end) is
-//! `EINVAL` and removes nothing; so is a size of 0 or a range past 2^64. QEMU with a vIOMMU
-//! relies on this: it unmaps large power-of-two ranges covering several earlier maps.
+//! `EINVAL` and removes nothing; so is a size of 0 or a range wrapping past 2^64 (ending
+//! exactly at 2^64 is fine). QEMU with a vIOMMU relies on this: it unmaps large power-of-two
+//! ranges covering several earlier maps, and finally everything up to 2^64.
 //!
 //! # Gates: a map's memory outside the table
 //!
@@ -440,12 +441,14 @@ impl DmaSpace {
 
     /// The maps an unmap of `[iova, iova + size)` removes (VFIO type1, see the module
     /// docs): every map wholly inside the range, possibly none. `EINVAL` if `size` is 0,
-    /// the range passes 2^64, or a map lies only partly inside it.
+    /// the range wraps past 2^64 (it may end exactly there: QEMU unmaps up to the top of the
+    /// address space), or a map lies only partly inside it.
     pub fn covered(&self, iova: u64, size: u64) -> Result<Vec<MapEntry>, Errno> {
         if size == 0 {
             return Err(Errno::EINVAL);
         }
-        let end = iova.checked_add(size).ok_or(Errno::EINVAL)?;
+        // The last byte, inclusive, so that a range ending at 2^64 is representable.
+        let last = iova.checked_add(size - 1).ok_or(Errno::EINVAL)?;
         let state = self.read_state();
         // A map that starts below the range and reaches into it would be split at `iova`.
         if let Some((&base, map)) = state.maps.range(..iova).next_back() {
@@ -454,9 +457,9 @@ impl DmaSpace {
             }
         }
         let mut covered = Vec::new();
-        for (&base, map) in state.maps.range(iova..end) {
-            // A map that starts inside the range and ends past it would be split at `end`.
-            if base + map.size > end {
+        for (&base, map) in state.maps.range(iova..=last) {
+            // A map that starts inside the range and ends past it would be split at its end.
+            if base + (map.size - 1) > last {
                 return Err(Errno::EINVAL);
             }
             covered.push(MapEntry::of(base, map));
@@ -645,9 +648,10 @@ mod tests {
             .unwrap();
         let bases = |dma: &DmaSpace| -> Vec<u64> { dma.entries().iter().map(|e| e.iova).collect() };
         let all = vec![0x1000, 0x2000, 0x4000, 0x10000];
-        // Size 0 and ranges past 2^64 are invalid.
+        // Size 0 and ranges wrapping past 2^64 are invalid.
         assert_eq!(dma.unmap(0x1000, 0), Err(Errno::EINVAL));
         assert_eq!(dma.unmap(u64::MAX - 0xFFF, 0x2000), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x1000, u64::MAX), Err(Errno::EINVAL));
         // A range covering no map succeeds and removes nothing (past the maps, in a hole).
         assert_eq!(dma.unmap(0x20000, 0x1000), Ok(0));
         assert_eq!(dma.unmap(0x3000, 0x1000), Ok(0));
@@ -677,6 +681,18 @@ mod tests {
         dma.map(req(0x7000_0000, 0x2000), Some(memfd(0x2000)), 9)
             .unwrap();
         assert_eq!(dma.unmap(0x0, 1 << 31), Ok(0x3000));
+        // A range up to the top of the address space (QEMU's last unmap with a vIOMMU):
+        // the whole space in one range, or from 0xfef00000 on.
+        dma.map(req(0x1000, 0x1000), None, 9).unwrap();
+        dma.map(req(0xFFFF_F000_0000_0000, 0x1000), None, 9)
+            .unwrap();
+        assert_eq!(
+            dma.unmap(0xFEF0_0000, 0u64.wrapping_sub(0xFEF0_0000)),
+            Ok(0x1000)
+        );
+        assert_eq!(dma.len(), 1);
+        assert_eq!(dma.unmap(0x0, u64::MAX), Ok(0x1000));
+        assert!(dma.is_empty());
         dma.map(req(0x1000, 0x1000), None, 9).unwrap();
         let last = dma.entry(0x1000).unwrap();
         dma.unmap_all();

@@ -1426,17 +1426,27 @@ fn dma_unmap_follows_vfio_type1_and_tells_the_device() {
     // An exact match, then UNMAP_ALL, as before.
     client.dma_map(3, 0, 0x50000, 0x1000, None).unwrap();
     client.dma_unmap(0, 0x50000, 0x1000).unwrap();
+    // QEMU's last unmap with a vIOMMU runs up to the top of the address space (2^64).
+    client.dma_map(3, 0, 0x1_0000_0000, 0x1000, None).unwrap();
+    client
+        .dma_unmap(0, 0xFEF0_0000, 0u64.wrapping_sub(0xFEF0_0000))
+        .unwrap();
     client.dma_map(3, 0, 0x60000, 0x1000, None).unwrap();
     client.dma_unmap(dma_flags::UNMAP_ALL, 0, 0).unwrap();
     assert_eq!(
         device.unmapped()[3..],
-        [(0x50000, 0x1000), (0x40000, 0x1000), (0x60000, 0x1000)]
+        [
+            (0x50000, 0x1000),
+            (0x1_0000_0000, 0x1000),
+            (0x40000, 0x1000),
+            (0x60000, 0x1000)
+        ]
     );
     drop(client);
     server.join().unwrap().unwrap();
     assert_eq!(
         device.unmapped().len(),
-        6,
+        7,
         "nothing left to unmap on disconnect"
     );
 }
