@@ -176,6 +176,11 @@ pub enum Command {
         /// the cost of CPU time. 0 (the default) never spins.
         #[arg(long, default_value = "0", value_parser = clap::value_parser!(u64).range(0..=1000))]
         poll_spin_us: u64,
+        /// Whole-GPU mode: offer no VRAM BAR for mmap, so every VRAM access is trapped and
+        /// translated by BAR1 as the guest set it up. Needed by a guest that puts BAR1 in
+        /// virtual mode (e.g. a nested gpu-backend slicing the GPU); mapped VRAM is physical.
+        #[arg(long, conflicts_with = "guests")]
+        trap_vram: bool,
     },
 }
 
@@ -399,6 +404,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             guests,
             socket_mode,
             poll_spin_us,
+            trap_vram,
         } => {
             let server_config = ServerConfig {
                 poll_spin: Duration::from_micros(poll_spin_us),
@@ -415,6 +421,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         socket,
                         socket_mode,
                         server_config,
+                        trap_vram,
                     },
                 )?;
                 return Ok(());

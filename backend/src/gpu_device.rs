@@ -1,13 +1,32 @@
 //! The presented GPU function as a vfio-user device: region and interrupt tables for the
 //! server, accesses forwarded to the [`PresentedFunction`].
+//!
+//! A guest given the whole GPU lends its DMA maps to the GPU: each map the client adds is
+//! handed to [`HostGpu::map_guest_dma`](crate::host_gpu::HostGpu::map_guest_dma) at its IOVA
+//! ([`lent_dma::LentDmaMap`]), and taken back with `unmap_guest_dma` before the client's
+//! unmap is answered (and before the map's memory goes away). A map the GPU refuses fails
+//! the client's `DMA_MAP` with the GPU's errno, except `ENOTSUP` (a host that cannot lend
+//! memory at all), which is logged once and leaves the map with the connection. A sliced
+//! guest lends nothing: the GPU is the host's.
 
+pub mod lent_dma;
+
+#[cfg(test)]
+mod lending_tests;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::host_gpu::guest_dma::GuestDmaMemory;
 use crate::presentation::function::REGION_COUNT;
 use crate::presentation::PresentedFunction;
 use crate::vfio_user::device::{
-    ClientHandle, DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea, VfioUserDevice,
+    ClientDmaMap, ClientHandle, DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea,
+    VfioUserDevice,
 };
+
+use lent_dma::LentDmaMap;
 
 /// VFIO interrupt indices of a PCI function.
 pub mod irq_index {
@@ -29,6 +48,10 @@ pub mod irq_index {
 pub struct GpuDevice {
     function: PresentedFunction,
     client: Mutex<Option<ClientHandle>>,
+    /// The client's DMA maps lent to the GPU: IOVA to size (a guest given the whole GPU).
+    lent: Mutex<BTreeMap<u64, u64>>,
+    /// The "host cannot lend guest memory" warning was logged.
+    lend_unsupported_logged: AtomicBool,
 }
 
 impl GpuDevice {
@@ -37,6 +60,28 @@ impl GpuDevice {
         GpuDevice {
             function,
             client: Mutex::new(None),
+            lent: Mutex::new(BTreeMap::new()),
+            lend_unsupported_logged: AtomicBool::new(false),
+        }
+    }
+
+    /// The client's DMA maps currently lent to the GPU, as (IOVA, size).
+    pub fn lent_dma_maps(&self) -> Vec<(u64, u64)> {
+        self.lent_maps()
+            .iter()
+            .map(|(&iova, &size)| (iova, size))
+            .collect()
+    }
+
+    fn lent_maps(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
+        self.lent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the map at `iova` back from the GPU, if it was lent.
+    fn take_back(&self, iova: u64) {
+        if self.lent_maps().remove(&iova).is_some() {
+            self.function.host().unmap_guest_dma(iova);
+            log::debug!("DMA map at {iova:#x} taken back from the GPU");
         }
     }
 
@@ -133,6 +178,44 @@ impl VfioUserDevice for GpuDevice {
             self.function.identity().name
         );
         *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Every map was taken back as it was removed; make sure nothing outlives the client.
+        let left: Vec<u64> = self.lent_maps().keys().copied().collect();
+        for iova in left {
+            self.take_back(iova);
+        }
+    }
+
+    fn dma_mapped(&self, map: ClientDmaMap) -> Result<(), Errno> {
+        if !self.function.guest().is_whole_gpu() {
+            return Ok(());
+        }
+        let (iova, size) = (map.iova(), map.size());
+        let memory: Arc<dyn GuestDmaMemory> = Arc::new(LentDmaMap::new(map));
+        match self.function.host().map_guest_dma(iova, memory) {
+            Ok(()) => {
+                self.lent_maps().insert(iova, size);
+                log::debug!("DMA map [{iova:#x}, +{size:#x}) lent to the GPU");
+                Ok(())
+            }
+            Err(e) if e.errno() == libc::ENOTSUP => {
+                if !self.lend_unsupported_logged.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "{} cannot lend guest memory to the GPU ({e}): the guest's DMA maps \
+                         stay with the connection and the GPU cannot reach them",
+                        self.function.identity().name
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!("the GPU refused DMA map [{iova:#x}, +{size:#x}): {e}");
+                Err(Errno(e.errno()))
+            }
+        }
+    }
+
+    fn dma_unmapped(&self, iova: u64, _size: u64) {
+        self.take_back(iova);
     }
 }
 

@@ -12,7 +12,9 @@ use thiserror::Error;
 
 use crate::gpu_device::GpuDevice;
 use crate::host_gpu::HostGpu;
-use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
+use crate::presentation::{
+    FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
+};
 use crate::slice::{GuestSpec, SetupError, SlicedGpu};
 use crate::vfio_user::shutdown::ShutdownError;
 use crate::vfio_user::{Server, ServerConfig, ServerError, ShutdownSignal};
@@ -66,12 +68,19 @@ pub struct ServeOptions {
     pub socket_mode: u32,
     /// Limits and tuning of the vfio-user connections.
     pub server_config: ServerConfig,
+    /// Offer no VRAM BAR for mmap: every VRAM access is trapped, so a guest that switches
+    /// BAR1 to virtual mode gets its accesses translated (see
+    /// [`PresentationOptions::trap_vram`]).
+    pub trap_vram: bool,
 }
 
 /// Serves `host` whole to one guest on `options.socket` until SIGTERM or SIGINT; the socket
 /// file is removed on the way out.
 pub fn serve(host: Arc<dyn HostGpu>, options: &ServeOptions) -> Result<(), ServeError> {
-    let function = PresentedFunction::new(host)?;
+    let presentation = PresentationOptions {
+        trap_vram: options.trap_vram,
+    };
+    let function = PresentedFunction::new_with(host, presentation)?;
     serve_functions(
         vec![(options.socket.clone(), function)],
         options.socket_mode,

@@ -106,13 +106,13 @@ fn whole_gpu_inspect_shows_the_slice_and_bar0_trapped_ranges() {
         at += t["size"].as_u64().unwrap();
     }
     assert_eq!(at, 16 * MIB);
+    // Whole-GPU mode: only the emulated rules are listed, everything else is passed.
     let registers = json["registers"].as_array().unwrap();
+    assert!(registers.iter().all(|r| r["treatment"] == "emulated"));
     assert!(registers
         .iter()
-        .any(|r| r["name"] == "NV_PMC_BOOT_0" && r["treatment"] == "passed (reads)"));
-    assert!(registers
-        .iter()
-        .any(|r| r["offset"] == 0xB8_30B0u64 && r["treatment"] == "hidden"));
+        .any(|r| r["name"] == "NV_PBUS_BAR0_WINDOW" && r["offset"] == 0x1700));
+    assert_eq!(json["unlisted_registers"], "passed (reads and writes)");
 }
 
 #[test]
@@ -149,6 +149,15 @@ fn inspect_with_guests_shows_consecutive_slices() {
     assert_eq!(vram["real_size"], 6 * GIB);
     assert_eq!(vram["presented_size"], 8 * GIB);
     assert_eq!(vram["host_vram_offset"], 8 * GIB);
+    // Sliced guests keep the default-deny table.
+    let registers = guests[1]["registers"].as_array().unwrap();
+    assert!(registers
+        .iter()
+        .any(|r| r["name"] == "NV_PMC_BOOT_0" && r["treatment"] == "passed (reads)"));
+    assert!(registers
+        .iter()
+        .any(|r| r["offset"] == 0xB8_30B0u64 && r["treatment"] == "hidden"));
+    assert_eq!(guests[1]["unlisted_registers"], "hidden");
     let w0 = guests[0]["slice"]["bar1_window"].as_u64().unwrap();
     let w1 = guests[1]["slice"]["bar1_window"].as_u64().unwrap();
     assert!(w1 >= w0 + 8 * GIB + 2 * MIB, "guard between windows");

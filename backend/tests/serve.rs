@@ -172,3 +172,32 @@ fn serve_with_two_guests_isolates_them_and_stops_on_sigterm() {
     assert!(!s0.exists() && !s1.exists(), "sockets left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn serve_trap_vram_offers_no_vram_bar_for_mmap() {
+    use gpu_backend::vfio_user::protocol::region_flags;
+    let socket = temp_socket("trap-vram.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gpu-backend"))
+        .args(["serve", "--profile", "tu102-24g", "--trap-vram", "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&socket, &mut child);
+    let mut client = TestClient::connect(&socket).unwrap();
+    client.version().unwrap();
+    // BAR1 (VRAM, the BAR1 aperture): no mmap, no fd; every access is trapped.
+    let (vram, _, fd) = client.region_info(1, 512).unwrap();
+    assert_eq!(vram.flags & region_flags::MMAP, 0);
+    assert!(fd.is_none());
+    client.region_write(1, 0x1000, b"trapped", false).unwrap();
+    assert_eq!(client.region_read(1, 0x1000, 7).unwrap(), b"trapped");
+    // BAR3 (instance memory) is still offered for mmap.
+    let (instance, _, fd) = client.region_info(3, 512).unwrap();
+    assert_ne!(instance.flags & region_flags::MMAP, 0);
+    assert!(fd.is_some());
+    drop(client);
+    assert!(terminate(&mut child, libc::SIGTERM).success());
+}

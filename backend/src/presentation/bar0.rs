@@ -4,13 +4,15 @@
 //! aperture goes to the guest's [`GuestAperture`] as one byte range; everything else is
 //! split into naturally aligned 8/4/2/1-byte register accesses (8-byte ones as two dwords,
 //! low first), each treated as [`RegisterMap`] says for its dword:
-//! - passed: reads come from the host register, writes are dropped;
+//! - passed: reads come from the host register; writes reach it only for a guest given the
+//!   whole GPU ([`RegisterMode::WholeGpu`]), and are dropped for a sliced guest;
 //! - emulated: the guest's window register ([`GuestWindow`]) or the MSI-X table/PBA;
-//! - hidden (the default): reads 0, writes dropped.
+//! - hidden (the sliced default): reads 0, writes dropped.
 //!
-//! Dropped writes and hidden reads are counted ([`TrapStats`]). Nothing here writes a host
-//! register. A window-register write is applied before the call returns, so a posted write
-//! followed by an aperture access on the same connection is ordered.
+//! Dropped writes and hidden reads are counted ([`TrapStats`]), and so are passed writes.
+//! Only a guest given the whole GPU writes host registers. A window-register write is
+//! applied before the call returns, so a posted write followed by an aperture access on the
+//! same connection is ordered.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +24,7 @@ use super::aperture::{GuestAperture, APERTURE_END, APERTURE_START};
 use super::config_space::MsixDecl;
 use super::msix::MsixRegion;
 use super::padded_bar::{BackingError, BarBacking};
-use super::registers::{Emulated, RegisterMap, Treatment};
+use super::registers::{Emulated, RegisterMap, RegisterMode, Treatment};
 use super::window::GuestWindow;
 
 /// How many distinct hidden dword offsets [`TrapStats::hidden_offsets`] records.
@@ -33,6 +35,8 @@ pub const HIDDEN_OFFSETS_RECORDED: usize = 32;
 pub struct TrapStats {
     /// Register reads passed to the host.
     pub passed_reads: u64,
+    /// Register writes passed to the host (a guest given the whole GPU only).
+    pub passed_writes: u64,
     /// Reads of hidden registers (answered 0).
     pub hidden_reads: u64,
     /// Writes dropped: to hidden registers and to read-only passed ones.
@@ -52,6 +56,7 @@ pub struct TrapStats {
 #[derive(Debug, Default)]
 struct Counters {
     passed_reads: AtomicU64,
+    passed_writes: AtomicU64,
     hidden_reads: AtomicU64,
     dropped_writes: AtomicU64,
     window_writes: AtomicU64,
@@ -86,6 +91,7 @@ impl Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         TrapStats {
             passed_reads: get(&self.passed_reads),
+            passed_writes: get(&self.passed_writes),
             hidden_reads: get(&self.hidden_reads),
             dropped_writes: get(&self.dropped_writes),
             window_writes: get(&self.window_writes),
@@ -145,14 +151,20 @@ impl std::fmt::Debug for TrappedBar0 {
 }
 
 impl TrappedBar0 {
-    /// BAR0 of `len` bytes for `guest`, with MSI-X storage as `msix` declares it.
+    /// BAR0 of `len` bytes for `guest`, with MSI-X storage as `msix` declares it: the
+    /// whole-GPU register mode for a guest given the whole GPU, the sliced one otherwise.
     pub fn new(guest: &GuestSlice, len: u64, msix: &MsixDecl) -> TrappedBar0 {
         let host = Arc::clone(guest.host());
         let generation = host.identity().generation;
+        let mode = if guest.is_whole_gpu() {
+            RegisterMode::WholeGpu
+        } else {
+            RegisterMode::Sliced
+        };
         TrappedBar0 {
             host,
             len,
-            map: RegisterMap::for_generation(generation),
+            map: RegisterMap::new(generation, mode),
             window: GuestWindow::new(generation),
             aperture: GuestAperture::new(guest.clone()),
             msix: MsixRegion::new(msix),
@@ -160,7 +172,7 @@ impl TrappedBar0 {
         }
     }
 
-    /// The register table of the guest's generation.
+    /// The register table of the guest's generation and mode.
     pub fn register_map(&self) -> &RegisterMap {
         &self.map
     }
@@ -235,7 +247,7 @@ impl TrappedBar0 {
         let dword = at & !3;
         let n = width.bytes() as usize;
         Ok(match self.map.treatment(dword) {
-            Treatment::PassRead => {
+            Treatment::Pass | Treatment::PassRead => {
                 self.counters.passed_reads.fetch_add(1, Ordering::Relaxed);
                 self.host.bar0_read(at, width).map_err(|e| host_error(&e))?
             }
@@ -276,7 +288,13 @@ impl TrappedBar0 {
             Treatment::Emulated(Emulated::PraminAperture) => {
                 self.write_aperture(at, &value.to_le_bytes()[..n])?;
             }
-            // Default-deny: no rule passes writes to the host.
+            // Only the whole-GPU mode passes writes to the host.
+            Treatment::Pass => {
+                self.counters.passed_writes.fetch_add(1, Ordering::Relaxed);
+                self.host
+                    .bar0_write(at, width, value)
+                    .map_err(|e| host_error(&e))?;
+            }
             Treatment::PassRead | Treatment::Emulated(_) | Treatment::Hidden => {
                 self.counters.hidden(dword, true);
             }

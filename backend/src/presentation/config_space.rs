@@ -15,7 +15,8 @@
 //! Layout:
 //! - type-0 header ([`offset`]), status "capabilities list" set;
 //! - capabilities ([`cap_id`]): Power Management at [`PM_CAP_OFFSET`]
-//!   (version 3, fixed in D0), PCI Express at [`PCIE_CAP_OFFSET`]
+//!   (version 3; D0 and D3hot, no D1/D2, no PME; No_Soft_Reset), PCI Express at
+//!   [`PCIE_CAP_OFFSET`]
 //!   (version 2 endpoint, x16 at 16 GT/s, no slot), and, if declared, MSI-X at
 //!   [`MSIX_CAP_OFFSET`];
 //! - extended space `0x100..0x1000` empty (reads 0, ignores writes).
@@ -23,14 +24,27 @@
 //! Writable: command bits [`Command::MEMORY_SPACE`], [`Command::BUS_MASTER`],
 //! [`Command::INTX_DISABLE`] and, if an I/O BAR exists, [`Command::IO_SPACE`];
 //! cache line size and interrupt line (scratch); BAR address bits; MSI-X
-//! enable and function mask; and the PCIe device/link control fields an OS
-//! configures (scratch, no effect). Status bits are read-only (RW1C is not
-//! emulated). The expansion ROM BAR reads 0 and ignores writes.
+//! enable and function mask; the PMCSR power state; and the PCIe device/link
+//! control fields an OS configures (scratch, no effect). Status bits are
+//! read-only (RW1C is not emulated). The expansion ROM BAR reads 0 and ignores
+//! writes.
+//!
+//! # Power states
+//!
+//! The PMCSR PowerState field (bits 1:0) reads back what was written, as on a
+//! device: D0 (0) or D3hot (3). The PMC advertises neither D1 nor D2, so a
+//! write of 1 or 2 leaves the state unchanged. No_Soft_Reset is set: going
+//! from D3hot back to D0 keeps the configuration (BAR addresses, command
+//! register), so the BARs are where they were. [`ConfigSpace::power_state`]
+//! tells the function whether to answer BAR accesses (a device in D3hot
+//! answers config space only); a reset returns to D0. FLR is not offered.
 
 use std::fmt;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+
+use crate::host_driver::regs::bitfield;
 
 /// Size of the (PCIe extended) configuration space in bytes.
 pub const CONFIG_SPACE_SIZE: usize = 4096;
@@ -142,8 +156,65 @@ mod pm {
     pub const LEN: usize = 0x08;
     /// PMC: specification version 3 (PCI PM 1.2).
     pub const PMC_VERSION_3: u16 = 0x3;
-    /// PMCSR: no soft reset on D3hot -> D0; power state D0 (bits 1:0 = 0).
-    pub const PMCSR_NO_SOFT_RESET_D0: u16 = 1 << 3;
+}
+
+bitfield! {
+    /// Power Management Capabilities (PCI PM 1.2, 3.2.3).
+    pub struct Pmc(u16) {
+        /// Version of the PM specification (3: PCI PM 1.2).
+        version, with_version, VERSION: 2:0;
+        /// The function supports D1.
+        d1_support, with_d1_support, D1_SUPPORT: 9:9;
+        /// The function supports D2.
+        d2_support, with_d2_support, D2_SUPPORT: 10:10;
+        /// States from which the function can assert PME#.
+        pme_support, with_pme_support, PME_SUPPORT: 15:11;
+    }
+}
+
+bitfield! {
+    /// Power Management Control/Status (PCI PM 1.2, 3.2.4).
+    pub struct Pmcsr(u16) {
+        /// Current power state (see [`PowerState`]).
+        power_state, with_power_state, POWER_STATE: 1:0;
+        /// D3hot to D0 does not reset the function's configuration.
+        no_soft_reset, with_no_soft_reset, NO_SOFT_RESET: 3:3;
+    }
+}
+
+/// A PCI function power state (PMCSR PowerState).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PowerState {
+    /// Fully on.
+    D0,
+    /// Light sleep (not supported by the presented function).
+    D1,
+    /// Deeper sleep (not supported by the presented function).
+    D2,
+    /// Off with power kept: the function answers config space only.
+    D3Hot,
+}
+
+impl PowerState {
+    /// The state a PowerState field value names.
+    pub fn from_field(field: u16) -> PowerState {
+        match field & 0x3 {
+            0 => PowerState::D0,
+            1 => PowerState::D1,
+            2 => PowerState::D2,
+            _ => PowerState::D3Hot,
+        }
+    }
+
+    /// The PowerState field value.
+    pub fn field(self) -> u16 {
+        match self {
+            PowerState::D0 => 0,
+            PowerState::D1 => 1,
+            PowerState::D2 => 2,
+            PowerState::D3Hot => 3,
+        }
+    }
 }
 
 /// Layout of the PCI Express capability (version 2, endpoint).
@@ -548,11 +619,30 @@ impl ConfigSpace {
     /// bits keep their value.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ConfigSpaceError> {
         let range = access_range(offset, data.len())?;
+        let before = self.power_state();
         let targets = self.value[range.clone()].iter_mut();
         for ((byte, &mask), &new) in targets.zip(&self.wmask[range]).zip(data) {
             *byte = (*byte & !mask) | (new & mask);
         }
+        // D1 and D2 are not supported (PMC): such a write leaves the state as it was.
+        if matches!(self.power_state(), PowerState::D1 | PowerState::D2) {
+            self.set_pmcsr(self.pmcsr().with_power_state(before.field()));
+        }
         Ok(())
+    }
+
+    /// The PMCSR power state: D0 or D3hot (D1/D2 writes are refused).
+    pub fn power_state(&self) -> PowerState {
+        PowerState::from_field(self.pmcsr().power_state())
+    }
+
+    fn pmcsr(&self) -> Pmcsr {
+        Pmcsr::from_raw(self.u16_at(PM_CAP_OFFSET + pm::PMCSR))
+    }
+
+    fn set_pmcsr(&mut self, value: Pmcsr) {
+        let at = PM_CAP_OFFSET + pm::PMCSR;
+        self.value[at..at + 2].copy_from_slice(&value.raw().to_le_bytes());
     }
 
     /// Read a little-endian u16 at `offset`.
@@ -580,7 +670,7 @@ impl ConfigSpace {
     }
 
     /// Return to the reset state: BAR addresses 0, command 0, MSI-X disabled
-    /// and unmasked, scratch registers 0.
+    /// and unmasked, power state D0, scratch registers 0.
     pub fn reset(&mut self) {
         self.value.copy_from_slice(&self.reset_value[..]);
     }
@@ -807,9 +897,20 @@ fn build_capabilities(img: &mut Image, spec: &ConfigSpaceSpec) {
         img.set(at, &[id, next]);
     }
 
-    // Power Management: version 3, D0, no power-state transitions emulated.
-    img.set_u16(PM_CAP_OFFSET + pm::PMC, pm::PMC_VERSION_3);
-    img.set_u16(PM_CAP_OFFSET + pm::PMCSR, pm::PMCSR_NO_SOFT_RESET_D0);
+    // Power Management: version 3, no D1/D2, no PME; PowerState writable (D0/D3hot),
+    // No_Soft_Reset (D3hot -> D0 keeps the configuration); starts in D0.
+    img.set_u16(
+        PM_CAP_OFFSET + pm::PMC,
+        Pmc::default().with_version(pm::PMC_VERSION_3).raw(),
+    );
+    img.set_u16(
+        PM_CAP_OFFSET + pm::PMCSR,
+        Pmcsr::default()
+            .with_no_soft_reset(1)
+            .with_power_state(PowerState::D0.field())
+            .raw(),
+    );
+    img.writable_u16(PM_CAP_OFFSET + pm::PMCSR, Pmcsr::POWER_STATE.mask() as u16);
 
     // PCI Express: version 2 endpoint, x16 at 16 GT/s, no slot.
     let at = PCIE_CAP_OFFSET;
@@ -1074,6 +1175,56 @@ mod tests {
 
         // Extended space is empty.
         assert_eq!(cs.read_u32(0x100).unwrap(), 0);
+    }
+
+    #[test]
+    fn pmcsr_power_state_d0_and_d3hot_read_back_d1_d2_refused() {
+        let mut cs = gpu();
+        let pmc = PM_CAP_OFFSET as u64 + 2;
+        let pmcsr = PM_CAP_OFFSET as u64 + 4;
+        let caps = Pmc::from_raw(cs.read_u16(pmc).unwrap());
+        assert_eq!(
+            (caps.version(), caps.d1_support(), caps.d2_support()),
+            (3, 0, 0),
+            "PM 1.2, no D1/D2"
+        );
+        assert_eq!(caps.pme_support(), 0);
+        assert_eq!(cs.power_state(), PowerState::D0);
+        assert_eq!(cs.read_u16(pmcsr).unwrap(), 0x0008, "D0, No_Soft_Reset");
+        // D3hot, as the guest's vfio-pci writes it when the device is idle.
+        cs.write_u16(pmcsr, 0x0003).unwrap();
+        assert_eq!(cs.power_state(), PowerState::D3Hot);
+        assert_eq!(cs.read_u16(pmcsr).unwrap(), 0x000B);
+        // D1 and D2 are not supported: the state stays, from D3hot and from D0.
+        for unsupported in [1u8, 2] {
+            cs.write(pmcsr, &[unsupported]).unwrap();
+            assert_eq!(cs.power_state(), PowerState::D3Hot);
+        }
+        // Back to D0 with a dword write over PMCSR and its neighbours (read-only there).
+        cs.write_u32(pmcsr, 0xFFFF_FFF4).unwrap();
+        assert_eq!(cs.power_state(), PowerState::D0);
+        assert_eq!(
+            cs.read_u32(pmcsr).unwrap(),
+            0x0000_0008,
+            "No_Soft_Reset stays set"
+        );
+        for unsupported in [1u16, 2] {
+            cs.write_u16(pmcsr, unsupported).unwrap();
+            assert_eq!(cs.power_state(), PowerState::D0);
+        }
+        // No_Soft_Reset: D3hot -> D0 keeps the BAR addresses and the command register.
+        cs.write_u32(0x20, 0x4000_0000).unwrap();
+        cs.write_u32(0x24, 0x40).unwrap();
+        cs.write_u16(offset::COMMAND as u64, Command::MEMORY_SPACE)
+            .unwrap();
+        cs.write(pmcsr, &[3]).unwrap();
+        cs.write(pmcsr, &[0]).unwrap();
+        assert_eq!(cs.bar_address(4), Some(0x40_0000_0000));
+        assert!(cs.command().memory_space());
+        // A reset returns to D0.
+        cs.write(pmcsr, &[3]).unwrap();
+        cs.reset();
+        assert_eq!(cs.power_state(), PowerState::D0);
     }
 
     #[test]
@@ -1379,6 +1530,7 @@ mod tests {
             _ => {
                 for &(id, cap) in caps {
                     match (id, at.wrapping_sub(cap)) {
+                        (cap_id::POWER_MANAGEMENT, 4) => return 0x03,
                         (cap_id::MSIX, 3) => return 0xC0,
                         (cap_id::PCI_EXPRESS, 0x08) => return 0xFF,
                         (cap_id::PCI_EXPRESS, 0x09) => return 0x79,

@@ -8,23 +8,31 @@
 //! [`TrappedBar0`] (register table, virtual window register, PRAMIN aperture confined to
 //! the guest's VRAM, MSI-X); a VRAM BAR of the part at VRAM offset `o` with real size `s`
 //! shows the guest's VRAM `[o, o + s) ∩ [0, slice.size)` and is dropped when that is
-//! empty. Its real part is offered for direct mapping from host VRAM `slice.start + o`;
-//! trapped accesses go to host memory (a GPU given whole) or through the guest's BAR1
-//! window (a sliced GPU). The instance-memory BAR is presented only to a guest that owns
-//! the whole GPU (it is a host-wide aperture).
+//! empty. Its real part is offered for direct mapping from host VRAM `slice.start + o`
+//! (unless [`PresentationOptions::trap_vram`]); trapped accesses go through the guest's
+//! BAR1 window (a sliced GPU) or, for a GPU given whole, through the host's BAR1 aperture
+//! for the BAR1-aperture BAR (translated as the guest set BAR1 up: the guest owns the GPU
+//! and may switch BAR1 to virtual mode) and to host memory for any other VRAM BAR. The
+//! instance-memory BAR is presented only to a guest that owns the whole GPU (it is a
+//! host-wide aperture).
+//!
+//! Power: while the config space's PMCSR says D3hot, every BAR access reads ~0 and drops
+//! writes without reaching the backing (a device in D3hot answers config space only); back
+//! in D0 the BARs answer again. A reset returns to D0.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
-use crate::host_driver::addr::VramAddr;
+use crate::host_driver::addr::{GpuVa, VramAddr};
 use crate::host_gpu::{ChipIdentity, HostBar, HostBarRole, HostGpu, MmapSource};
 use crate::slice::{whole_gpu, GuestSlice, SetupError};
 
 use super::bar0::{TrapStats, TrappedBar0};
 use super::config_space::{
-    BarDecl, BarKind, ConfigSpace, ConfigSpaceError, ConfigSpaceSpec, MsixDecl, BAR_COUNT,
-    CONFIG_SPACE_SIZE,
+    BarDecl, BarKind, ConfigSpace, ConfigSpaceError, ConfigSpaceSpec, MsixDecl, PowerState,
+    BAR_COUNT, CONFIG_SPACE_SIZE,
 };
 use super::guest_vram::GuestVramBacking;
 use super::padded_bar::{MappableArea, PaddedBar, PaddedBarError};
@@ -89,6 +97,16 @@ impl PresentationError {
             PresentationError::NoSuchRegion(_) => libc::EINVAL,
         }
     }
+}
+
+/// How a function is presented.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PresentationOptions {
+    /// Offer no VRAM BAR for direct mapping, so every VRAM-BAR access is trapped. The
+    /// mapped VRAM of the emulated GPU is device memory 1:1 (BAR1 in physical mode); a
+    /// guest owning the whole GPU that switches BAR1 to virtual mode needs its accesses
+    /// trapped to have them translated.
+    pub trap_vram: bool,
 }
 
 /// What a presented BAR is backed by.
@@ -185,6 +203,22 @@ impl PresentedBar {
             BarContent::Memory { bar, .. } => bar.write(offset, data),
         }
     }
+
+    /// Reads at `offset` of a function in D3hot: ~0, nothing reaches the backing.
+    fn read_powered_off(&self, offset: u64, buf: &mut [u8]) -> Result<usize, PaddedBarError> {
+        match &self.content {
+            BarContent::Registers(bar) => bar.read_ones(offset, buf),
+            BarContent::Memory { bar, .. } => bar.read_ones(offset, buf),
+        }
+    }
+
+    /// Writes at `offset` of a function in D3hot: dropped.
+    fn write_powered_off(&self, offset: u64, data: &[u8]) -> Result<usize, PaddedBarError> {
+        match &self.content {
+            BarContent::Registers(bar) => bar.drop_write(offset, data),
+            BarContent::Memory { bar, .. } => bar.drop_write(offset, data),
+        }
+    }
 }
 
 /// The PCI function a guest sees.
@@ -192,7 +226,11 @@ pub struct PresentedFunction {
     guest: GuestSlice,
     bars: Vec<PresentedBar>,
     msix: MsixDecl,
+    options: PresentationOptions,
     config: Mutex<ConfigSpace>,
+    /// PMCSR says D3hot (kept in step with `config` under its lock; read lock-free on the
+    /// BAR access path).
+    powered_off: AtomicBool,
 }
 
 /// The guest's view of one host memory BAR: (host VRAM address, real size), or `None` if
@@ -208,12 +246,29 @@ impl PresentedFunction {
     /// Presents `host` whole to one guest (see [`whole_gpu`]: its VRAM is scrubbed and
     /// its window register taken over by the backend).
     pub fn new(host: Arc<dyn HostGpu>) -> Result<Self, PresentationError> {
-        Self::for_guest(whole_gpu(host)?)
+        Self::new_with(host, PresentationOptions::default())
+    }
+
+    /// Presents `host` whole to one guest, as `options` say (see [`PresentedFunction::new`]).
+    pub fn new_with(
+        host: Arc<dyn HostGpu>,
+        options: PresentationOptions,
+    ) -> Result<Self, PresentationError> {
+        Self::for_guest_with(whole_gpu(host)?, options)
     }
 
     /// The function of `guest`: pads every BAR to a power of two and builds the config
     /// space.
     pub fn for_guest(guest: GuestSlice) -> Result<Self, PresentationError> {
+        Self::for_guest_with(guest, PresentationOptions::default())
+    }
+
+    /// The function of `guest`, presented as `options` say (see
+    /// [`PresentedFunction::for_guest`]).
+    pub fn for_guest_with(
+        guest: GuestSlice,
+        options: PresentationOptions,
+    ) -> Result<Self, PresentationError> {
         let host = Arc::clone(guest.host());
         let identity = host.identity().clone();
         let msix = MsixDecl {
@@ -249,7 +304,23 @@ impl PresentedFunction {
                                 .memory_bar(bar.index)
                                 .ok_or(PresentationError::MissingMemory(bar.index))?;
                             let mmap = memory.mmap_source();
-                            (GuestVramBacking::Host(memory), mmap)
+                            let is_bar1 = identity
+                                .bar1_aperture()
+                                .is_some_and(|aperture| aperture.index == bar.index);
+                            let backing = if is_bar1 {
+                                // The guest owns the GPU and may put BAR1 in virtual mode:
+                                // trapped accesses are translated as BAR1 is set up (the
+                                // same bytes as the memory itself in physical mode).
+                                GuestVramBacking::Bar1 {
+                                    host: Arc::clone(&host),
+                                    va: GpuVa::new(0),
+                                    len: memory.len(),
+                                    access: Arc::clone(guest.access()),
+                                }
+                            } else {
+                                GuestVramBacking::Host(memory)
+                            };
+                            (backing, mmap)
                         }
                         Some(window) => (
                             GuestVramBacking::Bar1 {
@@ -266,7 +337,7 @@ impl PresentedFunction {
                     (
                         BarContent::Memory {
                             bar: PaddedBar::new(backing).map_err(bar_error)?,
-                            mmap,
+                            mmap: mmap.filter(|_| !options.trap_vram),
                         },
                         Some(at),
                     )
@@ -303,8 +374,36 @@ impl PresentedFunction {
             guest,
             bars,
             msix,
+            options,
             config: Mutex::new(config),
+            powered_off: AtomicBool::new(false),
         })
+    }
+
+    /// How the function was presented.
+    pub fn options(&self) -> PresentationOptions {
+        self.options
+    }
+
+    /// The power state the guest set (PMCSR).
+    pub fn power_state(&self) -> PowerState {
+        self.config().power_state()
+    }
+
+    /// Records the config space's power state for the BAR access path.
+    fn track_power(&self, config: &ConfigSpace) {
+        let off = config.power_state() == PowerState::D3Hot;
+        if self.powered_off.swap(off, Ordering::SeqCst) != off {
+            log::debug!(
+                "{}: function {}",
+                self.identity().name,
+                if off {
+                    "in D3hot: BARs read ~0 and drop writes"
+                } else {
+                    "back in D0"
+                }
+            );
+        }
     }
 
     /// The guest's VRAM.
@@ -378,11 +477,15 @@ impl PresentedFunction {
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
-        bar.read(offset, buf)
-            .map_err(|source| PresentationError::Bar {
-                index: bar.index,
-                source,
-            })
+        let read = if self.powered_off.load(Ordering::SeqCst) {
+            bar.read_powered_off(offset, buf)
+        } else {
+            bar.read(offset, buf)
+        };
+        read.map_err(|source| PresentationError::Bar {
+            index: bar.index,
+            source,
+        })
     }
 
     /// Writes to VFIO region `index`; returns the number of bytes consumed.
@@ -393,24 +496,35 @@ impl PresentedFunction {
         data: &[u8],
     ) -> Result<usize, PresentationError> {
         if index == CONFIG_REGION_INDEX {
-            self.config().write(offset, data)?;
+            let mut config = self.config();
+            config.write(offset, data)?;
+            self.track_power(&config);
             return Ok(data.len());
         }
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
-        bar.write(offset, data)
-            .map_err(|source| PresentationError::Bar {
-                index: bar.index,
-                source,
-            })
+        let written = if self.powered_off.load(Ordering::SeqCst) {
+            bar.write_powered_off(offset, data)
+        } else {
+            bar.write(offset, data)
+        };
+        written.map_err(|source| PresentationError::Bar {
+            index: bar.index,
+            source,
+        })
     }
 
-    /// Function-level reset: config space back to power-on state, the guest's window
+    /// Function-level reset: config space back to power-on state (D0), the guest's window
     /// register and MSI-X vectors back to reset. Device memory is kept, and the host GPU is
-    /// not reset: its registers are shared by every guest and no guest can change them.
+    /// not reset: a sliced GPU's registers are shared by every guest (and none can write
+    /// them), and a guest given the whole GPU programs it from the state it finds.
     pub fn reset(&self) -> Result<(), crate::host_gpu::HostGpuError> {
-        self.config().reset();
+        {
+            let mut config = self.config();
+            config.reset();
+            self.track_power(&config);
+        }
         if let Some(bar0) = self.bar0() {
             bar0.reset();
         }
@@ -555,5 +669,232 @@ mod tests {
             .unwrap();
         function.region_read(0, 0x10FD40, &mut dword).unwrap();
         assert_eq!(u32::from_le_bytes(dword), 0x12);
+    }
+
+    /// PMCSR at its place in config space.
+    const PMCSR: u64 = super::super::config_space::PM_CAP_OFFSET as u64 + 4;
+
+    fn vram_bar(function: &PresentedFunction) -> u32 {
+        let bar = function
+            .bars()
+            .iter()
+            .find(|b| matches!(b.role(), HostBarRole::Vram { .. }));
+        u32::from(bar.unwrap().index())
+    }
+
+    #[test]
+    fn in_d3hot_bars_read_ones_and_drop_writes_and_d0_brings_them_back() {
+        let host = Arc::new(EmulatedHostGpu::by_name("gb202-32g").unwrap());
+        let function = PresentedFunction::new(host.clone()).unwrap();
+        let vram = vram_bar(&function);
+        let boot0 = function.identity().boot0;
+        function.region_write(vram, 0x40, b"before").unwrap();
+        function
+            .region_write(0, 0x10FD40, &0x12u32.to_le_bytes())
+            .unwrap();
+        // The guest's vfio-pci puts the idle device into D3hot; it reads back D3hot.
+        function
+            .region_write(CONFIG_REGION_INDEX, PMCSR, &[3])
+            .unwrap();
+        assert_eq!(function.power_state(), PowerState::D3Hot);
+        let mut pmcsr = [0u8; 2];
+        function
+            .region_read(CONFIG_REGION_INDEX, PMCSR, &mut pmcsr)
+            .unwrap();
+        assert_eq!(pmcsr[0] & 3, 3);
+        // Every BAR reads ~0 (registers, VRAM, padding) and drops writes.
+        let mut dword = [0u8; 4];
+        function.region_read(0, 0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), u32::MAX);
+        let mut six = [0u8; 6];
+        assert_eq!(function.region_read(vram, 0x40, &mut six).unwrap(), 6);
+        assert_eq!(six, [0xFF; 6]);
+        assert_eq!(function.region_write(vram, 0x40, b"during").unwrap(), 6);
+        function
+            .region_write(0, 0x10FD40, &0x34u32.to_le_bytes())
+            .unwrap();
+        let presented = function.region_size(vram);
+        assert_eq!(
+            function
+                .region_read(vram, presented, &mut six)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL,
+            "still bounded by the BAR"
+        );
+        let emulated = host.emulated().vram();
+        let mut raw = [0u8; 6];
+        emulated
+            .read(gpu_emulation::VramAddr::new(0x40), &mut raw)
+            .unwrap();
+        assert_eq!(&raw, b"before", "the D3hot write did not reach VRAM");
+        // Back in D0 (No_Soft_Reset: nothing was reset), the BARs answer as before.
+        function
+            .region_write(CONFIG_REGION_INDEX, PMCSR, &[0])
+            .unwrap();
+        assert_eq!(function.power_state(), PowerState::D0);
+        function.region_read(0, 0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), boot0);
+        function.region_read(0, 0x10FD40, &mut dword).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(dword),
+            0x12,
+            "window kept, D3hot write dropped"
+        );
+        function.region_read(vram, 0x40, &mut six).unwrap();
+        assert_eq!(&six, b"before");
+        // A reset returns to D0.
+        function
+            .region_write(CONFIG_REGION_INDEX, PMCSR, &[3])
+            .unwrap();
+        function.reset().unwrap();
+        assert_eq!(function.power_state(), PowerState::D0);
+        function.region_read(0, 0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), boot0);
+    }
+
+    /// A host register as the emulated GPU holds it, behind the boundary.
+    fn host_reg(host: &EmulatedHostGpu, offset: u64) -> u32 {
+        host.emulated()
+            .bar0_read(offset, crate::host_gpu::AccessWidth::Dword)
+            .unwrap() as u32
+    }
+
+    const GSP_DOORBELL: u64 = 0x11_0C00;
+    const GSP_MAILBOX0: u64 = 0x11_0040;
+    const MMU_INVALIDATE_PDB: u64 = 0xB8_30A0;
+
+    #[test]
+    fn a_whole_gpu_guest_writes_host_registers_a_sliced_one_does_not() {
+        let host = Arc::new(EmulatedHostGpu::by_name("gh100-80g").unwrap());
+        let whole = PresentedFunction::new(host.clone()).unwrap();
+        let bar0 = whole.bar0().unwrap();
+        assert_eq!(
+            bar0.register_map().mode(),
+            super::super::registers::RegisterMode::WholeGpu
+        );
+        // The doorbell and the TLB-invalidate target latch what the guest wrote.
+        whole
+            .region_write(0, GSP_DOORBELL, &0x5A5Au32.to_le_bytes())
+            .unwrap();
+        assert_eq!(host_reg(&host, GSP_DOORBELL), 0x5A5A);
+        whole
+            .region_write(0, MMU_INVALIDATE_PDB, &0x0012_3400u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            host.emulated().registers().mmu_invalidate_pdb.raw(),
+            host_reg(&host, MMU_INVALIDATE_PDB)
+        );
+        assert_ne!(host_reg(&host, MMU_INVALIDATE_PDB), 0);
+        // MAILBOX0 reaches the host too: the guest reads what the host holds.
+        whole
+            .region_write(0, GSP_MAILBOX0, &0xC0FFEEu32.to_le_bytes())
+            .unwrap();
+        let mut dword = [0u8; 4];
+        whole.region_read(0, GSP_MAILBOX0, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), host_reg(&host, GSP_MAILBOX0));
+        let stats = whole.trap_stats();
+        assert_eq!((stats.passed_writes, stats.dropped_writes), (3, 0));
+        // The window register stays the guest's own: the host's is not written.
+        let host_window = host.emulated().registers().window;
+        whole
+            .region_write(0, 0x10_FD40, &0x77u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(host.emulated().registers().window, host_window);
+        whole.region_read(0, 0x10_FD40, &mut dword).unwrap();
+        assert_eq!(u32::from_le_bytes(dword), 0x77);
+        drop(whole);
+
+        // A sliced guest of the same kind of GPU still has every write dropped.
+        let host = Arc::new(EmulatedHostGpu::by_name("gh100-80g").unwrap());
+        let mut sliced = crate::slice::SlicedGpu::new(host.clone()).unwrap();
+        let guest = PresentedFunction::for_guest(sliced.add_guest(1 << 30).unwrap()).unwrap();
+        let (doorbell, pdb) = (
+            host_reg(&host, GSP_DOORBELL),
+            host_reg(&host, MMU_INVALIDATE_PDB),
+        );
+        guest
+            .region_write(0, GSP_DOORBELL, &0xA5A5u32.to_le_bytes())
+            .unwrap();
+        guest
+            .region_write(0, MMU_INVALIDATE_PDB, &0xFFF0_0000u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(host_reg(&host, GSP_DOORBELL), doorbell);
+        assert_eq!(host_reg(&host, MMU_INVALIDATE_PDB), pdb);
+        guest.region_read(0, GSP_DOORBELL, &mut dword).unwrap();
+        assert_eq!(dword, [0; 4], "hidden");
+        let stats = guest.trap_stats();
+        assert_eq!((stats.passed_writes, stats.dropped_writes), (0, 2));
+    }
+
+    /// A guest given the whole GPU that puts BAR1 in virtual mode (what a nested
+    /// gpu-backend slicing the GPU does) gets trapped accesses to the BAR1-aperture BAR
+    /// translated; with `trap_vram` nothing of it is offered for mmap.
+    #[test]
+    fn whole_gpu_bar1_aperture_bar_is_translated_when_trapped() {
+        use crate::host_driver::addr::MIB;
+        use crate::slice::{Slice, VramRange};
+        let host = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let options = PresentationOptions { trap_vram: true };
+        let function = PresentedFunction::new_with(host.clone(), options).unwrap();
+        assert_eq!(function.options(), options);
+        let aperture = function.identity().bar1_aperture().unwrap().index;
+        let index = u32::from(aperture);
+        let bar = function.bar(index).unwrap();
+        assert!(bar.mappable().is_none(), "trap_vram: nothing to mmap");
+        let instance = function
+            .bars()
+            .iter()
+            .find(|b| b.role() == HostBarRole::InstanceMemory)
+            .unwrap();
+        assert!(instance.mappable().is_some(), "only VRAM BARs are trapped");
+        // Physical mode: the BAR is VRAM 1:1.
+        let emulated = host.emulated().vram();
+        let at = |a: u64| gpu_emulation::VramAddr::new(a);
+        emulated.write(at(32 * MIB + 0x100), b"translated").unwrap();
+        let mut buf = [0u8; 10];
+        function
+            .region_read(index, 32 * MIB + 0x100, &mut buf)
+            .unwrap();
+        assert_eq!(&buf, b"translated");
+        // Virtual mode, set up through the host's BAR1 as a driver in the guest would: one
+        // window over VRAM [32 MiB, 34 MiB), tables at the top of usable VRAM.
+        let usable = function.identity().usable_vram_size;
+        let vram = function.guest().vram();
+        vram.set_up_bar1(VramRange {
+            start: VramAddr::new(usable - 64 * MIB),
+            end: VramAddr::new(usable),
+        })
+        .unwrap();
+        let va = vram
+            .map_bar1_window(Slice::new(VramAddr::new(32 * MIB), 2 * MIB))
+            .unwrap()
+            .raw();
+        function.region_read(index, va + 0x100, &mut buf).unwrap();
+        assert_eq!(&buf, b"translated");
+        function
+            .region_write(index, va + 0x200, b"via BAR1")
+            .unwrap();
+        let mut raw = [0u8; 8];
+        emulated.read(at(32 * MIB + 0x200), &mut raw).unwrap();
+        assert_eq!(&raw, b"via BAR1");
+        // BAR1 VA 32 MiB + 0x100 is not mapped now: it faults (reads ~0) instead of showing
+        // VRAM 1:1 as an mmap of the memfd would.
+        assert_ne!(va, 32 * MIB);
+        function
+            .region_read(index, 32 * MIB + 0x100, &mut buf)
+            .unwrap();
+        assert_eq!(buf, [0xFF; 10]);
+    }
+
+    #[test]
+    fn by_default_the_whole_gpus_vram_bars_are_offered_for_mmap() {
+        let function = present("tu102-24g");
+        assert_eq!(function.options(), PresentationOptions::default());
+        for bar in function.bars() {
+            if matches!(bar.role(), HostBarRole::Vram { .. }) {
+                assert!(bar.mappable().is_some());
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@ use crate::host_gpu::HostBarRole;
 
 use super::aperture::{APERTURE_SIZE, APERTURE_START};
 use super::function::PresentedFunction;
-use super::registers::{Emulated, RegisterMap, Treatment};
+use super::registers::{Emulated, RegisterMap, RegisterMode, Treatment};
 
 /// Everything a guest would see of the function, plus the host-side facts behind it.
 #[derive(Debug, Clone, Serialize)]
@@ -22,8 +22,11 @@ pub struct FunctionLayout {
     pub bars: Vec<BarLayout>,
     /// MSI-X capability.
     pub msix: MsixLayout,
-    /// The register table of the generation (what BAR0 passes, emulates, hides).
+    /// The register table of the generation and mode (what BAR0 passes, emulates, hides).
     pub registers: Vec<RegisterLayout>,
+    /// What an offset the table does not name gets: `hidden` (a sliced guest) or
+    /// `passed (reads and writes)` (a guest given the whole GPU).
+    pub unlisted_registers: String,
 }
 
 /// Where the guest's VRAM lives in host VRAM.
@@ -33,7 +36,8 @@ pub struct SliceLayout {
     pub start: u64,
     /// Size (the guest's VRAM is `[0, size)`).
     pub size: u64,
-    /// The guest owns the whole GPU (no host-reserved region, BAR1 physical).
+    /// The guest owns the whole GPU (no host-reserved region; BAR1 physical until the
+    /// guest changes it).
     pub whole_gpu: bool,
     /// First host BAR1 virtual address of the guest's window (sliced GPUs only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,7 +53,7 @@ pub struct RegisterLayout {
     pub offset: u64,
     /// Length in bytes.
     pub size: u64,
-    /// `passed (reads)`, `emulated` or `hidden`.
+    /// `passed (reads)`, `emulated` or `hidden` (see [`Treatment::label`]).
     pub treatment: String,
     /// Why.
     pub note: String,
@@ -160,7 +164,10 @@ impl FunctionLayout {
         let identity = function.identity();
         let msix = function.msix();
         let guest = function.guest();
-        let map = RegisterMap::for_generation(identity.generation);
+        let map = function.bar0().map_or_else(
+            || RegisterMap::for_generation(identity.generation),
+            |bar0| bar0.register_map().clone(),
+        );
         FunctionLayout {
             chip: ChipLayout {
                 name: identity.name.clone(),
@@ -187,8 +194,9 @@ impl FunctionLayout {
             bars: function
                 .bars()
                 .iter()
-                .map(|bar| bar_layout(bar, &map, guest.is_whole_gpu()))
+                .map(|bar| bar_layout(bar, &map, guest.is_whole_gpu(), identity))
                 .collect(),
+            unlisted_registers: map.mode().default_treatment().label().to_owned(),
             registers: map
                 .rules()
                 .iter()
@@ -246,16 +254,23 @@ fn bar0_trapped(map: &RegisterMap, real: u64) -> Vec<TrappedLayout> {
         }
     }
     special.sort_by_key(|s| s.0);
-    let passed: Vec<String> = map
-        .rules()
-        .iter()
-        .filter(|r| r.treatment == Treatment::PassRead)
-        .map(|r| format!("{:#x}", r.offset))
-        .collect();
-    let registers = format!(
-        "registers per the register table: reads of {} passed, the rest hidden",
-        passed.join("/")
-    );
+    let registers = match map.mode() {
+        RegisterMode::Sliced => {
+            let passed: Vec<String> = map
+                .rules()
+                .iter()
+                .filter(|r| r.treatment == Treatment::PassRead)
+                .map(|r| format!("{:#x}", r.offset))
+                .collect();
+            format!(
+                "registers per the register table: reads of {} passed, the rest hidden",
+                passed.join("/")
+            )
+        }
+        RegisterMode::WholeGpu => {
+            "registers passed to the host GPU, reads and writes (whole-GPU mode)".to_owned()
+        }
+    };
     let mut out = Vec::new();
     let mut at = 0;
     for (offset, size, reason) in special {
@@ -287,6 +302,7 @@ fn bar_layout(
     bar: &super::function::PresentedBar,
     map: &RegisterMap,
     whole_gpu: bool,
+    identity: &crate::host_gpu::ChipIdentity,
 ) -> BarLayout {
     let (role, vram_offset) = match bar.role() {
         HostBarRole::Registers => ("registers", None),
@@ -308,10 +324,13 @@ fn bar_layout(
     if bar.role() == HostBarRole::Registers {
         trapped = bar0_trapped(map, real);
     } else if mapped_end < real {
-        let via = if whole_gpu {
-            ""
-        } else {
-            " via the guest's BAR1 window"
+        let bar1_aperture = identity
+            .bar1_aperture()
+            .is_some_and(|aperture| aperture.index == bar.index());
+        let via = match (whole_gpu, bar1_aperture) {
+            (false, _) => " via the guest's BAR1 window",
+            (true, true) => " via the host BAR1 aperture (translated in virtual mode)",
+            (true, false) => "",
         };
         let reason = if mapped_end == 0 {
             format!("real memory (no mappable fd){via}")

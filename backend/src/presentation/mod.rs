@@ -1,6 +1,7 @@
-//! What a guest sees of the GPU: power-of-two BARs, the trapped BAR0 (register table,
-//! virtual window register, PRAMIN aperture confined to the guest's VRAM, MSI-X) and PCI
-//! config space.
+//! What a guest sees of the GPU: power-of-two BARs, the trapped BAR0 (register table:
+//! default-deny for a sliced guest, passthrough for a guest given the whole GPU; virtual
+//! window register, PRAMIN aperture confined to the guest's VRAM, MSI-X) and PCI config
+//! space (with D0/D3hot power states).
 
 pub mod aperture;
 pub mod bar0;
@@ -15,13 +16,13 @@ pub mod window;
 
 pub use bar0::{TrapStats, TrappedBar0};
 pub use config_space::{
-    BarDecl, BarKind, Command, ConfigSpace, ConfigSpaceError, ConfigSpaceSpec, MsixDecl, BAR_COUNT,
-    CONFIG_SPACE_SIZE,
+    BarDecl, BarKind, Command, ConfigSpace, ConfigSpaceError, ConfigSpaceSpec, MsixDecl,
+    PowerState, BAR_COUNT, CONFIG_SPACE_SIZE,
 };
-pub use function::{PresentationError, PresentedBar, PresentedFunction};
+pub use function::{PresentationError, PresentationOptions, PresentedBar, PresentedFunction};
 pub use layout::FunctionLayout;
 pub use padded_bar::{
     presented_size_for, BackingError, BarBacking, MappableArea, PaddedBar, PaddedBarError,
     VecBacking, MMAP_PAGE_SIZE,
 };
-pub use registers::{RegisterMap, RegisterRule, Treatment, REGISTER_TABLE};
+pub use registers::{RegisterMap, RegisterMode, RegisterRule, Treatment, REGISTER_TABLE};

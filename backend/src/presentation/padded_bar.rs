@@ -320,6 +320,22 @@ impl<B: BarBacking> PaddedBar<B> {
         Ok(span.count)
     }
 
+    /// Read up to `buf.len()` bytes at `offset` without touching the backing:
+    /// every byte reads `0xFF`, as the padding does (a function in D3hot).
+    /// Returns and fails as [`read`](Self::read).
+    pub fn read_ones(&self, offset: u64, buf: &mut [u8]) -> Result<usize, PaddedBarError> {
+        let span = self.span(offset, buf.len())?;
+        buf[..span.count].fill(PADDING_READ_BYTE);
+        Ok(span.count)
+    }
+
+    /// Drop a write of up to `data.len()` bytes at `offset` without touching
+    /// the backing, as the padding does. Returns and fails as
+    /// [`write`](Self::write).
+    pub fn drop_write(&self, offset: u64, data: &[u8]) -> Result<usize, PaddedBarError> {
+        Ok(self.span(offset, data.len())?.count)
+    }
+
     /// Validate an access of `len` bytes at `offset` and split it into its
     /// backed head and padding tail (shared by read and write).
     fn span(&self, offset: u64, len: usize) -> Result<Span, PaddedBarError> {

@@ -2,10 +2,17 @@
 //! backend **emulates** per guest, and what is **hidden** (reads 0, writes dropped,
 //! counted).
 //!
-//! The table is default-deny: an offset no rule names is hidden, and no rule passes a
-//! write, so a guest never writes a host register. Rules are matched in table order (the
-//! first rule covering the dword wins); `docs/registers.md` is the same table in prose and a
-//! test keeps the two in step.
+//! Two modes ([`RegisterMode`]):
+//! - **sliced** (a guest with a slice of the GPU): [`REGISTER_TABLE`], default-deny. An
+//!   offset no rule names is hidden, and no rule passes a write, so a guest never writes a
+//!   host register.
+//! - **whole GPU** (a guest given the whole GPU, which runs a real host driver): passthrough.
+//!   Only the table's emulated rules apply (the window register, the PRAMIN aperture
+//!   confined to the guest's VRAM, which is all of it, and the MSI-X table and PBA); every
+//!   other offset is passed, reads and writes.
+//!
+//! Rules are matched in table order (the first rule covering the dword wins);
+//! `docs/registers.md` is the same table in prose and a test keeps the two in step.
 
 use std::fmt;
 
@@ -81,6 +88,8 @@ pub enum Emulated {
 /// How a register is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Treatment {
+    /// Reads and writes reach the host register (a guest given the whole GPU only).
+    Pass,
     /// Reads return the host register; writes are dropped (and counted).
     PassRead,
     /// Served by the backend per guest.
@@ -90,9 +99,10 @@ pub enum Treatment {
 }
 
 impl Treatment {
-    /// Short name: `passed (reads)`, `emulated`, `hidden`.
+    /// Short name: `passed (reads and writes)`, `passed (reads)`, `emulated`, `hidden`.
     pub const fn label(self) -> &'static str {
         match self {
+            Treatment::Pass => "passed (reads and writes)",
             Treatment::PassRead => "passed (reads)",
             Treatment::Emulated(_) => "emulated",
             Treatment::Hidden => "hidden",
@@ -156,7 +166,8 @@ const MSIX_TABLE_BYTES: u64 = MSIX_VECTORS as u64 * 16;
 /// Bytes of the MSI-X PBA (one u64 per 64 vectors).
 const MSIX_PBA_BYTES: u64 = (MSIX_VECTORS as u64).div_ceil(64) * 8;
 
-/// The register table. Offsets and fields from gpu-facts 1.7, 2.2–2.4, 3.3, 3.7, 4.6, 4.7.
+/// The register table of sliced guests (the whole-GPU mode uses its emulated rules only).
+/// Offsets and fields from gpu-facts 1.7, 2.2–2.4, 3.3, 3.7, 4.6, 4.7.
 pub const REGISTER_TABLE: &[RegisterRule] = &[
     // Identity: what every driver reads first (gpu-facts 5). Read-only on hardware; a
     // write to BOOT_1 would flip the host's endianness switch on old parts, so writes drop.
@@ -236,21 +247,58 @@ pub const REGISTER_TABLE: &[RegisterRule] = &[
     rule("NV_THERM_I2CS_SCRATCH (FSP boot / HBM training)", 0x20_0BC, 4, G::ALL, Hidden, "host boot status"),
 ];
 
-/// The rules of one generation, in table order, with a lookup by offset.
+/// Whom a register map serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RegisterMode {
+    /// A guest with a slice of the GPU: [`REGISTER_TABLE`], default-deny.
+    Sliced,
+    /// A guest given the whole GPU: the table's emulated rules, every other offset passed
+    /// (reads and writes).
+    WholeGpu,
+}
+
+impl RegisterMode {
+    /// What an offset no rule names gets.
+    pub const fn default_treatment(self) -> Treatment {
+        match self {
+            RegisterMode::Sliced => Treatment::Hidden,
+            RegisterMode::WholeGpu => Treatment::Pass,
+        }
+    }
+}
+
+/// The rules of one generation and mode, in table order, with a lookup by offset.
 #[derive(Debug, Clone)]
 pub struct RegisterMap {
     generation: Generation,
+    mode: RegisterMode,
     rules: Vec<&'static RegisterRule>,
 }
 
 impl RegisterMap {
-    /// The rules that apply to `generation`.
+    /// The rules that apply to a sliced guest of `generation`.
     pub fn for_generation(generation: Generation) -> RegisterMap {
+        RegisterMap::new(generation, RegisterMode::Sliced)
+    }
+
+    /// The rules that apply to a guest given the whole GPU of `generation`.
+    pub fn whole_gpu(generation: Generation) -> RegisterMap {
+        RegisterMap::new(generation, RegisterMode::WholeGpu)
+    }
+
+    /// The rules that apply to `generation` in `mode`.
+    pub fn new(generation: Generation, mode: RegisterMode) -> RegisterMap {
+        let in_mode = |r: &&RegisterRule| match mode {
+            RegisterMode::Sliced => true,
+            RegisterMode::WholeGpu => matches!(r.treatment, Treatment::Emulated(_)),
+        };
         RegisterMap {
             generation,
+            mode,
             rules: REGISTER_TABLE
                 .iter()
                 .filter(|r| r.generations.contains(generation))
+                .filter(in_mode)
                 .collect(),
         }
     }
@@ -258,6 +306,11 @@ impl RegisterMap {
     /// The generation.
     pub fn generation(&self) -> Generation {
         self.generation
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> RegisterMode {
+        self.mode
     }
 
     /// The rules, in table order.
@@ -270,9 +323,11 @@ impl RegisterMap {
         self.rules.iter().copied().find(|r| r.covers(offset))
     }
 
-    /// How BAR0 `offset` is treated ([`Treatment::Hidden`] if no rule names it).
+    /// How BAR0 `offset` is treated (the mode's [default](RegisterMode::default_treatment)
+    /// if no rule names it).
     pub fn treatment(&self, offset: u64) -> Treatment {
-        self.rule(offset).map_or(Treatment::Hidden, |r| r.treatment)
+        self.rule(offset)
+            .map_or(self.mode.default_treatment(), |r| r.treatment)
     }
 
     /// The rule of an emulated kind (e.g. the generation's window register).
@@ -291,6 +346,12 @@ mod tests {
     #[test]
     fn rules_are_dword_ranges_and_nothing_passes_writes() {
         for r in REGISTER_TABLE {
+            assert_ne!(
+                r.treatment,
+                Treatment::Pass,
+                "{}: the table passes no write",
+                r.name
+            );
             assert_eq!(r.offset % 4, 0, "{}", r.name);
             assert!(r.size > 0 && r.size % 4 == 0, "{}", r.name);
             assert!(r.offset + r.size <= 16 << 20, "{}", r.name);
@@ -363,6 +424,55 @@ mod tests {
     }
 
     #[test]
+    fn whole_gpu_mode_passes_everything_but_the_emulated_rules() {
+        for g in Generation::ALL {
+            let sliced = RegisterMap::for_generation(g);
+            let whole = RegisterMap::whole_gpu(g);
+            assert_eq!(
+                (sliced.mode(), whole.mode()),
+                (RegisterMode::Sliced, RegisterMode::WholeGpu)
+            );
+            // Exactly the sliced map's emulated rules, in the same order.
+            let emulated: Vec<_> = sliced
+                .rules()
+                .iter()
+                .filter(|r| matches!(r.treatment, Treatment::Emulated(_)))
+                .collect();
+            assert_eq!(whole.rules().iter().collect::<Vec<_>>(), emulated, "{g}");
+            for kind in [
+                Emulated::WindowRegister,
+                Emulated::PraminAperture,
+                Emulated::MsixTable,
+                Emulated::MsixPba,
+            ] {
+                assert_eq!(whole.emulated(kind), sliced.emulated(kind), "{g}");
+            }
+        }
+        let gh = RegisterMap::whole_gpu(Generation::Hopper);
+        // The GSP's doorbell, mailboxes, CPUCTL, IRQSCLR; BAR1 bind; TLB invalidate; BOOT_0;
+        // unnamed offsets: all passed, reads and writes.
+        for offset in [
+            0x11_0C00, 0x11_0040, 0x11_0044, 0x11_0100, 0x11_03C0, 0x11_0004, 0xB8_0F60, 0xB8_30B0,
+            0x0, 0x20_0000,
+        ] {
+            assert_eq!(gh.treatment(offset), Treatment::Pass, "{offset:#x}");
+        }
+        assert_eq!(
+            gh.treatment(0x10_FD40),
+            Treatment::Emulated(Emulated::WindowRegister)
+        );
+        assert_eq!(
+            gh.treatment(0x70_0000),
+            Treatment::Emulated(Emulated::PraminAperture)
+        );
+        // The other generation's window offset is just a host register here.
+        assert_eq!(
+            RegisterMap::whole_gpu(Generation::Turing).treatment(0x10_FD40),
+            Treatment::Pass
+        );
+    }
+
+    #[test]
     fn docs_registers_md_lists_every_rule() {
         let doc = include_str!("../../../docs/registers.md");
         for r in REGISTER_TABLE {
@@ -374,5 +484,17 @@ mod tests {
                 r.name
             );
         }
+        // The whole-GPU mode's section names every rule that mode keeps.
+        let whole = doc
+            .split("## Whole-GPU mode")
+            .nth(1)
+            .expect("docs/registers.md has a \"## Whole-GPU mode\" section");
+        let whole = whole.split("\n## ").next().unwrap_or(whole);
+        for g in Generation::ALL {
+            for r in RegisterMap::whole_gpu(g).rules() {
+                assert!(whole.contains(r.name), "whole-GPU section lacks {}", r.name);
+            }
+        }
+        assert!(whole.contains(Treatment::Pass.label()));
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 
 use super::device::Errno;
-use super::dma::{DmaError, DmaSpace, Segment};
+use super::dma::{DmaError, DmaSpace, MapEntry, MapGate, Segment};
 use super::irq::{IrqError, IrqTable};
 use super::protocol::{
     flags, Command, DmaAccessMsg, DmaMessageLayout, Header, QemuDmaAccessMsg, HEADER_SIZE,
@@ -43,6 +43,8 @@ struct Pending {
     command: u16,
     /// Data bytes expected in a DMA_READ reply.
     expect: usize,
+    /// The client memory `[start, end)` the request touches.
+    range: (u64, u64),
     waiter: Arc<Waiter>,
 }
 
@@ -74,7 +76,13 @@ impl Requests {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn register(&self, command: Command, expect: usize) -> Result<(u16, Arc<Waiter>), DmaError> {
+    fn register(
+        &self,
+        command: Command,
+        iova: u64,
+        len: usize,
+        expect: usize,
+    ) -> Result<(u16, Arc<Waiter>), DmaError> {
         let mut table = self.lock();
         if !table.open {
             return Err(DmaError::NotConnected);
@@ -92,6 +100,7 @@ impl Requests {
             id,
             command: command as u16,
             expect,
+            range: (iova, iova.saturating_add(len as u64)),
             waiter: Arc::clone(&waiter),
         });
         Ok((id, waiter))
@@ -144,13 +153,31 @@ impl Requests {
             table.open = false;
             std::mem::take(&mut table.pending)
         };
+        Self::fail(pending, Errno::ENOTCONN);
+    }
+
+    /// Fail the requests touching client memory `[start, end)` with `EFAULT` (the range is
+    /// being unmapped); their replies, if they still come, are dropped.
+    pub fn fail_overlapping(&self, start: u64, end: u64) {
+        let failed = {
+            let mut table = self.lock();
+            let (failed, kept) = std::mem::take(&mut table.pending)
+                .into_iter()
+                .partition(|p| p.range.0 < end && start < p.range.1);
+            table.pending = kept;
+            failed
+        };
+        Self::fail(failed, Errno::EFAULT);
+    }
+
+    fn fail(pending: Vec<Pending>, errno: Errno) {
         for p in pending {
             let mut slot = p
                 .waiter
                 .result
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            *slot = Some(Err(Errno::ENOTCONN));
+            *slot = Some(Err(errno));
             p.waiter.ready.notify_all();
         }
     }
@@ -262,13 +289,24 @@ impl ClientShared {
         self.layout
     }
 
-    /// Disconnect: fail new and pending requests, drop irq fds and DMA maps.
+    /// Disconnect: fail new and pending requests, drop irq fds, revoke every DMA map's
+    /// gate. The maps stay in the table until [`DmaSpace::unmap_all`], so the device can be
+    /// told about each before its memory goes away.
     pub(crate) fn disconnect(&self) {
         self.connected.store(false, Ordering::SeqCst);
         self.writer.close();
         self.requests.close();
         self.irqs.clear();
-        self.dma.unmap_all();
+        self.dma.revoke_all();
+    }
+
+    /// Stop device access to the map `entry` before it is removed: revoke its gate (waiting
+    /// for copies in flight through it) and fail socket DMA in flight to its range, so no
+    /// thread still waits on a reply that only the connection thread could read.
+    pub(crate) fn revoke_map(&self, entry: &MapEntry) {
+        entry.gate.revoke();
+        self.requests
+            .fail_overlapping(entry.iova, entry.iova.saturating_add(entry.size));
     }
 
     /// Bytes per server-to-client request: the negotiated transfer size, capped at
@@ -296,12 +334,39 @@ impl ClientShared {
         }
     }
 
-    fn socket_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+    /// Registers a request for `[iova, iova + len)`; with a `gate`, only while its map is
+    /// live, and under the gate's lock, so a revocation that follows finds the request and
+    /// fails it.
+    fn register(
+        &self,
+        command: Command,
+        iova: u64,
+        len: usize,
+        expect: usize,
+        gate: Option<&MapGate>,
+    ) -> Result<(u16, Arc<Waiter>), DmaError> {
+        match gate {
+            None => self.requests.register(command, iova, len, expect),
+            Some(gate) => gate
+                .with_live(|_| self.requests.register(command, iova, len, expect))
+                .unwrap_or(Err(DmaError::Unmapped { iova })),
+        }
+    }
+
+    /// Reads client memory with `DMA_READ` messages (`gate`: the one map it lies in, if the
+    /// caller holds one).
+    pub(crate) fn socket_read(
+        &self,
+        iova: u64,
+        buf: &mut [u8],
+        gate: Option<&MapGate>,
+    ) -> Result<(), DmaError> {
         self.check_socket_dma()?;
         let max = self.chunk_size();
         let mut addr = iova;
         for chunk in buf.chunks_mut(max) {
-            let (id, waiter) = self.requests.register(Command::DmaRead, chunk.len())?;
+            let (id, waiter) =
+                self.register(Command::DmaRead, addr, chunk.len(), chunk.len(), gate)?;
             let mut msg = [0u8; HEADER_SIZE + DmaAccessMsg::SIZE];
             let header = Header {
                 id,
@@ -327,12 +392,18 @@ impl ClientShared {
         Ok(())
     }
 
-    fn socket_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+    /// Writes client memory with `DMA_WRITE` messages (see [`ClientShared::socket_read`]).
+    pub(crate) fn socket_write(
+        &self,
+        iova: u64,
+        data: &[u8],
+        gate: Option<&MapGate>,
+    ) -> Result<(), DmaError> {
         self.check_socket_dma()?;
         let max = self.chunk_size();
         let mut addr = iova;
         for chunk in data.chunks(max) {
-            let (id, waiter) = self.requests.register(Command::DmaWrite, 0)?;
+            let (id, waiter) = self.register(Command::DmaWrite, addr, chunk.len(), 0, gate)?;
             let size = self.layout.message_size(chunk.len());
             let mut fixed = [0u8; HEADER_SIZE + DmaAccessMsg::SIZE];
             let header = Header {
@@ -449,7 +520,8 @@ impl ClientHandle {
             match self.shared.dma.read_step(addr, &mut buf[pos..])? {
                 Segment::Done(n) => pos += n,
                 Segment::Socket(n) => {
-                    self.shared.socket_read(addr, &mut buf[pos..pos + n])?;
+                    self.shared
+                        .socket_read(addr, &mut buf[pos..pos + n], None)?;
                     pos += n;
                 }
             }
@@ -478,7 +550,7 @@ impl ClientHandle {
             match self.shared.dma.write_step(addr, &data[pos..])? {
                 Segment::Done(n) => pos += n,
                 Segment::Socket(n) => {
-                    self.shared.socket_write(addr, &data[pos..pos + n])?;
+                    self.shared.socket_write(addr, &data[pos..pos + n], None)?;
                     pos += n;
                 }
             }

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use super::client::{ClientHandle, ClientShared};
 use super::config::{ServerConfig, DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS};
 use super::device::{DeviceInfo, Errno, IrqInfo, RegionInfo, SparseArea, VfioUserDevice};
-use super::dma::{DmaMapRequest, DMA_PAGE_SIZE};
+use super::dma::{DmaMapRequest, MapEntry, DMA_PAGE_SIZE};
+use super::dma_map::ClientDmaMap;
 use super::irq::{IrqTable, Selection};
 use super::protocol::{
     device_flags, dma_flags, flags, irq_flags, region_flags, CapHeader, Command, DeviceInfoMsg,
@@ -260,6 +261,20 @@ impl State {
             writable: msg.flags & dma_flags::MAP_WRITE != 0,
         };
         self.shared.dma.map(request, fds.pop(), max_maps)?;
+        // The map was just added: the table holds it under this IOVA.
+        if let Some(entry) = self.shared.dma.entry(msg.address) {
+            let map = ClientDmaMap::new(&entry, Arc::clone(&self.shared));
+            if let Err(errno) = self.device.dma_mapped(map) {
+                self.shared.revoke_map(&entry);
+                self.shared.dma.remove(std::slice::from_ref(&entry));
+                log::debug!(
+                    "vfio-user: DMA map [{:#x}, +{:#x}) refused by the device: {errno}",
+                    msg.address,
+                    msg.size
+                );
+                return Err(errno);
+            }
+        }
         log::debug!(
             "vfio-user: DMA map [{:#x}, +{:#x}) flags {:#x}",
             msg.address,
@@ -280,16 +295,46 @@ impl State {
         if msg.flags & !dma_flags::UNMAP_ALL != 0 {
             return Err(Errno::EINVAL);
         }
-        if msg.flags & dma_flags::UNMAP_ALL != 0 {
+        let removed = if msg.flags & dma_flags::UNMAP_ALL != 0 {
             if msg.address != 0 || msg.size != 0 {
                 return Err(Errno::EINVAL);
             }
-            self.shared.dma.unmap_all();
+            self.shared.dma.entries()
         } else {
-            self.shared.dma.unmap(msg.address, msg.size)?;
-        }
+            self.shared
+                .dma
+                .covered(msg.address, msg.size)
+                .inspect_err(|_| {
+                    log::debug!(
+                        "vfio-user: DMA unmap [{:#x}, +{:#x}) refused: it splits a map, is empty or wraps",
+                        msg.address,
+                        msg.size
+                    )
+                })?
+        };
+        log::debug!(
+            "vfio-user: DMA unmap [{:#x}, +{:#x}) flags {:#x}: {} map(s)",
+            msg.address,
+            msg.size,
+            msg.flags,
+            removed.len()
+        );
+        self.release_maps(&removed);
+        self.shared.dma.remove(&removed);
         msg.encode(self.out()).ok_or(Errno::EINVAL)?;
         Ok(Reply::bytes(DmaUnmapMsg::SIZE))
+    }
+
+    /// Stop every access to `maps` and tell the device, before they are removed: revoke
+    /// their gates (failing socket DMA in flight to them), then [`VfioUserDevice::dma_unmapped`]
+    /// for each.
+    fn release_maps(&self, maps: &[MapEntry]) {
+        for entry in maps {
+            self.shared.revoke_map(entry);
+        }
+        for entry in maps {
+            self.device.dma_unmapped(entry.iova, entry.size);
+        }
     }
 
     fn device_get_info(&mut self, payload: &[u8]) -> Result<Reply, Errno> {
@@ -844,6 +889,9 @@ impl Connection {
         self.finished = true;
         drop(self.waker.take());
         self.state.shared.disconnect();
+        let maps = self.state.shared.dma.entries();
+        self.state.release_maps(&maps);
+        self.state.shared.dma.unmap_all();
         if self.started {
             self.state.device.client_disconnected();
         }

@@ -9,6 +9,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 pub use super::client::ClientHandle;
+pub use super::dma_map::ClientDmaMap;
 
 /// An errno value for the wire (positive, e.g. `libc::EINVAL`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -175,4 +176,20 @@ pub trait VfioUserDevice: Send + Sync + 'static {
     }
     /// The client went away (its DMA maps and irq fds are already dropped).
     fn client_disconnected(&self) {}
+    /// The client added a DMA map (`DMA_MAP`); `map` reaches it from any thread until it is
+    /// removed. An error fails the `DMA_MAP` with that errno and the map is undone (no
+    /// [`VfioUserDevice::dma_unmapped`] follows). Called on the connection thread, so it
+    /// must not do socket DMA. The default accepts the map and keeps nothing.
+    fn dma_mapped(&self, map: ClientDmaMap) -> Result<(), Errno> {
+        let _ = map;
+        Ok(())
+    }
+    /// The client's DMA map at `iova` of `size` bytes is being removed (`DMA_UNMAP`,
+    /// `UNMAP_ALL`, or the client leaving): called once for every map
+    /// [`VfioUserDevice::dma_mapped`] accepted, after its [`ClientDmaMap`] handles were
+    /// revoked (no access through them is in flight, later ones fail) and before its memory
+    /// is unmapped; the unmap is answered after this returns.
+    fn dma_unmapped(&self, iova: u64, size: u64) {
+        let _ = (iova, size);
+    }
 }

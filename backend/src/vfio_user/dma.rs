@@ -24,6 +24,22 @@
 //! `DMA_UNMAP` takes the write lock, so by the time the unmap is answered no access to that
 //! range is in flight and its mapping is gone (the spec's rule, and what keeps a disconnected
 //! client's memory from staying mapped).
+//!
+//! # Unmap follows VFIO type1
+//!
+//! `DMA_UNMAP [iova, iova + size)` removes every map lying wholly inside the range, like the
+//! kernel's `VFIO_IOMMU_UNMAP_DMA` (type1): a range covering no map succeeds and removes
+//! nothing; a range that would split a map (one only partly inside, at either end) is
+//! `EINVAL` and removes nothing; so is a size of 0 or a range wrapping past 2^64 (ending
+//! exactly at 2^64 is fine). QEMU with a vIOMMU relies on this: it unmaps large power-of-two
+//! ranges covering several earlier maps, and finally everything up to 2^64.
+//!
+//! # Gates: a map's memory outside the table
+//!
+//! Every map has a [`MapGate`] through which a device reaches that one map directly
+//! ([`ClientDmaMap`](super::ClientDmaMap)), without the table lock. Removing a map revokes
+//! its gate first: the revocation waits for copies in flight through the gate, after which
+//! the gate reaches nothing (and no longer keeps the mapping alive).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -126,6 +142,7 @@ struct Mapping {
     readable: bool,
     writable: bool,
     backing: Backing,
+    gate: Arc<MapGate>,
 }
 
 #[derive(Debug, Default)]
@@ -149,6 +166,78 @@ pub enum Segment {
     Done(usize),
     /// The next this-many bytes lie in an fd-less map: use a socket DMA request.
     Socket(usize),
+}
+
+/// What a live gate reaches.
+#[derive(Debug, Clone)]
+pub(crate) enum GateMemory {
+    /// The map's mmapped memory.
+    Mapped(Arc<GuestRegionMmap>),
+    /// An fd-less (or unsealed) map: reached with socket DMA messages.
+    Socket,
+}
+
+/// One map's memory as handed out beyond the table: live until the map is removed, then
+/// revoked for good.
+#[derive(Debug)]
+pub(crate) struct MapGate {
+    /// `None` once revoked.
+    memory: RwLock<Option<GateMemory>>,
+}
+
+impl MapGate {
+    fn new(backing: &Backing) -> MapGate {
+        let memory = match backing {
+            Backing::Mapped(region) => GateMemory::Mapped(Arc::clone(region)),
+            Backing::Socket => GateMemory::Socket,
+        };
+        MapGate {
+            memory: RwLock::new(Some(memory)),
+        }
+    }
+
+    /// Runs `f` on the map's memory if the map is live; revocation waits until it returns.
+    pub(crate) fn with_live<R>(&self, f: impl FnOnce(&GateMemory) -> R) -> Option<R> {
+        let memory = self.memory.read().unwrap_or_else(PoisonError::into_inner);
+        memory.as_ref().map(f)
+    }
+
+    /// Revokes the gate once every access in flight through it has returned; it then
+    /// reaches nothing and holds no reference to the mapping.
+    pub(crate) fn revoke(&self) {
+        *self.memory.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Whether the gate was revoked.
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.with_live(|_| ()).is_none()
+    }
+}
+
+/// One map of the table: its range, permissions and gate.
+#[derive(Debug, Clone)]
+pub struct MapEntry {
+    /// DMA address of the first byte.
+    pub iova: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The server may read.
+    pub readable: bool,
+    /// The server may write.
+    pub writable: bool,
+    pub(crate) gate: Arc<MapGate>,
+}
+
+impl MapEntry {
+    fn of(iova: u64, map: &Mapping) -> MapEntry {
+        MapEntry {
+            iova,
+            size: map.size,
+            readable: map.readable,
+            writable: map.writable,
+            gate: Arc::clone(&map.gate),
+        }
+    }
 }
 
 /// The DMA maps of one connection.
@@ -323,6 +412,7 @@ impl DmaSpace {
                 size: req.size,
                 readable: req.readable,
                 writable: req.writable,
+                gate: Arc::new(MapGate::new(&backing)),
                 backing,
             },
         );
@@ -333,30 +423,104 @@ impl DmaSpace {
         Ok(())
     }
 
-    /// Remove the map that exactly matches `[iova, iova + size)`; `EINVAL` otherwise. Returns
-    /// once no access to it is in flight and it is unmapped.
-    pub fn unmap(&self, iova: u64, size: u64) -> Result<(), Errno> {
-        let mut state = self.write_state();
-        if state.maps.get(&iova).is_none_or(|m| m.size != size) {
+    /// The map starting at `iova`, if any.
+    pub fn entry(&self, iova: u64) -> Option<MapEntry> {
+        let state = self.read_state();
+        state.maps.get(&iova).map(|map| MapEntry::of(iova, map))
+    }
+
+    /// Every map, in IOVA order.
+    pub fn entries(&self) -> Vec<MapEntry> {
+        let state = self.read_state();
+        state
+            .maps
+            .iter()
+            .map(|(&iova, map)| MapEntry::of(iova, map))
+            .collect()
+    }
+
+    /// The maps an unmap of `[iova, iova + size)` removes (VFIO type1, see the module
+    /// docs): every map wholly inside the range, possibly none. `EINVAL` if `size` is 0,
+    /// the range wraps past 2^64 (it may end exactly there: QEMU unmaps up to the top of the
+    /// address space), or a map lies only partly inside it.
+    pub fn covered(&self, iova: u64, size: u64) -> Result<Vec<MapEntry>, Errno> {
+        if size == 0 {
             return Err(Errno::EINVAL);
         }
-        if let Some(Mapping {
-            backing: Backing::Mapped(_),
-            ..
-        }) = state.maps.remove(&iova)
-        {
-            if let Ok((memory, _)) = state.memory.remove_region(GuestAddress(iova), size) {
-                state.memory = memory;
+        // The last byte, inclusive, so that a range ending at 2^64 is representable.
+        let last = iova.checked_add(size - 1).ok_or(Errno::EINVAL)?;
+        let state = self.read_state();
+        // A map that starts below the range and reaches into it would be split at `iova`.
+        if let Some((&base, map)) = state.maps.range(..iova).next_back() {
+            if base + map.size > iova {
+                return Err(Errno::EINVAL);
             }
         }
-        Ok(())
+        let mut covered = Vec::new();
+        for (&base, map) in state.maps.range(iova..=last) {
+            // A map that starts inside the range and ends past it would be split at its end.
+            if base + (map.size - 1) > last {
+                return Err(Errno::EINVAL);
+            }
+            covered.push(MapEntry::of(base, map));
+        }
+        Ok(covered)
+    }
+
+    /// Remove `entries` (from [`DmaSpace::covered`] or [`DmaSpace::entries`]): each gate is
+    /// revoked (waiting for accesses in flight through it), then the map leaves the table
+    /// (waiting for table accesses in flight) and is unmapped. An entry whose map was
+    /// already removed, or replaced by another at the same IOVA, is skipped.
+    pub fn remove(&self, entries: &[MapEntry]) {
+        for entry in entries {
+            entry.gate.revoke();
+        }
+        let mut state = self.write_state();
+        for entry in entries {
+            let same = state
+                .maps
+                .get(&entry.iova)
+                .is_some_and(|map| Arc::ptr_eq(&map.gate, &entry.gate));
+            if !same {
+                continue;
+            }
+            if let Some(Mapping {
+                backing: Backing::Mapped(_),
+                ..
+            }) = state.maps.remove(&entry.iova)
+            {
+                if let Ok((memory, _)) = state
+                    .memory
+                    .remove_region(GuestAddress(entry.iova), entry.size)
+                {
+                    state.memory = memory;
+                }
+            }
+        }
+    }
+
+    /// Unmap `[iova, iova + size)` with VFIO type1 semantics (see [`DmaSpace::covered`]):
+    /// returns the number of bytes unmapped (0 if the range covered no map). Returns once
+    /// no access to the removed maps is in flight and they are unmapped.
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<u64, Errno> {
+        let covered = self.covered(iova, size)?;
+        self.remove(&covered);
+        Ok(covered.iter().map(|entry| entry.size).sum())
     }
 
     /// Remove every map (`UNMAP_ALL`, disconnect).
     pub fn unmap_all(&self) {
+        self.revoke_all();
         let mut state = self.write_state();
         state.maps.clear();
         state.memory = GuestMemoryMmap::new();
+    }
+
+    /// Revoke every map's gate (the maps stay in the table).
+    pub fn revoke_all(&self) {
+        for entry in self.entries() {
+            entry.gate.revoke();
+        }
     }
 
     /// Copy from `iova` into `buf` as far as one map reaches.
@@ -472,6 +636,79 @@ mod tests {
         assert_eq!(dma.len(), 2);
         dma.unmap_all();
         assert!(dma.is_empty());
+    }
+
+    #[test]
+    fn unmap_follows_vfio_type1() {
+        let dma = DmaSpace::new();
+        for base in [0x1000, 0x2000, 0x4000] {
+            dma.map(req(base, 0x1000), None, 9).unwrap();
+        }
+        dma.map(req(0x10000, 0x2000), Some(memfd(0x2000)), 9)
+            .unwrap();
+        let bases = |dma: &DmaSpace| -> Vec<u64> { dma.entries().iter().map(|e| e.iova).collect() };
+        let all = vec![0x1000, 0x2000, 0x4000, 0x10000];
+        // Size 0 and ranges wrapping past 2^64 are invalid.
+        assert_eq!(dma.unmap(0x1000, 0), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(u64::MAX - 0xFFF, 0x2000), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x1000, u64::MAX), Err(Errno::EINVAL));
+        // A range covering no map succeeds and removes nothing (past the maps, in a hole).
+        assert_eq!(dma.unmap(0x20000, 0x1000), Ok(0));
+        assert_eq!(dma.unmap(0x3000, 0x1000), Ok(0));
+        assert_eq!(bases(&dma), all);
+        // Splitting a map at the start of the range: EINVAL, nothing removed (not even the
+        // maps wholly inside).
+        assert_eq!(dma.unmap(0x1800, 0x4000), Err(Errno::EINVAL));
+        assert_eq!(bases(&dma), all);
+        // Splitting a map at the end of the range: EINVAL, nothing removed.
+        assert_eq!(dma.unmap(0x0, 0x4800), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x4000, 0x800), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x10000, 0x1000), Err(Errno::EINVAL));
+        assert_eq!(bases(&dma), all);
+        // Several maps (with a hole between them) covered: all removed, their gates revoked.
+        let gates: Vec<_> = dma.entries().into_iter().take(3).collect();
+        assert_eq!(dma.unmap(0x0, 0x8000), Ok(0x3000));
+        assert_eq!(bases(&dma), vec![0x10000]);
+        assert!(gates.iter().all(|e| e.gate.is_revoked()));
+        // Exact match of the fd-backed map: unmapped, gone from the vm-memory view.
+        let mapped = dma.entry(0x10000).unwrap();
+        assert!(!mapped.gate.is_revoked());
+        assert_eq!(dma.unmap(0x10000, 0x2000), Ok(0x2000));
+        assert!(dma.is_empty() && mapped.gate.is_revoked());
+        dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 0));
+        // A large power-of-two range over maps re-added; UNMAP_ALL still clears everything.
+        dma.map(req(0x1000, 0x1000), None, 9).unwrap();
+        dma.map(req(0x7000_0000, 0x2000), Some(memfd(0x2000)), 9)
+            .unwrap();
+        assert_eq!(dma.unmap(0x0, 1 << 31), Ok(0x3000));
+        // A range up to the top of the address space (QEMU's last unmap with a vIOMMU):
+        // the whole space in one range, or from 0xfef00000 on.
+        dma.map(req(0x1000, 0x1000), None, 9).unwrap();
+        dma.map(req(0xFFFF_F000_0000_0000, 0x1000), None, 9)
+            .unwrap();
+        assert_eq!(
+            dma.unmap(0xFEF0_0000, 0u64.wrapping_sub(0xFEF0_0000)),
+            Ok(0x1000)
+        );
+        assert_eq!(dma.len(), 1);
+        assert_eq!(dma.unmap(0x0, u64::MAX), Ok(0x1000));
+        assert!(dma.is_empty());
+        dma.map(req(0x1000, 0x1000), None, 9).unwrap();
+        let last = dma.entry(0x1000).unwrap();
+        dma.unmap_all();
+        assert!(dma.is_empty() && last.gate.is_revoked());
+    }
+
+    #[test]
+    fn remove_skips_a_map_replaced_at_the_same_iova() {
+        let dma = DmaSpace::new();
+        dma.map(req(0x1000, 0x1000), None, 9).unwrap();
+        let old = dma.covered(0x1000, 0x1000).unwrap();
+        dma.remove(&old);
+        dma.map(req(0x1000, 0x1000), None, 9).unwrap();
+        dma.remove(&old);
+        assert_eq!(dma.len(), 1, "the new map survives a stale removal");
+        assert!(!dma.entry(0x1000).unwrap().gate.is_revoked());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`connection`]: one client: command dispatch and validation.
 //! - [`server`]: the listening socket, one client at a time, shutdown.
 //! - [`client`]: [`ClientHandle`], the device's view of a client (interrupts and DMA).
-//! - [`dma`], [`irq`]: a connection's DMA maps and interrupt lines.
+//! - [`dma`], [`irq`]: a connection's DMA maps and interrupt lines; [`dma_map`]: one map
+//!   as the device is handed it ([`ClientDmaMap`]).
 //! - [`device`]: the device trait and its description types.
 //! - [`test_client`], [`mod@bench`]: a minimal protocol client and a REGION_READ latency benchmark.
 //!
@@ -20,6 +21,7 @@ pub mod config;
 pub mod connection;
 pub mod device;
 pub mod dma;
+pub mod dma_map;
 pub mod irq;
 pub mod protocol;
 pub mod server;
@@ -34,7 +36,9 @@ pub use bench::{bench_posted_writes, bench_region_read, BenchMode, LatencyStats}
 pub use client::ClientHandle;
 pub use config::ServerConfig;
 pub use connection::ConnectionStats;
-pub use device::{DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea, VfioUserDevice};
+pub use device::{
+    ClientDmaMap, DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea, VfioUserDevice,
+};
 pub use dma::DmaError;
 pub use irq::IrqError;
 pub use protocol::DmaMessageLayout;

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::device::{
-    DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea, VfioUserDevice,
+    ClientDmaMap, DeviceInfo, Errno, IrqInfo, RegionInfo, RegionMmap, SparseArea, VfioUserDevice,
 };
 use super::protocol::{
     dma_flags, flags, irq_flags, pci, region_flags, CapHeader, Command, DmaMessageLayout, Header,
@@ -1286,6 +1286,316 @@ fn socket_dma_from_a_region_callback_reports_deadlock() {
         *dev.result.lock().unwrap(),
         Some(Err(DmaError::WouldDeadlock))
     );
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
+/// A device that keeps every DMA map it is handed and records removals; it refuses the next
+/// map when told to, and a removal can wait for a worker's DMA to end (as a GPU waits for
+/// its DMA in flight before it lets a map go).
+struct MapRecorder {
+    inner: Arc<FakeDevice>,
+    maps: Mutex<Vec<ClientDmaMap>>,
+    unmapped: Mutex<Vec<(u64, u64)>>,
+    refuse_next: Mutex<Option<Errno>>,
+    wait_in_unmap: Mutex<Option<mpsc::Receiver<Result<(), DmaError>>>>,
+    waited: Mutex<Option<Result<(), DmaError>>>,
+}
+
+impl MapRecorder {
+    fn new() -> Arc<MapRecorder> {
+        Arc::new(MapRecorder {
+            inner: FakeDevice::new(),
+            maps: Mutex::new(Vec::new()),
+            unmapped: Mutex::new(Vec::new()),
+            refuse_next: Mutex::new(None),
+            wait_in_unmap: Mutex::new(None),
+            waited: Mutex::new(None),
+        })
+    }
+
+    fn map(&self, iova: u64) -> ClientDmaMap {
+        self.maps
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|m| m.iova() == iova)
+            .cloned()
+            .expect("no such map")
+    }
+
+    fn unmapped(&self) -> Vec<(u64, u64)> {
+        self.unmapped.lock().unwrap().clone()
+    }
+}
+
+impl VfioUserDevice for MapRecorder {
+    fn device_info(&self) -> DeviceInfo {
+        self.inner.device_info()
+    }
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        self.inner.region_info(index)
+    }
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        self.inner.irq_info(index)
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.inner.region_read(index, offset, buf)
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+        self.inner.region_write(index, offset, data)
+    }
+    fn reset(&self) -> Result<(), Errno> {
+        Ok(())
+    }
+    fn client_connected(&self, client: ClientHandle) {
+        self.inner.client_connected(client);
+    }
+    fn client_disconnected(&self) {
+        self.inner.client_disconnected();
+    }
+    fn dma_mapped(&self, map: ClientDmaMap) -> Result<(), Errno> {
+        self.maps.lock().unwrap().push(map);
+        match self.refuse_next.lock().unwrap().take() {
+            Some(errno) => Err(errno),
+            None => Ok(()),
+        }
+    }
+    fn dma_unmapped(&self, iova: u64, size: u64) {
+        if let Some(rx) = self.wait_in_unmap.lock().unwrap().take() {
+            *self.waited.lock().unwrap() = rx.recv_timeout(Duration::from_secs(10)).ok();
+        }
+        self.unmapped.lock().unwrap().push((iova, size));
+    }
+}
+
+fn serve_recorder(
+    device: &Arc<MapRecorder>,
+    config: ServerConfig,
+) -> (TestClient, JoinHandle<Result<ConnectionStats, ServerError>>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let dev: Arc<dyn VfioUserDevice> = device.clone();
+    let server = std::thread::spawn(move || serve_stream(b, dev, config, None));
+    let mut client = TestClient::new(a);
+    client.version().unwrap();
+    (client, server)
+}
+
+/// QEMU with a vIOMMU unmaps large ranges covering several earlier maps: VFIO type1 rules.
+#[test]
+fn dma_unmap_follows_vfio_type1_and_tells_the_device() {
+    let device = MapRecorder::new();
+    let (mut client, server) = serve_recorder(&device, ServerConfig::default());
+    let ram = sealed_memfd(&unique("type1-ram"), 0x4000);
+    client.dma_map(3, 0, 0x10000, 0x1000, None).unwrap();
+    client.dma_map(3, 0, 0x11000, 0x1000, None).unwrap();
+    client
+        .dma_map(3, 0, 0x20000, 0x4000, Some(ram.as_fd()))
+        .unwrap();
+    client.dma_map(3, 0, 0x40000, 0x1000, None).unwrap();
+    let live = |iova| device.map(iova).is_live();
+    // A range that would split a map, at its start or at its end, or of size 0: EINVAL,
+    // nothing removed, the device told nothing.
+    for (address, size) in [
+        (0x10800, 0x1000),
+        (0x0, 0x22000),
+        (0x20000, 0x2000),
+        (0x10000, 0),
+    ] {
+        assert_eq!(errno_of(client.dma_unmap(0, address, size)), libc::EINVAL);
+    }
+    // A range covering no map succeeds.
+    client.dma_unmap(0, 0x30000, 0x10000).unwrap();
+    assert!(device.unmapped().is_empty());
+    assert!([0x10000, 0x11000, 0x20000, 0x40000].into_iter().all(live));
+    // One power-of-two range over three maps (and the holes between them).
+    let echoed = client.dma_unmap(0, 0x0, 0x40000).unwrap();
+    assert_eq!((echoed.address, echoed.size), (0x0, 0x40000));
+    assert_eq!(
+        device.unmapped(),
+        [(0x10000, 0x1000), (0x11000, 0x1000), (0x20000, 0x4000)]
+    );
+    assert!(!live(0x10000) && !live(0x20000) && live(0x40000));
+    let h = device.inner.handle();
+    let mut b = [0u8; 4];
+    assert_eq!(
+        h.dma_read(0x20000, &mut b),
+        Err(DmaError::Unmapped { iova: 0x20000 })
+    );
+    // An exact match, then UNMAP_ALL, as before.
+    client.dma_map(3, 0, 0x50000, 0x1000, None).unwrap();
+    client.dma_unmap(0, 0x50000, 0x1000).unwrap();
+    // QEMU's last unmap with a vIOMMU runs up to the top of the address space (2^64).
+    client.dma_map(3, 0, 0x1_0000_0000, 0x1000, None).unwrap();
+    client
+        .dma_unmap(0, 0xFEF0_0000, 0u64.wrapping_sub(0xFEF0_0000))
+        .unwrap();
+    client.dma_map(3, 0, 0x60000, 0x1000, None).unwrap();
+    client.dma_unmap(dma_flags::UNMAP_ALL, 0, 0).unwrap();
+    assert_eq!(
+        device.unmapped()[3..],
+        [
+            (0x50000, 0x1000),
+            (0x1_0000_0000, 0x1000),
+            (0x40000, 0x1000),
+            (0x60000, 0x1000)
+        ]
+    );
+    drop(client);
+    server.join().unwrap().unwrap();
+    assert_eq!(
+        device.unmapped().len(),
+        7,
+        "nothing left to unmap on disconnect"
+    );
+}
+
+#[test]
+fn the_device_reaches_each_map_until_it_is_removed() {
+    let device = MapRecorder::new();
+    let (mut client, server) = serve_recorder(&device, ServerConfig::default());
+    // An fd-backed map: copied through the server's mapping, no message to the client.
+    let ram = sealed_memfd(&unique("lent-ram"), 0x2000);
+    pwrite(&ram, 0x1010, b"guest bytes");
+    client
+        .dma_map(3, 0x1000, 0x100000, 0x1000, Some(ram.as_fd()))
+        .unwrap();
+    let direct = device.map(0x100000);
+    assert_eq!(
+        (direct.size(), direct.readable(), direct.writable()),
+        (0x1000, true, true)
+    );
+    let mut buf = [0u8; 11];
+    direct.read(0x10, &mut buf).unwrap();
+    assert_eq!(&buf, b"guest bytes");
+    direct.write(0x800, b"device").unwrap();
+    let mut back = [0u8; 6];
+    pread(&ram, 0x1800, &mut back);
+    assert_eq!(&back, b"device");
+    let ptr = direct
+        .host_address()
+        .expect("an mmapped map has a host address");
+    // SAFETY: the map is live and 0x1000 bytes long; the test reads one byte inside it.
+    assert_eq!(unsafe { ptr.as_ptr().add(0x800).read_volatile() }, b'd');
+    assert_eq!(
+        direct.read(0xFF8, &mut buf),
+        Err(DmaError::Unmapped { iova: 0x101000 })
+    );
+    assert!(matches!(
+        direct.read(u64::MAX, &mut buf),
+        Err(DmaError::Overflow { .. })
+    ));
+    // A read-only map refuses device writes.
+    let ro = sealed_memfd(&unique("lent-ro"), 0x1000);
+    client
+        .dma_map(dma_flags::MAP_READ, 0, 0x200000, 0x1000, Some(ro.as_fd()))
+        .unwrap();
+    assert!(matches!(
+        device.map(0x200000).write(0, &[1]),
+        Err(DmaError::Permission { .. })
+    ));
+    // An fd-less map: socket DMA from a worker thread, answered by the client.
+    let memory = Arc::new(Mutex::new(vec![0x33u8; 0x1000]));
+    client.set_dma_backing(
+        DmaBacking {
+            base: 0x300000,
+            memory: Arc::clone(&memory),
+        },
+        DmaMessageLayout::Spec,
+    );
+    client.dma_map(3, 0, 0x300000, 0x1000, None).unwrap();
+    let socket = device.map(0x300000);
+    assert!(socket.host_address().is_none());
+    let worker = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4];
+            let r = socket.read(0x20, &mut b);
+            (r, socket.write(0x40, b"sock"), b)
+        })
+    };
+    serve_dma_until_done(&mut client, &worker);
+    let (r, w, b) = worker.join().unwrap();
+    r.unwrap();
+    w.unwrap();
+    assert_eq!(b, [0x33; 4]);
+    assert_eq!(&memory.lock().unwrap()[0x40..0x44], b"sock");
+    // A map the device refuses fails with the device's errno and is undone.
+    *device.refuse_next.lock().unwrap() = Some(Errno(libc::ENOMEM));
+    assert_eq!(
+        errno_of(client.dma_map(3, 0, 0x400000, 0x1000, None)),
+        libc::ENOMEM
+    );
+    let refused = device.map(0x400000);
+    assert!(!refused.is_live());
+    client.dma_map(3, 0, 0x400000, 0x1000, None).unwrap();
+    assert!(device.map(0x400000).is_live());
+    assert!(
+        device.unmapped().is_empty(),
+        "a refused map is not unmapped"
+    );
+    // The client leaves: every accepted map is unmapped once, and its handle reaches nothing.
+    drop(client);
+    server.join().unwrap().unwrap();
+    let mut unmapped = device.unmapped();
+    unmapped.sort_unstable();
+    assert_eq!(
+        unmapped,
+        [
+            (0x100000, 0x1000),
+            (0x200000, 0x1000),
+            (0x300000, 0x1000),
+            (0x400000, 0x1000)
+        ]
+    );
+    assert!(direct.host_address().is_none());
+    assert_eq!(
+        direct.read(0, &mut buf),
+        Err(DmaError::Unmapped { iova: 0x100000 })
+    );
+    assert_eq!(
+        socket.write(0, b"x"),
+        Err(DmaError::Unmapped { iova: 0x300000 })
+    );
+}
+
+/// A removal fails socket DMA in flight to the map instead of waiting for a reply only the
+/// connection thread (busy removing the map) could read.
+#[test]
+fn unmap_fails_socket_dma_in_flight_to_the_map() {
+    use std::io::Read;
+    let device = MapRecorder::new();
+    let config = ServerConfig {
+        msg_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let (mut client, server) = serve_recorder(&device, config);
+    client.dma_map(3, 0, 0x8000, 0x1000, None).unwrap();
+    let map = device.map(0x8000);
+    let (tx, rx) = mpsc::channel();
+    *device.wait_in_unmap.lock().unwrap() = Some(rx);
+    let worker = std::thread::spawn(move || {
+        let mut b = [0u8; 8];
+        let _ = tx.send(map.read(0x100, &mut b));
+    });
+    // Take the DMA_READ off the socket without answering it.
+    let mut header = [0u8; HEADER_SIZE];
+    client.stream().read_exact(&mut header).unwrap();
+    let header = Header::decode(&header).unwrap();
+    assert_eq!(header.command, Command::DmaRead as u16);
+    let mut payload = vec![0u8; header.size as usize - HEADER_SIZE];
+    client.stream().read_exact(&mut payload).unwrap();
+    let started = Instant::now();
+    client.dma_unmap(0, 0x8000, 0x1000).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    worker.join().unwrap();
+    assert_eq!(
+        *device.waited.lock().unwrap(),
+        Some(Err(DmaError::Unmapped { iova: 0x8100 })),
+        "the device saw its DMA end before the map went"
+    );
+    assert_eq!(device.unmapped(), [(0x8000, 0x1000)]);
     drop(client);
     server.join().unwrap().unwrap();
 }
