@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use super::GpuDevice;
 use crate::host_driver::addr::{VramAddr, MIB};
-use crate::host_gpu::dma::{DmaBuffer, MessageQueueInitArgs};
+use crate::host_gpu::dma::DmaBuffer;
 use crate::host_gpu::emulated::EmulatedHostGpu;
 use crate::host_gpu::guest_dma::GuestDmaMemory;
 use crate::host_gpu::{AccessWidth, ChipIdentity, HostGpu, HostGpuError, HostMemory, MmapSource};
@@ -99,9 +99,6 @@ impl HostGpu for LendingHost {
     }
     fn dma_alloc(&self, len: u64) -> Result<Arc<dyn DmaBuffer>, HostGpuError> {
         self.inner.dma_alloc(len)
-    }
-    fn gsp_start(&self, args: &MessageQueueInitArgs) -> Result<(), HostGpuError> {
-        self.inner.gsp_start(args)
     }
     fn map_guest_dma(
         &self,
