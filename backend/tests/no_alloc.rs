@@ -9,7 +9,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gpu_backend::vfio_user::connection::Connection;
@@ -22,16 +21,17 @@ use gpu_backend::vfio_user::{
 /// Counts allocations (not frees) made while the calling thread's `MEASURING` flag is set.
 struct CountingAllocator;
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     static MEASURING: Cell<bool> = const { Cell::new(false) };
+    /// Per thread, so two tests measuring at once never see each other's allocations.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 fn note_allocation() {
     // `try_with`: the flag may already be gone while the thread's locals are destroyed.
     if MEASURING.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        let _ = ALLOCATIONS.try_with(|a| a.set(a.get() + 1));
     }
 }
 
@@ -67,11 +67,11 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// Run `f` with allocation counting on for this thread; returns its result and the count.
 fn count_allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = ALLOCATIONS.with(Cell::get);
     MEASURING.with(|m| m.set(true));
     let result = f();
     MEASURING.with(|m| m.set(false));
-    (result, ALLOCATIONS.load(Ordering::Relaxed) - before)
+    (result, ALLOCATIONS.with(Cell::get) - before)
 }
 
 const BAR0: u32 = 0;
