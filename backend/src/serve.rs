@@ -43,6 +43,9 @@ pub enum ServeError {
     /// Signal handlers could not be installed.
     #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// The GPU stopped answering; nothing is served from it any more.
+    #[error("the GPU stopped answering; it is no longer served")]
+    DeviceLost,
     /// A server thread could not be started.
     #[error("cannot start a server thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -155,6 +158,13 @@ pub fn serve_functions(
         })
         .map_err(ServeError::Signals)?;
 
+    let hosts: Vec<Arc<dyn HostGpu>> = servers
+        .iter()
+        .map(|(_, device)| Arc::clone(device.function().host()))
+        .collect();
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = spawn_watchdog(hosts, shutdown.clone(), Arc::clone(&lost))?;
+
     let mut threads = Vec::with_capacity(servers.len());
     let mut result = Ok(());
     for (i, (server, device)) in servers.into_iter().enumerate() {
@@ -191,8 +201,43 @@ pub fn serve_functions(
     shutdown.trigger();
     signal_handle.close();
     let _ = signal_thread.join();
+    let _ = watchdog.join();
     log::info!("stopped");
+    if result.is_ok() && lost.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(ServeError::DeviceLost);
+    }
     result
+}
+
+/// How often the watchdog asks the GPU whether it still answers.
+const WATCHDOG_PERIOD: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Watches the GPU behind the served functions: once one is lost (it stopped answering;
+/// every access of its guests already fails at once with ENODEV), it stops serving every
+/// guest and sets `lost`. Ends when `shutdown` is triggered.
+fn spawn_watchdog(
+    hosts: Vec<Arc<dyn HostGpu>>,
+    shutdown: ShutdownSignal,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<thread::JoinHandle<()>, ServeError> {
+    thread::Builder::new()
+        .name("gpu-watchdog".into())
+        .spawn(move || {
+            while !shutdown.is_triggered() {
+                if let Some(host) = hosts.iter().find(|h| h.is_lost()) {
+                    log::error!(
+                        "GPU {} stopped answering: no longer serving it (its guests are \
+                         disconnected)",
+                        host.identity().name
+                    );
+                    lost.store(true, std::sync::atomic::Ordering::Release);
+                    shutdown.trigger();
+                    return;
+                }
+                thread::sleep(WATCHDOG_PERIOD);
+            }
+        })
+        .map_err(ServeError::Thread)
 }
 
 fn log_layout(layout: &FunctionLayout) {
@@ -214,5 +259,91 @@ fn log_layout(layout: &FunctionLayout) {
             bar.presented_size,
             bar.mappable.first().map(|a| (a.offset, a.size))
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use crate::host_driver::addr::VramAddr;
+    use crate::host_gpu::emulated::EmulatedHostGpu;
+    use crate::host_gpu::{AccessWidth, ChipIdentity, HostGpuError, HostMemory, MmapSource};
+
+    /// The emulated GPU, with a switch that makes it "stop answering".
+    struct Unplugged {
+        inner: EmulatedHostGpu,
+        lost: AtomicBool,
+    }
+
+    impl HostGpu for Unplugged {
+        fn identity(&self) -> &ChipIdentity {
+            self.inner.identity()
+        }
+        fn is_lost(&self) -> bool {
+            self.lost.load(Ordering::Acquire)
+        }
+        fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
+            self.inner.bar0_read(offset, width)
+        }
+        fn bar0_write(
+            &self,
+            offset: u64,
+            width: AccessWidth,
+            value: u64,
+        ) -> Result<(), HostGpuError> {
+            self.inner.bar0_write(offset, width, value)
+        }
+        fn memory_bar(&self, index: u8) -> Option<Arc<dyn HostMemory>> {
+            self.inner.memory_bar(index)
+        }
+        fn reset(&self) -> Result<(), HostGpuError> {
+            self.inner.reset()
+        }
+        fn scrub_vram(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError> {
+            self.inner.scrub_vram(addr, len)
+        }
+        fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError> {
+            self.inner.bar1_read(offset, buf)
+        }
+        fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError> {
+            self.inner.bar1_write(offset, data)
+        }
+        fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource> {
+            self.inner.vram_mmap_source(addr, len)
+        }
+    }
+
+    #[test]
+    fn a_gpu_that_stops_answering_stops_being_served() {
+        let host = Arc::new(Unplugged {
+            inner: EmulatedHostGpu::by_name("tu102-24g").unwrap(),
+            lost: AtomicBool::new(false),
+        });
+        let function = PresentedFunction::new(Arc::clone(&host) as Arc<dyn HostGpu>).unwrap();
+        let socket = std::env::temp_dir().join(format!("watchdog-{}.sock", std::process::id()));
+        let served = {
+            let socket = socket.clone();
+            thread::spawn(move || {
+                serve_functions(vec![(socket, function)], 0o600, ServerConfig::default())
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "socket never appeared");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let unplugged = Instant::now();
+        host.lost.store(true, Ordering::Release);
+        let result = served.join().unwrap();
+        assert!(matches!(result, Err(ServeError::DeviceLost)), "{result:?}");
+        assert!(
+            unplugged.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            unplugged.elapsed()
+        );
+        assert!(!socket.exists(), "the socket file is removed");
     }
 }

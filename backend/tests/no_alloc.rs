@@ -21,7 +21,6 @@ use gpu_backend::vfio_user::{
 /// Counts allocations (not frees) made while the calling thread's `MEASURING` flag is set.
 struct CountingAllocator;
 
-
 thread_local! {
     static MEASURING: Cell<bool> = const { Cell::new(false) };
     /// Per thread, so two tests measuring at once never see each other's allocations.

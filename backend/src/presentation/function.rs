@@ -322,17 +322,27 @@ impl PresentedFunction {
                             };
                             (backing, mmap)
                         }
-                        Some(window) => (
-                            GuestVramBacking::Bar1 {
-                                host: Arc::clone(&host),
-                                va: window
-                                    .offset(vram_offset)
-                                    .ok_or(PresentationError::MissingMemory(bar.index))?,
-                                len: real,
-                                access: Arc::clone(guest.access()),
-                            },
-                            host.vram_mmap_source(at, real),
-                        ),
+                        Some(window) => {
+                            let va = window
+                                .offset(vram_offset)
+                                .ok_or(PresentationError::MissingMemory(bar.index))?;
+                            // The slice's own memory where the host can hand it out by
+                            // VRAM address (the emulated GPU's per-slice memfd), else an
+                            // export of exactly its BAR1 window (a dma-buf on hardware),
+                            // else nothing: trapped.
+                            let mmap = host
+                                .vram_mmap_source(at, real)
+                                .or_else(|| host.bar1_mmap_source(va.raw(), real));
+                            (
+                                GuestVramBacking::Bar1 {
+                                    host: Arc::clone(&host),
+                                    va,
+                                    len: real,
+                                    access: Arc::clone(guest.access()),
+                                },
+                                mmap,
+                            )
+                        }
                     };
                     (
                         BarContent::Memory {
