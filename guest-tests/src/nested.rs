@@ -107,10 +107,14 @@ impl NestedRun {
             .join("\n")
     }
 
-    /// Remove the run directory unless `GUEST_TESTS_KEEP=1` (call after the checks passed).
+    /// Remove the run directory and the outer backend's log directory unless
+    /// `GUEST_TESTS_KEEP=1` (call after the checks passed).
     pub fn discard_logs(&self) {
         if !keep_runs() {
             let _ = std::fs::remove_dir_all(&self.run_dir);
+            if let Some(dir) = self.backend.log_path().parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 }
