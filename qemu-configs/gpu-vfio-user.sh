@@ -20,6 +20,9 @@
 #                        for every write of a device with mmappable regions; see README)
 #   --msg-timeout MS     how long QEMU waits for a backend reply (x-msg-timeout, default 5000)
 #   --pci-hole64 SIZE    size of q35's 64-bit PCI window, for BARs of hundreds of GiB (e.g. 1T)
+#   --iommu              emulated Intel IOMMU (intel-iommu,caching-mode=on, before the device)
+#                        and intel_iommu=on on the kernel command line: lets the guest bind
+#                        the GPU to its own vfio-pci (nested VFIO, see guest-tests/README.md)
 #   --qemu BIN           QEMU binary (default: the lab wrapper from install.sh, else PATH)
 #   --dry-run            print the command instead of running it
 #
@@ -43,7 +46,7 @@ die() {
 }
 
 socket="" kernel="" initrd="" disk="" append="console=ttyS0 panic=-1 iomem=relaxed"
-mem=512M smp=2 accel=auto addr=0x5 posted=1 msg_timeout="" hole64="" qemu="" dry_run=0
+mem=512M smp=2 accel=auto addr=0x5 posted=1 msg_timeout="" hole64="" qemu="" dry_run=0 iommu=0
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -59,6 +62,7 @@ while [ $# -gt 0 ]; do
         --no-posted-writes) posted=0; shift ;;
         --msg-timeout) msg_timeout="${2:?}"; shift 2 ;;
         --pci-hole64) hole64="${2:?}"; shift 2 ;;
+        --iommu) iommu=1; shift ;;
         --qemu) qemu="${2:?}"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -109,8 +113,13 @@ args=(
     # Guest RAM in a shareable memfd: DMA_MAP then carries an fd the backend can mmap.
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -machine memory-backend=mem
     -nographic -nodefaults -no-reboot -serial mon:stdio
-    -device "$device"
 )
+if [ "$iommu" = 1 ]; then
+    # Must come before the vfio-user-pci device; without caching-mode QEMU cannot map its DMA.
+    args+=(-device intel-iommu,caching-mode=on)
+    append="$append intel_iommu=on"
+fi
+args+=(-device "$device")
 [ -z "$hole64" ] || args+=(-global "q35-pcihost.pci-hole64-size=$hole64")
 if [ -n "$disk" ]; then
     format=raw

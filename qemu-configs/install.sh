@@ -3,8 +3,11 @@
 #
 #   - QEMU >= 10.1 (Debian trixie-backports `qemu-system-x86`, which has `vfio-user-pci`),
 #     unpacked with `dpkg -x` into a private prefix and run through that prefix's own loader;
-#   - a guest kernel (`vmlinuz` only: no modules are needed to probe BARs from user space);
-#   - `busybox-static` for the guest's userland.
+#   - a guest kernel (`vmlinuz`) and, from the matching modules package, the guest kernel's VFIO
+#     modules (vfio, vfio_iommu_type1, irqbypass, vfio-pci-core, vfio-pci; decompressed) for the
+#     nested VFIO tests, which bind the served GPU to the guest's own vfio-pci;
+#   - `busybox-static` for the guest's userland (its `unxz` also decompresses the modules when
+#     the host has no `xz`).
 #
 # Nothing outside the cache is touched: apt runs with a private APT_CONFIG (own sources.list,
 # lists, cache and an empty dpkg status file), never with the system's /etc/apt sources.
@@ -17,7 +20,8 @@
 #   DEBIAN_MIRROR       Debian mirror URL (default: http://deb.debian.org/debian)
 #
 # Outputs (all under the lab directory):
-#   env.sh                      exports QEMU_PREFIX, QEMU_BIN, GUEST_KERNEL, BUSYBOX, QEMU_VERSION
+#   env.sh                      exports QEMU_PREFIX, QEMU_BIN, GUEST_KERNEL, BUSYBOX, QEMU_VERSION,
+#                               GUEST_MODULES (directory of the five uncompressed .ko files)
 #   bin/qemu-system-x86_64      wrapper running the prefix's QEMU with its own loader and firmware
 #   installed.stamp             what was installed (package=version lines)
 #
@@ -31,7 +35,8 @@ LAB="$CACHE_ROOT/qemu-lab"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # Bump when the layout of the lab changes so that old caches are rebuilt.
-STAMP_FORMAT=1
+# 2: the guest kernel's VFIO modules (modules/, GUEST_MODULES in env.sh).
+STAMP_FORMAT=2
 MIN_QEMU_MAJOR=10
 MIN_QEMU_MINOR=1
 
@@ -39,6 +44,9 @@ APTDIR="$LAB/apt"
 PREFIX="$LAB/prefix"
 KERNEL_DIR="$LAB/kernel"
 BUSYBOX_DIR="$LAB/busybox"
+MODULES_DIR="$LAB/modules"
+# The guest kernel modules the nested VFIO tests load, in load order (dependencies first).
+GUEST_MODULE_NAMES=(vfio vfio_iommu_type1 irqbypass vfio-pci-core vfio-pci)
 STAMP="$LAB/installed.stamp"
 WRAPPER="$LAB/bin/qemu-system-x86_64"
 ENV_SH="$LAB/env.sh"
@@ -84,7 +92,7 @@ fi
 
 # Write the wrapper script and env.sh for the prefix that is in place.
 write_outputs() {
-    local kernel_path="$1" busybox_path="$2" version="$3"
+    local kernel_path="$1" busybox_path="$2" version="$3" modules_path="$4"
     mkdir -p "$LAB/bin"
     local tmp="$WRAPPER.tmp.$$"
     cat >"$tmp" <<'EOF'
@@ -111,6 +119,7 @@ EOF
         printf 'export QEMU_VERSION=%q\n' "$version"
         printf 'export GUEST_KERNEL=%q\n' "$kernel_path"
         printf 'export BUSYBOX=%q\n' "$busybox_path"
+        printf 'export GUEST_MODULES=%q\n' "$modules_path"
     } >"$tmp"
     mv -f "$tmp" "$ENV_SH"
 }
@@ -139,6 +148,15 @@ verify() {
     echo "$version"
 }
 
+# True if directory $1 holds every module of GUEST_MODULE_NAMES as an uncompressed .ko.
+modules_complete() {
+    local name
+    [ -d "$1" ] || return 1
+    for name in "${GUEST_MODULE_NAMES[@]}"; do
+        [ -s "$1/$name.ko" ] || return 1
+    done
+}
+
 # Read the value of key $1 from the stamp file (empty if absent).
 stamp_get() {
     [ -f "$STAMP" ] || return 0
@@ -151,13 +169,16 @@ stamp_get() {
 if [ "$REFRESH" = 0 ] && [ "$(stamp_get format)" = "$STAMP_FORMAT" ]; then
     kernel_path="$(stamp_get guest_kernel)"
     busybox_path="$(stamp_get busybox)"
-    if [ -f "$kernel_path" ] && [ -x "$busybox_path" ] && [ -x "$PREFIX/usr/bin/qemu-system-x86_64" ]; then
-        write_outputs "$kernel_path" "$busybox_path" "$(stamp_get qemu_version)"
+    modules_path="$(stamp_get guest_modules)"
+    if [ -f "$kernel_path" ] && [ -x "$busybox_path" ] && [ -x "$PREFIX/usr/bin/qemu-system-x86_64" ] &&
+        modules_complete "$modules_path"; then
+        write_outputs "$kernel_path" "$busybox_path" "$(stamp_get qemu_version)" "$modules_path"
         version="$(verify)"
-        write_outputs "$kernel_path" "$busybox_path" "$version"
+        write_outputs "$kernel_path" "$busybox_path" "$version" "$modules_path"
         step "cached install is complete ($STAMP)"
         step "QEMU $version: $WRAPPER (vfio-user-pci available)"
         step "guest kernel: $kernel_path ($(stamp_get kernel_package))"
+        step "guest modules: $modules_path ($(stamp_get modules_package))"
         step "busybox: $busybox_path ($(stamp_get busybox_package))"
         step "env: $ENV_SH (done in $((SECONDS - T0)) s)"
         exit 0
@@ -165,7 +186,7 @@ if [ "$REFRESH" = 0 ] && [ "$(stamp_get format)" = "$STAMP_FORMAT" ]; then
     step "stamp found but files are missing; repairing"
 fi
 
-for tool in apt-get apt-cache dpkg-deb flock realpath; do
+for tool in apt-get apt-cache dpkg-deb flock realpath tar; do
     command -v "$tool" >/dev/null || die "'$tool' is needed but not installed"
 done
 [ -r "$KEYRING" ] || die "Debian archive keyring $KEYRING not found (package debian-archive-keyring)"
@@ -238,10 +259,25 @@ else
 fi
 [ -n "$KERNEL_VERSION" ] || die "no candidate version for $KERNEL_PKG"
 
+# Modules: trixie-backports splits linux-binary-<ver> (vmlinuz) from linux-modules-<ver> (the
+# modules of the same build); trixie's linux-image-<ver> holds both.
+case "$KERNEL_PKG" in
+    linux-binary-*)
+        MODULES_PKG="linux-modules-${KERNEL_PKG#linux-binary-}"
+        MODULES_VERSION="$(candidate "$MODULES_PKG" trixie-backports)"
+        [ "$MODULES_VERSION" = "$KERNEL_VERSION" ] ||
+            die "$MODULES_PKG has version '${MODULES_VERSION:-none}', not $KERNEL_VERSION like $KERNEL_PKG"
+        ;;
+    *)
+        MODULES_PKG="$KERNEL_PKG"
+        MODULES_VERSION="$KERNEL_VERSION"
+        ;;
+esac
+
 BUSYBOX_VERSION="$(candidate busybox-static trixie)"
 [ -n "$BUSYBOX_VERSION" ] || die "busybox-static not found in trixie"
 
-step "selected: qemu-system-x86=$QEMU_PKG_VERSION $KERNEL_PKG=$KERNEL_VERSION busybox-static=$BUSYBOX_VERSION"
+step "selected: qemu-system-x86=$QEMU_PKG_VERSION $KERNEL_PKG=$KERNEL_VERSION $MODULES_PKG=$MODULES_VERSION busybox-static=$BUSYBOX_VERSION"
 
 # Download one package (no dependencies) into $APTDIR/downloads; print the .deb path.
 download_one() { # $1=package $2=version
@@ -355,12 +391,92 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+# Guest kernel modules (VFIO), decompressed
+# ---------------------------------------------------------------------------------------------
+
+# Decompress $1 (.ko, .ko.xz or .ko.zst) to $2. .xz: the host's xz, else the lab's busybox
+# (its unxz applet); .zst: the host's zstd, else Debian's zstd unpacked into the lab and run
+# through the QEMU prefix's loader (nothing is installed into the system).
+decompress_module() {
+    local src="$1" dst="$2"
+    case "$src" in
+        *.ko) cp -f "$src" "$dst" ;;
+        *.ko.xz)
+            if command -v xz >/dev/null; then
+                xz -dc "$src" >"$dst"
+            else
+                "$BUSYBOX_DIR/busybox" unxz -c "$src" >"$dst"
+            fi
+            ;;
+        *.ko.zst)
+            if command -v zstd >/dev/null; then
+                zstd -q -dc "$src" >"$dst"
+            else
+                lab_zstd -q -dc "$src" >"$dst"
+            fi
+            ;;
+        *) die "unknown module compression: $src" ;;
+    esac
+}
+
+# Debian's zstd and the libraries it needs that the QEMU prefix lacks, unpacked into $LAB/tools
+# and run through the prefix's loader.
+lab_zstd() {
+    local tools="$LAB/tools" pkg ver deb
+    if [ ! -x "$tools/usr/bin/zstd" ]; then
+        step "no zstd on the host: unpacking Debian's zstd into $tools"
+        mkdir -p "$tools"
+        for pkg in zstd liblz4-1 liblzma5; do
+            ver="$(candidate "$pkg" trixie)"
+            [ -n "$ver" ] || die "$pkg not found in trixie"
+            deb="$(download_one "$pkg" "$ver")"
+            dpkg-deb -x "$deb" "$tools"
+        done
+    fi
+    "$PREFIX/$LOADER_REL" --library-path "$tools/$LIBDIR_REL:$PREFIX/$LIBDIR_REL:$PREFIX/lib/x86_64-linux-gnu" \
+        "$tools/usr/bin/zstd" "$@"
+}
+
+MODULES_WANT="$MODULES_PKG=$MODULES_VERSION"
+RELEASE="$(cat "$KERNEL_DIR/.release")"
+if [ "$(cat "$MODULES_DIR/.installed" 2>/dev/null || true)" = "$MODULES_WANT" ] && modules_complete "$MODULES_DIR"; then
+    step "guest modules already installed: $MODULES_WANT"
+else
+    step "downloading guest modules $MODULES_WANT (for ${GUEST_MODULE_NAMES[*]})"
+    deb="$(download_one "$MODULES_PKG" "$MODULES_VERSION")"
+    tmpx="$LAB/modules.extract.$$"
+    rm -rf "$tmpx" "$MODULES_DIR.new"
+    mkdir -p "$tmpx" "$MODULES_DIR.new"
+    patterns=()
+    for name in "${GUEST_MODULE_NAMES[@]}"; do
+        patterns+=("*/lib/modules/$RELEASE/kernel/*/$name.ko" "*/lib/modules/$RELEASE/kernel/*/$name.ko.*")
+    done
+    # Only the wanted files (tar exits non-zero if a pattern matched nothing: checked below).
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmpx" --wildcards "${patterns[@]}" 2>/dev/null || true
+    for name in "${GUEST_MODULE_NAMES[@]}"; do
+        src="$(find "$tmpx" -path "*/lib/modules/$RELEASE/*" \( -name "$name.ko" -o -name "$name.ko.*" \) -type f |
+            sort | head -n1)"
+        [ -n "$src" ] || die "$MODULES_PKG has no $name.ko* under lib/modules/$RELEASE"
+        decompress_module "$src" "$MODULES_DIR.new/$name.ko"
+        # A module only loads into the kernel it was built for: check its vermagic.
+        grep -aq "vermagic=$RELEASE " "$MODULES_DIR.new/$name.ko" ||
+            die "$name.ko from $MODULES_WANT was not built for kernel $RELEASE (vermagic)"
+    done
+    echo "$RELEASE" >"$MODULES_DIR.new/.release"
+    echo "$MODULES_WANT" >"$MODULES_DIR.new/.installed"
+    rm -rf "$MODULES_DIR.old"
+    if [ -d "$MODULES_DIR" ]; then mv "$MODULES_DIR" "$MODULES_DIR.old"; fi
+    mv "$MODULES_DIR.new" "$MODULES_DIR"
+    rm -rf "$MODULES_DIR.old" "$tmpx"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Wrapper, verification, stamp
 # ---------------------------------------------------------------------------------------------
-write_outputs "$KERNEL_DIR/vmlinuz" "$BUSYBOX_DIR/busybox" ""
+write_outputs "$KERNEL_DIR/vmlinuz" "$BUSYBOX_DIR/busybox" "" "$MODULES_DIR"
 step "verifying QEMU ($WRAPPER)"
 version="$(verify)"
-write_outputs "$KERNEL_DIR/vmlinuz" "$BUSYBOX_DIR/busybox" "$version"
+write_outputs "$KERNEL_DIR/vmlinuz" "$BUSYBOX_DIR/busybox" "$version" "$MODULES_DIR"
 
 tmp="$STAMP.tmp.$$"
 {
@@ -370,6 +486,8 @@ tmp="$STAMP.tmp.$$"
     echo "kernel_package=$KERNEL_WANT"
     echo "kernel_release=$(cat "$KERNEL_DIR/.release")"
     echo "guest_kernel=$KERNEL_DIR/vmlinuz"
+    echo "modules_package=$MODULES_WANT"
+    echo "guest_modules=$MODULES_DIR"
     echo "busybox_package=$BUSYBOX_WANT"
     echo "busybox=$BUSYBOX_DIR/busybox"
     echo "installed_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -379,5 +497,6 @@ mv -f "$tmp" "$STAMP"
 
 step "QEMU $version: $WRAPPER (vfio-user-pci available)"
 step "guest kernel: $KERNEL_DIR/vmlinuz ($KERNEL_WANT)"
+step "guest modules: $MODULES_DIR ($MODULES_WANT)"
 step "busybox: $BUSYBOX_DIR/busybox ($BUSYBOX_WANT)"
 step "env: $ENV_SH (done in $((SECONDS - T0)) s)"

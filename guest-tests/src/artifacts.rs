@@ -1,4 +1,6 @@
-//! Building the binaries a guest run needs: the static guest probe and the backend.
+//! Building the binaries a guest run needs: the static guest programs ([`GuestBinary`]: the
+//! probe, and for nested VFIO guests the backend itself, the vfio-user client and the VFIO
+//! bench) and the host's backend.
 //!
 //! Each is built at most once per process; the results are cached in statics.
 
@@ -9,7 +11,7 @@ use std::sync::OnceLock;
 use crate::error::{HarnessError, Result};
 use crate::paths::{cargo, target_dir, workspace_root};
 
-/// Target triple the guest probe is built for (static glibc, `+crt-static`).
+/// Target triple the guest programs are built for (static glibc, `+crt-static`).
 pub const PROBE_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Environment variable overriding the probe binary.
 pub const PROBE_BIN_ENV: &str = "GPU_GUEST_PROBE_BIN";
@@ -65,21 +67,91 @@ pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
     Ok(true)
 }
 
-fn build_probe() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(PROBE_BIN_ENV) {
+/// A static program for the guest, built with `cargo rustc --release --target
+/// x86_64-unknown-linux-gnu --target-dir <target>/guest-static -- -C target-feature=+crt-static
+/// -C strip=debuginfo`: static glibc, so it runs on the bare busybox initramfs. The separate
+/// target directory keeps these builds from disturbing the host builds' artifacts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GuestBinary {
+    /// `gpu-guest-probe` (guest-tests): the BAR/VRAM/window probe.
+    Probe,
+    /// `gpu-backend` (the backend itself), for nested VFIO guests.
+    Backend,
+    /// `gpu-guest-vfio-client` (guest-tests): the sliced-guest checks over vfio-user.
+    VfioClient,
+    /// `gpu-guest-vfio-bench` (guest-tests): register reads through VFIO mmap vs pread.
+    VfioBench,
+}
+
+impl GuestBinary {
+    /// Every guest binary.
+    pub const ALL: [GuestBinary; 4] = [
+        GuestBinary::Probe,
+        GuestBinary::Backend,
+        GuestBinary::VfioClient,
+        GuestBinary::VfioBench,
+    ];
+
+    /// The cargo package and binary name.
+    pub fn package_and_name(self) -> (&'static str, &'static str) {
+        match self {
+            GuestBinary::Probe => ("guest-tests", "gpu-guest-probe"),
+            GuestBinary::Backend => ("gpu-backend", "gpu-backend"),
+            GuestBinary::VfioClient => ("guest-tests", "gpu-guest-vfio-client"),
+            GuestBinary::VfioBench => ("guest-tests", "gpu-guest-vfio-bench"),
+        }
+    }
+
+    /// The binary's name.
+    pub fn name(self) -> &'static str {
+        self.package_and_name().1
+    }
+
+    /// The environment variable that overrides the build with a given file.
+    pub fn env_override(self) -> &'static str {
+        match self {
+            GuestBinary::Probe => PROBE_BIN_ENV,
+            GuestBinary::Backend => "GPU_GUEST_BACKEND_BIN",
+            GuestBinary::VfioClient => "GPU_GUEST_VFIO_CLIENT_BIN",
+            GuestBinary::VfioBench => "GPU_GUEST_VFIO_BENCH_BIN",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            GuestBinary::Probe => 0,
+            GuestBinary::Backend => 1,
+            GuestBinary::VfioClient => 2,
+            GuestBinary::VfioBench => 3,
+        }
+    }
+}
+
+/// The target directory of the static guest binaries: `<target>/guest-static`.
+pub fn guest_target_dir() -> PathBuf {
+    target_dir().join("guest-static")
+}
+
+fn build_static(which: GuestBinary) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(which.env_override()) {
         return Ok(PathBuf::from(path));
     }
+    let (package, name) = which.package_and_name();
+    let target_dir = guest_target_dir();
+    let target_dir_arg = target_dir.to_string_lossy();
     run_cargo(
-        "gpu-guest-probe",
+        name,
         &[
             "rustc",
             "--release",
             "-p",
-            "guest-tests",
+            package,
             "--bin",
-            "gpu-guest-probe",
+            name,
             "--target",
             PROBE_TARGET,
+            "--target-dir",
+            &target_dir_arg,
             "--",
             "-C",
             "target-feature=+crt-static",
@@ -87,40 +159,44 @@ fn build_probe() -> Result<PathBuf> {
             "strip=debuginfo",
         ],
     )?;
-    let path = target_dir()
-        .join(PROBE_TARGET)
-        .join("release")
-        .join("gpu-guest-probe");
+    let path = target_dir.join(PROBE_TARGET).join("release").join(name);
     match is_static_elf(&path) {
         Ok(true) => Ok(path),
         Ok(false) => Err(HarnessError::Build {
-            what: "gpu-guest-probe".into(),
+            what: name.into(),
             reason: format!("{} is dynamically linked (has PT_INTERP)", path.display()),
         }),
         Err(e) => Err(HarnessError::Build {
-            what: "gpu-guest-probe".into(),
+            what: name.into(),
             reason: format!("checking {}: {e}", path.display()),
         }),
     }
 }
 
-/// The static guest probe binary: `$GPU_GUEST_PROBE_BIN`, or built with
-/// `cargo rustc --release -p guest-tests --bin gpu-guest-probe --target x86_64-unknown-linux-gnu
-/// -- -C target-feature=+crt-static -C strip=debuginfo` (once per process) and checked to be static.
-pub fn probe_binary() -> Result<PathBuf> {
-    static PROBE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    PROBE
+/// The static guest binary `which`: its override variable ([`GuestBinary::env_override`]) or
+/// built (once per process, see [`GuestBinary`]) and checked to be static.
+pub fn guest_binary(which: GuestBinary) -> Result<PathBuf> {
+    static BUILT: [OnceLock<std::result::Result<PathBuf, String>>; 4] =
+        [const { OnceLock::new() }; 4];
+    BUILT[which.index()]
         .get_or_init(|| {
-            build_probe().map_err(|e| match e {
+            build_static(which).map_err(|e| match e {
                 HarnessError::Build { reason, .. } => reason,
                 other => other.to_string(),
             })
         })
         .clone()
         .map_err(|reason| HarnessError::Build {
-            what: "gpu-guest-probe".into(),
+            what: which.name().into(),
             reason,
         })
+}
+
+/// The static guest probe binary: `$GPU_GUEST_PROBE_BIN`, or built as a [`GuestBinary`]:
+/// `cargo rustc --release -p guest-tests --bin gpu-guest-probe --target x86_64-unknown-linux-gnu
+/// --target-dir <target>/guest-static -- -C target-feature=+crt-static -C strip=debuginfo`.
+pub fn probe_binary() -> Result<PathBuf> {
+    guest_binary(GuestBinary::Probe)
 }
 
 /// Which cargo profile to build the backend with.

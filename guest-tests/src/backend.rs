@@ -172,6 +172,11 @@ impl Backend {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The file the backend logs to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The backend's output so far.
     pub fn log_text(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()

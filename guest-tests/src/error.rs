@@ -57,6 +57,14 @@ pub enum HarnessError {
         /// The end of the guest's serial log.
         serial_tail: String,
     },
+    /// A nested guest powered off before reporting the end of its commands.
+    #[error("{what} did not finish (no end marker)\n--- serial log (tail) ---\n{serial_tail}")]
+    GuestIncomplete {
+        /// What did not finish.
+        what: String,
+        /// The end of the guest's serial log.
+        serial_tail: String,
+    },
     /// `gpu-backend inspect` failed (e.g. an unknown profile) or printed unusable JSON.
     #[error("`gpu-backend inspect --profile {profile}`: {reason}")]
     Inspect {

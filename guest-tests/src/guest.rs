@@ -140,6 +140,7 @@ pub fn boot_guest(opts: &GuestOptions) -> Result<GuestRun> {
         append: append.trim_end().to_string(),
         vfio_user_socket: opts.vfio_user_socket.clone(),
         vfio_user_props: opts.vfio_user_props.clone(),
+        iommu: false,
         memory_mib: opts.memory_mib,
         smp: opts.smp,
         serial_log: run_dir.join("serial.log"),

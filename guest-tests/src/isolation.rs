@@ -140,7 +140,7 @@ pub fn foreign_ranges(layout: &SlicedLayout, guest: &GuestSlice) -> Vec<(String,
 }
 
 /// Nonzero bytes of `range` outside `allowed`: (count, the first few addresses).
-fn nonzero_outside(
+pub(crate) fn nonzero_outside(
     vram: &HostVram,
     range: Range<u64>,
     allowed: &[Range<u64>],
@@ -166,7 +166,7 @@ fn nonzero_outside(
     Ok((count, first))
 }
 
-fn check(name: &str, bad: Vec<String>, ok: String) -> Check {
+pub(crate) fn check(name: &str, bad: Vec<String>, ok: String) -> Check {
     let outcome = if bad.is_empty() {
         Outcome::Pass
     } else {

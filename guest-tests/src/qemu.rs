@@ -18,6 +18,9 @@ pub const DEFAULT_SMP: u32 = 2;
 /// PCI slot of the vfio-user device (`addr`), i.e. guest BDF 0000:00:05.0.
 pub const VFIO_USER_PCI_ADDR: &str = "0x5";
 
+/// The emulated IOMMU of nested VFIO guests.
+pub const INTEL_IOMMU_DEVICE: &str = "intel-iommu,caching-mode=on";
+
 /// The installed QEMU lab (values of `env.sh` written by `qemu-configs/install.sh`).
 #[derive(Clone, Debug)]
 pub struct QemuLab {
@@ -31,6 +34,9 @@ pub struct QemuLab {
     pub guest_kernel: PathBuf,
     /// Static busybox.
     pub busybox: PathBuf,
+    /// Directory of the guest kernel's VFIO modules (`vfio.ko`, `vfio_iommu_type1.ko`,
+    /// `irqbypass.ko`, `vfio-pci-core.ko`, `vfio-pci.ko`), uncompressed.
+    pub guest_modules: PathBuf,
 }
 
 /// Path of the install script.
@@ -60,7 +66,7 @@ fn install() -> Result<QemuLab> {
     // Let bash evaluate env.sh (it uses shell quoting) and print the values NUL-separated.
     let out = Command::new("bash")
         .arg("-c")
-        .arg(r#". "$1" && printf '%s\0' "$QEMU_PREFIX" "$QEMU_BIN" "$QEMU_VERSION" "$GUEST_KERNEL" "$BUSYBOX""#)
+        .arg(r#". "$1" && printf '%s\0' "$QEMU_PREFIX" "$QEMU_BIN" "$QEMU_VERSION" "$GUEST_KERNEL" "$BUSYBOX" "$GUEST_MODULES""#)
         .arg("bash")
         .arg(&env_sh)
         .output()
@@ -74,7 +80,7 @@ fn install() -> Result<QemuLab> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let v: Vec<&str> = text.split('\0').collect();
-    if v.len() < 5 || v[..5].iter().any(|s| s.is_empty()) {
+    if v.len() < 6 || v[..6].iter().any(|s| s.is_empty()) {
         return Err(err(format!("{} lacks a value: {v:?}", env_sh.display())));
     }
     let lab = QemuLab {
@@ -83,11 +89,18 @@ fn install() -> Result<QemuLab> {
         version: v[2].to_string(),
         guest_kernel: v[3].into(),
         busybox: v[4].into(),
+        guest_modules: v[5].into(),
     };
     for p in [&lab.qemu_bin, &lab.guest_kernel, &lab.busybox] {
         if !p.is_file() {
             return Err(err(format!("{} does not exist", p.display())));
         }
+    }
+    if !lab.guest_modules.is_dir() {
+        return Err(err(format!(
+            "the guest module directory {} does not exist",
+            lab.guest_modules.display()
+        )));
     }
     Ok(lab)
 }
@@ -123,6 +136,10 @@ pub struct VmConfig {
     pub vfio_user_socket: Option<PathBuf>,
     /// Extra properties of the vfio-user-pci device, as JSON members (e.g. `"x-no-posted-writes":true`).
     pub vfio_user_props: Vec<String>,
+    /// Add an emulated Intel IOMMU (`-device intel-iommu,caching-mode=on`, placed before the
+    /// vfio-user-pci device as QEMU requires), so the guest's own vfio-pci can drive the
+    /// device. The guest kernel then needs `intel_iommu=on`.
+    pub iommu: bool,
     /// Guest RAM in MiB.
     pub memory_mib: u32,
     /// vCPUs.
@@ -198,6 +215,11 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         ),
     ] {
         push(s);
+    }
+    if cfg.iommu {
+        // Before the vfio-user-pci device; without caching-mode QEMU cannot map DMA for it.
+        push("-device");
+        push(INTEL_IOMMU_DEVICE);
     }
     if let Some(sock) = &cfg.vfio_user_socket {
         push("-device");
@@ -303,5 +325,37 @@ mod tests {
             j,
             r#"{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/tmp/a \"b\".sock"},"addr":"0x5","x-no-posted-writes":true}"#
         );
+    }
+
+    #[test]
+    fn iommu_comes_before_the_vfio_user_device() {
+        let cfg = VmConfig {
+            kernel: "k".into(),
+            initrd: "i".into(),
+            append: String::new(),
+            vfio_user_socket: Some("/s".into()),
+            vfio_user_props: Vec::new(),
+            iommu: true,
+            memory_mib: 512,
+            smp: 2,
+            serial_log: "/x/serial.log".into(),
+            extra_args: Vec::new(),
+        };
+        let args: Vec<String> = qemu_args(&cfg)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let iommu = args.iter().position(|a| a == INTEL_IOMMU_DEVICE).unwrap();
+        let dev = args
+            .iter()
+            .position(|a| a.contains("vfio-user-pci"))
+            .unwrap();
+        assert!(iommu < dev, "{args:?}");
+        assert_eq!(args[iommu - 1], "-device");
+        let no_iommu = qemu_args(&VmConfig {
+            iommu: false,
+            ..cfg
+        });
+        assert!(!no_iommu.iter().any(|a| a == INTEL_IOMMU_DEVICE));
     }
 }

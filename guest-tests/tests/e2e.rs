@@ -272,3 +272,375 @@ fn window_trap_confines_a_sliced_guest() {
     }
     assert_eq!(host_checks.len(), 4);
 }
+
+/// `gpu-guest-vfio-client` (the host build) against the emulated backend's sliced GPU, where
+/// the nested tests run it against `serve --vfio`: its checks must pass, and on the host every
+/// write it reported must be in the slice at slice start + offset (the slice is the second,
+/// so start + offset is not the offset), the dropped ones nowhere, canaries intact. Turing and
+/// Hopper, for both window register layouts.
+#[test]
+fn vfio_client_checks_hold_on_an_emulated_sliced_gpu() {
+    use guest_tests::nested_checks::{canaries_outside, verify_vram};
+    use guest_tests::vfio_report::ClientReport;
+    const SLICE: u64 = 64 << 20;
+    let guests = [("low", SLICE), ("g0", SLICE)];
+    let bin = backend_binary().unwrap_or_else(|e| panic!("{e}"));
+    for profile in ["tu102-24g", "gh100-80g"] {
+        let layout =
+            SlicedLayout::inspect_with(&bin, profile, &guests).unwrap_or_else(|e| panic!("{e}"));
+        let g0 = layout.guest("g0").expect("g0").clone();
+        assert_eq!(g0.start, SLICE, "the second slice");
+        let canaries = canaries_outside(&layout, &g0);
+        let (report, checks) = with_sliced_backend(&bin, profile, &guests, |backend| {
+            let vram = HostVram::open(backend.pid().expect("running"))?;
+            plant(&vram, &canaries)?;
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-guest-vfio-client"))
+                .arg("--socket")
+                .arg(backend.socket_of("g0").expect("socket of g0"))
+                .args(["--vram-size", &SLICE.to_string()])
+                .output()
+                .expect("running gpu-guest-vfio-client");
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "{profile}: client failed: {out:?}");
+            let report = ClientReport::parse(&String::from_utf8_lossy(&out.stdout))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let (res, len) = layout.host_reserved;
+            let checks = verify_vram(
+                &vram,
+                g0.start..g0.end(),
+                res..res + len,
+                &canaries,
+                &report,
+            )?;
+            Ok((report, checks))
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.generation, g0.layout.generation, "{profile}");
+        assert_eq!(u64::from(report.boot0), u64::from(g0.layout.boot0));
+        assert_eq!(
+            report.vram_bar,
+            g0.layout.vram_bar().map(|b| u32::from(b.index))
+        );
+        assert_eq!(report.checks.len(), 11, "{:#?}", report.checks);
+        assert!(report.failures().is_empty(), "{:#?}", report.failures());
+        assert!(report.writes.iter().filter(|w| !w.inside).count() >= 3);
+        for c in &checks {
+            assert_eq!(c.outcome, Outcome::Pass, "{profile}: {c:?}");
+        }
+        assert_eq!(checks.len(), 4);
+    }
+}
+
+/// VRAM of the inner backend's one guest in the nested VFIO tests.
+const NESTED_SLICE: u64 = 64 << 20;
+/// Its socket inside the nested guest.
+const NESTED_SOCKET: &str = "/tmp/g0.sock";
+/// Extra arguments of the outer `gpu-backend serve` of the nested VFIO tests.
+const NESTED_OUTER_ARGS: &[&str] = &[];
+
+/// One assertion of a nested test, collected so that every part is reported before failing.
+struct Verdict {
+    lines: Vec<(&'static str, String, bool, String)>,
+}
+
+impl Verdict {
+    fn new() -> Self {
+        Verdict { lines: Vec::new() }
+    }
+
+    fn check(&mut self, part: &'static str, name: &str, ok: bool, detail: impl Into<String>) {
+        self.lines.push((part, name.into(), ok, detail.into()));
+    }
+
+    /// Print every line; panic listing the failures.
+    fn finish(self, title: &str) {
+        eprintln!("--- {title} ---");
+        for (part, name, ok, detail) in &self.lines {
+            let d: String = detail.chars().take(300).collect();
+            eprintln!(
+                "{} {part:<4} {name:<34} {d}",
+                if *ok { "PASS" } else { "FAIL" }
+            );
+        }
+        let failed: Vec<String> = self
+            .lines
+            .iter()
+            .filter(|l| !l.2)
+            .map(|(part, name, _, detail)| format!("({part}) {name}: {detail}"))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{title}: {} failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+    }
+}
+
+/// `gpu-backend inspect --profile <profile> --json` of the host's backend, as JSON.
+fn host_inspect_json(profile: &str) -> serde_json::Value {
+    let bin = backend_binary().unwrap_or_else(|e| panic!("{e}"));
+    let out = std::process::Command::new(&bin)
+        .args(["inspect", "--profile", profile, "--json"])
+        .output()
+        .expect("running gpu-backend inspect");
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON")
+}
+
+/// The nested VFIO test of one profile: the outer backend serves `profile` whole; in the guest
+/// the device is bound to vfio-pci and driven by the static `gpu-backend` through the kernel's
+/// VFIO UAPI.
+/// (a) the modules load in order, the bind works and `/dev/vfio/<group>` exists; the bench
+///     reads BOOT_0 through the VFIO BAR0 mmap and through `pread` (figures for the report);
+/// (b) `inspect --vfio 0000:00:05.0 --json` in the guest shows the host's `inspect --profile`
+///     identity and BARs, and GSP framebuffer regions;
+/// (c) `serve --vfio ... --guest /tmp/g0.sock:64M` in the background, `gpu-guest-vfio-client`
+///     runs the sliced-guest checks against it; on the host, every write it reported is in
+///     the outer VRAM at slice start + offset, nothing else is in the slice, dropped writes
+///     are nowhere and canaries outside the slice are intact.
+fn nested_vfio(profile: &str) {
+    use guest_tests::guest_script::{GuestCommand, DEVICE_BDF, MODULES};
+    use guest_tests::nested::{boot_nested, spawn_outer_backend, NestedOptions};
+    use guest_tests::nested_checks::{
+        canaries_outside, gsp_fb_regions, identity_mismatches, verify_vram,
+    };
+    use guest_tests::vfio_report::{BenchReport, ClientReport, ReadPath};
+
+    let started = std::time::Instant::now();
+    let host_json = host_inspect_json(profile);
+    let boot0 = host_json["chip"]["boot0"].as_u64().expect("boot0");
+    let bin = backend_binary().unwrap_or_else(|e| panic!("{e}"));
+    let host_sliced = SlicedLayout::inspect_with(&bin, profile, &[("g0", NESTED_SLICE)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let canaries = canaries_outside(&host_sliced, &host_sliced.guests[0]);
+    let outer_args: Vec<String> = NESTED_OUTER_ARGS.iter().map(|s| s.to_string()).collect();
+    let backend = spawn_outer_backend(profile, &outer_args, &format!("nested-{profile}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pid = backend.pid().expect("outer backend running");
+    let vram = HostVram::open(pid).unwrap_or_else(|e| panic!("{e}"));
+    plant(&vram, &canaries).unwrap_or_else(|e| panic!("{e}"));
+    drop(vram);
+    eprintln!(
+        "nested {profile}: host inspect, outer backend and canaries in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let slice = format!("{NESTED_SOCKET}:{NESTED_SLICE}");
+    let commands = vec![
+        GuestCommand::run(
+            "bench",
+            format!("gpu-guest-vfio-bench --device {DEVICE_BDF} --iterations 2000"),
+        ),
+        GuestCommand::run(
+            "inspect",
+            format!("gpu-backend inspect --vfio {DEVICE_BDF} --json"),
+        ),
+        GuestCommand::run(
+            "inspect-sliced",
+            format!("gpu-backend inspect --vfio {DEVICE_BDF} --guest {slice} --json"),
+        ),
+        GuestCommand::spawn(
+            "serve",
+            format!("RUST_LOG=info exec gpu-backend serve --vfio {DEVICE_BDF} --guest {slice}"),
+        ),
+        GuestCommand::wait_for_socket("wait-serve", NESTED_SOCKET, "serve", 180),
+        GuestCommand::run(
+            "client",
+            format!("gpu-guest-vfio-client --socket {NESTED_SOCKET} --vram-size {NESTED_SLICE}"),
+        ),
+        GuestCommand::stop("serve"),
+    ];
+    let run = boot_nested(
+        backend,
+        &NestedOptions::new(commands).label(&format!("nested-{profile}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "nested {profile}: boot to power-off {:.1} s (logs: {})\n{}",
+        run.boot_time.as_secs_f64(),
+        run.run_dir.display(),
+        run.summary()
+    );
+    let result = |name: &str| {
+        run.results
+            .get(name)
+            .unwrap_or_else(|| panic!("no result for {name}\n{}", run.summary()))
+    };
+    let said = |r: &guest_tests::guest_script::CommandResult| {
+        format!(
+            "rc={:?} stdout={:?} stderr={:?}",
+            r.exit_code,
+            r.stdout_text().trim(),
+            r.stderr_text().trim()
+        )
+    };
+    let mut v = Verdict::new();
+
+    // (a) setup: modules, bind, group.
+    for m in MODULES {
+        let r = result(&format!("insmod-{m}"));
+        v.check("a", &format!("insmod {m}"), r.success(), said(r));
+    }
+    let bind = result("bind");
+    v.check(
+        "a",
+        "bound to vfio-pci",
+        bind.success() && bind.stdout_text().trim().ends_with("/vfio-pci"),
+        said(bind),
+    );
+    let group = result("vfio-group");
+    v.check(
+        "a",
+        "/dev/vfio/<group> exists",
+        group.success() && group.stdout_text().contains("group="),
+        said(group),
+    );
+
+    // (a) the bench: BOOT_0 through the VFIO BAR0 mmap and through pread.
+    let bench = result("bench");
+    v.check("a", "bench ran", bench.success(), bench.stderr_text());
+    match BenchReport::parse(&bench.stdout_text()) {
+        Ok(report) => {
+            for path in [ReadPath::Mmap, ReadPath::Pread] {
+                let f = report.figure("bar0_boot0", path);
+                v.check(
+                    "a",
+                    &format!("BOOT_0 via VFIO {path:?}"),
+                    f.is_some_and(|f| u64::from(f.value) == boot0),
+                    f.map_or("missing".into(), |f| {
+                        format!("{:#010x} (want {boot0:#010x})", f.value)
+                    }),
+                );
+            }
+            for f in &report.figures {
+                eprintln!(
+                    "nested {profile} bench: {:<15} via {:<5?} mean {:>9.0} ns  min {:>8} ns  ({} reads)",
+                    f.name, f.path, f.mean_ns, f.min_ns, f.iterations
+                );
+            }
+        }
+        Err(e) => v.check("a", "bench report", false, e.to_string()),
+    }
+
+    // (b) inspect --vfio against the host's inspect --profile.
+    let inspect = result("inspect");
+    v.check("b", "inspect --vfio ran", inspect.success(), said(inspect));
+    match serde_json::from_slice::<serde_json::Value>(&inspect.stdout) {
+        Ok(guest_json) => {
+            let m = identity_mismatches(&guest_json, &host_json);
+            v.check("b", "identity and BARs match", m.is_empty(), m.join("; "));
+            let n = gsp_fb_regions(&guest_json);
+            v.check("b", "gsp lists fb regions", n > 0, format!("{n} regions"));
+        }
+        Err(e) => v.check("b", "inspect --vfio JSON", false, e.to_string()),
+    }
+
+    // (c) the sliced inner backend and the client.
+    let sliced = result("inspect-sliced");
+    v.check(
+        "c",
+        "inspect --vfio --guest ran",
+        sliced.success(),
+        said(sliced),
+    );
+    let layout = SlicedLayout::from_json(profile, &sliced.stdout_text());
+    let slice_of = layout
+        .as_ref()
+        .ok()
+        .and_then(|l| l.guest("g0").map(|g| (g.start, g.size, l.host_reserved)));
+    v.check(
+        "c",
+        "inner slice layout",
+        slice_of.is_some_and(|(_, size, _)| size == NESTED_SLICE),
+        format!("{slice_of:?} {:?}", layout.as_ref().err()),
+    );
+    let wait = result("wait-serve");
+    v.check(
+        "c",
+        "serve --vfio socket appeared",
+        wait.success(),
+        said(wait),
+    );
+    let client = result("client");
+    v.check("c", "client ran", client.success(), client.stderr_text());
+    let report = ClientReport::parse(&client.stdout_text());
+    match &report {
+        Ok(r) => {
+            for c in &r.checks {
+                v.check(
+                    "c",
+                    &format!("client {}", c.name),
+                    c.passed,
+                    c.detail.clone(),
+                );
+            }
+            v.check(
+                "c",
+                "client checks complete",
+                r.checks.len() >= 11,
+                format!("{} checks", r.checks.len()),
+            );
+        }
+        Err(e) => v.check("c", "client report", false, e.to_string()),
+    }
+    let serve = result("serve");
+    v.check(
+        "c",
+        "serve --vfio stopped cleanly",
+        serve.success(),
+        said(serve),
+    );
+    // The outer VRAM as it is now (a fresh look: the backend may have carved ranges since).
+    let vram_after = run
+        .backend
+        .pid()
+        .ok_or_else(|| "the outer backend exited".to_string())
+        .and_then(|pid| HostVram::open(pid).map_err(|e| e.to_string()));
+    match (&report, slice_of, vram_after) {
+        (Ok(report), Some((start, size, (res, res_len))), Ok(vram)) => {
+            match verify_vram(
+                &vram,
+                start..start + size,
+                res..res + res_len,
+                &canaries,
+                report,
+            ) {
+                Ok(checks) => {
+                    for c in checks {
+                        v.check("c", &c.name, c.outcome == Outcome::Pass, c.detail);
+                    }
+                }
+                Err(e) => v.check("c", "host VRAM readable", false, e.to_string()),
+            }
+        }
+        (_, _, Err(e)) => v.check("c", "outer VRAM after the run", false, e),
+        _ => v.check(
+            "c",
+            "host VRAM checks",
+            false,
+            "not run: no client report or no inner slice layout",
+        ),
+    }
+    eprintln!(
+        "nested {profile}: whole test {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let ok = v.lines.iter().all(|l| l.2);
+    v.finish(&format!("nested VFIO {profile}"));
+    if ok {
+        run.discard_logs();
+    }
+}
+
+/// Nested VFIO, Turing: TU102 (window register 0x1700 with TARGET, VRAM in BAR1).
+#[test]
+fn nested_vfio_tu102() {
+    nested_vfio("tu102-24g");
+}
+
+/// Nested VFIO, Hopper: GH100 (window register 0x10FD40, 64-bit BAR0, VRAM in BAR2).
+#[test]
+fn nested_vfio_gh100() {
+    nested_vfio("gh100-80g");
+}

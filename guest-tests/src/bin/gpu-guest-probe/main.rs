@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! cargo rustc --release -p guest-tests --bin gpu-guest-probe --target x86_64-unknown-linux-gnu \
-//!     -- -C target-feature=+crt-static
+//!     --target-dir target/guest-static -- -C target-feature=+crt-static
 //! ```
 //!
 //! `--no-poweroff` makes it exit instead of powering off (for interactive use in a guest shell).
