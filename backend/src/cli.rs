@@ -15,9 +15,13 @@ use crate::host_gpu::emulated::{EmulatedHostGpu, EmulatedHostGpuError};
 use crate::host_gpu::vfio::{DmaBufSupport, VfioHostGpu, VfioHostGpuError};
 use crate::host_gpu::HostGpu;
 use crate::inspect::{self, GuestLayout, PartitionLayout, SlicedLayout};
-use crate::presentation::{FunctionLayout, PresentationError, PresentedFunction};
-use crate::serve::{present_guests, serve, serve_functions, ServeError, ServeOptions};
-use crate::slice::{parse_slice_size, GuestSpec, SpecError};
+use crate::presentation::{
+    FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
+};
+use crate::serve::{
+    present_guests, present_guests_with, serve, serve_functions, ServeError, ServeOptions,
+};
+use crate::slice::{parse_slice_size, GuestSpec, HandOut, SpecError};
 use crate::vfio_user::ServerConfig;
 
 /// Errors of the command line.
@@ -322,7 +326,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let mut guests = guests;
             guests.extend(slice_sizes.into_iter().map(GuestSpec::unnamed));
             if guests.is_empty() {
-                let function = PresentedFunction::new(host)?;
+                // Describing the layout hands nothing out: no scrub (which on hardware
+                // runs through PRAMIN at minutes per GiB).
+                let function = PresentedFunction::new_with(
+                    host,
+                    PresentationOptions {
+                        handout: HandOut::Unscrubbed,
+                        ..PresentationOptions::default()
+                    },
+                )?;
                 let layout = FunctionLayout::of(&function);
                 if json {
                     let report = WithGsp { layout, gsp, vfio };
@@ -341,7 +353,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 return Ok(());
             }
             booted?;
-            let (gpu, functions) = present_guests(host, &guests)?;
+            let (gpu, functions) = present_guests_with(host, &guests, HandOut::Unscrubbed)?;
             let layout = SlicedLayout {
                 partition: PartitionLayout::of(&gpu),
                 guests: guests

@@ -15,7 +15,7 @@ use crate::host_gpu::HostGpu;
 use crate::presentation::{
     FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
 };
-use crate::slice::{GuestSpec, SetupError, SlicedGpu};
+use crate::slice::{GuestSpec, HandOut, SetupError, SlicedGpu};
 use crate::vfio_user::shutdown::ShutdownError;
 use crate::vfio_user::{Server, ServerConfig, ServerError, ShutdownSignal};
 
@@ -82,6 +82,7 @@ pub struct ServeOptions {
 pub fn serve(host: Arc<dyn HostGpu>, options: &ServeOptions) -> Result<(), ServeError> {
     let presentation = PresentationOptions {
         trap_vram: options.trap_vram,
+        handout: HandOut::Scrubbed,
     };
     let function = PresentedFunction::new_with(host, presentation)?;
     serve_functions(
@@ -97,6 +98,16 @@ pub fn present_guests(
     host: Arc<dyn HostGpu>,
     guests: &[GuestSpec],
 ) -> Result<(SlicedGpu, Vec<PresentedFunction>), ServeError> {
+    present_guests_with(host, guests, HandOut::Scrubbed)
+}
+
+/// [`present_guests`], scrubbing the slices as `handout` says (`inspect` describes the
+/// layout without scrubbing).
+pub fn present_guests_with(
+    host: Arc<dyn HostGpu>,
+    guests: &[GuestSpec],
+    handout: HandOut,
+) -> Result<(SlicedGpu, Vec<PresentedFunction>), ServeError> {
     for (i, g) in guests.iter().enumerate() {
         if let Some(socket) = &g.socket {
             if guests[..i]
@@ -108,6 +119,7 @@ pub fn present_guests(
         }
     }
     let mut gpu = SlicedGpu::new(host)?;
+    gpu.set_handout(handout);
     let mut functions = Vec::with_capacity(guests.len());
     for g in guests {
         let guest = gpu.add_guest(g.size)?;

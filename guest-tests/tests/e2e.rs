@@ -332,11 +332,11 @@ fn vfio_client_checks_hold_on_an_emulated_sliced_gpu() {
 }
 
 /// VRAM of the inner backend's one guest in the nested VFIO tests.
-const NESTED_SLICE: u64 = 64 << 20;
+const NESTED_SLICE: u64 = 2 << 20;
 /// Its socket inside the nested guest.
 const NESTED_SOCKET: &str = "/tmp/g0.sock";
 /// Extra arguments of the outer `gpu-backend serve` of the nested VFIO tests.
-const NESTED_OUTER_ARGS: &[&str] = &[];
+const NESTED_OUTER_ARGS: &[&str] = &["--trap-vram"];
 
 /// One assertion of a nested test, collected so that every part is reported before failing.
 struct Verdict {

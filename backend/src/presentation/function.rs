@@ -27,7 +27,7 @@ use thiserror::Error;
 
 use crate::host_driver::addr::{GpuVa, VramAddr};
 use crate::host_gpu::{ChipIdentity, HostBar, HostBarRole, HostGpu, MmapSource};
-use crate::slice::{whole_gpu, GuestSlice, SetupError};
+use crate::slice::{whole_gpu_with, GuestSlice, HandOut, SetupError};
 
 use super::bar0::{TrapStats, TrappedBar0};
 use super::config_space::{
@@ -107,6 +107,9 @@ pub struct PresentationOptions {
     /// guest owning the whole GPU that switches BAR1 to virtual mode needs its accesses
     /// trapped to have them translated.
     pub trap_vram: bool,
+    /// Whether the whole GPU's VRAM is scrubbed before it is presented
+    /// ([`HandOut::Unscrubbed`] only to describe the layout, as `inspect` does).
+    pub handout: HandOut,
 }
 
 /// What a presented BAR is backed by.
@@ -243,7 +246,7 @@ fn guest_part(bar: &HostBar, vram_offset: u64, guest: &GuestSlice) -> Option<(Vr
 }
 
 impl PresentedFunction {
-    /// Presents `host` whole to one guest (see [`whole_gpu`]: its VRAM is scrubbed and
+    /// Presents `host` whole to one guest (see [`whole_gpu`](crate::slice::whole_gpu): its VRAM is scrubbed and
     /// its window register taken over by the backend).
     pub fn new(host: Arc<dyn HostGpu>) -> Result<Self, PresentationError> {
         Self::new_with(host, PresentationOptions::default())
@@ -254,7 +257,7 @@ impl PresentedFunction {
         host: Arc<dyn HostGpu>,
         options: PresentationOptions,
     ) -> Result<Self, PresentationError> {
-        Self::for_guest_with(whole_gpu(host)?, options)
+        Self::for_guest_with(whole_gpu_with(host, options.handout)?, options)
     }
 
     /// The function of `guest`: pads every BAR to a power of two and builds the config
@@ -845,7 +848,10 @@ mod tests {
         use crate::host_driver::addr::MIB;
         use crate::slice::{Slice, VramRange};
         let host = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
-        let options = PresentationOptions { trap_vram: true };
+        let options = PresentationOptions {
+            trap_vram: true,
+            ..PresentationOptions::default()
+        };
         let function = PresentedFunction::new_with(host.clone(), options).unwrap();
         assert_eq!(function.options(), options);
         let aperture = function.identity().bar1_aperture().unwrap().index;

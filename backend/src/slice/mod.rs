@@ -25,5 +25,7 @@ pub use host_vram::{HostVram, HostVramError};
 pub use partition::{
     PartitionError, Slice, VramPartition, VramRange, HOST_RESERVED_SIZE, SLICE_ALIGN,
 };
-pub use setup::{whole_gpu, GuestSlice, SetupError, SliceAccess, SlicedGpu};
+pub use setup::{
+    whole_gpu, whole_gpu_with, GuestSlice, HandOut, SetupError, SliceAccess, SlicedGpu,
+};
 pub use spec::{parse_size, parse_slice_size, GuestSpec, SpecError};

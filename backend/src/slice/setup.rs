@@ -11,7 +11,7 @@ use super::bar1::Bar1Error;
 use super::host_vram::{HostVram, HostVramError};
 use super::partition::{PartitionError, Slice, VramPartition};
 use crate::host_driver::addr::{GpuVa, VramAddr};
-use crate::host_gpu::{HostGpu, HostGpuError};
+use crate::host_gpu::HostGpu;
 
 /// Errors of giving VRAM to guests.
 #[derive(Debug, Error)]
@@ -27,9 +27,9 @@ pub enum SetupError {
     Scrub {
         /// The slice.
         slice: Slice,
-        /// What the GPU reported.
+        /// What went wrong.
         #[source]
-        source: HostGpuError,
+        source: HostVramError,
     },
     /// The guest slice does not belong to this GPU's partition.
     #[error("{0} is not a guest of this GPU")]
@@ -144,8 +144,22 @@ impl GuestSlice {
     }
 }
 
-fn scrub(host: &dyn HostGpu, slice: Slice) -> Result<(), SetupError> {
-    host.scrub_vram(slice.start(), slice.size())
+/// Whether VRAM is scrubbed when it is handed to a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HandOut {
+    /// Scrubbed first (serving guests).
+    #[default]
+    Scrubbed,
+    /// Left as it is: only for describing a layout (`inspect`), where nothing is served.
+    /// On hardware a scrub runs through PRAMIN and costs minutes per GiB.
+    Unscrubbed,
+}
+
+fn scrub(vram: &HostVram, slice: Slice, handout: HandOut) -> Result<(), SetupError> {
+    if handout == HandOut::Unscrubbed {
+        return Ok(());
+    }
+    vram.scrub(slice.start(), slice.size())
         .map_err(|source| SetupError::Scrub { slice, source })
 }
 
@@ -153,12 +167,18 @@ fn scrub(host: &dyn HostGpu, slice: Slice) -> Result<(), SetupError> {
 /// included, no host-reserved region), scrubbed first; the guest's window register is
 /// still virtual and its aperture served through the host PRAMIN.
 pub fn whole_gpu(host: Arc<dyn HostGpu>) -> Result<GuestSlice, SetupError> {
+    whole_gpu_with(host, HandOut::Scrubbed)
+}
+
+/// [`whole_gpu`], scrubbing as `handout` says.
+pub fn whole_gpu_with(host: Arc<dyn HostGpu>, handout: HandOut) -> Result<GuestSlice, SetupError> {
     let slice = VramPartition::whole_gpu_slice(host.identity());
-    scrub(&*host, slice)?;
+    let vram = Arc::new(HostVram::new(host)?);
+    scrub(&vram, slice, handout)?;
     Ok(GuestSlice {
         id: 0,
         slice,
-        vram: Arc::new(HostVram::new(host)?),
+        vram,
         bar1_window: None,
         access: Arc::default(),
     })
@@ -169,6 +189,7 @@ pub fn whole_gpu(host: Arc<dyn HostGpu>) -> Result<GuestSlice, SetupError> {
 pub struct SlicedGpu {
     vram: Arc<HostVram>,
     partition: VramPartition,
+    handout: HandOut,
     /// Live guests by id.
     guests: BTreeMap<u64, Slice>,
     next_id: u64,
@@ -216,9 +237,16 @@ impl SlicedGpu {
         Ok(SlicedGpu {
             vram,
             partition,
+            handout: HandOut::Scrubbed,
             guests: BTreeMap::new(),
             next_id: 1,
         })
+    }
+
+    /// Whether slices handed out from now on are scrubbed ([`HandOut::Scrubbed`] unless
+    /// changed; `inspect` describes a layout without scrubbing).
+    pub fn set_handout(&mut self, handout: HandOut) {
+        self.handout = handout;
     }
 
     /// The partition (slices handed out, host-reserved region).
@@ -240,8 +268,8 @@ impl SlicedGpu {
     /// into BAR1. On failure nothing stays assigned.
     pub fn add_guest(&mut self, size: u64) -> Result<GuestSlice, SetupError> {
         let slice = self.partition.assign(size)?;
-        let mapped =
-            scrub(&**self.host(), slice).and_then(|()| Ok(self.vram.map_bar1_window(slice)?));
+        let mapped = scrub(&self.vram, slice, self.handout)
+            .and_then(|()| Ok(self.vram.map_bar1_window(slice)?));
         match mapped {
             Ok(va) => {
                 let id = self.next_id;

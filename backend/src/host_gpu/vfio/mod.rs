@@ -121,9 +121,6 @@ pub enum VfioHostGpuError {
 pub struct VfioHostGpu {
     address: PciAddress,
     identity: ChipIdentity,
-    /// Keeps the group attached to the container for the GPU's lifetime.
-    _device: VfioDevice,
-    container: Arc<VfioContainer>,
     bar0: MappedBar,
     /// BAR0's region offset in the device fd.
     bar0_offset: u64,
@@ -136,6 +133,26 @@ pub struct VfioHostGpu {
     aperture: Option<(u32, u64)>,
     /// Guest memory lent to the GPU: IOVA → (length, memory kept alive while mapped).
     guest_maps: Mutex<BTreeMap<u64, GuestMap>>,
+    // Dropped last, in this order (fields drop in declaration order): the group can only
+    // leave the container once every fd and mapping of the device above is closed.
+    /// Keeps the group attached to the container for the GPU's lifetime.
+    _device: VfioDevice,
+    container: Arc<VfioContainer>,
+}
+
+impl Drop for VfioHostGpu {
+    fn drop(&mut self) {
+        let iovas: Vec<u64> = self
+            .guest_maps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        for iova in iovas {
+            self.unmap_guest_dma(iova);
+        }
+    }
 }
 
 /// A guest map lent to the GPU: its length, and the memory, kept alive while mapped.
