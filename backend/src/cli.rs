@@ -150,6 +150,9 @@ pub enum Command {
         /// Bytes to map in the page-table build (e.g. 8M; a multiple of 2 MiB).
         #[arg(long, default_value = "8M", value_parser = parse_guest_size)]
         map_size: u64,
+        /// Bytes of VRAM to scrub (from address 0), as a guest's slice is scrubbed.
+        #[arg(long, default_value = "2M", value_parser = parse_guest_size)]
+        scrub_size: u64,
         /// Print JSON instead of a summary.
         #[arg(long)]
         json: bool,
@@ -384,6 +387,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             vfio,
             reads,
             map_size,
+            scrub_size,
             json,
         } => {
             let measurement = match vfio {
@@ -391,13 +395,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     let gpu = Arc::new(VfioHostGpu::open(&address)?);
                     let pread_gpu = Arc::clone(&gpu);
                     let pread = move || pread_gpu.bar0_read_pread(0);
-                    crate::measure::measure(gpu, reads, Some(&pread), map_size)?
+                    crate::measure::measure(gpu, reads, Some(&pread), map_size, scrub_size)?
                 }
                 None => crate::measure::measure(
                     Arc::new(EmulatedHostGpu::new(profile)?),
                     reads,
                     None,
                     map_size,
+                    scrub_size,
                 )?,
             };
             let mut out = std::io::stdout().lock();

@@ -13,8 +13,10 @@ use thiserror::Error;
 
 use crate::gsp::{boot, BootError, GspTimeouts};
 use crate::host_driver::addr::PageSize;
+use crate::host_driver::addr::VramAddr;
 use crate::host_driver::bench::{measure_identity_build, BenchError};
 use crate::host_gpu::{AccessWidth, HostGpu, HostGpuError};
+use crate::slice::{HostVram, HostVramError};
 
 /// Errors of a measurement.
 #[derive(Debug, Error)]
@@ -28,6 +30,9 @@ pub enum MeasureError {
     /// The page-table build failed.
     #[error("page-table build failed: {0}")]
     Build(#[from] BenchError),
+    /// The scrub failed.
+    #[error("scrub failed: {0}")]
+    Scrub(#[from] HostVramError),
 }
 
 /// Latency percentiles of repeated operations, in nanoseconds.
@@ -86,6 +91,21 @@ pub struct BuildFigures {
     pub entries_per_second: f64,
 }
 
+/// One scrub of VRAM.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ScrubFigures {
+    /// Bytes zeroed.
+    pub bytes: u64,
+    /// Wall time, in microseconds.
+    pub micros: u64,
+    /// Bytes per second.
+    pub bytes_per_second: f64,
+    /// Whether it went through the PRAMIN window (a host without a scrub of its own, such
+    /// as a GPU behind VFIO) rather than the host's own scrub (the emulated GPU's hole
+    /// punching).
+    pub through_pramin: bool,
+}
+
 /// Everything `measure` reports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Measurement {
@@ -102,6 +122,8 @@ pub struct Measurement {
     pub gsp_boot_micros: u64,
     /// A page-table build with 4 KiB pages.
     pub page_table_build: BuildFigures,
+    /// A scrub of the first `scrub_size` bytes of VRAM, as slices are scrubbed.
+    pub scrub: ScrubFigures,
 }
 
 /// Runs every measurement on `gpu`: `reads` register reads (and, if `pread_read` is given,
@@ -111,6 +133,7 @@ pub fn measure(
     reads: u32,
     pread_read: Option<&dyn Fn() -> Result<u32, HostGpuError>>,
     map_size: u64,
+    scrub_size: u64,
 ) -> Result<Measurement, MeasureError> {
     let register_read = Latency::of(reads, || gpu.bar0_read(0, AccessWidth::Dword).map(|_| ()))?;
     let register_read_pread = pread_read
@@ -122,6 +145,14 @@ pub fn measure(
         (trace.init_time, trace.total_time)
     };
     let build = measure_identity_build(Arc::clone(&gpu), map_size, PageSize::Size4K)?;
+    let through_pramin = matches!(
+        gpu.scrub_vram(VramAddr::ZERO, 0),
+        Err(HostGpuError::Io(ref e)) if e.raw_os_error() == Some(libc::ENOTSUP)
+    );
+    let vram = HostVram::new(Arc::clone(&gpu))?;
+    let started = Instant::now();
+    vram.scrub(VramAddr::ZERO, scrub_size)?;
+    let scrubbed = started.elapsed();
     Ok(Measurement {
         gpu: gpu.identity().name.clone(),
         register_read,
@@ -134,6 +165,12 @@ pub fn measure(
             window_moves: build.window_moves(),
             micros: micros(build.elapsed),
             entries_per_second: build.entries_per_second(),
+        },
+        scrub: ScrubFigures {
+            bytes: scrub_size,
+            micros: micros(scrubbed),
+            bytes_per_second: scrub_size as f64 / scrubbed.as_secs_f64().max(1e-9),
+            through_pramin,
         },
     })
 }
@@ -168,6 +205,19 @@ pub fn write_summary(out: &mut dyn std::io::Write, m: &Measurement) -> std::io::
         out,
         "page tables: {} bytes in 4 KiB pages, {} entries in {} us ({:.0} entries/s, {} window moves)",
         b.bytes, b.entries, b.micros, b.entries_per_second, b.window_moves
+    )?;
+    let s = &m.scrub;
+    writeln!(
+        out,
+        "scrub: {} bytes in {} us ({:.1} MB/s, {})",
+        s.bytes,
+        s.micros,
+        s.bytes_per_second / 1e6,
+        if s.through_pramin {
+            "through PRAMIN"
+        } else {
+            "host's own scrub"
+        }
     )
 }
 
@@ -183,7 +233,7 @@ mod tests {
     #[test]
     fn measures_the_emulated_gpu() {
         let gpu: Arc<dyn HostGpu> = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
-        let m = measure(gpu, 100, None, 2 << 20).unwrap();
+        let m = measure(gpu, 100, None, 2 << 20, 1 << 20).unwrap();
         assert_eq!(m.gpu, "tu102-24g");
         assert_eq!(m.register_read.count, 100);
         assert!(m.register_read.p50_ns <= m.register_read.p99_ns);
@@ -192,6 +242,8 @@ mod tests {
         assert!(m.gsp_boot_micros > 0);
         // 512 PTEs of 4 KiB plus the directories linking them.
         assert!(m.page_table_build.entries > 512, "{m:?}");
+        assert_eq!(m.scrub.bytes, 1 << 20);
+        assert!(!m.scrub.through_pramin, "the emulated GPU punches holes");
     }
 
     #[test]
