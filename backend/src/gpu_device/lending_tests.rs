@@ -311,3 +311,134 @@ fn a_sliced_guest_lends_nothing() {
     server.join().unwrap().unwrap();
     assert!(host.taken_back().is_empty());
 }
+
+/// Guest memory reached only with DMA_READ/DMA_WRITE messages, seen as a [`DmaBuffer`] so
+/// the backend's own encoders can lay out the GSP's queue block and arguments in it.
+#[derive(Debug)]
+struct ClientMemory {
+    backing: DmaBacking,
+    offset: u64,
+    len: u64,
+}
+
+impl ClientMemory {
+    fn range(&self, offset: u64, len: usize) -> Result<std::ops::Range<usize>, HostGpuError> {
+        let start = self.offset + offset;
+        if offset + len as u64 > self.len {
+            return Err(HostGpuError::MemoryOutOfRange {
+                offset,
+                len: len as u64,
+                size: self.len,
+            });
+        }
+        Ok(start as usize..start as usize + len)
+    }
+}
+
+impl DmaBuffer for ClientMemory {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError> {
+        let r = self.range(offset, buf.len())?;
+        buf.copy_from_slice(&self.backing.memory.lock().unwrap()[r]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError> {
+        let r = self.range(offset, data.len())?;
+        self.backing.memory.lock().unwrap()[r].copy_from_slice(data);
+        Ok(())
+    }
+    fn load_u32(&self, offset: u64) -> Result<u32, HostGpuError> {
+        let mut b = [0u8; 4];
+        self.read(offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn store_u32(&self, offset: u64, value: u32) -> Result<(), HostGpuError> {
+        self.write(offset, &value.to_le_bytes())
+    }
+    fn dma_addr(&self, page: u64) -> Result<u64, HostGpuError> {
+        Ok(self.backing.base + self.offset + page * crate::host_gpu::dma::DMA_PAGE)
+    }
+}
+
+/// A guest given the whole GPU boots its GSP the way a driver does, with its queue block
+/// and arguments in guest memory that has no fd (reached only with DMA_READ/DMA_WRITE):
+/// the GSP reads its arguments and initialises its message queue over the socket, from its
+/// own thread, while the connection thread keeps serving the guest.
+#[test]
+fn a_whole_gpu_guest_boots_the_gsp_in_socket_only_memory() {
+    use crate::gsp::libos::{LibosArgs, LIBOS_BUFFER_SIZE};
+    use crate::gsp::shmem::{GspMem, MSGQ_OFFSET, SHARED_SIZE};
+    use crate::host_driver::regs::{GspCpuCtl, GspMailbox0, GspMailbox1, Register32};
+
+    let host = Arc::new(EmulatedHostGpu::by_name("gh100-80g").unwrap());
+    let device = Arc::new(GpuDevice::new(
+        PresentedFunction::new(host.clone()).unwrap(),
+    ));
+    let (mut client, server) = connect(&device);
+    const BASE: u64 = 0x8000_0000;
+    let size = SHARED_SIZE + LIBOS_BUFFER_SIZE;
+    let backing = DmaBacking {
+        base: BASE,
+        memory: Arc::new(Mutex::new(vec![0u8; size as usize])),
+    };
+    client.set_dma_backing(backing.clone(), DmaMessageLayout::Spec);
+    client.dma_map(3, 0, BASE, size, None).unwrap();
+    let shared = Arc::new(ClientMemory {
+        backing: backing.clone(),
+        offset: 0,
+        len: SHARED_SIZE,
+    });
+    let mem = GspMem::new(shared).unwrap();
+    let libos = LibosArgs::new(
+        Arc::new(ClientMemory {
+            backing: backing.clone(),
+            offset: SHARED_SIZE,
+            len: LIBOS_BUFFER_SIZE,
+        }),
+        mem.init_args().unwrap(),
+    )
+    .unwrap();
+    let array = libos.array_addr().unwrap();
+    let write = |client: &mut TestClient, offset: u64, value: u32| {
+        client
+            .region_write(0, offset, &value.to_le_bytes(), false)
+            .unwrap();
+    };
+    write(&mut client, GspMailbox0::OFFSET, array as u32);
+    write(&mut client, GspMailbox1::OFFSET, (array >> 32) as u32);
+    write(&mut client, GspCpuCtl::OFFSET, 0x2);
+    // Keep the client busy (it answers DMA requests while it waits for replies) until the
+    // GSP has initialised its message queue header in guest memory: msgCount = 63.
+    let msg_count = |b: &DmaBacking| {
+        let m = b.memory.lock().unwrap();
+        let at = (MSGQ_OFFSET + 0x0C) as usize;
+        u32::from_le_bytes(m[at..at + 4].try_into().unwrap())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mailbox0 = || {
+        host.bar0_read(GspMailbox0::OFFSET, AccessWidth::Dword)
+            .unwrap()
+    };
+    // The GSP thread keeps polling its queue over the socket, so a register read reply may
+    // queue behind a DMA request: MAILBOX0 (cleared once the GSP started) is looked at
+    // behind the boundary instead.
+    while msg_count(&backing) != 63 || mailbox0() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "GSP never set up its queue: {:?}",
+            host.emulated().gsp().stats()
+        );
+        // Any request keeps the client reading; its receive loop answers DMA requests.
+        client.device_info().unwrap();
+    }
+    assert!(host.emulated().gsp().is_running());
+    assert!(
+        client.dma_requests_served() >= 3,
+        "arguments and queue read over the socket: {}",
+        client.dma_requests_served()
+    );
+    drop(client);
+    server.join().unwrap().unwrap();
+}

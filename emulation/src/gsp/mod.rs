@@ -221,15 +221,8 @@ impl EmulatedGsp {
             join(old);
         }
         let addr = self.falcon.mailbox_address();
-        let started = libos::read_rm_args(&self.dma, addr)
-            .map_err(GspError::from)
-            .and_then(|args| Ok(GspQueues::attach(&self.dma, &args.queues)?))
-            .and_then(|queues| self.launch(queues));
-        match started {
-            Ok(handle) => {
-                *thread = Some(handle);
-                self.falcon.set_mailbox0(0);
-            }
+        match self.launch(addr) {
+            Ok(handle) => *thread = Some(handle),
             Err(e) => {
                 self.falcon.set_mailbox0(e.mailbox_code());
                 self.shared
@@ -238,22 +231,41 @@ impl EmulatedGsp {
         }
     }
 
-    /// Starts the GSP thread on `queues` (no thread may be running).
-    fn launch(&self, queues: GspQueues) -> Result<JoinHandle<()>, GspError> {
+    /// Starts the GSP thread (no thread may be running), which first reads its LibOS
+    /// arguments at `args_addr` and attaches to its queues, all by DMA. That reading
+    /// happens on the GSP's own thread, never on the thread that wrote STARTCPU: host
+    /// memory may be reached through a vfio-user client's socket (DMA_READ), which must not
+    /// be waited for on the connection thread that carried the register write.
+    fn launch(&self, args_addr: u64) -> Result<JoinHandle<()>, GspError> {
         *lock(&self.shared.firmware) = Some(Firmware::new(self.profile));
         lock(&self.shared.posts).clear();
         self.shared.stop.store(false, Ordering::Release);
-        let (shared, falcon, faults) = (
+        let (shared, falcon, faults, dma) = (
             Arc::clone(&self.shared),
             Arc::clone(&self.falcon),
             Arc::clone(&self.faults),
+            Arc::clone(&self.dma),
         );
         self.falcon.set_running(true);
         let spawned = std::thread::Builder::new()
             .name(format!("gsp-{}", self.profile.name()))
             .spawn(move || {
                 let _running = RunningFlag(Arc::clone(&falcon));
-                GspThread::new(shared, falcon, faults, queues).run();
+                let attached = libos::read_rm_args(&dma, args_addr)
+                    .map_err(GspError::from)
+                    .and_then(|args| Ok(GspQueues::attach(&dma, &args.queues)?));
+                match attached {
+                    Ok(queues) => {
+                        falcon.set_mailbox0(0);
+                        GspThread::new(shared, falcon, faults, queues).run();
+                    }
+                    Err(e) => {
+                        falcon.set_mailbox0(e.mailbox_code());
+                        shared.error(format!(
+                            "STARTCPU with LibOS arguments at {args_addr:#x}: {e}"
+                        ));
+                    }
+                }
             });
         spawned.map_err(|e| {
             self.falcon.set_running(false);

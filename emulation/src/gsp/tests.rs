@@ -253,9 +253,27 @@ impl TestHost {
         self.gpu.bar0_write(GSP_CPUCTL, Dword, 0x2).unwrap();
     }
 
+    /// Waits (bounded) until the GSP thread has read its arguments started at `array`:
+    /// MAILBOX0 no longer holds the address the host wrote, and, if it refused, the
+    /// thread has ended.
+    fn settle(&self, array: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            let mailbox = self.reg(GSP_MAILBOX0);
+            if mailbox != (array & 0xFFFF_FFFF) as u32
+                && (mailbox == 0 || !self.gpu.gsp().is_running())
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
     /// Starts the GSP on this host's LibOS arguments; it must start.
     fn start(&self) {
-        self.start_at(self.pages[(LIBOS / PAGE) as usize]);
+        let array = self.pages[(LIBOS / PAGE) as usize];
+        self.start_at(array);
+        self.settle(array);
         assert_eq!(self.reg(GSP_MAILBOX0), 0, "{:?}", self.gpu.gsp().stats());
         assert_eq!(self.reg(GSP_CPUCTL) & 0x10, 0);
         assert!(self.gpu.gsp().is_running());
@@ -265,6 +283,7 @@ impl TestHost {
     fn start_refused(&self, array: u64, code: u32) {
         let errors = self.gpu.gsp().stats().errors.len();
         self.start_at(array);
+        self.settle(array);
         assert_eq!(self.reg(GSP_MAILBOX0), code);
         assert_eq!(self.reg(GSP_CPUCTL), 0x10, "halted");
         assert_eq!(self.reg(GSP_RISCV_CPUCTL), 0x01, "RISC-V halted");
