@@ -7,7 +7,7 @@
 //! tried once, on the real device. Where either is missing, the range is served through
 //! the socket instead, and `inspect` and the log say so ([`DmaBufSupport`]).
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_DMA_BUF, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_PROBE,
@@ -96,24 +96,11 @@ pub fn export(
 
 /// Checks that `len` bytes of `fd` can be mapped shared read-write (and unmaps them).
 pub fn check_mappable(fd: BorrowedFd<'_>, len: u64) -> Result<(), std::io::Error> {
-    let size = usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: a fresh mapping chosen by the kernel, checked and unmapped right away.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
+    match super::mapped::MappedBar::map(fd, 0, len) {
+        Ok(_mapping) => Ok(()),
+        Err(super::mapped::MappedBarError::Map { source, .. }) => Err(source),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
     }
-    // SAFETY: the mapping made just above.
-    unsafe { libc::munmap(ptr, size) };
-    Ok(())
 }
 
 /// Finds out once, on the device, whether mappable dma-bufs of `region_index` work: probes

@@ -35,7 +35,7 @@ pub mod memory;
 pub mod sysfs;
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
@@ -57,7 +57,9 @@ pub use dmabuf::DmaBufSupport;
 use identify::{DeviceReadout, IdentifyError};
 use liveness::Liveness;
 use mapped::{MappedBar, MappedBarError};
-use memory::{pread_exact, VfioBarMemory};
+use memory::VfioBarMemory;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use sysfs::{Sysfs, SysfsError};
 
 ioctl_io_nr!(VFIO_DEVICE_RESET, b';' as u32, 100 + 11);
@@ -128,7 +130,7 @@ pub struct VfioHostGpu {
     iova: Arc<IovaSpace>,
     liveness: Liveness,
     dmabuf: DmaBufSupport,
-    device_fd: Arc<OwnedFd>,
+    device_fd: Arc<File>,
     /// The BAR1 aperture's VFIO region offset and region index.
     aperture: Option<(u32, u64)>,
     /// Guest memory lent to the GPU: IOVA → (length, memory kept alive while mapped).
@@ -195,7 +197,7 @@ impl VfioHostGpu {
         let device_fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) }
             .try_clone_to_owned()
             .map_err(|source| VfioHostGpuError::DupFd { address, source })?;
-        let device_fd = Arc::new(device_fd);
+        let device_fd = Arc::new(File::from(device_fd));
 
         let bar0_index = VFIO_PCI_BAR0_REGION_INDEX;
         let bar0_size = device.get_region_size(bar0_index);
@@ -214,12 +216,12 @@ impl VfioHostGpu {
         )?;
 
         let mut config = [0u8; 64];
-        pread_exact(
-            device_fd.as_fd(),
-            &mut config,
-            device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX),
-        )
-        .map_err(|source| VfioHostGpuError::Config { address, source })?;
+        device_fd
+            .read_exact_at(
+                &mut config,
+                device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX),
+            )
+            .map_err(|source| VfioHostGpuError::Config { address, source })?;
         let register = |offset| {
             bar0.read(offset, AccessWidth::Dword)
                 .map(|v| v as u32)
@@ -330,7 +332,8 @@ impl VfioHostGpu {
             return Err(HostGpuError::Bar0(format!("dword read at {offset:#x}")));
         }
         let mut raw = [0u8; 4];
-        pread_exact(self.device_fd.as_fd(), &mut raw, self.bar0_offset + offset)?;
+        self.device_fd
+            .read_exact_at(&mut raw, self.bar0_offset + offset)?;
         Ok(u32::from_le_bytes(raw))
     }
 
