@@ -12,8 +12,6 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
-
 use super::device::Errno;
 use super::dma::{DmaError, DmaSpace, MapEntry, MapGate, Segment};
 use super::irq::{IrqError, IrqTable};
@@ -257,6 +255,7 @@ impl ClientShared {
     pub(crate) fn new(
         writer: SocketWriter,
         irqs: IrqTable,
+        dma: DmaSpace,
         layout: DmaMessageLayout,
         timeout: Duration,
         max_xfer: u32,
@@ -264,7 +263,7 @@ impl ClientShared {
         ClientShared {
             connected: AtomicBool::new(true),
             irqs,
-            dma: DmaSpace::new(),
+            dma,
             requests: Requests::new(),
             writer,
             conn_thread: OnceLock::new(),
@@ -556,16 +555,5 @@ impl ClientHandle {
             }
         }
         Ok(())
-    }
-
-    /// Run `f` on the client's mmapped read-write DMA maps as vm-memory guest memory
-    /// (addresses are IOVAs). Only maps whose fd is sealed against shrinking are mmapped (see
-    /// [`super::dma`]); the others are reachable through [`ClientHandle::dma_read`] and
-    /// [`ClientHandle::dma_write`] only. `DMA_UNMAP` and disconnect wait for `f` to return.
-    pub fn with_dma_memory<R>(&self, f: impl FnOnce(&GuestMemoryMmap) -> R) -> Result<R, DmaError> {
-        if !self.is_connected() {
-            return Err(DmaError::NotConnected);
-        }
-        Ok(self.shared.dma.with_memory(f))
     }
 }
