@@ -41,6 +41,8 @@ fn get() -> Result<libc::rlimit, LimitsError> {
     Ok(limit)
 }
 
+// `rlim_t` is `u64` on 64-bit Linux but not on every target: keep the conversion.
+#[allow(clippy::useless_conversion)]
 fn as_count(value: libc::rlim_t) -> u64 {
     if value == libc::RLIM_INFINITY {
         UNLIMITED_FDS

@@ -446,11 +446,12 @@ mod tests {
         assert_eq!(unsafe { libc::fcntl(efd.as_raw_fd(), libc::F_SETFL, 0) }, 0);
         let fill = (u64::MAX - 1).to_ne_bytes();
         // SAFETY: 8-byte write from a local buffer.
-        assert_eq!(unsafe { libc::write(efd.as_raw_fd(), fill.as_ptr().cast(), 8) }, 8);
+        assert_eq!(
+            unsafe { libc::write(efd.as_raw_fd(), fill.as_ptr().cast(), 8) },
+            8
+        );
         let start = std::time::Instant::now();
-        table
-            .trigger_range(0, 0, 2, Selection::All)
-            .unwrap();
+        table.trigger_range(0, 0, 2, Selection::All).unwrap();
         // Each vector blocked once for the bound, then lost its fd.
         assert!(start.elapsed() < eventfd::WRITE_BOUND * 20);
         assert!(!table.is_configured(0, 0) && !table.is_configured(0, 1));

@@ -67,7 +67,12 @@ impl FdMapping {
         // flags; it stays mapped until `Drop`, which also drops `region` (nothing else
         // holds it: the field is private and never cloned out).
         let mapping = unsafe {
-            MmapRegion::build_raw(ptr.as_ptr(), len, prot, libc::MAP_SHARED | libc::MAP_NORESERVE)
+            MmapRegion::build_raw(
+                ptr.as_ptr(),
+                len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
         }
         .map_err(|_| unmap_on_error(Errno::EINVAL))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(iova))

@@ -208,13 +208,19 @@ mod tests {
     fn add(fd: &OwnedFd, value: u64) {
         let b = value.to_ne_bytes();
         // SAFETY: 8-byte write from a local buffer.
-        assert_eq!(unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), 8) }, 8);
+        assert_eq!(
+            unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), 8) },
+            8
+        );
     }
 
     fn read_count(fd: &OwnedFd) -> u64 {
         let mut b = [0u8; 8];
         // SAFETY: 8-byte read into a local buffer.
-        assert_eq!(unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) }, 8);
+        assert_eq!(
+            unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) },
+            8
+        );
         u64::from_ne_bytes(b)
     }
 
