@@ -1,7 +1,7 @@
 //! [`ClientHandle`]: what a device keeps of a connected client, usable from any thread:
 //! raise interrupts, and DMA to/from client memory (through mmapped maps, or with
-//! server-to-client `DMA_READ`/`DMA_WRITE` messages for maps that came without an fd or with
-//! one that could shrink).
+//! server-to-client `DMA_READ`/`DMA_WRITE` messages for maps that came without an fd, with
+//! one that could shrink, or to a device that does not map DMA).
 //!
 //! Server-to-client requests are written on the shared socket; the connection thread, which
 //! reads everything, hands their replies back through [`Requests`].
