@@ -423,6 +423,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             poll_spin_us,
             trap_vram,
         } => {
+            // Before the budgets are sized from it (ServerConfig::default).
+            match crate::limits::raise_fd_limit() {
+                Ok(fds) => log::debug!("fd limit {fds}"),
+                Err(e) => log::warn!("{e}: serving with the fd limit as it is"),
+            }
             let server_config = ServerConfig {
                 poll_spin: Duration::from_micros(poll_spin_us),
                 ..ServerConfig::default()

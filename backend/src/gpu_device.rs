@@ -7,7 +7,8 @@
 //! unmap is answered (and before the map's memory goes away). A map the GPU refuses fails
 //! the client's `DMA_MAP` with the GPU's errno, except `ENOTSUP` (a host that cannot lend
 //! memory at all), which is logged once and leaves the map with the connection. A sliced
-//! guest lends nothing: the GPU is the host's.
+//! guest lends nothing: the GPU is the host's, so its maps are not even mmapped
+//! ([`VfioUserDevice::maps_dma`]).
 
 pub mod lent_dma;
 
@@ -183,6 +184,12 @@ impl VfioUserDevice for GpuDevice {
         for iova in left {
             self.take_back(iova);
         }
+    }
+
+    /// Only a guest given the whole GPU lends its memory to the GPU; a sliced guest's maps
+    /// are recorded without being mapped (nothing here reaches its memory).
+    fn maps_dma(&self) -> bool {
+        self.function.guest().is_whole_gpu()
     }
 
     fn dma_mapped(&self, map: ClientDmaMap) -> Result<(), Errno> {

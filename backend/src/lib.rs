@@ -7,7 +7,8 @@
 //! - [`presentation`]: what a guest sees: power-of-two BARs, the trapped BAR0, PCI config
 //!   space.
 //! - [`vfio_user`]: the vfio-user server QEMU's `vfio-user-pci` connects to.
-//! - [`cli`]: the command line behind the `gpu-backend` binary ([`inspect`], [`measure`]).
+//! - [`cli`]: the command line behind the `gpu-backend` binary ([`inspect`], [`measure`]);
+//!   [`limits`] raises the fd limit before serving.
 
 pub mod cli;
 pub mod gpu_device;
@@ -15,6 +16,7 @@ pub mod gsp;
 pub mod host_driver;
 pub mod host_gpu;
 pub mod inspect;
+pub mod limits;
 pub mod measure;
 pub mod presentation;
 pub mod serve;

@@ -125,6 +125,9 @@ pub enum VramError {
     /// `fstat` of the memfd failed.
     #[error("fstat of the VRAM memfd failed: {0}")]
     Stat(#[source] io::Error),
+    /// Sealing the memfd's size (`F_ADD_SEALS`) failed.
+    #[error("sealing the VRAM memfd's size failed: {0}")]
+    Seal(#[source] io::Error),
     /// A [`Vram::carve`] request that is misaligned, empty, out of range or overlaps an
     /// existing carve, or a [`Vram::uncarve`] of a range that is not exactly one carve.
     #[error("cannot carve {len:#x} bytes at {addr}: {reason}")]
@@ -158,6 +161,9 @@ pub enum VramError {
 }
 
 /// Emulated device memory: a memfd of a fixed size, mapped shared once over its whole size.
+///
+/// The memfd's size is sealed (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`), like every carve's:
+/// whoever is handed [`Vram::as_fd`] can map it but cannot resize it under our mapping.
 ///
 /// The memory is sparse (untouched pages are not resident) and may be concurrently
 /// modified through other mappings of [`Vram::as_fd`] (QEMU maps it for the guest). All
@@ -252,7 +258,9 @@ impl Vram {
 
         // SAFETY: `name` is a valid NUL-terminated string; memfd_create has no other
         // memory-safety preconditions.
-        let raw_fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let raw_fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if raw_fd < 0 {
             return Err(VramError::MemfdCreate(io::Error::last_os_error()));
         }
@@ -267,6 +275,7 @@ impl Vram {
                 source: io::Error::last_os_error(),
             });
         }
+        seal_size(fd.as_fd()).map_err(VramError::Seal)?;
 
         // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL), over a file of
         // exactly `len` bytes; it does not alias any Rust object.
@@ -354,9 +363,7 @@ impl Vram {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), off_len) } != 0 {
             return Err(os("ftruncate"));
         }
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: F_ADD_SEALS with an int argument on a memfd we own.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        if seal_size(fd.as_fd()).is_err() {
             return Err(os("F_ADD_SEALS"));
         }
 
@@ -627,6 +634,21 @@ impl Vram {
 }
 
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` of `[off, off + len)` of `fd`; false if refused.
+/// Seals a memfd's size for good (`F_SEAL_SHRINK | F_SEAL_GROW`, then `F_SEAL_SEAL` so no
+/// other seal, `F_SEAL_FUTURE_WRITE` say, can be added later). Every memfd of VRAM is handed
+/// to other processes (QEMU maps it for its guest): sealed, none of them can `ftruncate` it
+/// under our mapping, which would make our next access past the new end fault with SIGBUS.
+/// Punching holes (`fallocate(PUNCH_HOLE | KEEP_SIZE)`, what scrubbing and carving do) and
+/// new shared writable mappings (`MAP_FIXED` remaps) stay allowed under these seals.
+fn seal_size(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS with an int argument on a valid memfd; no memory is involved.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn punch(fd: BorrowedFd<'_>, off: libc::off_t, len: libc::off_t) -> bool {
     // SAFETY: plain syscall on a valid fd; no memory is passed.
     let rc = unsafe {
@@ -920,6 +942,36 @@ mod tests {
         let mut buf = vec![0xEEu8; len];
         file.read_exact_at(&mut buf, at).unwrap();
         buf
+    }
+
+    #[test]
+    fn the_memfds_cannot_be_resized_or_sealed_further() {
+        let v = Vram::new(4 * MIB).unwrap();
+        let fd = v.carve(VramAddr::new(MIB), MIB).unwrap();
+        for fd in [v.as_fd(), fd.as_fd()] {
+            let size = fd_size(fd);
+            // SAFETY: plain syscalls on valid fds; a failure is the expected outcome.
+            unsafe {
+                assert_eq!(libc::ftruncate(fd.as_raw_fd(), 4096), -1);
+                assert_eq!(libc::ftruncate(fd.as_raw_fd(), (size * 2) as i64), -1);
+                assert_eq!(
+                    libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE),
+                    -1
+                );
+                let seals = libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS);
+                assert_eq!(
+                    seals,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+                );
+            }
+            assert_eq!(fd_size(fd), size);
+        }
+        // Scrubbing still punches holes, carving still remaps, through the sealed base memfd.
+        v.write_u32(VramAddr::new(3 * MIB), 0xAB).unwrap();
+        v.fill(VramAddr::ZERO, 4 * MIB, 0).unwrap();
+        assert_eq!(v.read_u32(VramAddr::new(3 * MIB)).unwrap(), 0);
+        v.uncarve(VramAddr::new(MIB), MIB).unwrap();
+        v.carve(VramAddr::new(MIB), 2 * MIB).unwrap();
     }
 
     #[test]

@@ -297,15 +297,30 @@ fn a_sliced_guest_lends_nothing() {
     client.dma_map(3, 0, 0x20_0000, 0x1000, None).unwrap();
     assert!(host.held_iovas().is_empty());
     assert!(device.lent_dma_maps().is_empty());
-    // The maps are the connection's: the device reaches them through its client handle.
-    pwrite(&ram, 0, b"own");
-    let mut buf = [0u8; 3];
-    device
-        .client()
-        .unwrap()
-        .dma_read(0x10_0000, &mut buf)
-        .unwrap();
-    assert_eq!(&buf, b"own");
+    // The maps are the connection's, recorded without being mapped (nothing reaches a
+    // sliced guest's memory from here): a device access goes over the socket, answered by
+    // the client from its own memory, even for the fd-backed map.
+    assert!(!device.maps_dma());
+    pwrite(&ram, 0, b"fd!");
+    let mut answered = b"own".to_vec();
+    answered.resize(0x1000, 0);
+    client.set_dma_backing(
+        DmaBacking {
+            base: 0x10_0000,
+            memory: Arc::new(Mutex::new(answered)),
+        },
+        DmaMessageLayout::Spec,
+    );
+    let handle = device.client().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 3];
+        handle.dma_read(0x10_0000, &mut buf).map(|()| buf)
+    });
+    while !reader.is_finished() {
+        client.device_info().unwrap();
+    }
+    assert_eq!(&reader.join().unwrap().unwrap(), b"own");
+    assert_eq!(client.dma_requests_served(), 1);
     client.dma_unmap(0, 0x10_0000, 0x1000).unwrap();
     drop(client);
     server.join().unwrap().unwrap();

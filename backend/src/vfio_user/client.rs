@@ -1,7 +1,7 @@
 //! [`ClientHandle`]: what a device keeps of a connected client, usable from any thread:
 //! raise interrupts, and DMA to/from client memory (through mmapped maps, or with
-//! server-to-client `DMA_READ`/`DMA_WRITE` messages for maps that came without an fd or with
-//! one that could shrink).
+//! server-to-client `DMA_READ`/`DMA_WRITE` messages for maps that came without an fd, with
+//! one that could shrink, or to a device that does not map DMA).
 //!
 //! Server-to-client requests are written on the shared socket; the connection thread, which
 //! reads everything, hands their replies back through [`Requests`].
@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
-
-use vm_memory::GuestMemoryMmap;
 
 use super::device::Errno;
 use super::dma::{DmaError, DmaSpace, MapEntry, MapGate, Segment};
@@ -257,6 +255,7 @@ impl ClientShared {
     pub(crate) fn new(
         writer: SocketWriter,
         irqs: IrqTable,
+        dma: DmaSpace,
         layout: DmaMessageLayout,
         timeout: Duration,
         max_xfer: u32,
@@ -264,7 +263,7 @@ impl ClientShared {
         ClientShared {
             connected: AtomicBool::new(true),
             irqs,
-            dma: DmaSpace::new(),
+            dma,
             requests: Requests::new(),
             writer,
             conn_thread: OnceLock::new(),
@@ -556,16 +555,5 @@ impl ClientHandle {
             }
         }
         Ok(())
-    }
-
-    /// Run `f` on the client's mmapped read-write DMA maps as vm-memory guest memory
-    /// (addresses are IOVAs). Only maps whose fd is sealed against shrinking are mmapped (see
-    /// [`super::dma`]); the others are reachable through [`ClientHandle::dma_read`] and
-    /// [`ClientHandle::dma_write`] only. `DMA_UNMAP` and disconnect wait for `f` to return.
-    pub fn with_dma_memory<R>(&self, f: impl FnOnce(&GuestMemoryMmap) -> R) -> Result<R, DmaError> {
-        if !self.is_connected() {
-            return Err(DmaError::NotConnected);
-        }
-        Ok(self.shared.dma.with_memory(f))
     }
 }

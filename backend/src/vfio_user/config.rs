@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::budget::Resources;
 use super::protocol::{DmaMessageLayout, HEADER_SIZE};
 
 /// The spec's default `max_data_xfer_size` (also QEMU's): 1 MiB.
@@ -24,8 +25,8 @@ pub struct ServerConfig {
     pub max_data_xfer_size: u32,
     /// Most fds accepted in one message (announced as `max_msg_fds`). Clamped to 1..=16.
     pub max_msg_fds: u32,
-    /// Most simultaneous DMA maps (announced; the minimum with the client's value applies).
-    /// Clamped to 1..=65535.
+    /// Most simultaneous DMA maps (announced; the minimum with the client's value and
+    /// `connection_budget.dma_maps` applies). Clamped to 1..=65535.
     pub max_dma_maps: u32,
     /// How long the rest of a started message, a blocked send, or the client's reply to a
     /// server-to-client DMA request may take.
@@ -36,6 +37,14 @@ pub struct ServerConfig {
     /// latency of a trapped access that follows closely, at the cost of CPU. Zero (the
     /// default) never spins; capped at 1 ms.
     pub poll_spin: Duration,
+    /// What one connection may make the server hold (DMA maps, mapped DMA memory, client
+    /// fds); a client at its budget gets `ENOSPC`/`ENOMEM` (see [`super::budget`]). Default
+    /// [`Resources::CONNECTION`].
+    pub connection_budget: Resources,
+    /// What all connections of the process together may make it hold (checked against the
+    /// total of every connection in the process, whatever server it belongs to). Default
+    /// [`Resources::process_default`].
+    pub process_budget: Resources,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +56,8 @@ impl Default for ServerConfig {
             msg_timeout: Duration::from_secs(5),
             dma_layout: DmaMessageLayout::Spec,
             poll_spin: Duration::ZERO,
+            connection_budget: Resources::CONNECTION,
+            process_budget: Resources::process_default(),
         }
     }
 }
@@ -61,6 +72,8 @@ impl ServerConfig {
             msg_timeout: self.msg_timeout.max(Duration::from_millis(1)),
             dma_layout: self.dma_layout,
             poll_spin: self.poll_spin.min(Duration::from_millis(1)),
+            connection_budget: self.connection_budget,
+            process_budget: self.process_budget,
         }
     }
 

@@ -12,10 +12,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use super::budget::Account;
 use super::client::{ClientHandle, ClientShared};
 use super::config::{ServerConfig, DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS};
 use super::device::{DeviceInfo, Errno, IrqInfo, RegionInfo, SparseArea, VfioUserDevice};
-use super::dma::{DmaMapRequest, MapEntry, DMA_PAGE_SIZE};
+use super::dma::{DmaMapRequest, DmaSpace, MapEntry, DMA_PAGE_SIZE};
 use super::dma_map::ClientDmaMap;
 use super::irq::{IrqTable, Selection};
 use super::protocol::{
@@ -210,7 +211,10 @@ impl State {
             .max_dma_maps
             .filter(|&v| v > 0)
             .unwrap_or(DEFAULT_MAX_DMA_MAPS as u64);
-        let max_dma_maps = (self.config.max_dma_maps as u64).min(client_maps) as u32;
+        let max_dma_maps = (self.config.max_dma_maps as u64)
+            .min(client_maps)
+            .min(self.config.connection_budget.dma_maps)
+            .max(1) as u32;
         let caps = ServerCapabilities {
             max_msg_fds: self.config.max_msg_fds,
             max_data_xfer_size: max_xfer,
@@ -773,7 +777,9 @@ impl Connection {
         let irq_infos: Vec<Option<IrqInfo>> = (0..info.num_irqs.min(MAX_TABLE))
             .map(|i| device.irq_info(i))
             .collect();
-        let irqs = IrqTable::new(&irq_infos);
+        let account = Account::new(config.connection_budget, config.process_budget);
+        let irqs = IrqTable::new(&irq_infos, Arc::clone(&account));
+        let dma = DmaSpace::new(account, device.maps_dma());
         let max_message = config.max_message_size();
         let reply_len = regions
             .iter()
@@ -786,6 +792,7 @@ impl Connection {
         let shared = Arc::new(ClientShared::new(
             writer,
             irqs,
+            dma,
             config.dma_layout,
             config.msg_timeout,
             config.max_data_xfer_size,

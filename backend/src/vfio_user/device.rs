@@ -176,6 +176,16 @@ pub trait VfioUserDevice: Send + Sync + 'static {
     }
     /// The client went away (its DMA maps and irq fds are already dropped).
     fn client_disconnected(&self) {}
+    /// Whether the device reaches the client's memory from this process: if so (the
+    /// default), DMA maps that come with an fd sealed against shrinking are mmapped when
+    /// added, so [`ClientDmaMap`] accesses are plain copies and
+    /// [`ClientDmaMap::host_address`] is set. A device that never touches guest memory says
+    /// `false`: every map is then only recorded (its fd closed at once), costing no address
+    /// space, and reached with socket DMA should the device ever access it. Asked once per
+    /// connection.
+    fn maps_dma(&self) -> bool {
+        true
+    }
     /// The client added a DMA map (`DMA_MAP`); `map` reaches it from any thread until it is
     /// removed. An error fails the `DMA_MAP` with that errno and the map is undone (no
     /// [`VfioUserDevice::dma_unmapped`] follows). Called on the connection thread, so it

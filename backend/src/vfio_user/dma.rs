@@ -1,9 +1,27 @@
 //! The DMA space of one connection: the ranges the client announced with `DMA_MAP`.
 //!
-//! A map that came with an fd that **cannot shrink** is `mmap()`ed (vm-memory
-//! [`GuestRegionMmap`]) and accessed directly; any other map is recorded and reached with
+//! A map that came with an fd that **cannot shrink** is `mmap()`ed (a vm-memory
+//! [`GuestRegionMmap`](vm_memory::GuestRegionMmap)) and accessed directly, if the device
+//! reaches guest memory from this process at all; any other map is recorded and reached with
 //! server-to-client `DMA_READ`/`DMA_WRITE` messages (done by the caller, see
 //! [`Segment::Socket`]).
+//!
+//! # No fds held, budgets
+//!
+//! The fd that comes with a map is closed before `DMA_MAP` is answered: once mapped, the
+//! mapping keeps the memory ([`mapping::FdMapping`]); a map reached over the socket needs no fd.
+//! So a client cannot use up the process's fds with DMA maps. What it can use up instead is
+//! charged to the connection's [`Account`]: one DMA map per map (`ENOSPC` past the budget),
+//! and for an mmapped map its bytes of address space and one mapping (`ENOMEM`); see
+//! [`super::budget`].
+//!
+//! # Mapped only if the device uses it
+//!
+//! A device that never reaches guest memory from this process (a sliced guest's: the GPU is
+//! the host's and nothing in it does DMA to the guest) says so with
+//! [`VfioUserDevice::maps_dma`](super::VfioUserDevice::maps_dma); its connection's maps are
+//! all recorded without being mapped, so they cost no address space at all, and any access
+//! a device did make would go over the socket.
 //!
 //! # Why an fd must be sealed to be mapped
 //!
@@ -23,7 +41,8 @@
 //! The table sits behind a `RwLock`: direct accesses hold the read lock while they copy, and
 //! `DMA_UNMAP` takes the write lock, so by the time the unmap is answered no access to that
 //! range is in flight and its mapping is gone (the spec's rule, and what keeps a disconnected
-//! client's memory from staying mapped).
+//! client's memory from staying mapped). The mapping is unmapped, and its budget given back,
+//! when the last reference to it (the table's, or a live gate's) goes.
 //!
 //! # Unmap follows VFIO type1
 //!
@@ -41,18 +60,18 @@
 //! its gate first: the revocation waits for copies in flight through the gate, after which
 //! the gate reaches nothing (and no longer keeps the mapping alive).
 
+mod mapping;
+
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MemoryRegionAddress,
-};
+use vm_memory::{Bytes, MemoryRegionAddress};
 
+use super::budget::{Account, Reservation, Resources};
 use super::device::Errno;
+use mapping::FdMapping;
 
 /// DMA page size the server supports (the only `pgsizes` bit announced).
 pub const DMA_PAGE_SIZE: u64 = 4096;
@@ -131,8 +150,9 @@ pub struct DmaMapRequest {
 #[derive(Debug)]
 enum Backing {
     /// mmapped from the client's fd (sealed against shrinking).
-    Mapped(Arc<GuestRegionMmap>),
-    /// No fd, or one that could shrink: reach it with DMA_READ/DMA_WRITE messages.
+    Mapped(Arc<FdMapping>),
+    /// No fd, one that could shrink, or a device that does not map DMA: reach it with
+    /// DMA_READ/DMA_WRITE messages.
     Socket,
 }
 
@@ -143,13 +163,13 @@ struct Mapping {
     writable: bool,
     backing: Backing,
     gate: Arc<MapGate>,
+    /// What the map costs the connection's (and the process's) budget, until removed.
+    _charge: Reservation,
 }
 
 #[derive(Debug, Default)]
 struct DmaState {
     maps: BTreeMap<u64, Mapping>,
-    /// The fd-backed, read-write maps, for devices that want vm-memory access.
-    memory: GuestMemoryMmap,
 }
 
 impl DmaState {
@@ -172,7 +192,7 @@ pub enum Segment {
 #[derive(Debug, Clone)]
 pub(crate) enum GateMemory {
     /// The map's mmapped memory.
-    Mapped(Arc<GuestRegionMmap>),
+    Mapped(Arc<FdMapping>),
     /// An fd-less (or unsealed) map: reached with socket DMA messages.
     Socket,
 }
@@ -241,18 +261,15 @@ impl MapEntry {
 }
 
 /// The DMA maps of one connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DmaSpace {
     state: RwLock<DmaState>,
+    /// The connection's budget.
+    account: Arc<Account>,
+    /// Whether fd-backed maps are mmapped (the device reaches guest memory from here).
+    map_fds: bool,
     /// The "fd not sealed, using socket DMA" notice was logged.
     unsealed_logged: AtomicBool,
-}
-
-fn mmap_error(err: MmapRegionError) -> Errno {
-    match err {
-        MmapRegionError::Mmap(e) => Errno::from_io(&e),
-        _ => Errno::EINVAL,
-    }
 }
 
 /// Check an fd-backed map `[offset, offset + size)` of `fd` against the file (`EINVAL` if a
@@ -283,8 +300,8 @@ fn check_fd(fd: &OwnedFd, offset: u64, size: u64) -> Result<libc::c_int, Errno> 
     Ok(seals)
 }
 
-/// `mmap()` `len` bytes of `fd` at `req.offset` with the map's protection.
-fn map_fd(fd: OwnedFd, req: &DmaMapRequest, len: usize) -> Result<GuestRegionMmap, Errno> {
+/// `mmap()` `len` bytes of `fd` at `req.offset` with the map's protection; closes `fd`.
+fn map_fd(fd: OwnedFd, req: &DmaMapRequest, len: usize) -> Result<FdMapping, Errno> {
     let mut prot = 0;
     if req.readable {
         prot |= libc::PROT_READ;
@@ -292,19 +309,24 @@ fn map_fd(fd: OwnedFd, req: &DmaMapRequest, len: usize) -> Result<GuestRegionMma
     if req.writable {
         prot |= libc::PROT_WRITE;
     }
-    let region = MmapRegionBuilder::new(len)
-        .with_file_offset(FileOffset::new(File::from(fd), req.offset))
-        .with_mmap_prot(prot)
-        .with_mmap_flags(libc::MAP_SHARED)
-        .build()
-        .map_err(mmap_error)?;
-    GuestRegionMmap::new(region, GuestAddress(req.iova)).ok_or(Errno::EINVAL)
+    FdMapping::map(fd, req.offset, len, prot, req.iova)
 }
 
 impl DmaSpace {
-    /// An empty DMA space.
-    pub fn new() -> DmaSpace {
-        DmaSpace::default()
+    /// An empty DMA space charging `account`; with `map_fds`, maps whose fd is sealed
+    /// against shrinking are mmapped, otherwise every map is reached over the socket.
+    pub fn new(account: Arc<Account>, map_fds: bool) -> DmaSpace {
+        DmaSpace {
+            state: RwLock::new(DmaState::default()),
+            account,
+            map_fds,
+            unsealed_logged: AtomicBool::new(false),
+        }
+    }
+
+    /// The connection's budget account.
+    pub fn account(&self) -> &Arc<Account> {
+        &self.account
     }
 
     /// Say once per connection why a map with an fd is not mapped.
@@ -350,10 +372,12 @@ impl DmaSpace {
             .count()
     }
 
-    /// Add a map. `EEXIST` if it overlaps one, `ENOSPC` past `max_maps`, `EINVAL` for a bad
-    /// range, an fd offset that is not page-aligned or a range past the end of the file. An fd
-    /// is mmapped only if it is sealed against shrinking (see the module docs); otherwise the
-    /// map is served through socket DMA.
+    /// Add a map. `EEXIST` if it overlaps one, `ENOSPC` past `max_maps` or the DMA map
+    /// budget, `ENOMEM` past the mapped-memory budget (see [`super::budget`]), `EINVAL` for a
+    /// bad range, an fd offset that is not page-aligned or a range past the end of the file.
+    /// An fd is mmapped only if the space maps fds and the fd is sealed against shrinking
+    /// (see the module docs); otherwise the map is served through socket DMA. The fd is
+    /// closed before this returns either way.
     pub fn map(
         &self,
         req: DmaMapRequest,
@@ -365,29 +389,33 @@ impl DmaSpace {
         }
         let end = req.iova.checked_add(req.size).ok_or(Errno::EINVAL)?;
         let mut unsealed = None;
-        let backing = match fd {
-            Some(fd) if req.readable || req.writable => {
-                if req.offset % DMA_PAGE_SIZE != 0 {
-                    return Err(Errno::EINVAL);
-                }
-                let len = usize::try_from(req.size).map_err(|_| Errno::EINVAL)?;
-                let seals = check_fd(&fd, req.offset, req.size)?;
-                let sealed = seals & libc::F_SEAL_SHRINK != 0;
-                log::debug!(
-                    "vfio-user: DMA map [{:#x}, +{:#x}): fd seals {seals:#x}, {}",
-                    req.iova,
-                    req.size,
-                    if sealed { "mapped" } else { "socket DMA" }
-                );
-                if sealed {
-                    Backing::Mapped(Arc::new(map_fd(fd, &req, len)?))
-                } else {
-                    unsealed = Some(seals);
-                    Backing::Socket
-                }
+        let mut to_map = None;
+        if let Some(fd) = fd.filter(|_| req.readable || req.writable) {
+            if req.offset % DMA_PAGE_SIZE != 0 {
+                return Err(Errno::EINVAL);
             }
-            // No access allowed: nothing worth mapping (the fd, if any, is closed here).
-            _ => Backing::Socket,
+            let len = usize::try_from(req.size).map_err(|_| Errno::EINVAL)?;
+            let seals = check_fd(&fd, req.offset, req.size)?;
+            let sealed = seals & libc::F_SEAL_SHRINK != 0;
+            let mapped = sealed && self.map_fds;
+            log::debug!(
+                "vfio-user: DMA map [{:#x}, +{:#x}): fd seals {seals:#x}, {}",
+                req.iova,
+                req.size,
+                if mapped { "mapped" } else { "socket DMA" }
+            );
+            if mapped {
+                to_map = Some((fd, len));
+            } else if self.map_fds {
+                unsealed = Some(seals);
+            }
+        }
+        // Without access allowed, or not to be mapped, the fd (if any) is closed here.
+        let charge = Resources {
+            dma_maps: 1,
+            mapped_bytes: if to_map.is_some() { req.size } else { 0 },
+            mappings: u64::from(to_map.is_some()),
+            fds: 0,
         };
         let mut state = self.write_state();
         if state.maps.len() >= max_maps {
@@ -398,14 +426,17 @@ impl DmaSpace {
                 return Err(Errno::EEXIST);
             }
         }
-        if let Backing::Mapped(region) = &backing {
-            if req.readable && req.writable {
-                state.memory = state
-                    .memory
-                    .insert_region(Arc::clone(region))
-                    .map_err(|_| Errno::EEXIST)?;
-            }
-        }
+        let charge = self.account.reserve(charge).inspect_err(|e| {
+            log::debug!(
+                "vfio-user: DMA map [{:#x}, +{:#x}) refused: {e}",
+                req.iova,
+                req.size
+            )
+        })?;
+        let backing = match to_map {
+            Some((fd, len)) => Backing::Mapped(Arc::new(map_fd(fd, &req, len)?)),
+            None => Backing::Socket,
+        };
         state.maps.insert(
             req.iova,
             Mapping {
@@ -414,6 +445,7 @@ impl DmaSpace {
                 writable: req.writable,
                 gate: Arc::new(MapGate::new(&backing)),
                 backing,
+                _charge: charge,
             },
         );
         drop(state);
@@ -481,20 +513,8 @@ impl DmaSpace {
                 .maps
                 .get(&entry.iova)
                 .is_some_and(|map| Arc::ptr_eq(&map.gate, &entry.gate));
-            if !same {
-                continue;
-            }
-            if let Some(Mapping {
-                backing: Backing::Mapped(_),
-                ..
-            }) = state.maps.remove(&entry.iova)
-            {
-                if let Ok((memory, _)) = state
-                    .memory
-                    .remove_region(GuestAddress(entry.iova), entry.size)
-                {
-                    state.memory = memory;
-                }
+            if same {
+                state.maps.remove(&entry.iova);
             }
         }
     }
@@ -511,9 +531,7 @@ impl DmaSpace {
     /// Remove every map (`UNMAP_ALL`, disconnect).
     pub fn unmap_all(&self) {
         self.revoke_all();
-        let mut state = self.write_state();
-        state.maps.clear();
-        state.memory = GuestMemoryMmap::new();
+        self.write_state().maps.clear();
     }
 
     /// Revoke every map's gate (the maps stay in the table).
@@ -537,8 +555,9 @@ impl DmaSpace {
             .len()
             .min(usize::try_from(base + map.size - iova).unwrap_or(usize::MAX));
         match &map.backing {
-            Backing::Mapped(region) => {
-                region
+            Backing::Mapped(mapping) => {
+                mapping
+                    .region()
                     .read_slice(&mut buf[..n], MemoryRegionAddress(iova - base))
                     .map_err(|_| DmaError::Io(Errno::EFAULT))?;
                 Ok(Segment::Done(n))
@@ -561,20 +580,15 @@ impl DmaSpace {
             .len()
             .min(usize::try_from(base + map.size - iova).unwrap_or(usize::MAX));
         match &map.backing {
-            Backing::Mapped(region) => {
-                region
+            Backing::Mapped(mapping) => {
+                mapping
+                    .region()
                     .write_slice(&data[..n], MemoryRegionAddress(iova - base))
                     .map_err(|_| DmaError::Io(Errno::EFAULT))?;
                 Ok(Segment::Done(n))
             }
             Backing::Socket => Ok(Segment::Socket(n)),
         }
-    }
-
-    /// Run `f` on the fd-backed read-write maps as a vm-memory [`GuestMemoryMmap`]; unmaps
-    /// wait until `f` returns, so do not keep references to the memory beyond it.
-    pub fn with_memory<R>(&self, f: impl FnOnce(&GuestMemoryMmap) -> R) -> R {
-        f(&self.read_state().memory)
     }
 }
 
@@ -609,6 +623,126 @@ mod tests {
         memfd_with_seals(size, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)
     }
 
+    /// A space that maps fds, with the default connection budget and a process budget of
+    /// its own.
+    fn space() -> DmaSpace {
+        space_with(Resources::CONNECTION, true)
+    }
+
+    fn space_with(budget: Resources, map_fds: bool) -> DmaSpace {
+        let process = Box::leak(Box::new(super::super::budget::Usage::new()));
+        let account = Account::charging(budget, Resources::process_default(), process);
+        DmaSpace::new(account, map_fds)
+    }
+
+    /// How many of this process's fds are a memfd called `name`.
+    fn open_memfds(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|link| link.to_string_lossy() == format!("/memfd:{name} (deleted)"))
+            .count()
+    }
+
+    fn named_memfd(name: &std::ffi::CStr, size: u64) -> OwnedFd {
+        // SAFETY: memfd_create with a NUL-terminated name.
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: valid fd; sealing a memfd we created.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), size as i64), 0);
+            assert_eq!(
+                libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK),
+                0
+            );
+        }
+        fd
+    }
+
+    #[test]
+    fn maps_keep_no_fd_and_are_charged_to_the_budget() {
+        let budget = Resources {
+            dma_maps: 4,
+            mapped_bytes: 0x3000,
+            mappings: 2,
+            fds: 0,
+        };
+        let dma = space_with(budget, true);
+        let name = c"dma-budget-test";
+        dma.map(req(0x10000, 0x2000), Some(named_memfd(name, 0x2000)), 99)
+            .unwrap();
+        // Mapped, and the fd is gone: the mapping keeps the memory.
+        assert_eq!(dma.mapped_count(), 1);
+        assert_eq!(open_memfds("dma-budget-test"), 0);
+        assert_eq!(dma.write_step(0x10000, b"kept").unwrap(), Segment::Done(4));
+        let charged = Resources {
+            dma_maps: 1,
+            mapped_bytes: 0x2000,
+            mappings: 1,
+            fds: 0,
+        };
+        assert_eq!(dma.account().usage(), charged);
+        // Past the address-space budget: ENOMEM, nothing recorded, the fd closed.
+        assert_eq!(
+            dma.map(req(0x20000, 0x2000), Some(named_memfd(name, 0x2000)), 99),
+            Err(Errno(libc::ENOMEM))
+        );
+        assert_eq!(open_memfds("dma-budget-test"), 0);
+        assert_eq!((dma.len(), dma.account().usage()), (1, charged));
+        dma.map(req(0x20000, 0x1000), Some(memfd(0x1000)), 99)
+            .unwrap();
+        // Past the mappings budget: ENOMEM; a map reached over the socket costs only a count.
+        assert_eq!(
+            dma.map(req(0x30000, 0x1000), Some(memfd(0x1000)), 99),
+            Err(Errno(libc::ENOMEM))
+        );
+        dma.map(req(0x30000, 0x1000), None, 99).unwrap();
+        dma.map(req(0x40000, 0x1000), None, 99).unwrap();
+        // Past the count budget: ENOSPC.
+        assert_eq!(dma.map(req(0x50000, 0x1000), None, 99), Err(Errno::ENOSPC));
+        // Unmapping gives the budget back.
+        dma.unmap(0x10000, 0x2000).unwrap();
+        assert_eq!(
+            dma.account().usage(),
+            Resources {
+                dma_maps: 3,
+                mapped_bytes: 0x1000,
+                mappings: 1,
+                fds: 0
+            }
+        );
+        dma.unmap_all();
+        assert_eq!(dma.account().usage(), Resources::default());
+    }
+
+    #[test]
+    fn a_space_that_does_not_map_records_sealed_maps_for_socket_dma() {
+        let dma = space_with(Resources::CONNECTION, false);
+        // A sparse 1 TiB sealed memfd costs no address space: nothing is mapped.
+        let name = c"dma-unmapped-test";
+        dma.map(req(0, 1 << 40), Some(named_memfd(name, 1 << 40)), 9)
+            .unwrap();
+        assert_eq!((dma.len(), dma.mapped_count()), (1, 0));
+        assert_eq!(open_memfds("dma-unmapped-test"), 0);
+        assert_eq!(
+            dma.account().usage(),
+            Resources::of(super::super::budget::Resource::DmaMaps, 1)
+        );
+        let mut buf = [0u8; 8];
+        assert_eq!(dma.read_step(0x1000, &mut buf).unwrap(), Segment::Socket(8));
+        // Files are still checked against the map.
+        assert_eq!(
+            dma.map(req(1 << 41, 0x2000), Some(memfd(0x1000)), 9),
+            Err(Errno::EINVAL)
+        );
+        // Only the first unsealed fd of a mapping space is worth a notice; here none is.
+        assert!(!dma.unsealed_logged.load(Ordering::Relaxed));
+    }
+
     fn req(iova: u64, size: u64) -> DmaMapRequest {
         DmaMapRequest {
             iova,
@@ -621,7 +755,7 @@ mod tests {
 
     #[test]
     fn overlaps_limits_and_exact_unmap() {
-        let dma = DmaSpace::new();
+        let dma = space();
         dma.map(req(0x1000, 0x1000), None, 3).unwrap();
         assert_eq!(dma.map(req(0x1800, 0x1000), None, 3), Err(Errno::EEXIST));
         assert_eq!(dma.map(req(0x0, 0x1001), None, 3), Err(Errno::EEXIST));
@@ -640,7 +774,7 @@ mod tests {
 
     #[test]
     fn unmap_follows_vfio_type1() {
-        let dma = DmaSpace::new();
+        let dma = space();
         for base in [0x1000, 0x2000, 0x4000] {
             dma.map(req(base, 0x1000), None, 9).unwrap();
         }
@@ -670,12 +804,12 @@ mod tests {
         assert_eq!(dma.unmap(0x0, 0x8000), Ok(0x3000));
         assert_eq!(bases(&dma), vec![0x10000]);
         assert!(gates.iter().all(|e| e.gate.is_revoked()));
-        // Exact match of the fd-backed map: unmapped, gone from the vm-memory view.
+        // Exact match of the fd-backed map: unmapped, its address space given back.
         let mapped = dma.entry(0x10000).unwrap();
         assert!(!mapped.gate.is_revoked());
         assert_eq!(dma.unmap(0x10000, 0x2000), Ok(0x2000));
         assert!(dma.is_empty() && mapped.gate.is_revoked());
-        dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 0));
+        assert_eq!(dma.account().usage(), Resources::default());
         // A large power-of-two range over maps re-added; UNMAP_ALL still clears everything.
         dma.map(req(0x1000, 0x1000), None, 9).unwrap();
         dma.map(req(0x7000_0000, 0x2000), Some(memfd(0x2000)), 9)
@@ -701,7 +835,7 @@ mod tests {
 
     #[test]
     fn remove_skips_a_map_replaced_at_the_same_iova() {
-        let dma = DmaSpace::new();
+        let dma = space();
         dma.map(req(0x1000, 0x1000), None, 9).unwrap();
         let old = dma.covered(0x1000, 0x1000).unwrap();
         dma.remove(&old);
@@ -713,7 +847,7 @@ mod tests {
 
     #[test]
     fn fd_maps_are_checked_against_the_file() {
-        let dma = DmaSpace::new();
+        let dma = space();
         assert_eq!(
             dma.map(req(0, 0x2000), Some(memfd(0x1000)), 9),
             Err(Errno::EINVAL)
@@ -738,7 +872,6 @@ mod tests {
             Err(DmaError::Unmapped { iova: 0x12000 })
         );
         assert_eq!(dma.mapped_count(), 1);
-        dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 1));
         let mut ro = req(0x20000, 0x1000);
         ro.writable = false;
         dma.map(ro, Some(memfd(0x1000)), 9).unwrap();
@@ -747,12 +880,12 @@ mod tests {
             Err(DmaError::Permission { .. })
         ));
         dma.unmap(0x10000, 0x2000).unwrap();
-        dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 0));
+        assert_eq!(dma.mapped_count(), 1);
     }
 
     #[test]
     fn only_fds_sealed_against_shrinking_are_mapped() {
-        let dma = DmaSpace::new();
+        let dma = space();
         // Unsealed: recorded, reached through socket DMA; truncating it later cannot fault.
         let unsealed = memfd_with_seals(0x2000, 0);
         dma.map(req(0x10000, 0x2000), Some(unsealed.try_clone().unwrap()), 9)
@@ -766,7 +899,7 @@ mod tests {
             Segment::Socket(8)
         );
         assert_eq!(dma.write_step(0x10000, &buf).unwrap(), Segment::Socket(16));
-        dma.with_memory(|m| assert_eq!(vm_memory::GuestMemoryBackend::num_regions(m), 0));
+        assert_eq!(dma.mapped_count(), 0);
         // Only grow/write seals: still able to shrink.
         dma.map(
             req(0x20000, 0x1000),

@@ -14,7 +14,7 @@ use std::fmt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, MemoryRegionAddress};
 
 use super::client::ClientShared;
 use super::device::Errno;
@@ -87,10 +87,7 @@ impl ClientDmaMap {
     pub fn host_address(&self) -> Option<NonNull<u8>> {
         self.gate
             .with_live(|memory| match memory {
-                GateMemory::Mapped(region) => region
-                    .get_host_address(MemoryRegionAddress(0))
-                    .ok()
-                    .and_then(NonNull::new),
+                GateMemory::Mapped(mapping) => Some(mapping.host_address()),
                 GateMemory::Socket => None,
             })
             .flatten()
@@ -133,8 +130,9 @@ impl ClientDmaMap {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let iova = self.at(offset, buf.len(), self.readable, "read")?;
         let copied = self.gate.with_live(|memory| match memory {
-            GateMemory::Mapped(region) => Some(
-                region
+            GateMemory::Mapped(mapping) => Some(
+                mapping
+                    .region()
                     .read_slice(buf, MemoryRegionAddress(offset))
                     .map_err(|_| DmaError::Io(Errno::EFAULT)),
             ),
@@ -154,8 +152,9 @@ impl ClientDmaMap {
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
         let iova = self.at(offset, data.len(), self.writable, "write")?;
         let copied = self.gate.with_live(|memory| match memory {
-            GateMemory::Mapped(region) => Some(
-                region
+            GateMemory::Mapped(mapping) => Some(
+                mapping
+                    .region()
                     .write_slice(data, MemoryRegionAddress(offset))
                     .map_err(|_| DmaError::Io(Errno::EFAULT)),
             ),

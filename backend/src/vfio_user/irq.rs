@@ -3,11 +3,21 @@
 //!
 //! A trigger on a masked vector records it as pending; unmasking a pending vector fires it. An
 //! automasked type (INTx) masks itself after each delivery.
+//!
+//! The fds come from the client, so they are checked before use: each must be an eventfd
+//! (anything else, a pipe say, is refused with `EINVAL`), each counts against the
+//! connection's fd budget (`ENOSPC` past it, see [`super::budget`]), and a write to one never
+//! blocks for more than [`eventfd::WRITE_BOUND`]. A vector whose eventfd blocked that long
+//! (the client made it blocking and filled its counter) loses its fd, once, with a warning.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Mutex, PoisonError};
+pub mod eventfd;
 
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::budget::{Account, Reservation, Resource, Resources};
 use super::device::{Errno, IrqInfo};
+use eventfd::Signalled;
 
 /// Most vectors of one interrupt type the server tracks (guards against absurd device tables).
 pub const MAX_VECTORS: u32 = 1 << 16;
@@ -72,9 +82,16 @@ impl Selection<'_> {
     }
 }
 
+/// A client's eventfd and what it costs the fd budget.
+#[derive(Debug)]
+struct ClientFd {
+    fd: OwnedFd,
+    _charge: Reservation,
+}
+
 #[derive(Debug)]
 struct Vector {
-    fd: Option<OwnedFd>,
+    fd: Option<ClientFd>,
     masked: bool,
     pending: bool,
 }
@@ -94,13 +111,22 @@ impl IrqType {
         Ok(start as usize..end as usize)
     }
 
-    fn fire(&mut self, i: usize) -> Result<(), Errno> {
+    /// Signals vector `i`'s eventfd. A full counter means an interrupt is pending there
+    /// already; an eventfd that blocked for the write bound is dropped.
+    fn fire(&mut self, index: u32, i: usize) -> Result<(), Errno> {
         let automasked = self.info.automasked;
         let v = &mut self.vectors[i];
         let Some(fd) = v.fd.as_ref() else {
             return Err(Errno(libc::ENOENT));
         };
-        signal_eventfd(fd)?;
+        if eventfd::signal(fd.fd.as_fd())? == Signalled::Blocked {
+            log::warn!(
+                "vfio-user: the client's eventfd for interrupt {index}/{i} blocked for {:?} \
+                 (made blocking, counter full): dropped; the interrupt stays pending in it",
+                eventfd::WRITE_BOUND
+            );
+            v.fd = None;
+        }
         v.pending = false;
         if automasked {
             v.masked = true;
@@ -109,33 +135,18 @@ impl IrqType {
     }
 }
 
-/// Write 1 to an eventfd. A full counter (`EAGAIN`) means an interrupt is already pending there.
-fn signal_eventfd(fd: &OwnedFd) -> Result<(), Errno> {
-    let one = 1u64.to_ne_bytes();
-    loop {
-        // SAFETY: writes 8 bytes from a valid local buffer to an fd we own.
-        let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        if n == one.len() as isize {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => return Ok(()),
-            _ => return Err(Errno::from_io(&err)),
-        }
-    }
-}
-
 /// All interrupt types of one connection.
 #[derive(Debug)]
 pub struct IrqTable {
     types: Vec<Mutex<IrqType>>,
+    /// The connection's budget (client fds).
+    account: Arc<Account>,
 }
 
 impl IrqTable {
-    /// A table for the given interrupt types (`None`: index exists but has no vectors).
-    pub fn new(infos: &[Option<IrqInfo>]) -> IrqTable {
+    /// A table for the given interrupt types (`None`: index exists but has no vectors),
+    /// charging the eventfds it is given to `account`.
+    pub fn new(infos: &[Option<IrqInfo>], account: Arc<Account>) -> IrqTable {
         let types = infos
             .iter()
             .map(|info| {
@@ -153,7 +164,7 @@ impl IrqTable {
                 })
             })
             .collect();
-        IrqTable { types }
+        IrqTable { types, account }
     }
 
     fn with_type<R>(&self, index: u32, f: impl FnOnce(&mut IrqType) -> R) -> Option<R> {
@@ -176,7 +187,7 @@ impl IrqTable {
             if v.fd.is_none() {
                 return Err(IrqError::NotConfigured { index, vector });
             }
-            ty.fire(i).map_err(IrqError::Io)
+            ty.fire(index, i).map_err(IrqError::Io)
         })
         .unwrap_or(Err(IrqError::InvalidIndex(index)))
     }
@@ -200,11 +211,28 @@ impl IrqTable {
     }
 
     /// `DATA_EVENTFD|ACTION_TRIGGER` with fds: vectors `start..start + fds.len()` get them.
+    /// All or nothing: `EINVAL` if one is not an eventfd or the range is bad, `ENOSPC` if
+    /// they do not fit the fd budget (the fds they replace still count until replaced).
     pub fn assign(&self, index: u32, start: u32, fds: Vec<OwnedFd>) -> Result<(), Errno> {
         self.with_type(index, |ty| {
             let range = ty.range(start, u32::try_from(fds.len()).map_err(|_| Errno::EINVAL)?)?;
-            for (v, fd) in ty.vectors[range].iter_mut().zip(fds) {
-                v.fd = Some(fd);
+            for fd in &fds {
+                eventfd::check_eventfd(fd.as_fd()).inspect_err(|_| {
+                    log::debug!(
+                        "vfio-user: SET_IRQS {index}: refusing an fd that is not an eventfd"
+                    )
+                })?;
+            }
+            let charges = fds
+                .iter()
+                .map(|_| self.account.reserve(Resources::of(Resource::Fds, 1)))
+                .collect::<Result<Vec<_>, _>>()
+                .inspect_err(|e| log::debug!("vfio-user: SET_IRQS {index} refused: {e}"))?;
+            for ((v, fd), charge) in ty.vectors[range].iter_mut().zip(fds).zip(charges) {
+                v.fd = Some(ClientFd {
+                    fd,
+                    _charge: charge,
+                });
             }
             Ok(())
         })
@@ -275,7 +303,7 @@ impl IrqTable {
                 }
                 ty.vectors[i].masked = false;
                 if ty.vectors[i].pending && ty.vectors[i].fd.is_some() {
-                    if let Err(e) = ty.fire(i) {
+                    if let Err(e) = ty.fire(index, i) {
                         result = Err(e);
                     }
                 }
@@ -302,7 +330,7 @@ impl IrqTable {
                 if ty.vectors[i].masked {
                     ty.vectors[i].pending = true;
                 } else if ty.vectors[i].fd.is_some() {
-                    ty.fire(i)?;
+                    ty.fire(index, i)?;
                 }
             }
             Ok(())
@@ -321,7 +349,7 @@ impl IrqTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
 
     fn eventfd() -> OwnedFd {
         // SAFETY: plain eventfd creation.
@@ -346,9 +374,96 @@ mod tests {
         fd.try_clone().unwrap()
     }
 
+    fn table_with(infos: &[Option<IrqInfo>], fds: u64) -> IrqTable {
+        let process = Box::leak(Box::new(crate::vfio_user::budget::Usage::new()));
+        let budget = Resources {
+            fds,
+            ..Resources::CONNECTION
+        };
+        IrqTable::new(
+            infos,
+            Account::charging(budget, Resources::CONNECTION, process),
+        )
+    }
+
+    fn table(infos: &[Option<IrqInfo>]) -> IrqTable {
+        table_with(infos, Resources::CONNECTION.fds)
+    }
+
+    fn msix(count: u32) -> Option<IrqInfo> {
+        Some(IrqInfo {
+            count,
+            eventfd: true,
+            maskable: true,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn only_eventfds_are_taken_all_or_nothing() {
+        let table = table(&[msix(4)]);
+        let efd = eventfd();
+        let (_r, w) = std::io::pipe().unwrap();
+        assert_eq!(
+            table.assign(0, 0, vec![dup(&efd), OwnedFd::from(w)]),
+            Err(Errno::EINVAL)
+        );
+        assert!(!table.is_configured(0, 0) && !table.is_configured(0, 1));
+        assert_eq!(table.account.usage(), Resources::default());
+        table.assign(0, 0, vec![dup(&efd), dup(&efd)]).unwrap();
+        table.trigger(0, 1).unwrap();
+        assert_eq!(read_count(&efd), 1);
+    }
+
+    #[test]
+    fn eventfds_count_against_the_fd_budget() {
+        let table = table_with(&[msix(4)], 3);
+        let efd = eventfd();
+        table.assign(0, 0, vec![dup(&efd), dup(&efd)]).unwrap();
+        // Two more do not fit (the two held still count): nothing changes.
+        assert_eq!(
+            table.assign(0, 2, vec![dup(&efd), dup(&efd)]),
+            Err(Errno::ENOSPC)
+        );
+        assert!(!table.is_configured(0, 2));
+        assert_eq!(table.account.usage().fds, 2);
+        table.assign(0, 2, vec![dup(&efd)]).unwrap();
+        // Replacing or dropping fds gives their budget back.
+        table.deassign(0, 0, 2).unwrap();
+        table.assign(0, 0, vec![dup(&efd), dup(&efd)]).unwrap();
+        assert_eq!(table.account.usage().fds, 3);
+        table.clear();
+        assert_eq!(table.account.usage().fds, 0);
+    }
+
+    #[test]
+    fn an_eventfd_made_blocking_and_full_is_dropped_after_the_bound() {
+        let table = table(&[msix(2)]);
+        let efd = eventfd();
+        table.assign(0, 0, vec![dup(&efd), dup(&efd)]).unwrap();
+        // The client clears O_NONBLOCK on its copy (the same description) and fills it.
+        // SAFETY: fcntl on a valid fd, plain int arguments.
+        assert_eq!(unsafe { libc::fcntl(efd.as_raw_fd(), libc::F_SETFL, 0) }, 0);
+        let fill = (u64::MAX - 1).to_ne_bytes();
+        // SAFETY: 8-byte write from a local buffer.
+        assert_eq!(
+            unsafe { libc::write(efd.as_raw_fd(), fill.as_ptr().cast(), 8) },
+            8
+        );
+        let start = std::time::Instant::now();
+        table.trigger_range(0, 0, 2, Selection::All).unwrap();
+        // Each vector blocked once for the bound, then lost its fd.
+        assert!(start.elapsed() < eventfd::WRITE_BOUND * 20);
+        assert!(!table.is_configured(0, 0) && !table.is_configured(0, 1));
+        assert_eq!(table.account.usage().fds, 0);
+        // Nothing blocks any more: no fd is written.
+        table.trigger_range(0, 0, 2, Selection::All).unwrap();
+        assert_eq!(read_count(&efd), u64::MAX - 1);
+    }
+
     #[test]
     fn automasked_intx_fires_once_until_unmasked() {
-        let table = IrqTable::new(&[Some(IrqInfo {
+        let table = table(&[Some(IrqInfo {
             count: 1,
             eventfd: true,
             maskable: true,
@@ -368,7 +483,7 @@ mod tests {
 
     #[test]
     fn ranges_are_checked() {
-        let table = IrqTable::new(&[Some(IrqInfo {
+        let table = table(&[Some(IrqInfo {
             count: 4,
             ..Default::default()
         })]);

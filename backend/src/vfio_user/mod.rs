@@ -8,6 +8,7 @@
 //! - [`client`]: [`ClientHandle`], the device's view of a client (interrupts and DMA).
 //! - [`dma`], [`irq`]: a connection's DMA maps and interrupt lines; [`dma_map`]: one map
 //!   as the device is handed it ([`ClientDmaMap`]).
+//! - [`budget`]: what one connection, and the process, may make the server hold.
 //! - [`device`]: the device trait and its description types.
 //! - [`test_client`], [`mod@bench`]: a minimal protocol client and a REGION_READ latency benchmark.
 //!
@@ -16,6 +17,7 @@
 //! `MIG_DATA_*`), dirty-page logging and I/O fds are not supported.
 
 pub mod bench;
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod connection;
