@@ -117,6 +117,14 @@ impl Serve {
             .count()
     }
 
+    /// The server's memory mappings (lines of `/proc/PID/maps`).
+    fn mappings(&self) -> usize {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))
+            .unwrap()
+            .lines()
+            .count()
+    }
+
     /// The server's address space, bytes (`VmSize`).
     fn address_space(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
@@ -452,20 +460,22 @@ fn twenty_thousand_dma_maps_with_their_own_fds_hold_no_fds() {
     serve.stop_within(Duration::from_secs(5));
 
     // The whole GPU maps guest memory (it is lent to the GPU): mapped maps are held to the
-    // mappings budget (ENOMEM), still without keeping their fds.
+    // mappings budget; the rest are kept but reached over the socket (a guest with a vIOMMU
+    // legitimately makes thousands), still without keeping their fds.
     let (mut serve, socket) = Serve::whole("fds-whole");
     let fds_before = serve.fds();
+    let mappings_before = serve.mappings();
     let mut hostile = connect(&socket);
-    let mut refused = 0;
     for i in 0..MAPS {
         let fd = memfd(c"hostile", 4096, libc::F_SEAL_SHRINK);
-        match hostile.dma_map(RW, 0, 0x1000_0000 + i * 4096, 4096, Some(fd.as_fd())) {
-            Ok(()) => {}
-            Err(ClientError::Errno(Errno(libc::ENOMEM))) => refused += 1,
-            Err(e) => panic!("map {i}: {e}"),
-        }
+        let mapped = hostile.dma_map(RW, 0, 0x1000_0000 + i * 4096, 4096, Some(fd.as_fd()));
+        serve.survived(&format!("map {i}"), mapped);
     }
-    assert_eq!(refused, MAPS as usize - MAPPINGS_BUDGET);
+    let mappings = serve.mappings();
+    assert!(
+        mappings <= mappings_before + MAPPINGS_BUDGET + 64,
+        "{mappings} mappings, {mappings_before} before {MAPS} maps"
+    );
     let held = serve.fds();
     assert!(
         held <= fds_before + 8,
@@ -504,16 +514,13 @@ fn a_sparse_huge_memfd_mapped_over_and_over_is_held_to_the_address_space_budget(
         (accepted, refused)
     };
 
-    // The whole GPU: mapped maps, held to the connection's 4 TiB of address space.
+    // The whole GPU: mapped maps held to the connection's 4 TiB of address space; the rest
+    // are kept but reached over the socket.
     let (mut serve, socket) = Serve::whole("va-whole");
     let before = serve.address_space();
     let mut hostile = connect(&socket);
     let (accepted, refused) = attack(&mut hostile);
-    assert!(
-        accepted <= MAPPED_BYTES_BUDGET && accepted > MAPPED_BYTES_BUDGET / 2,
-        "{accepted:#x}"
-    );
-    assert!(refused > 0);
+    assert_eq!((accepted, refused), (asked, 0));
     let grown = serve.address_space().saturating_sub(before);
     assert!(
         grown <= MAPPED_BYTES_BUDGET + 4 * GIB,

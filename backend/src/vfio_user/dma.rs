@@ -270,6 +270,17 @@ pub struct DmaSpace {
     map_fds: bool,
     /// The "fd not sealed, using socket DMA" notice was logged.
     unsealed_logged: AtomicBool,
+    /// The "past the mapped-memory budget, using socket DMA" notice was logged.
+    over_budget_logged: AtomicBool,
+}
+
+/// Logs a refused map (debug: the errno is the answer).
+fn refused(req: &DmaMapRequest, e: &super::budget::BudgetError) {
+    log::debug!(
+        "vfio-user: DMA map [{:#x}, +{:#x}) refused: {e}",
+        req.iova,
+        req.size
+    );
 }
 
 /// Check an fd-backed map `[offset, offset + size)` of `fd` against the file (`EINVAL` if a
@@ -321,12 +332,27 @@ impl DmaSpace {
             account,
             map_fds,
             unsealed_logged: AtomicBool::new(false),
+            over_budget_logged: AtomicBool::new(false),
         }
     }
 
     /// The connection's budget account.
     pub fn account(&self) -> &Arc<Account> {
         &self.account
+    }
+
+    /// Say once per connection that maps past its mapped-memory budget are served through
+    /// socket DMA.
+    fn log_over_budget(&self, req: &DmaMapRequest) {
+        if !self.over_budget_logged.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "vfio-user: DMA map [{:#x}, +{:#x}) is past the client's budget of mapped DMA \
+                 memory: it and further such maps are reached through DMA_READ/DMA_WRITE \
+                 messages instead of being mapped (slower, but no address space)",
+                req.iova,
+                req.size
+            );
+        }
     }
 
     /// Say once per connection why a map with an fd is not mapped.
@@ -373,11 +399,12 @@ impl DmaSpace {
     }
 
     /// Add a map. `EEXIST` if it overlaps one, `ENOSPC` past `max_maps` or the DMA map
-    /// budget, `ENOMEM` past the mapped-memory budget (see [`super::budget`]), `EINVAL` for a
+    /// budget, `EINVAL` for a
     /// bad range, an fd offset that is not page-aligned or a range past the end of the file.
     /// An fd is mmapped only if the space maps fds and the fd is sealed against shrinking
-    /// (see the module docs); otherwise the map is served through socket DMA. The fd is
-    /// closed before this returns either way.
+    /// (see the module docs) and the mapped-memory budgets (see [`super::budget`]) have room
+    /// for it; otherwise the map is served through socket DMA. The fd is closed before this
+    /// returns either way.
     pub fn map(
         &self,
         req: DmaMapRequest,
@@ -426,13 +453,26 @@ impl DmaSpace {
                 return Err(Errno::EEXIST);
             }
         }
-        let charge = self.account.reserve(charge).inspect_err(|e| {
-            log::debug!(
-                "vfio-user: DMA map [{:#x}, +{:#x}) refused: {e}",
-                req.iova,
-                req.size
-            )
-        })?;
+        let charge = match self.account.reserve(charge) {
+            Ok(charge) => charge,
+            // Past the mapped-memory budgets the map is still kept, reached over the socket
+            // like an unsealed one: it costs no address space, and a guest whose driver maps
+            // many small ranges (a vIOMMU) keeps working instead of getting an error QEMU
+            // cannot recover from.
+            Err(e) if e.errno() == Errno(libc::ENOMEM) && to_map.is_some() => {
+                to_map = None;
+                self.log_over_budget(&req);
+                self.account.reserve(Resources {
+                    dma_maps: 1,
+                    ..Resources::default()
+                })
+            }
+            .inspect_err(|e| refused(&req, e))?,
+            Err(e) => {
+                refused(&req, &e);
+                return Err(e.into());
+            }
+        };
         let backing = match to_map {
             Some((fd, len)) => Backing::Mapped(Arc::new(map_fd(fd, &req, len)?)),
             None => Backing::Socket,
@@ -686,21 +726,29 @@ mod tests {
             fds: 0,
         };
         assert_eq!(dma.account().usage(), charged);
-        // Past the address-space budget: ENOMEM, nothing recorded, the fd closed.
-        assert_eq!(
-            dma.map(req(0x20000, 0x2000), Some(named_memfd(name, 0x2000)), 99),
-            Err(Errno(libc::ENOMEM))
-        );
+        // Past the address-space budget: kept, but reached over the socket (a count only),
+        // the fd closed.
+        dma.map(req(0x20000, 0x2000), Some(named_memfd(name, 0x2000)), 99)
+            .unwrap();
         assert_eq!(open_memfds("dma-budget-test"), 0);
-        assert_eq!((dma.len(), dma.account().usage()), (1, charged));
+        assert_eq!(dma.mapped_count(), 1);
+        let counted = |n: u64| Resources {
+            dma_maps: n,
+            ..charged
+        };
+        assert_eq!((dma.len(), dma.account().usage()), (2, counted(2)));
+        assert!(dma.over_budget_logged.load(Ordering::Relaxed));
+        assert_eq!(
+            dma.read_step(0x20000, &mut [0u8; 4]).unwrap(),
+            Segment::Socket(4)
+        );
+        dma.unmap(0x20000, 0x2000).unwrap();
         dma.map(req(0x20000, 0x1000), Some(memfd(0x1000)), 99)
             .unwrap();
-        // Past the mappings budget: ENOMEM; a map reached over the socket costs only a count.
-        assert_eq!(
-            dma.map(req(0x30000, 0x1000), Some(memfd(0x1000)), 99),
-            Err(Errno(libc::ENOMEM))
-        );
-        dma.map(req(0x30000, 0x1000), None, 99).unwrap();
+        // Past the mappings budget: the same, over the socket.
+        dma.map(req(0x30000, 0x1000), Some(memfd(0x1000)), 99)
+            .unwrap();
+        assert_eq!(dma.mapped_count(), 2);
         dma.map(req(0x40000, 0x1000), None, 99).unwrap();
         // Past the count budget: ENOSPC.
         assert_eq!(dma.map(req(0x50000, 0x1000), None, 99), Err(Errno::ENOSPC));
