@@ -9,12 +9,14 @@
 //! - [`dma`], [`irq`]: a connection's DMA maps and interrupt lines; [`dma_map`]: one map
 //!   as the device is handed it ([`ClientDmaMap`]).
 //! - [`device`]: the device trait and its description types.
-//! - [`test_client`], [`mod@bench`]: a minimal protocol client and a REGION_READ latency benchmark.
+//! - `test_client`, `bench` (feature `test-utils`, for tests, benches and the guest harness;
+//!   not in a shipped build): a minimal protocol client and a REGION_READ latency benchmark.
 //!
 //! Server-to-client `DMA_READ`/`DMA_WRITE` use the spec's message layout, which QEMU 11.1
 //! speaks (see [`protocol::DmaMessageLayout`]); twin-socket mode, migration (`DEVICE_FEATURE`,
 //! `MIG_DATA_*`), dirty-page logging and I/O fds are not supported.
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod bench;
 pub mod client;
 pub mod config;
@@ -27,11 +29,13 @@ pub mod protocol;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod test_client;
 
 #[cfg(test)]
 mod tests;
 
+#[cfg(any(test, feature = "test-utils"))]
 pub use bench::{bench_posted_writes, bench_region_read, BenchMode, LatencyStats};
 pub use client::ClientHandle;
 pub use config::ServerConfig;
