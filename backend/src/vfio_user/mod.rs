@@ -4,7 +4,8 @@
 //! - [`protocol`]: wire structures, command numbers, flags, capability JSON.
 //! - [`socket`]: message framing, `SCM_RIGHTS`, bounded reads, serialized writes.
 //! - [`connection`]: one client: command dispatch and validation.
-//! - [`server`]: the listening socket, one client at a time, shutdown.
+//! - [`server`]: the listening socket, one client at a time, shutdown; [`admission`]: who
+//!   may connect, and warnings a client can repeat logged once.
 //! - [`client`]: [`ClientHandle`], the device's view of a client (interrupts and DMA).
 //! - [`dma`], [`irq`]: a connection's DMA maps and interrupt lines; [`dma_map`]: one map
 //!   as the device is handed it ([`ClientDmaMap`]).
@@ -16,6 +17,7 @@
 //! speaks (see [`protocol::DmaMessageLayout`]); twin-socket mode, migration (`DEVICE_FEATURE`,
 //! `MIG_DATA_*`), dirty-page logging and I/O fds are not supported.
 
+pub mod admission;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod bench;
 pub mod client;
@@ -35,6 +37,7 @@ pub mod test_client;
 #[cfg(test)]
 mod tests;
 
+pub use admission::{PeerCred, PeerPolicy};
 #[cfg(any(test, feature = "test-utils"))]
 pub use bench::{bench_posted_writes, bench_region_read, BenchMode, LatencyStats};
 pub use client::ClientHandle;
@@ -46,5 +49,8 @@ pub use device::{
 pub use dma::DmaError;
 pub use irq::IrqError;
 pub use protocol::DmaMessageLayout;
-pub use server::{serve_stream, Server, ServerError, DEFAULT_SOCKET_MODE};
+pub use server::{
+    adopt_connected_fd, serve_stream, Server, ServerError, SocketFile, DEFAULT_SOCKET_MODE,
+    STOP_GRACE,
+};
 pub use shutdown::ShutdownSignal;
