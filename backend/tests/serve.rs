@@ -635,3 +635,62 @@ fn serve_fd_refuses_what_is_not_an_allowed_connected_socket() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an open file descriptor"));
 }
+
+/// Sets process `pid`'s soft fd limit to `n` (at most its hard limit), keeping the hard one.
+fn set_fd_limit(pid: u32, n: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on a child we own: reads its limits into `limit`.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut limit,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    limit.rlim_cur = n.min(limit.rlim_max);
+    // SAFETY: as above, setting a soft limit within the hard one.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_failing_accept_is_logged_once_per_episode() {
+    let socket = temp_socket("accept-fails.sock");
+    let mut child = spawn_serve(&["--socket".into(), socket.display().to_string()]);
+    wait_for_socket(&socket, &mut child);
+    std::thread::sleep(Duration::from_millis(200));
+    // No fd number left for accept (the limit is the lowest free one): it fails (EMFILE)
+    // and is retried every 50 ms.
+    let open: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    set_fd_limit(child.id(), lowest_free);
+    let mut client = TestClient::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    set_fd_limit(child.id(), 4096);
+    // Once fds are there again the waiting client is served.
+    client.set_reply_timeout(Duration::from_secs(10));
+    let served = client.version();
+    drop(client);
+    assert!(terminate(&mut child, libc::SIGTERM).success());
+    let log = stderr_of(&mut child);
+    assert!(served.is_ok(), "{served:?}: {log}");
+    let said = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(said("accept failed"), 1, "{log}");
+    assert!(log.contains("Too many open files"), "{log}");
+    assert!(log.lines().count() < 5, "{log}");
+}

@@ -289,6 +289,7 @@ impl Server {
         let mut active: Option<Active> = None;
         let mut busy = RepeatedWarning::new(REPEAT_PERIOD);
         let mut accept_failures = RepeatedWarning::new(REPEAT_PERIOD);
+        let mut setup_failures = RepeatedWarning::new(REPEAT_PERIOD);
         let mut refused = RefusedPeers::default();
         let result = loop {
             if active.as_ref().is_some_and(|a| a.thread.is_finished()) {
@@ -391,8 +392,21 @@ impl Server {
                 log::warn!("vfio-user: refused {n} more client(s) while one was connected");
             }
             match self.spawn(stream, Arc::clone(&device), shutdown.clone()) {
-                Ok(a) => active = Some(a),
-                Err(e) => log::warn!("vfio-user: cannot serve client: {e}"),
+                Ok(a) => {
+                    active = Some(a);
+                    if let Some(n) = setup_failures.end() {
+                        log::info!("vfio-user: serving clients again (after {n} more failure(s))");
+                    }
+                }
+                // Out of fds, memory or threads: the client is closed; said once per episode.
+                Err(e) => match setup_failures.occur(Instant::now()) {
+                    Occurrence::First => log::warn!("vfio-user: cannot serve client: {e}"),
+                    Occurrence::Summary(n) => log::warn!(
+                        "vfio-user: could not serve {n} more client(s) in the last {} s: {e}",
+                        REPEAT_PERIOD.as_secs()
+                    ),
+                    Occurrence::Counted => {}
+                },
             }
         };
         if let Some(a) = active {
