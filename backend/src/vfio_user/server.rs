@@ -287,10 +287,7 @@ impl Server {
             .set_nonblocking(true)
             .map_err(ServerError::Listener)?;
         let mut active: Option<Active> = None;
-        let mut busy = RepeatedWarning::new(REPEAT_PERIOD);
-        let mut accept_failures = RepeatedWarning::new(REPEAT_PERIOD);
-        let mut setup_failures = RepeatedWarning::new(REPEAT_PERIOD);
-        let mut refused = RefusedPeers::default();
+        let mut log = ServerLog::default();
         let result = loop {
             if active.as_ref().is_some_and(|a| a.thread.is_finished()) {
                 if let Some(done) = active
@@ -301,19 +298,10 @@ impl Server {
                 }
             }
             if active.is_none() {
-                if let Some(n) = busy.end() {
-                    log::warn!("vfio-user: refused {n} more client(s) while one was connected");
-                }
-            }
-            if let Some(n) = busy.due(Instant::now()) {
-                log::warn!(
-                    "vfio-user: refused {n} more client(s) in the last {} s while one is \
-                     connected",
-                    REPEAT_PERIOD.as_secs()
-                );
+                log.client_gone();
             }
             // Wake up for a summary that falls due even if nobody else connects.
-            let timeout = busy.next_due(Instant::now());
+            let timeout = log.tick();
             match wait_readable(self.listener.as_fd(), Some(&shutdown), timeout) {
                 Ok(Readiness::Shutdown) => break Ok(()),
                 Ok(Readiness::TimedOut) => continue,
@@ -338,27 +326,14 @@ impl Server {
                 Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) if listener_is_broken(&e) => break Err(ServerError::Listener(e)),
                 Err(e) => {
-                    // Out of fds or memory: back off instead of spinning, and say so once
-                    // per episode rather than twenty times a second.
-                    match accept_failures.occur(Instant::now()) {
-                        Occurrence::First => log::warn!(
-                            "vfio-user: accept failed: {e} (retrying every {} ms)",
-                            ACCEPT_BACKOFF.as_millis()
-                        ),
-                        Occurrence::Summary(n) => log::warn!(
-                            "vfio-user: accept failed {n} more time(s) in the last {} s: {e}",
-                            REPEAT_PERIOD.as_secs()
-                        ),
-                        Occurrence::Counted => {}
-                    }
+                    // Out of fds or memory: back off instead of spinning.
+                    log.accept_failed(&e);
                     std::thread::sleep(ACCEPT_BACKOFF);
                     continue;
                 }
             };
-            if let Some(n) = accept_failures.end() {
-                log::info!("vfio-user: accepting again (after {n} more failure(s))");
-            }
-            if !self.admits(&stream, &mut refused) {
+            log.accepted();
+            if !self.admits(&stream, &mut log.refused) {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 continue;
             }
@@ -372,41 +347,19 @@ impl Server {
                     active = Some(current);
                 }
                 if active.is_some() {
-                    match busy.occur(Instant::now()) {
-                        Occurrence::First => log::warn!(
-                            "vfio-user: refusing a second client while one is connected \
-                             (further refusals are counted)"
-                        ),
-                        Occurrence::Summary(n) => log::warn!(
-                            "vfio-user: refused {n} more client(s) in the last {} s while one \
-                             is connected",
-                            REPEAT_PERIOD.as_secs()
-                        ),
-                        Occurrence::Counted => {}
-                    }
+                    log.second_client();
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                     continue;
                 }
             }
-            if let Some(n) = busy.end() {
-                log::warn!("vfio-user: refused {n} more client(s) while one was connected");
-            }
+            log.client_gone();
             match self.spawn(stream, Arc::clone(&device), shutdown.clone()) {
                 Ok(a) => {
                     active = Some(a);
-                    if let Some(n) = setup_failures.end() {
-                        log::info!("vfio-user: serving clients again (after {n} more failure(s))");
-                    }
+                    log.served();
                 }
-                // Out of fds, memory or threads: the client is closed; said once per episode.
-                Err(e) => match setup_failures.occur(Instant::now()) {
-                    Occurrence::First => log::warn!("vfio-user: cannot serve client: {e}"),
-                    Occurrence::Summary(n) => log::warn!(
-                        "vfio-user: could not serve {n} more client(s) in the last {} s: {e}",
-                        REPEAT_PERIOD.as_secs()
-                    ),
-                    Occurrence::Counted => {}
-                },
+                // Out of fds, memory or threads: the client is closed.
+                Err(e) => log.setup_failed(&e),
             }
         };
         if let Some(a) = active {
@@ -497,6 +450,103 @@ impl Server {
             .spawn(move || connection.run())
             .map_err(ServerError::Connection)?;
         Ok(Active { thread, peer })
+    }
+}
+
+/// What a server logs about its clients and its listener, once per episode or per peer (see
+/// [`RepeatedWarning`]) rather than once per attempt.
+#[derive(Debug)]
+struct ServerLog {
+    /// Second clients refused while one is connected.
+    busy: RepeatedWarning,
+    /// `accept` failing for lack of fds or memory.
+    accept_failures: RepeatedWarning,
+    /// Accepted clients that could not be set up.
+    setup_failures: RepeatedWarning,
+    /// Peers refused for their credentials.
+    refused: RefusedPeers,
+}
+
+impl Default for ServerLog {
+    fn default() -> Self {
+        ServerLog {
+            busy: RepeatedWarning::new(REPEAT_PERIOD),
+            accept_failures: RepeatedWarning::new(REPEAT_PERIOD),
+            setup_failures: RepeatedWarning::new(REPEAT_PERIOD),
+            refused: RefusedPeers::default(),
+        }
+    }
+}
+
+impl ServerLog {
+    /// Logs a summary that fell due; returns how long until the next one can.
+    fn tick(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        if let Some(n) = self.busy.due(now) {
+            log::warn!(
+                "vfio-user: refused {n} more client(s) in the last {} s while one is connected",
+                REPEAT_PERIOD.as_secs()
+            );
+        }
+        self.busy.next_due(now)
+    }
+
+    fn second_client(&mut self) {
+        match self.busy.occur(Instant::now()) {
+            Occurrence::First => log::warn!(
+                "vfio-user: refusing a second client while one is connected (further \
+                 refusals are counted)"
+            ),
+            Occurrence::Summary(n) => log::warn!(
+                "vfio-user: refused {n} more client(s) in the last {} s while one is connected",
+                REPEAT_PERIOD.as_secs()
+            ),
+            Occurrence::Counted => {}
+        }
+    }
+
+    /// No client is connected any more: the episode of refusals ends.
+    fn client_gone(&mut self) {
+        if let Some(n) = self.busy.end() {
+            log::warn!("vfio-user: refused {n} more client(s) while one was connected");
+        }
+    }
+
+    fn accept_failed(&mut self, e: &io::Error) {
+        match self.accept_failures.occur(Instant::now()) {
+            Occurrence::First => log::warn!(
+                "vfio-user: accept failed: {e} (retrying every {} ms)",
+                ACCEPT_BACKOFF.as_millis()
+            ),
+            Occurrence::Summary(n) => log::warn!(
+                "vfio-user: accept failed {n} more time(s) in the last {} s: {e}",
+                REPEAT_PERIOD.as_secs()
+            ),
+            Occurrence::Counted => {}
+        }
+    }
+
+    fn accepted(&mut self) {
+        if let Some(n) = self.accept_failures.end() {
+            log::info!("vfio-user: accepting again (after {n} more failure(s))");
+        }
+    }
+
+    fn setup_failed(&mut self, e: &ServerError) {
+        match self.setup_failures.occur(Instant::now()) {
+            Occurrence::First => log::warn!("vfio-user: cannot serve client: {e}"),
+            Occurrence::Summary(n) => log::warn!(
+                "vfio-user: could not serve {n} more client(s) in the last {} s: {e}",
+                REPEAT_PERIOD.as_secs()
+            ),
+            Occurrence::Counted => {}
+        }
+    }
+
+    fn served(&mut self) {
+        if let Some(n) = self.setup_failures.end() {
+            log::info!("vfio-user: serving clients again (after {n} more failure(s))");
+        }
     }
 }
 
