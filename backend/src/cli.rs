@@ -19,10 +19,11 @@ use crate::presentation::{
     FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
 };
 use crate::serve::{
-    present_guests, present_guests_with, serve, serve_functions, ServeError, ServeOptions,
+    present_guests, present_guests_with, serve, serve_connected, serve_functions, AllowIds,
+    AllowIdsError, ListenOptions, PeerRules, ServeError, ServeOptions,
 };
 use crate::slice::{parse_slice_size, GuestSpec, HandOut, SpecError};
-use crate::vfio_user::ServerConfig;
+use crate::vfio_user::{adopt_connected_fd, ServerConfig};
 
 /// Errors of the command line.
 #[derive(Debug, Error)]
@@ -169,8 +170,24 @@ pub enum Command {
         vfio: Option<String>,
         /// Socket path for QEMU's `vfio-user-pci`: one guest owns the whole GPU (a stale
         /// socket file is replaced).
-        #[arg(long, required_unless_present = "guests", conflicts_with = "guests")]
+        #[arg(long, required_unless_present_any = ["guests", "fd"], conflicts_with = "guests")]
         socket: Option<PathBuf>,
+        /// Serve the one client at the other end of fd N, a connected unix stream socket the
+        /// launcher passed (e.g. libvirt): the GPU is whole to it, and the process ends when
+        /// it leaves.
+        #[arg(long, value_name = "N", conflicts_with_all = ["socket", "guests"])]
+        fd: Option<i32>,
+        /// Only peers running as one of these uids (or with an allowed gid) may connect,
+        /// checked with SO_PEERCRED on accept; others are closed at once. `UID[,UID..]`
+        /// applies to every socket, `SOCKET=UID[,UID..]` to that guest's socket only (added
+        /// to the former). Repeatable. Without any `--allow-uid`/`--allow-gid`, the socket's
+        /// file mode alone decides.
+        #[arg(long = "allow-uid", value_name = "[SOCKET=]UID[,UID..]", value_parser = parse_allow)]
+        allow_uids: Vec<AllowIds>,
+        /// Like `--allow-uid`, for the peer's effective group id (supplementary groups do not
+        /// count).
+        #[arg(long = "allow-gid", value_name = "[SOCKET=]GID[,GID..]", value_parser = parse_allow)]
+        allow_gids: Vec<AllowIds>,
         /// A guest with SIZE of VRAM (e.g. 8G, 512M; a multiple of 2 MiB) served on SOCKET.
         /// Repeat for more guests: they get consecutive slices of VRAM, scrubbed first.
         #[arg(long = "guest", value_name = "SOCKET:SIZE", value_parser = parse_guest)]
@@ -192,6 +209,10 @@ pub enum Command {
 }
 
 fn parse_guest(text: &str) -> Result<GuestSpec, SpecError> {
+    text.parse()
+}
+
+fn parse_allow(text: &str) -> Result<AllowIds, AllowIdsError> {
     text.parse()
 }
 
@@ -418,6 +439,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             profile,
             vfio,
             socket,
+            fd,
+            allow_uids,
+            allow_gids,
             guests,
             socket_mode,
             poll_spin_us,
@@ -432,6 +456,22 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 poll_spin: Duration::from_micros(poll_spin_us),
                 ..ServerConfig::default()
             };
+            let listen = ListenOptions {
+                socket_mode,
+                server_config,
+                peers: PeerRules::from_flags(&allow_uids, &allow_gids),
+            };
+            if let Some(fd) = fd {
+                // Per-socket ids name no socket here.
+                listen.peers.check_sockets(&[]).map_err(CliError::Serve)?;
+                // SAFETY: `fd` is inherited from the launcher and taken once, here, before
+                // anything in this process could have come to own it.
+                let stream = unsafe { adopt_connected_fd(fd) }.map_err(ServeError::from)?;
+                let (host, _) = open_host(profile, vfio.as_deref())?;
+                let peers = listen.peers.for_any_socket();
+                serve_connected(host, stream, server_config, peers, trap_vram)?;
+                return Ok(());
+            }
             let (host, _) = open_host(profile, vfio.as_deref())?;
             if guests.is_empty() {
                 let socket = socket.ok_or_else(|| {
@@ -441,8 +481,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     host,
                     &ServeOptions {
                         socket,
-                        socket_mode,
-                        server_config,
+                        listen,
                         trap_vram,
                     },
                 )?;
@@ -460,7 +499,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         .ok_or(ServeError::NoSocket(i))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            serve_functions(served, socket_mode, server_config)?;
+            serve_functions(served, &listen)?;
             Ok(())
         }
     }

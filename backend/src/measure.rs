@@ -14,7 +14,7 @@ use thiserror::Error;
 use crate::gsp::{boot, BootError, GspTimeouts};
 use crate::host_driver::addr::PageSize;
 use crate::host_driver::addr::VramAddr;
-use crate::host_driver::bench::{measure_identity_build, BenchError};
+use crate::host_driver::identity_build::{measure_identity_build, IdentityBuildError};
 use crate::host_gpu::{AccessWidth, HostGpu, HostGpuError};
 use crate::slice::{HostVram, HostVramError};
 
@@ -29,7 +29,7 @@ pub enum MeasureError {
     Boot(#[from] BootError),
     /// The page-table build failed.
     #[error("page-table build failed: {0}")]
-    Build(#[from] BenchError),
+    Build(#[from] IdentityBuildError),
     /// The scrub failed.
     #[error("scrub failed: {0}")]
     Scrub(#[from] HostVramError),

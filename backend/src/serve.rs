@@ -1,10 +1,33 @@
 //! `gpu-backend serve`: present the GPU over vfio-user until SIGTERM or SIGINT, whole to
-//! one guest ([`serve`]) or sliced between several guests, each on its own socket and
-//! thread ([`present_guests`] + [`serve_functions`]).
+//! one guest ([`serve`], or [`serve_connected`] on a socket the launcher connected) or
+//! sliced between several guests, each on its own socket and thread ([`present_guests`] +
+//! [`serve_functions`]).
+//!
+//! # One guest's failure stays that guest's
+//!
+//! Every guest's server runs on its own thread, watched by the calling thread. When one ends
+//! with an error (its listening socket failed, or its thread panicked), that is logged once
+//! with the reason, its socket file is removed and the other guests go on. The process
+//! ends:
+//! - on SIGTERM or SIGINT: `Ok` if every guest was still served, else
+//!   [`ServeError::GuestsFailed`] (exit status 1, so a supervisor learns that the backend ran
+//!   degraded);
+//! - when no guest is left ([`ServeError::NoGuestLeft`]), or the GPU stopped answering
+//!   ([`ServeError::DeviceLost`]; every guest is on it);
+//! - with `--fd`, when the one client leaves (`Ok`).
+//!
+//! # Bounded shutdown
+//!
+//! Once shutdown starts, the servers get [`SHUTDOWN_GRACE`] to stop; a thread still running
+//! then (stuck in a syscall, say) is left behind, the socket files are removed and the call
+//! returns, so the process exits within that bound whatever a connection thread is doing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -17,7 +40,17 @@ use crate::presentation::{
 };
 use crate::slice::{GuestSpec, HandOut, SetupError, SlicedGpu};
 use crate::vfio_user::shutdown::ShutdownError;
-use crate::vfio_user::{Server, ServerConfig, ServerError, ShutdownSignal};
+use crate::vfio_user::{
+    serve_stream, PeerCred, PeerPolicy, Server, ServerConfig, ServerError, ShutdownSignal,
+    SocketFile, DEFAULT_SOCKET_MODE, STOP_GRACE,
+};
+
+/// How long the servers get to stop once shutdown starts before the process goes without
+/// them: [`STOP_GRACE`] for a server's connection, plus a second.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(STOP_GRACE.as_secs() + 1);
+
+/// How often the supervising thread looks at the shutdown signal between events.
+const SUPERVISE_TICK: Duration = Duration::from_millis(100);
 
 /// Errors of serving.
 #[derive(Debug, Error)]
@@ -34,6 +67,9 @@ pub enum ServeError {
     /// A guest has no socket to be served on.
     #[error("guest {0} has no socket")]
     NoSocket(usize),
+    /// An `--allow-uid`/`--allow-gid` names a socket no guest is served on.
+    #[error("--allow-uid/--allow-gid name {0}, which is no guest's socket")]
+    UnknownAllowSocket(PathBuf),
     /// The socket could not be set up or the server failed.
     #[error(transparent)]
     Server(#[from] ServerError),
@@ -49,6 +85,20 @@ pub enum ServeError {
     /// A server thread could not be started.
     #[error("cannot start a server thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// Every guest's server ended with an error (each logged): nothing is served any more.
+    #[error("no guest is served any more (each guest's server failed; see the log)")]
+    NoGuestLeft,
+    /// Stopped on a signal after some guests' servers had ended with errors (each logged).
+    #[error("{0} guest(s) had stopped being served after an error (see the log)")]
+    GuestsFailed(usize),
+    /// The peer of the `--fd` socket is not one the allow lists admit.
+    #[error("the peer of the given socket (uid {}, gid {}) is not allowed: only {policy} may connect", .peer.uid, .peer.gid)]
+    PeerRefused {
+        /// The peer.
+        peer: PeerCred,
+        /// Who may connect.
+        policy: PeerPolicy,
+    },
 }
 
 impl ServeError {
@@ -56,8 +106,137 @@ impl ServeError {
     pub fn is_bad_request(&self) -> bool {
         match self {
             ServeError::Setup(e) => e.is_bad_request(),
-            ServeError::DuplicateSocket(_) | ServeError::NoSocket(_) => true,
+            ServeError::DuplicateSocket(_)
+            | ServeError::NoSocket(_)
+            | ServeError::UnknownAllowSocket(_)
+            | ServeError::Server(ServerError::NotConnectedSocket { .. }) => true,
             _ => false,
+        }
+    }
+}
+
+/// One `--allow-uid`/`--allow-gid` value: `[SOCKET=]ID[,ID..]`, ids for every socket or for
+/// the guest served on `SOCKET`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowIds {
+    /// The socket the ids apply to (`None`: every socket).
+    pub socket: Option<PathBuf>,
+    /// Numeric user or group ids.
+    pub ids: Vec<u32>,
+}
+
+/// Errors of parsing an [`AllowIds`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("`{0}` is not [SOCKET=]ID[,ID..] with numeric ids (e.g. 107,108 or /run/g0.sock=107)")]
+pub struct AllowIdsError(String);
+
+impl FromStr for AllowIds {
+    type Err = AllowIdsError;
+
+    /// The ids follow the last `=`, so socket paths may contain `=`.
+    fn from_str(text: &str) -> Result<AllowIds, AllowIdsError> {
+        let bad = || AllowIdsError(text.to_owned());
+        let (socket, ids) = match text.rsplit_once('=') {
+            Some(("", _)) => return Err(bad()),
+            Some((socket, ids)) => (Some(PathBuf::from(socket)), ids),
+            None => (None, text),
+        };
+        let ids = ids
+            .split(',')
+            .map(|id| id.trim().parse::<u32>().map_err(|_| bad()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(AllowIds { socket, ids })
+    }
+}
+
+/// Who may connect to which socket: the ids given for every socket, united with those
+/// given for that socket. No ids at all: anyone the socket's file mode lets in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerRules {
+    every: PeerPolicy,
+    per_socket: Vec<(PathBuf, PeerPolicy)>,
+}
+
+impl PeerRules {
+    /// The rules of the `--allow-uid` and `--allow-gid` values.
+    pub fn from_flags(uids: &[AllowIds], gids: &[AllowIds]) -> PeerRules {
+        let mut rules = PeerRules::default();
+        for (allow, is_uid) in uids
+            .iter()
+            .map(|a| (a, true))
+            .chain(gids.iter().map(|a| (a, false)))
+        {
+            let policy = match &allow.socket {
+                None => &mut rules.every,
+                Some(socket) => {
+                    let at = match rules.per_socket.iter().position(|(s, _)| s == socket) {
+                        Some(at) => at,
+                        None => {
+                            rules
+                                .per_socket
+                                .push((socket.clone(), PeerPolicy::anyone()));
+                            rules.per_socket.len() - 1
+                        }
+                    };
+                    &mut rules.per_socket[at].1
+                }
+            };
+            let ids = allow.ids.iter().copied();
+            *policy = if is_uid {
+                std::mem::take(policy).allow_uids(ids)
+            } else {
+                std::mem::take(policy).allow_gids(ids)
+            };
+        }
+        rules
+    }
+
+    /// Who may connect to `socket`.
+    pub fn for_socket(&self, socket: &Path) -> PeerPolicy {
+        self.per_socket
+            .iter()
+            .filter(|(s, _)| s == socket)
+            .fold(self.every.clone(), |p, (_, q)| p.union(q))
+    }
+
+    /// Who may be the peer of a socket the launcher connected (the ids given for every
+    /// socket).
+    pub fn for_any_socket(&self) -> &PeerPolicy {
+        &self.every
+    }
+
+    /// Refuses rules naming a socket that is not in `served` (a typo would leave that
+    /// guest open to anyone the global ids admit, or to anyone at all).
+    pub fn check_sockets(&self, served: &[&Path]) -> Result<(), ServeError> {
+        match self
+            .per_socket
+            .iter()
+            .find(|(s, _)| !served.contains(&s.as_path()))
+        {
+            Some((socket, _)) => Err(ServeError::UnknownAllowSocket(socket.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How the sockets are set up.
+#[derive(Debug, Clone)]
+pub struct ListenOptions {
+    /// File mode of the socket(s) (0o600 unless widened).
+    pub socket_mode: u32,
+    /// Limits and tuning of the vfio-user connections.
+    pub server_config: ServerConfig,
+    /// Who may connect to which socket.
+    pub peers: PeerRules,
+}
+
+impl Default for ListenOptions {
+    /// Mode 0600, the default limits, anyone the mode lets in.
+    fn default() -> Self {
+        ListenOptions {
+            socket_mode: DEFAULT_SOCKET_MODE,
+            server_config: ServerConfig::default(),
+            peers: PeerRules::default(),
         }
     }
 }
@@ -67,10 +246,8 @@ impl ServeError {
 pub struct ServeOptions {
     /// Socket path QEMU connects to.
     pub socket: PathBuf,
-    /// File mode of the socket (0o600 unless widened).
-    pub socket_mode: u32,
-    /// Limits and tuning of the vfio-user connections.
-    pub server_config: ServerConfig,
+    /// Socket mode, connection limits, who may connect.
+    pub listen: ListenOptions,
     /// Offer no VRAM BAR for mmap: every VRAM access is trapped, so a guest that switches
     /// BAR1 to virtual mode gets its accesses translated (see
     /// [`PresentationOptions::trap_vram`]).
@@ -85,11 +262,51 @@ pub fn serve(host: Arc<dyn HostGpu>, options: &ServeOptions) -> Result<(), Serve
         handout: HandOut::Scrubbed,
     };
     let function = PresentedFunction::new_with(host, presentation)?;
-    serve_functions(
-        vec![(options.socket.clone(), function)],
-        options.socket_mode,
-        options.server_config,
-    )
+    serve_functions(vec![(options.socket.clone(), function)], &options.listen)
+}
+
+/// Serves `host` whole to the one client at the other end of `stream`, a socket the
+/// launcher connected (`serve --fd N`), until it leaves or SIGTERM/SIGINT. The peer must be
+/// one `peers` admits.
+pub fn serve_connected(
+    host: Arc<dyn HostGpu>,
+    stream: std::os::unix::net::UnixStream,
+    server_config: ServerConfig,
+    peers: &PeerPolicy,
+    trap_vram: bool,
+) -> Result<(), ServeError> {
+    if !peers.is_open() {
+        let peer = PeerCred::of(&stream).map_err(ServerError::Connection)?;
+        if !peers.admits(&peer) {
+            return Err(ServeError::PeerRefused {
+                peer,
+                policy: peers.clone(),
+            });
+        }
+    }
+    let presentation = PresentationOptions {
+        trap_vram,
+        handout: HandOut::Scrubbed,
+    };
+    let function = PresentedFunction::new_with(host, presentation)?;
+    log_layout(&FunctionLayout::of(&function));
+    log::info!(
+        "serving {} on the connected socket given by the launcher",
+        function.identity().name
+    );
+    let device = Arc::new(GpuDevice::new(function));
+    let host = Arc::clone(device.function().host());
+    let job = Job {
+        label: "the connected socket".to_owned(),
+        socket_file: None,
+        host,
+        run: Box::new(move |stop| {
+            let stats = serve_stream(stream, device, server_config, Some(stop))?;
+            log::info!("the client left: {}", stats.end);
+            Ok(())
+        }),
+    };
+    supervise(vec![job], ShutdownSignal::new()?)
 }
 
 /// Slices `host` between `guests` in order (consecutive scrubbed slices, one BAR1 window
@@ -129,34 +346,78 @@ pub fn present_guests_with(
 }
 
 /// Serves each function on its socket, each server on its own thread, until SIGTERM or
-/// SIGINT (or until a server fails, which stops them all). Every socket is bound before
-/// any is served, so a bad path fails the whole command; socket files are removed on the
-/// way out.
+/// SIGINT, until no guest is left, or until the GPU stops answering (see the module docs).
+/// Every socket is bound before any is served, so a bad path fails the whole command;
+/// socket files are removed on the way out.
 pub fn serve_functions(
     functions: Vec<(PathBuf, PresentedFunction)>,
-    socket_mode: u32,
-    server_config: ServerConfig,
+    options: &ListenOptions,
 ) -> Result<(), ServeError> {
     for (i, (socket, _)) in functions.iter().enumerate() {
         if functions[..i].iter().any(|(other, _)| other == socket) {
             return Err(ServeError::DuplicateSocket(socket.clone()));
         }
     }
-    let mut servers = Vec::with_capacity(functions.len());
+    let sockets: Vec<&Path> = functions.iter().map(|(s, _)| s.as_path()).collect();
+    options.peers.check_sockets(&sockets)?;
+    let mut jobs = Vec::with_capacity(functions.len());
     for (socket, function) in functions {
         log_layout(&FunctionLayout::of(&function));
-        let server = Server::bind(&socket, socket_mode)?.with_config(server_config);
+        let peers = options.peers.for_socket(&socket);
+        let mut server = Server::bind(&socket, options.socket_mode)?
+            .with_config(options.server_config)
+            .with_peers(peers.clone());
         log::info!(
-            "serving {} slice {} on {} (mode {:o})",
+            "serving {} slice {} on {} (mode {:o}; {})",
             function.identity().name,
             function.guest().slice(),
             socket.display(),
-            socket_mode
+            options.socket_mode,
+            peers
         );
-        servers.push((server, Arc::new(GpuDevice::new(function))));
+        let device = Arc::new(GpuDevice::new(function));
+        jobs.push(Job {
+            label: socket.display().to_string(),
+            socket_file: server.take_socket_file(),
+            host: Arc::clone(device.function().host()),
+            run: Box::new(move |stop| server.serve(device, stop)),
+        });
     }
+    supervise(jobs, ShutdownSignal::new()?)
+}
 
-    let shutdown = ShutdownSignal::new()?;
+/// One guest's server, as the supervising thread runs it.
+struct Job {
+    /// What the log calls it (its socket).
+    label: String,
+    /// Its socket file, removed when the server ends or on the way out.
+    socket_file: Option<SocketFile>,
+    /// The GPU it serves (watched).
+    host: Arc<dyn HostGpu>,
+    /// The server: returns `Ok` when it ends normally (shutdown, or the `--fd` client left).
+    run: Box<dyn FnOnce(ShutdownSignal) -> Result<(), ServerError> + Send>,
+}
+
+/// What the supervising thread hears from the server threads.
+struct Ended {
+    index: usize,
+    /// `Err`: why the server failed.
+    result: Result<(), String>,
+}
+
+/// How supervision ended.
+enum Outcome {
+    /// SIGTERM/SIGINT (or the shutdown signal from elsewhere).
+    Stopped,
+    /// Every server ended.
+    NoneLeft,
+    /// The GPU stopped answering.
+    Lost,
+}
+
+/// Runs each job on its own thread and watches them until SIGTERM/SIGINT or `shutdown`
+/// fires, no job is left or the GPU is lost (see the module docs).
+fn supervise(jobs: Vec<Job>, shutdown: ShutdownSignal) -> Result<(), ServeError> {
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
     let signal_handle = signals.handle();
     let on_signal = shutdown.clone();
@@ -169,56 +430,110 @@ pub fn serve_functions(
             }
         })
         .map_err(ServeError::Signals)?;
-
-    let hosts: Vec<Arc<dyn HostGpu>> = servers
-        .iter()
-        .map(|(_, device)| Arc::clone(device.function().host()))
-        .collect();
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watchdog = spawn_watchdog(hosts, shutdown.clone(), Arc::clone(&lost))?;
+    let hosts = jobs.iter().map(|j| Arc::clone(&j.host)).collect();
+    // The watchdog ends on its own once shutdown fires; it is not waited for.
+    let _watchdog = spawn_watchdog(hosts, shutdown.clone(), Arc::clone(&lost))?;
 
-    let mut threads = Vec::with_capacity(servers.len());
-    let mut result = Ok(());
-    for (i, (server, device)) in servers.into_iter().enumerate() {
-        let stop = shutdown.clone();
+    let (tx, rx) = mpsc::channel::<Ended>();
+    let mut labels = Vec::with_capacity(jobs.len());
+    let mut files = Vec::with_capacity(jobs.len());
+    let mut live = 0usize;
+    let mut started = Ok(());
+    for (index, job) in jobs.into_iter().enumerate() {
+        labels.push(job.label);
+        files.push(job.socket_file);
+        let (tx, stop, run) = (tx.clone(), shutdown.clone(), job.run);
         let spawned = thread::Builder::new()
-            .name(format!("vfio-user-{i}"))
+            .name(format!("vfio-user-{index}"))
             .spawn(move || {
-                let result = server.serve(device, stop.clone());
-                drop(server); // removes the socket file
-                if result.is_err() {
-                    stop.trigger();
-                }
-                result
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(stop)))
+                    .unwrap_or_else(|_| {
+                        Err(ServerError::Listener(std::io::Error::other(
+                            "the server thread panicked",
+                        )))
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(Ended { index, result });
             });
         match spawned {
-            Ok(handle) => threads.push(handle),
+            Ok(_) => live += 1,
             Err(e) => {
+                started = Err(ServeError::Thread(e));
                 shutdown.trigger();
-                result = Err(ServeError::Thread(e));
                 break;
             }
         }
     }
-    for handle in threads {
-        let served = handle.join().unwrap_or_else(|_| {
-            Err(ServerError::Listener(std::io::Error::other(
-                "server thread panicked",
-            )))
-        });
-        if let (true, Err(e)) = (result.is_ok(), served) {
-            result = Err(e.into());
+    drop(tx);
+
+    let mut failed = 0usize;
+    let mut on_end = |ended: Ended, live: &mut usize, failed: &mut usize, stopping: bool| {
+        *live -= 1;
+        let label = &labels[ended.index];
+        match ended.result {
+            Ok(()) => log::debug!("{label}: server ended"),
+            Err(why) if stopping => log::warn!("{label}: server ended with an error: {why}"),
+            Err(why) => {
+                *failed += 1;
+                let rest = if *live == 0 {
+                    "no guest is left".to_owned()
+                } else {
+                    format!("{live} other guest(s) go on")
+                };
+                log::error!("{label}: {why}: this guest is no longer served ({rest})");
+            }
+        }
+        // Removes the socket file: nobody waits on a socket nothing serves.
+        files[ended.index] = None;
+    };
+    let outcome = loop {
+        if started.is_err() {
+            break Outcome::Stopped;
+        }
+        // Before counting the servers left: a shutdown ends them all normally.
+        if shutdown.is_triggered() {
+            break if lost.load(std::sync::atomic::Ordering::Acquire) {
+                Outcome::Lost
+            } else {
+                Outcome::Stopped
+            };
+        }
+        if live == 0 {
+            break Outcome::NoneLeft;
+        }
+        match rx.recv_timeout(SUPERVISE_TICK) {
+            Ok(ended) => on_end(ended, &mut live, &mut failed, false),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break Outcome::NoneLeft,
+        }
+    };
+
+    shutdown.trigger();
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while live > 0 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(ended) => on_end(ended, &mut live, &mut failed, true),
+            Err(_) => {
+                log::warn!(
+                    "{live} server thread(s) did not stop within {SHUTDOWN_GRACE:?}: exiting \
+                     without them"
+                );
+                break;
+            }
         }
     }
-    shutdown.trigger();
+    drop(files);
     signal_handle.close();
     let _ = signal_thread.join();
-    let _ = watchdog.join();
     log::info!("stopped");
-    if result.is_ok() && lost.load(std::sync::atomic::Ordering::Acquire) {
-        return Err(ServeError::DeviceLost);
+    started?;
+    match outcome {
+        Outcome::Lost => Err(ServeError::DeviceLost),
+        Outcome::NoneLeft if failed > 0 => Err(ServeError::NoGuestLeft),
+        Outcome::Stopped | Outcome::NoneLeft if failed > 0 => Err(ServeError::GuestsFailed(failed)),
+        Outcome::Stopped | Outcome::NoneLeft => Ok(()),
     }
-    result
 }
 
 /// How often the watchdog asks the GPU whether it still answers.
@@ -328,6 +643,154 @@ mod tests {
         }
     }
 
+    fn emulated() -> Arc<dyn HostGpu> {
+        Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap())
+    }
+
+    /// A socket file for a job (bound, then taken from its server).
+    fn socket_file(name: &str) -> SocketFile {
+        let path = std::env::temp_dir().join(format!("{name}-{}.sock", std::process::id()));
+        Server::bind(&path, 0o600)
+            .unwrap()
+            .take_socket_file()
+            .unwrap()
+    }
+
+    /// A job that serves until shutdown, as a healthy server does.
+    fn healthy(file: SocketFile) -> Job {
+        Job {
+            label: file.path().display().to_string(),
+            socket_file: Some(file),
+            host: emulated(),
+            run: Box::new(|stop| {
+                crate::vfio_user::socket::wait_readable(stop.fd(), None, None)
+                    .map_err(ServerError::Listener)?;
+                Ok(())
+            }),
+        }
+    }
+
+    /// A job whose thread blocks in `read(2)` for ever, deaf to the shutdown.
+    fn stuck(file: SocketFile) -> Job {
+        Job {
+            label: file.path().display().to_string(),
+            socket_file: Some(file),
+            host: emulated(),
+            run: Box::new(|_| {
+                let (mut reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
+                let mut byte = [0u8; 1];
+                let _ = std::io::Read::read(&mut reader, &mut byte);
+                drop(writer);
+                Ok(())
+            }),
+        }
+    }
+
+    fn failing(file: SocketFile, after: Duration) -> Job {
+        Job {
+            label: file.path().display().to_string(),
+            socket_file: Some(file),
+            host: emulated(),
+            run: Box::new(move |_| {
+                thread::sleep(after);
+                Err(ServerError::Listener(std::io::Error::other(
+                    "the listening socket was shut down",
+                )))
+            }),
+        }
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: timed out");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn shutdown_does_not_wait_for_a_stuck_server_thread() {
+        let (a, b) = (socket_file("stuck-a"), socket_file("stuck-b"));
+        let (pa, pb) = (a.path().to_owned(), b.path().to_owned());
+        let shutdown = ShutdownSignal::new().unwrap();
+        let stop = shutdown.clone();
+        let supervised = thread::spawn(move || supervise(vec![stuck(a), healthy(b)], stop));
+        thread::sleep(Duration::from_millis(200));
+        let triggered = Instant::now();
+        shutdown.trigger();
+        let result = supervised.join().unwrap();
+        let took = triggered.elapsed();
+        assert!(result.is_ok(), "{result:?}");
+        assert!(
+            took >= SHUTDOWN_GRACE && took < SHUTDOWN_GRACE + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(!pa.exists() && !pb.exists(), "socket files left behind");
+    }
+
+    #[test]
+    fn a_failing_server_ends_alone_and_the_last_one_ends_the_process() {
+        let (a, b) = (socket_file("fail-a"), socket_file("fail-b"));
+        let (pa, pb) = (a.path().to_owned(), b.path().to_owned());
+        let shutdown = ShutdownSignal::new().unwrap();
+        let stop = shutdown.clone();
+        let supervised =
+            thread::spawn(move || supervise(vec![failing(a, Duration::ZERO), healthy(b)], stop));
+        // The failed guest's socket goes; the other one stays served.
+        wait_for("the failed guest's socket removed", || !pa.exists());
+        thread::sleep(Duration::from_millis(300));
+        assert!(pb.exists() && !supervised.is_finished());
+        shutdown.trigger();
+        let result = supervised.join().unwrap();
+        assert!(
+            matches!(result, Err(ServeError::GuestsFailed(1))),
+            "{result:?}"
+        );
+        assert!(!pb.exists());
+
+        // When the last guest's server fails, nothing is served: the call ends at once.
+        let (a, b) = (socket_file("fail-c"), socket_file("fail-d"));
+        let started = Instant::now();
+        let result = supervise(
+            vec![
+                failing(a, Duration::ZERO),
+                failing(b, Duration::from_millis(200)),
+            ],
+            ShutdownSignal::new().unwrap(),
+        );
+        assert!(matches!(result, Err(ServeError::NoGuestLeft)), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn allow_flags_parse_and_apply_per_socket() {
+        let every: AllowIds = "107,108".parse().unwrap();
+        assert_eq!(every.socket, None);
+        assert_eq!(every.ids, vec![107, 108]);
+        let one: AllowIds = "/run/a=b.sock=0".parse().unwrap();
+        assert_eq!(one.socket.as_deref(), Some(Path::new("/run/a=b.sock")));
+        assert_eq!(one.ids, vec![0]);
+        for bad in ["", "x", "=5", "/s=", "1,,2", "-1", "4294967296"] {
+            assert!(bad.parse::<AllowIds>().is_err(), "{bad}");
+        }
+        let rules = PeerRules::from_flags(
+            &[every, "/g1.sock=1000".parse().unwrap()],
+            &["/g0.sock=36".parse().unwrap()],
+        );
+        let cred = |uid, gid| PeerCred { pid: 1, uid, gid };
+        let g0 = rules.for_socket(Path::new("/g0.sock"));
+        let g1 = rules.for_socket(Path::new("/g1.sock"));
+        assert!(g0.admits(&cred(107, 1)) && g0.admits(&cred(5, 36)));
+        assert!(!g0.admits(&cred(1000, 1)));
+        assert!(g1.admits(&cred(1000, 1)) && !g1.admits(&cred(5, 36)));
+        assert!(rules
+            .check_sockets(&[Path::new("/g0.sock"), Path::new("/g1.sock")])
+            .is_ok());
+        let err = rules.check_sockets(&[Path::new("/g0.sock")]).unwrap_err();
+        assert!(err.is_bad_request(), "{err}");
+        assert!(PeerRules::default().for_socket(Path::new("/x")).is_open());
+    }
+
     #[test]
     fn a_gpu_that_stops_answering_stops_being_served() {
         let host = Arc::new(Unplugged {
@@ -339,7 +802,13 @@ mod tests {
         let served = {
             let socket = socket.clone();
             thread::spawn(move || {
-                serve_functions(vec![(socket, function)], 0o600, ServerConfig::default())
+                serve_functions(
+                    vec![(socket, function)],
+                    &ListenOptions {
+                        socket_mode: 0o600,
+                        ..ListenOptions::default()
+                    },
+                )
             })
         };
         let deadline = Instant::now() + Duration::from_secs(5);

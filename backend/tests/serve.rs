@@ -201,3 +201,496 @@ fn serve_trap_vram_offers_no_vram_bar_for_mmap() {
     drop(client);
     assert!(terminate(&mut child, libc::SIGTERM).success());
 }
+
+// ---- Hostile or failing peers: one guest's trouble stays that guest's ----
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+/// `gpu-backend serve --profile tu102-24g ARGS..`, logging warnings and errors to a pipe.
+fn spawn_serve(args: &[String]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_gpu-backend"))
+        .args(["serve", "--profile", "tu102-24g"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gpu-backend serve")
+}
+
+fn guest_arg(socket: &Path, size: &str) -> [String; 2] {
+    ["--guest".into(), format!("{}:{size}", socket.display())]
+}
+
+/// Waits up to `within` for the child to exit.
+fn exit_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Everything the (exited) child logged.
+fn stderr_of(child: &mut Child) -> String {
+    let mut text = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    text
+}
+
+fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: timed out");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the server closed `stream` (POLLHUP), waiting up to `within`.
+fn hung_up_within(stream: &UnixStream, within: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, within.as_millis() as libc::c_int) };
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
+}
+
+/// A client whose connection the server accepts and closes at once sees EOF.
+fn refused(socket: &Path) -> bool {
+    let stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    matches!((&stream).read(&mut byte), Ok(0))
+}
+
+/// A canary a guest writes into its VRAM and reads back (over its own connection).
+fn canary_holds(client: &mut TestClient, at: u64, value: u8) -> bool {
+    client.region_read(1, at, 64).unwrap() == vec![value; 64]
+}
+
+/// Makes the listening socket bound at `socket` in process `pid` fail the way a broken
+/// listener does: takes a duplicate of its fd (pidfd_getfd; the test is the parent) and
+/// shuts the socket down. It then polls readable (POLLHUP) and accepts nothing for ever.
+fn break_listener(pid: u32, socket: &Path) {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    // Num RefCount Protocol Flags Type St Inode Path; listening sockets have __SO_ACCEPTCON.
+    let inode = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 8 && f[3] == "00010000" && Path::new(f[7]) == socket)
+        .map(|f| f[6].to_owned())
+        .expect("the listening socket");
+    let link = format!("socket:[{inode}]");
+    let fd: i32 = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == link.as_str()))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+        .expect("the listener's fd");
+    // SAFETY: plain syscalls on fds this function opens and closes.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        assert!(dup >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::shutdown(dup, libc::SHUT_RDWR), 0);
+        libc::close(dup);
+        libc::close(pidfd);
+    }
+}
+
+#[test]
+fn a_guest_whose_listener_fails_leaves_the_other_guest_served() {
+    let dir = temp_socket("listener-fails").with_extension("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (s0, s1) = (dir.join("g0.sock"), dir.join("g1.sock"));
+    let mut args = guest_arg(&s0, "4M").to_vec();
+    args.extend(guest_arg(&s1, "4M"));
+    let mut child = spawn_serve(&args);
+    wait_for_socket(&s0, &mut child);
+    wait_for_socket(&s1, &mut child);
+    let mut g1 = TestClient::connect(&s1).unwrap();
+    g1.version().unwrap();
+    g1.region_write(1, 0x2000, &[0x5C; 64], false).unwrap();
+
+    break_listener(child.id(), &s0);
+    wait_until("guest 0's socket removed", Duration::from_secs(5), || {
+        !s0.exists()
+    });
+    // Guest 1 goes on: its connection, its data, and a new connection of its own.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "the backend exited");
+    assert!(canary_holds(&mut g1, 0x2000, 0x5C));
+    drop(g1);
+    let mut again = None;
+    wait_until("guest 1 reconnects", Duration::from_secs(5), || {
+        let mut c = TestClient::connect(&s1).unwrap();
+        let ok = c.version().is_ok();
+        again = Some(c);
+        ok
+    });
+    let mut g1 = again.unwrap();
+    assert!(canary_holds(&mut g1, 0x2000, 0x5C));
+    drop(g1);
+
+    // The last guest's listener failing leaves nothing to serve: the backend exits 1.
+    break_listener(child.id(), &s1);
+    let status = exit_within(&mut child, Duration::from_secs(5)).expect("still running");
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(!s1.exists());
+    let log = stderr_of(&mut child);
+    let said = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(said("g0.sock: listener error"), 1, "{log}");
+    assert_eq!(said("g1.sock: listener error"), 1, "{log}");
+    assert_eq!(said("1 other guest(s) go on"), 1, "{log}");
+    assert_eq!(said("no guest is left"), 1, "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn refusals_of_a_second_client_are_logged_once_per_episode() {
+    let socket = temp_socket("second-client.sock");
+    let mut child = spawn_serve(&["--socket".into(), socket.display().to_string()]);
+    wait_for_socket(&socket, &mut child);
+    let mut first = TestClient::connect(&socket).unwrap();
+    first.version().unwrap();
+    for _ in 0..300 {
+        assert!(refused(&socket), "a second client was served");
+    }
+    drop(first);
+    let mut next = None;
+    wait_until("the next client is served", Duration::from_secs(5), || {
+        let mut c = TestClient::connect(&socket).unwrap();
+        let ok = c.version().is_ok();
+        next = Some(c);
+        ok
+    });
+    drop(next);
+    let status = terminate(&mut child, libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let log = stderr_of(&mut child);
+    let said = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(said("refusing a second client"), 1, "{log}");
+    assert_eq!(
+        said("refused 299 more client(s) while one was connected"),
+        1,
+        "{log}"
+    );
+    assert!(log.lines().count() < 10, "{log}");
+}
+
+/// Connects, negotiates and asks for 1 MiB replies it never reads.
+fn client_that_stops_reading(socket: &Path) -> TestClient {
+    let mut client = TestClient::connect(socket).unwrap();
+    client.version().unwrap();
+    for i in 0..8u64 {
+        client.send_region_read(1, i << 20, 1 << 20).unwrap();
+    }
+    client
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_5_s_message_timeout() {
+    let socket = temp_socket("stops-reading.sock");
+    let mut child = spawn_serve(&["--socket".into(), socket.display().to_string()]);
+    wait_for_socket(&socket, &mut child);
+    let started = Instant::now();
+    let client = client_that_stops_reading(&socket);
+    assert!(
+        hung_up_within(client.stream(), Duration::from_secs(15)),
+        "never dropped"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(4500) && took < Duration::from_millis(7500),
+        "dropped after {took:?}, not 5 s"
+    );
+    drop(client);
+    // The server is fine: the next client is served.
+    let mut next = None;
+    wait_until("the next client is served", Duration::from_secs(5), || {
+        let mut c = TestClient::connect(&socket).unwrap();
+        let ok = c.version().is_ok();
+        next = Some(c);
+        ok
+    });
+    drop(next);
+    assert!(terminate(&mut child, libc::SIGTERM).success());
+    let log = stderr_of(&mut child);
+    assert!(log.contains("timed out"), "{log}");
+}
+
+#[test]
+fn sigterm_ends_serve_at_once_while_a_client_is_not_reading() {
+    let socket = temp_socket("sigterm-not-reading.sock");
+    let mut child = spawn_serve(&["--socket".into(), socket.display().to_string()]);
+    wait_for_socket(&socket, &mut child);
+    let client = client_that_stops_reading(&socket);
+    // The connection thread is now blocked sending a reply nobody reads.
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    let status = terminate(&mut child, libc::SIGTERM);
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+    assert!(!socket.exists(), "socket left behind");
+    drop(client);
+}
+
+fn my_ids() -> (u32, u32) {
+    // SAFETY: geteuid/getegid have no preconditions.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// A uid and a gid that are not this process's.
+fn other_ids() -> (u32, u32) {
+    let (uid, gid) = my_ids();
+    (if uid == 4242 { 4243 } else { 4242 }, gid ^ 1)
+}
+
+/// Whether a client on `socket` gets through VERSION.
+fn served(socket: &Path) -> bool {
+    let mut client = TestClient::connect(socket).unwrap();
+    client.set_reply_timeout(Duration::from_secs(5));
+    client.version().is_ok()
+}
+
+#[test]
+fn allow_uid_and_gid_decide_who_is_served() {
+    let (uid, gid) = my_ids();
+    let (other_uid, other_gid) = other_ids();
+    let socket = temp_socket("allow.sock");
+    let path = socket.display().to_string();
+    let run = |allow: &[String], expect_served: bool| -> String {
+        let mut args = vec!["--socket".to_owned(), path.clone()];
+        args.extend_from_slice(allow);
+        let mut child = spawn_serve(&args);
+        wait_for_socket(&socket, &mut child);
+        for _ in 0..3 {
+            assert_eq!(served(&socket), expect_served, "{allow:?}");
+        }
+        assert!(terminate(&mut child, libc::SIGTERM).success());
+        stderr_of(&mut child)
+    };
+    // A uid that is not ours: refused at once, logged once for the three attempts.
+    let log = run(&["--allow-uid".into(), other_uid.to_string()], false);
+    let refusals = log.lines().filter(|l| l.contains("refusing a client"));
+    assert_eq!(refusals.clone().count(), 1, "{log}");
+    assert!(
+        refusals
+            .clone()
+            .all(|l| l.contains(&format!("uid {uid} gid {gid}"))),
+        "{log}"
+    );
+    // Ours, in a list.
+    run(&["--allow-uid".into(), format!("{other_uid},{uid}")], true);
+    // Not our uid, but our gid.
+    run(
+        &[
+            "--allow-uid".into(),
+            other_uid.to_string(),
+            "--allow-gid".into(),
+            gid.to_string(),
+        ],
+        true,
+    );
+    run(&["--allow-gid".into(), other_gid.to_string()], false);
+}
+
+#[test]
+fn allow_uid_per_guest_socket() {
+    let (uid, _) = my_ids();
+    let (other_uid, _) = other_ids();
+    let dir = temp_socket("allow-guests").with_extension("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (s0, s1) = (dir.join("g0.sock"), dir.join("g1.sock"));
+    let mut args = guest_arg(&s0, "4M").to_vec();
+    args.extend(guest_arg(&s1, "4M"));
+    args.extend([
+        "--allow-uid".into(),
+        format!("{}={other_uid}", s0.display()),
+        "--allow-uid".into(),
+        format!("{}={uid}", s1.display()),
+    ]);
+    let mut child = spawn_serve(&args);
+    wait_for_socket(&s0, &mut child);
+    wait_for_socket(&s1, &mut child);
+    assert!(!served(&s0), "guest 0 admits only another uid");
+    assert!(served(&s1), "guest 1 admits ours");
+    assert!(terminate(&mut child, libc::SIGTERM).success());
+
+    // An allow list for a socket no guest is served on is a usage error.
+    let mut args = guest_arg(&s0, "4M").to_vec();
+    args.extend([
+        "--allow-uid".into(),
+        format!("{}=1", dir.join("typo.sock").display()),
+    ]);
+    let out = Command::new(env!("CARGO_BIN_EXE_gpu-backend"))
+        .args(["serve", "--profile", "tu102-24g"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no guest's socket"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `serve --fd 3 ARGS..` with `theirs` as fd 3 of the child.
+fn spawn_with_fd(theirs: &impl AsRawFd, args: &[&str]) -> Child {
+    use std::os::unix::process::CommandExt;
+    let raw = theirs.as_raw_fd();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gpu-backend"));
+    command
+        .args(["serve", "--profile", "tu102-24g", "--fd", "3"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec and
+    // touches nothing but fd 3 (it clears close-on-exec on the copy).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().expect("spawn gpu-backend serve --fd")
+}
+
+#[test]
+fn serve_fd_serves_exactly_the_connection_it_is_given() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut child = spawn_with_fd(&theirs, &[]);
+    drop(theirs);
+    let mut client = TestClient::new(ours);
+    client.set_reply_timeout(Duration::from_secs(20));
+    client.version().unwrap();
+    client
+        .region_write(1, 0x1000, b"through fd 3", false)
+        .unwrap();
+    assert_eq!(client.region_read(1, 0x1000, 12).unwrap(), b"through fd 3");
+    assert!(child.try_wait().unwrap().is_none());
+    // The client leaving ends the process.
+    drop(client);
+    let status = exit_within(&mut child, Duration::from_secs(5)).expect("still running");
+    assert!(status.success(), "{status}");
+
+    // SIGTERM ends it too.
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut child = spawn_with_fd(&theirs, &[]);
+    drop(theirs);
+    let mut client = TestClient::new(ours);
+    client.set_reply_timeout(Duration::from_secs(20));
+    client.version().unwrap();
+    assert!(terminate(&mut child, libc::SIGTERM).success());
+}
+
+#[test]
+fn serve_fd_refuses_what_is_not_an_allowed_connected_socket() {
+    let (other_uid, _) = other_ids();
+    // A peer the allow list does not admit.
+    let (_ours, theirs) = UnixStream::pair().unwrap();
+    let mut child = spawn_with_fd(&theirs, &["--allow-uid", &other_uid.to_string()]);
+    drop(theirs);
+    let status = exit_within(&mut child, Duration::from_secs(20)).expect("still running");
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(stderr_of(&mut child).contains("is not allowed"));
+    // A listening socket.
+    let listening = std::os::unix::net::UnixListener::bind(temp_socket("fd-listen.sock"));
+    let listening = listening.unwrap();
+    let mut child = spawn_with_fd(&listening, &[]);
+    let status = exit_within(&mut child, Duration::from_secs(20)).expect("still running");
+    assert_eq!(status.code(), Some(2), "{status}");
+    assert!(stderr_of(&mut child).contains("a listening socket"));
+    let _ = std::fs::remove_file(temp_socket("fd-listen.sock"));
+    // No such fd.
+    let out = Command::new(env!("CARGO_BIN_EXE_gpu-backend"))
+        .args(["serve", "--profile", "tu102-24g", "--fd", "999"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an open file descriptor"));
+}
+
+/// Sets process `pid`'s soft fd limit to `n` (at most its hard limit), keeping the hard one.
+fn set_fd_limit(pid: u32, n: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on a child we own: reads its limits into `limit`.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut limit,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    limit.rlim_cur = n.min(limit.rlim_max);
+    // SAFETY: as above, setting a soft limit within the hard one.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_failing_accept_is_logged_once_per_episode() {
+    let socket = temp_socket("accept-fails.sock");
+    let mut child = spawn_serve(&["--socket".into(), socket.display().to_string()]);
+    wait_for_socket(&socket, &mut child);
+    std::thread::sleep(Duration::from_millis(200));
+    // No fd number left for accept (the limit is the lowest free one): it fails (EMFILE)
+    // and is retried every 50 ms.
+    let open: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    set_fd_limit(child.id(), lowest_free);
+    let mut client = TestClient::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    set_fd_limit(child.id(), 4096);
+    // Once fds are there again the waiting client is served.
+    client.set_reply_timeout(Duration::from_secs(10));
+    let served = client.version();
+    drop(client);
+    assert!(terminate(&mut child, libc::SIGTERM).success());
+    let log = stderr_of(&mut child);
+    assert!(served.is_ok(), "{served:?}: {log}");
+    let said = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(said("accept failed"), 1, "{log}");
+    assert!(log.contains("Too many open files"), "{log}");
+    assert!(log.lines().count() < 5, "{log}");
+}

@@ -18,14 +18,15 @@
 //! - [`boot`](mod@boot): the boot (reset, LibOS arguments, STARTCPU) and handshake (SET_SYSTEM_INFO,
 //!   SET_REGISTRY, GSP_INIT_DONE, GET_GSP_STATIC_INFO); [`session`]: the booted GSP and
 //!   object requests.
-//! - [`report`]: [`boot_and_report`] for `gpu-backend inspect`; [`bench`](mod@bench):
-//!   round-trip and throughput measurements.
+//! - [`report`]: [`boot_and_report`] for `gpu-backend inspect`; `bench` (feature
+//!   `test-utils`): round-trip and throughput measurements.
 //!
 //! The GSP itself is reached only through [`HostGpu`](crate::host_gpu::HostGpu): BAR0 for
 //! the falcon registers (start, reset, doorbell, interrupt) and DMA buffers for the queues
 //! and the boot arguments, so the same code boots the emulated GSP and a real one behind
 //! VFIO (as far as the emulated boot goes: the SEC2/FSP chain of trust is not done).
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod bench;
 pub mod boot;
 pub mod client;

@@ -1,129 +1,28 @@
-//! Measurement helpers for the benchmark: build a large identity mapping and report the
-//! entries written, the PRAMIN window moves and the time taken.
+//! Benchmark helpers (feature `test-utils`): the standard 24 GiB identity build on an
+//! emulated GPU, measured with [`measure_identity_build`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::addr::{GpuVa, PageSize, VramAddr, GIB, MIB};
-use super::cursor::PraminCursor;
-use super::page_table::builder::{
-    window_moves_per_1000, BuildError, MapOptions, MapReport, PageTableBuilder,
-};
-use super::page_table::format::PageTableFormat;
-use super::pramin::{Pramin, PraminError};
-use super::vram_alloc::{AllocError, VramAllocator};
+use super::addr::{PageSize, GIB};
+use super::identity_build::{measure_identity_build, BuildMeasurement, IdentityBuildError};
 use crate::host_gpu::emulated::EmulatedHostGpu;
-use crate::host_gpu::HostGpu;
 
 /// Bytes mapped by the standard measurement.
 pub const BENCH_MAPPING: u64 = 24 * GIB;
 /// Profile of the emulated GPU used by [`build_24g_on_emulated`] (80 GiB of VRAM).
 pub const BENCH_PROFILE: &str = "ga100-80g";
-/// VRAM reserved for page tables after the mapped range (enough for 4 KiB pages over
-/// 24 GiB: ~12.4 k table pages ≈ 49 MiB).
-pub const TABLE_SPACE: u64 = 128 * MIB;
 
-/// Errors of the measurement helpers.
+/// Errors of the benchmark helpers.
 #[derive(Debug, Error)]
 pub enum BenchError {
     /// The emulated GPU could not be created.
     #[error("creating the emulated GPU failed: {0}")]
     Gpu(String),
-    /// The GPU has too little VRAM for the mapping plus table space.
-    #[error("{vram:#x} bytes of VRAM cannot hold a {len:#x}-byte mapping plus {tables:#x} bytes of tables")]
-    TooSmall {
-        /// VRAM size.
-        vram: u64,
-        /// Mapping length.
-        len: u64,
-        /// Table space.
-        tables: u64,
-    },
-    /// PRAMIN setup failed.
+    /// The build failed.
     #[error(transparent)]
-    Pramin(#[from] PraminError),
-    /// The allocator range was invalid.
-    #[error(transparent)]
-    Alloc(#[from] AllocError),
-    /// Building failed.
-    #[error(transparent)]
-    Build(#[from] BuildError),
-}
-
-/// The outcome of one measured build.
-#[derive(Debug, Clone, Copy)]
-pub struct BuildMeasurement {
-    /// Largest page size allowed.
-    pub page_size: PageSize,
-    /// Bytes mapped.
-    pub bytes: u64,
-    /// What the builder reported (entries written, window moves, ...).
-    pub report: MapReport,
-    /// Wall time of the `map` call (table setup excluded).
-    pub elapsed: Duration,
-}
-
-impl BuildMeasurement {
-    /// Entries written (PTEs plus linking PDEs).
-    pub fn entries_written(&self) -> u64 {
-        self.report.entries_written()
-    }
-
-    /// PRAMIN window moves.
-    pub fn window_moves(&self) -> u64 {
-        self.report.window_moves
-    }
-
-    /// Entries written per second.
-    pub fn entries_per_second(&self) -> f64 {
-        self.entries_written() as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-
-    /// Window moves per 1000 entries written.
-    pub fn window_moves_per_1000_entries(&self) -> f64 {
-        window_moves_per_1000(self.window_moves(), self.entries_written())
-    }
-}
-
-/// Maps VA `[0, len)` to VRAM `[0, len)` with pages of at most `page_size` on `gpu`,
-/// with page tables taken from `[len, len + TABLE_SPACE)`, and measures the `map`.
-pub fn measure_identity_build(
-    gpu: Arc<dyn HostGpu>,
-    len: u64,
-    page_size: PageSize,
-) -> Result<BuildMeasurement, BenchError> {
-    let vram = gpu.identity().vram_size;
-    let format = PageTableFormat::for_generation(gpu.identity().generation);
-    let tables_end = len.checked_add(TABLE_SPACE).filter(|&e| e <= vram);
-    let Some(tables_end) = tables_end else {
-        return Err(BenchError::TooSmall {
-            vram,
-            len,
-            tables: TABLE_SPACE,
-        });
-    };
-    let mut pramin = Pramin::new(gpu)?;
-    let mut cursor = PraminCursor::new(&mut pramin);
-    let alloc = VramAllocator::new(VramAddr::new(len), VramAddr::new(tables_end))?;
-    let mut builder = PageTableBuilder::new(&mut cursor, format, alloc)?;
-    let start = Instant::now();
-    let report = builder.map_with(
-        &mut cursor,
-        GpuVa::ZERO,
-        VramAddr::ZERO,
-        len,
-        MapOptions {
-            max_page_size: page_size,
-        },
-    )?;
-    Ok(BuildMeasurement {
-        page_size,
-        bytes: len,
-        report,
-        elapsed: start.elapsed(),
-    })
+    Build(#[from] IdentityBuildError),
 }
 
 /// Builds a 24 GiB identity mapping with pages of at most `page_size` on a fresh
@@ -137,28 +36,9 @@ pub fn build_24g_on_emulated(page_size: PageSize) -> Result<(u64, u64), BenchErr
 pub fn measure_24g_on_emulated(page_size: PageSize) -> Result<BuildMeasurement, BenchError> {
     let gpu =
         EmulatedHostGpu::by_name(BENCH_PROFILE).map_err(|e| BenchError::Gpu(e.to_string()))?;
-    measure_identity_build(Arc::new(gpu), BENCH_MAPPING, page_size)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_identity_builds() {
-        let gpu: Arc<dyn HostGpu> = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
-        let m = measure_identity_build(gpu.clone(), 64 * MIB, PageSize::Size2M).unwrap();
-        assert_eq!(m.report.ptes_2m, 32);
-        assert_eq!(m.report.ptes(), 32);
-        // PD2, PD1, PD0 linked.
-        assert_eq!(m.report.pdes, 3);
-        let m = measure_identity_build(gpu.clone(), 8 * MIB, PageSize::Size4K).unwrap();
-        assert_eq!(m.report.ptes_4k, 2048);
-        assert_eq!(m.report.pdes, 3 + 4);
-        assert!(m.window_moves() <= 3, "{m:?}");
-        assert!(matches!(
-            measure_identity_build(gpu, 24 * GIB, PageSize::Size2M),
-            Err(BenchError::TooSmall { .. })
-        ));
-    }
+    Ok(measure_identity_build(
+        Arc::new(gpu),
+        BENCH_MAPPING,
+        page_size,
+    )?)
 }

@@ -12,11 +12,14 @@
 //!   a software walker.
 //! - [`tlb`]: TLB invalidation.
 //! - [`instance`]: instance-block PDB fields and the BAR1 bind.
-//! - [`bench`](mod@bench): measurement helpers for large builds.
+//! - [`identity_build`]: a measured identity mapping (`gpu-backend measure`).
+//! - `bench` (feature `test-utils`): the standard 24 GiB build for the benchmark.
 
 pub mod addr;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod bench;
 pub mod cursor;
+pub mod identity_build;
 pub mod instance;
 pub mod page_table;
 pub mod pramin;

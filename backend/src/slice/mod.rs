@@ -4,7 +4,7 @@
 //!   overlap and range checks).
 //! - [`spec`]: sizes and `SOCKET:SIZE` guest specifications from the command line.
 //! - [`host_vram`]: [`HostVram`], the host PRAMIN window shared by all guests behind one
-//!   mutex (guest apertures and the page-table builder).
+//!   lock (guest apertures and the page-table builder), held per bounded chunk.
 //! - [`bar1`]: [`Bar1Space`], BAR1 in virtual mode with one guarded window per guest.
 //! - [`setup`]: [`GuestSlice`], [`whole_gpu`] and [`SlicedGpu`]: scrubbed slices handed to
 //!   guests.

@@ -1,14 +1,23 @@
 //! The listening side: a unix socket that serves one device, one client at a time.
 //!
-//! Each accepted client is served on its own thread. The spec expects one client per device,
-//! so while a client is connected another one is **refused**: accepted and closed at once (it
-//! sees EOF), and a warning is logged. A newcomer that arrives while the previous client has
-//! already hung up waits (up to the message timeout) for that connection to finish its
-//! cleanup, so an immediate reconnect works.
+//! Each accepted client is served on its own thread. Before anything else, its credentials
+//! (`SO_PEERCRED`) are checked against the server's [`PeerPolicy`]: a peer it does not admit
+//! is closed at once, and logged once per uid. The spec expects one client per device, so
+//! while a client is connected another one is **refused**: accepted and closed at once (it
+//! sees EOF); the first refusal of an episode is logged, later ones are counted and
+//! summarized once a minute and when the connected client leaves. A newcomer that arrives
+//! while the previous client has already hung up waits (up to the message timeout) for that
+//! connection to finish its cleanup, so an immediate reconnect works.
 //!
 //! Several servers can run in one process, each `serve()` on its own thread. `serve()` returns
-//! when the [`ShutdownSignal`] fires (after the active connection has ended). The socket file a
-//! server created is removed when the server is dropped.
+//! `Ok` when the [`ShutdownSignal`] fires (after the active connection has ended, or after
+//! [`STOP_GRACE`] if it does not), and an error only when the listening socket itself fails
+//! (it was shut down, or `poll`/`accept` report it broken); a full fd table or a failing
+//! client only delays accepting. The socket file a server created is removed when the server
+//! is dropped, or when the [`SocketFile`] taken from it with [`Server::take_socket_file`] is.
+//!
+//! [`adopt_connected_fd`] takes a socket a launcher connected for us (the `--fd N`
+//! convention): [`serve_stream`] serves it.
 
 use std::fs;
 use std::io;
@@ -20,6 +29,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::admission::{
+    Occurrence, PeerCred, PeerPolicy, RefusedPeers, RepeatedWarning, REPEAT_PERIOD,
+};
 use super::config::ServerConfig;
 use super::connection::{Connection, ConnectionStats};
 use super::device::VfioUserDevice;
@@ -28,6 +40,14 @@ use super::socket::{wait_readable, Readiness};
 
 /// The default mode of the socket file: owner read/write only.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// How long `serve()` waits, once shutdown fires, for the active connection to end before
+/// returning without it (its thread is left behind: a connection stuck in a syscall must not
+/// keep the process alive).
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// How long to back off after `accept` fails for lack of fds or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Errors of the listening side.
 #[derive(Debug, thiserror::Error)]
@@ -64,14 +84,30 @@ pub enum ServerError {
     /// Preparing a connection failed.
     #[error("cannot set up connection: {0}")]
     Connection(#[source] io::Error),
+    /// The fd given by the launcher is not a connected unix stream socket.
+    #[error("fd {fd} is not a connected unix stream socket: {reason}")]
+    NotConnectedSocket {
+        /// The fd.
+        fd: i32,
+        /// What it is instead.
+        reason: String,
+    },
 }
 
-/// The socket file a server created; removed on drop if it is still the same file.
+/// The socket file a server created; removed on drop if it is still the same file (a
+/// server started on the same path since keeps its own).
 #[derive(Debug)]
-struct SocketFile {
+pub struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
+}
+
+impl SocketFile {
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 impl Drop for SocketFile {
@@ -90,6 +126,7 @@ pub struct Server {
     listener: UnixListener,
     socket_file: Option<SocketFile>,
     config: ServerConfig,
+    peers: PeerPolicy,
 }
 
 /// Replace a stale socket at `path` (its server is gone: `connect()` is refused); refuse a live
@@ -159,11 +196,19 @@ impl Server {
     /// Create the socket at `path` with file mode `mode` (use [`DEFAULT_SOCKET_MODE`]). A stale
     /// socket file whose server is gone is replaced; a live one is an error.
     ///
-    /// The mode is applied right after `bind()`; in between, the process umask applies.
+    /// The socket file is created with `mode` already (the umask is narrowed around
+    /// `bind()`), so no peer the mode shuts out can connect between `bind()` and the
+    /// `chmod()` that follows; the umask is process-wide, so a file another thread creates in
+    /// that instant gets at most `mode`'s permissions too.
     pub fn bind(path: impl AsRef<Path>, mode: u32) -> Result<Server, ServerError> {
         let path = path.as_ref();
         clear_stale_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        // SAFETY: umask(2) only swaps the process's file mode mask; it cannot fail.
+        let old_mask = unsafe { libc::umask(!mode & 0o777) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old_mask) };
+        let listener = bound.map_err(|source| ServerError::Bind {
             path: path.to_path_buf(),
             source,
         })?;
@@ -187,6 +232,7 @@ impl Server {
             listener,
             socket_file: Some(socket_file),
             config: ServerConfig::default(),
+            peers: PeerPolicy::anyone(),
         })
     }
 
@@ -196,6 +242,7 @@ impl Server {
             listener,
             socket_file: None,
             config: ServerConfig::default(),
+            peers: PeerPolicy::anyone(),
         }
     }
 
@@ -205,18 +252,32 @@ impl Server {
         self
     }
 
+    /// Serve only peers `peers` admits (checked with `SO_PEERCRED` on accept).
+    pub fn with_peers(mut self, peers: PeerPolicy) -> Server {
+        self.peers = peers;
+        self
+    }
+
     /// The configuration in use.
     pub fn config(&self) -> &ServerConfig {
         &self.config
     }
 
-    /// The socket path this server created, if it created one.
+    /// The socket path this server created, if it created one (and still owns it).
     pub fn path(&self) -> Option<&Path> {
         self.socket_file.as_ref().map(|f| f.path.as_path())
     }
 
+    /// Takes the socket file from the server: dropping it removes the file, dropping the
+    /// server no longer does (for a supervisor that must remove it even if the server's
+    /// thread never ends).
+    pub fn take_socket_file(&mut self) -> Option<SocketFile> {
+        self.socket_file.take()
+    }
+
     /// Accept clients for `device` until `shutdown` fires, one at a time, each on its own
-    /// thread. Returns after the active connection (if any) has ended.
+    /// thread. Returns after the active connection (if any) has ended, or after
+    /// [`STOP_GRACE`] without it; an error means the listening socket failed.
     pub fn serve(
         &self,
         device: Arc<dyn VfioUserDevice>,
@@ -226,6 +287,7 @@ impl Server {
             .set_nonblocking(true)
             .map_err(ServerError::Listener)?;
         let mut active: Option<Active> = None;
+        let mut log = ServerLog::default();
         let result = loop {
             if active.as_ref().is_some_and(|a| a.thread.is_finished()) {
                 if let Some(done) = active
@@ -235,9 +297,15 @@ impl Server {
                     log::debug!("vfio-user: connection done: {done:?}");
                 }
             }
-            match wait_readable(self.listener.as_fd(), Some(&shutdown), None) {
+            if active.is_none() {
+                log.client_gone();
+            }
+            // Wake up for a summary that falls due even if nobody else connects.
+            let timeout = log.tick();
+            match wait_readable(self.listener.as_fd(), Some(&shutdown), timeout) {
                 Ok(Readiness::Shutdown) => break Ok(()),
-                Ok(_) => {}
+                Ok(Readiness::TimedOut) => continue,
+                Ok(Readiness::Readable) => {}
                 Err(e) => break Err(ServerError::Listener(e)),
             }
             let stream = match self.listener.accept() {
@@ -248,16 +316,27 @@ impl Server {
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    continue
+                    // Readable but nothing to accept: a listening socket that was shut down
+                    // stays "readable" (POLLHUP) for ever and accepts nothing.
+                    if let Some(broken) = self.listener_failure() {
+                        break Err(ServerError::Listener(broken));
+                    }
+                    continue;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                Err(e) if listener_is_broken(&e) => break Err(ServerError::Listener(e)),
                 Err(e) => {
                     // Out of fds or memory: back off instead of spinning.
-                    log::warn!("vfio-user: accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
+                    log.accept_failed(&e);
+                    std::thread::sleep(ACCEPT_BACKOFF);
                     continue;
                 }
             };
+            log.accepted();
+            if !self.admits(&stream, &mut log.refused) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                continue;
+            }
             if let Some(current) = active.take() {
                 if current.peer_hung_up() {
                     match current.join_within(self.config.msg_timeout) {
@@ -268,20 +347,93 @@ impl Server {
                     active = Some(current);
                 }
                 if active.is_some() {
-                    log::warn!("vfio-user: refusing a second client while one is connected");
+                    log.second_client();
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                     continue;
                 }
             }
+            log.client_gone();
             match self.spawn(stream, Arc::clone(&device), shutdown.clone()) {
-                Ok(a) => active = Some(a),
-                Err(e) => log::warn!("vfio-user: cannot serve client: {e}"),
+                Ok(a) => {
+                    active = Some(a);
+                    log.served();
+                }
+                // Out of fds, memory or threads: the client is closed.
+                Err(e) => log.setup_failed(&e),
             }
         };
         if let Some(a) = active {
-            let _ = a.thread.join();
+            if let Err(stuck) = a.join_within(STOP_GRACE) {
+                log::warn!(
+                    "vfio-user: the connection did not end within {STOP_GRACE:?} of shutdown; \
+                     leaving its thread behind"
+                );
+                drop(stuck);
+            }
         }
         result
+    }
+
+    /// Whether the peer of `stream` may be served; a refusal is logged once per uid.
+    fn admits(&self, stream: &UnixStream, refused: &mut RefusedPeers) -> bool {
+        if self.peers.is_open() {
+            return true;
+        }
+        let where_ = self
+            .path()
+            .map_or_else(String::new, |p| format!(" on {}", p.display()));
+        match PeerCred::of(stream) {
+            Ok(cred) if self.peers.admits(&cred) => true,
+            Ok(cred) => {
+                if refused.should_log(&cred) {
+                    log::warn!(
+                        "vfio-user: refusing a client{where_} running as uid {} gid {} (pid {}): \
+                         only {} may connect (further refusals of this uid are not logged)",
+                        cred.uid,
+                        cred.gid,
+                        cred.pid,
+                        self.peers
+                    );
+                } else {
+                    log::debug!("vfio-user: refused uid {} again", cred.uid);
+                }
+                false
+            }
+            Err(e) => {
+                log::warn!(
+                    "vfio-user: refusing a client{where_} whose credentials are unknown: {e}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Why the listening socket cannot accept any more (it was shut down or has an error
+    /// pending), if it cannot.
+    fn listener_failure(&self) -> Option<io::Error> {
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n <= 0 {
+            return None;
+        }
+        if pfd.revents & libc::POLLNVAL != 0 {
+            return Some(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return Some(
+                self.listener
+                    .take_error()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| io::Error::other("the listening socket was shut down")),
+            );
+        }
+        None
     }
 
     fn spawn(
@@ -299,6 +451,164 @@ impl Server {
             .map_err(ServerError::Connection)?;
         Ok(Active { thread, peer })
     }
+}
+
+/// What a server logs about its clients and its listener, once per episode or per peer (see
+/// [`RepeatedWarning`]) rather than once per attempt.
+#[derive(Debug)]
+struct ServerLog {
+    /// Second clients refused while one is connected.
+    busy: RepeatedWarning,
+    /// `accept` failing for lack of fds or memory.
+    accept_failures: RepeatedWarning,
+    /// Accepted clients that could not be set up.
+    setup_failures: RepeatedWarning,
+    /// Peers refused for their credentials.
+    refused: RefusedPeers,
+}
+
+impl Default for ServerLog {
+    fn default() -> Self {
+        ServerLog {
+            busy: RepeatedWarning::new(REPEAT_PERIOD),
+            accept_failures: RepeatedWarning::new(REPEAT_PERIOD),
+            setup_failures: RepeatedWarning::new(REPEAT_PERIOD),
+            refused: RefusedPeers::default(),
+        }
+    }
+}
+
+impl ServerLog {
+    /// Logs a summary that fell due; returns how long until the next one can.
+    fn tick(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        if let Some(n) = self.busy.due(now) {
+            log::warn!(
+                "vfio-user: refused {n} more client(s) in the last {} s while one is connected",
+                REPEAT_PERIOD.as_secs()
+            );
+        }
+        self.busy.next_due(now)
+    }
+
+    fn second_client(&mut self) {
+        match self.busy.occur(Instant::now()) {
+            Occurrence::First => log::warn!(
+                "vfio-user: refusing a second client while one is connected (further \
+                 refusals are counted)"
+            ),
+            Occurrence::Summary(n) => log::warn!(
+                "vfio-user: refused {n} more client(s) in the last {} s while one is connected",
+                REPEAT_PERIOD.as_secs()
+            ),
+            Occurrence::Counted => {}
+        }
+    }
+
+    /// No client is connected any more: the episode of refusals ends.
+    fn client_gone(&mut self) {
+        if let Some(n) = self.busy.end() {
+            log::warn!("vfio-user: refused {n} more client(s) while one was connected");
+        }
+    }
+
+    fn accept_failed(&mut self, e: &io::Error) {
+        match self.accept_failures.occur(Instant::now()) {
+            Occurrence::First => log::warn!(
+                "vfio-user: accept failed: {e} (retrying every {} ms)",
+                ACCEPT_BACKOFF.as_millis()
+            ),
+            Occurrence::Summary(n) => log::warn!(
+                "vfio-user: accept failed {n} more time(s) in the last {} s: {e}",
+                REPEAT_PERIOD.as_secs()
+            ),
+            Occurrence::Counted => {}
+        }
+    }
+
+    fn accepted(&mut self) {
+        if let Some(n) = self.accept_failures.end() {
+            log::info!("vfio-user: accepting again (after {n} more failure(s))");
+        }
+    }
+
+    fn setup_failed(&mut self, e: &ServerError) {
+        match self.setup_failures.occur(Instant::now()) {
+            Occurrence::First => log::warn!("vfio-user: cannot serve client: {e}"),
+            Occurrence::Summary(n) => log::warn!(
+                "vfio-user: could not serve {n} more client(s) in the last {} s: {e}",
+                REPEAT_PERIOD.as_secs()
+            ),
+            Occurrence::Counted => {}
+        }
+    }
+
+    fn served(&mut self) {
+        if let Some(n) = self.setup_failures.end() {
+            log::info!("vfio-user: serving clients again (after {n} more failure(s))");
+        }
+    }
+}
+
+/// Whether `accept` failing with `e` means the listening socket itself is unusable (rather
+/// than a shortage of fds or memory, or a client that went away, which pass).
+fn listener_is_broken(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT)
+    )
+}
+
+/// Takes ownership of `fd`, a connected `AF_UNIX` stream socket a launcher passed us (the
+/// `--fd N` convention), after checking that it is one (and not a listening socket); sets it
+/// close-on-exec.
+///
+/// # Safety
+///
+/// Nothing else in the process may own `fd` (call it once per fd, for an fd inherited from
+/// the launcher): the returned stream closes it.
+pub unsafe fn adopt_connected_fd(fd: i32) -> Result<UnixStream, ServerError> {
+    let not = |reason: String| ServerError::NotConnectedSocket { fd, reason };
+    let int_opt = |opt| -> Result<libc::c_int, ServerError> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are valid for writes; `len` is `value`'s size. A bad fd
+        // only makes the call fail.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(not(io::Error::last_os_error().to_string()));
+        }
+        Ok(value)
+    };
+    // SAFETY: F_GETFD only reads the descriptor's flags; a bad fd makes it fail.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(not("not an open file descriptor".into()));
+    }
+    if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX {
+        return Err(not("not an AF_UNIX socket".into()));
+    }
+    if int_opt(libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(not("not a stream socket".into()));
+    }
+    if int_opt(libc::SO_ACCEPTCONN)? != 0 {
+        return Err(not("a listening socket (pass a connected one)".into()));
+    }
+    // SAFETY: `fd` is open (F_GETFD succeeded) and, by the caller's contract, owned by
+    // nothing else in the process.
+    let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: F_SETFD on an fd we now own.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(ServerError::Connection(io::Error::last_os_error()));
+    }
+    Ok(stream)
 }
 
 /// Serve one already-connected client on the calling thread (for the `--fd=N` convention and

@@ -6,8 +6,9 @@
 //! before the handler was installed).
 //!
 //! A connection waits for its next message blocked in `recvmsg()` rather than in `poll()` (see
-//! [`super::socket`]); its [`ShutdownWaker`] turns the trigger into a `shutdown(SHUT_RD)` of
-//! the socket, which ends that wait.
+//! [`super::socket`]); its [`ShutdownWaker`] turns the trigger into a `shutdown(SHUT_RDWR)` of
+//! the socket, which ends that wait, and also a send blocked on a client that stopped
+//! reading (it fails with `EPIPE` at once instead of running into the message timeout).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -96,9 +97,9 @@ impl AsFd for ShutdownSignal {
     }
 }
 
-/// Shuts a socket's reading side down when a [`ShutdownSignal`] fires, so a thread blocked in
+/// Shuts a socket down (both ways) when a [`ShutdownSignal`] fires, so a thread blocked in
 /// `recvmsg()` on it returns at once (with 0 bytes; the reader tells shutdown from EOF by the
-/// signal). A small thread of its own waits in `poll()` for the signal or for the waker to be
+/// signal) and one blocked in `sendmsg()` fails at once. A small thread of its own waits in `poll()` for the signal or for the waker to be
 /// dropped; dropping the waker stops and joins it.
 pub struct ShutdownWaker {
     stop: EventFd,
@@ -136,7 +137,7 @@ impl ShutdownWaker {
                     // SAFETY: two valid pollfd entries for fds owned by this closure.
                     let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
                     if signal.is_triggered() {
-                        let _ = socket.shutdown(std::net::Shutdown::Read);
+                        let _ = socket.shutdown(std::net::Shutdown::Both);
                         return;
                     }
                     if n > 0 && pfds[1].revents != 0 {
@@ -196,6 +197,28 @@ mod tests {
         assert_eq!(n, 1);
         s.trigger();
         assert!(c.is_triggered());
+    }
+
+    #[test]
+    fn waker_ends_a_send_blocked_on_a_peer_that_does_not_read() {
+        use std::io::Write;
+        let (_a, b) = UnixStream::pair().unwrap();
+        let s = ShutdownSignal::new().unwrap();
+        let _waker = ShutdownWaker::spawn(&s, b.try_clone().unwrap()).unwrap();
+        let writer = std::thread::spawn(move || {
+            // Far more than the socket buffers hold: blocks until the shutdown.
+            let chunk = vec![0u8; 1 << 20];
+            loop {
+                if let Err(e) = (&b).write_all(&chunk) {
+                    return e.kind();
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let t = std::time::Instant::now();
+        s.trigger();
+        assert_eq!(writer.join().unwrap(), std::io::ErrorKind::BrokenPipe);
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]

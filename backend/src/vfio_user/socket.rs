@@ -26,10 +26,17 @@
 //! one syscall per wait instead of three, so a request/reply round trip costs the same two
 //! syscalls as a plain socket ping-pong, and a burst of queued posted writes is still read
 //! without any `poll()`. Shutdown then reaches the blocked call through the socket:
-//! [`ShutdownWaker`](super::shutdown::ShutdownWaker) shuts its reading side down, `recvmsg`
-//! returns 0, and the reader reports [`SocketError::Shutdown`] rather than EOF because the
-//! signal is set. Only a *partial* message waits with `poll()`, so the message timeout still
-//! holds.
+//! [`ShutdownWaker`](super::shutdown::ShutdownWaker) shuts it down, `recvmsg` returns 0, and
+//! the reader reports [`SocketError::Shutdown`] rather than EOF because the signal is set.
+//! Only a *partial* message waits with `poll()`, so the message timeout still holds.
+//!
+//! # Sending
+//!
+//! [`send_all`] sends without blocking and waits in `poll()` for room, so a whole message
+//! gets one deadline: a client that stops reading is dropped when the message timeout runs
+//! out (5 s by default) however many partial sends the message took. (A blocking send with
+//! `SO_SNDTIMEO` restarts the timeout at every partial send: a 1 MiB reply took two timeouts,
+//! about 10 s, to give up.)
 
 use std::collections::VecDeque;
 use std::io;
@@ -195,6 +202,16 @@ pub fn send_with_fds(
     parts: &[&[u8]],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
+    send_with_flags(fd, parts, fds, 0)
+}
+
+/// [`send_with_fds`] with extra `MSG_*` flags (`MSG_DONTWAIT`).
+fn send_with_flags(
+    fd: BorrowedFd<'_>,
+    parts: &[&[u8]],
+    fds: &[BorrowedFd<'_>],
+    flags: libc::c_int,
+) -> io::Result<usize> {
     if fds.len() > MAX_SEND_FDS || parts.len() > 8 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
@@ -205,7 +222,7 @@ pub fn send_with_fds(
                 fd.as_raw_fd(),
                 part.as_ptr().cast(),
                 part.len(),
-                libc::MSG_NOSIGNAL,
+                libc::MSG_NOSIGNAL | flags,
             )
         };
         return if n < 0 {
@@ -247,7 +264,7 @@ pub fn send_with_fds(
         }
     }
     // SAFETY: `msg` references `iovs` (borrowing `parts`) and `cmsg`, valid for the call.
-    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -256,15 +273,52 @@ pub fn send_with_fds(
 }
 
 /// Send all of `parts` (fds with the first bytes), retrying partial sends and `EINTR`.
-/// A send timeout (`SO_SNDTIMEO`) expiring becomes [`SocketError::Timeout`].
+/// Blocking sends: a send timeout (`SO_SNDTIMEO`) expiring becomes [`SocketError::Timeout`]
+/// (per `sendmsg`, so a message sent in parts may take longer; [`send_all_within`] bounds
+/// the whole message).
 pub fn send_all(
     fd: BorrowedFd<'_>,
     parts: &[&[u8]],
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), SocketError> {
+    send_parts(fd, parts, fds, Pace::Blocking)
+}
+
+/// [`send_all`] within `timeout` for the whole message: sends never block, and when the
+/// socket is full the wait is a `poll()` bounded by what is left of `timeout`, which running
+/// out becomes [`SocketError::Timeout`].
+pub fn send_all_within(
+    fd: BorrowedFd<'_>,
+    parts: &[&[u8]],
+    fds: &[BorrowedFd<'_>],
+    timeout: Duration,
+) -> Result<(), SocketError> {
+    send_parts(fd, parts, fds, Pace::Within(timeout))
+}
+
+/// How [`send_parts`] waits for room.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// Blocking sends (with the socket's own send timeout, if any).
+    Blocking,
+    /// Non-blocking sends and `poll()`, the whole message within this time.
+    Within(Duration),
+}
+
+fn send_parts(
+    fd: BorrowedFd<'_>,
+    parts: &[&[u8]],
+    fds: &[BorrowedFd<'_>],
+    pace: Pace,
+) -> Result<(), SocketError> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut sent = 0usize;
     let mut fds_pending = fds;
+    let mut deadline: Option<Instant> = None;
+    let flags = match pace {
+        Pace::Blocking => 0,
+        Pace::Within(_) => libc::MSG_DONTWAIT,
+    };
     while sent < total {
         let mut skip = sent;
         let mut rest: [&[u8]; 8] = [&[]; 8];
@@ -280,19 +334,56 @@ pub fn send_all(
             }
             skip = 0;
         }
-        match send_with_fds(fd, &rest[..count], fds_pending) {
+        match send_with_flags(fd, &rest[..count], fds_pending, flags) {
             Ok(0) => return Err(SocketError::Io(io::Error::from(io::ErrorKind::WriteZero))),
             Ok(n) => {
                 sent += n;
                 fds_pending = &[];
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(SocketError::Timeout),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => match pace {
+                Pace::Blocking => return Err(SocketError::Timeout),
+                Pace::Within(timeout) => {
+                    // The clock starts at the first wait: a send that fits costs no clock read.
+                    let until = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+                    wait_writable(fd, until)?;
+                }
+            },
             Err(e) if e.raw_os_error() == Some(libc::EPIPE) => return Err(SocketError::Eof),
             Err(e) => return Err(SocketError::Io(e)),
         }
     }
     Ok(())
+}
+
+/// `poll()` `fd` for room to send until `deadline`.
+fn wait_writable(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(), SocketError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(SocketError::Timeout);
+        }
+        // Round up so a sub-millisecond remainder still waits.
+        let wait_ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(SocketError::Io(err));
+        }
+        if n > 0 {
+            // Room, or an error/hang-up the next send reports.
+            return Ok(());
+        }
+    }
 }
 
 /// What [`wait_readable`] saw.
@@ -630,13 +721,19 @@ impl MessageReader {
 #[derive(Debug)]
 pub struct SocketWriter {
     stream: Mutex<Option<UnixStream>>,
+    /// Deadline of one whole message (`None`: blocking sends without one).
+    timeout: Option<Duration>,
 }
 
 impl SocketWriter {
-    /// Wrap a (duplicated) stream used only for sending.
+    /// Wrap a (duplicated) stream used only for sending. The stream's send timeout
+    /// (`SO_SNDTIMEO`, as set on it or on the stream it was cloned from) becomes the deadline
+    /// of each whole message (see [`send_all_within`]).
     pub fn new(stream: UnixStream) -> SocketWriter {
+        let timeout = stream.write_timeout().ok().flatten();
         SocketWriter {
             stream: Mutex::new(Some(stream)),
+            timeout,
         }
     }
 
@@ -644,7 +741,10 @@ impl SocketWriter {
     pub fn send(&self, parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> Result<(), SocketError> {
         let guard = self.stream.lock().unwrap_or_else(PoisonError::into_inner);
         let stream = guard.as_ref().ok_or(SocketError::Closed)?;
-        send_all(stream.as_fd(), parts, fds)
+        match self.timeout {
+            Some(timeout) => send_all_within(stream.as_fd(), parts, fds, timeout),
+            None => send_all(stream.as_fd(), parts, fds),
+        }
     }
 
     /// Shut the socket down both ways and drop our descriptor.
@@ -755,6 +855,27 @@ mod tests {
             reader.next(b.as_fd(), None),
             Err(SocketError::BadSize { id: 5, size: 3, .. })
         ));
+    }
+
+    #[test]
+    fn a_whole_message_gets_one_deadline_however_many_partial_sends_it_takes() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        a.set_write_timeout(Some(Duration::from_millis(400)))
+            .unwrap();
+        let writer = SocketWriter::new(a);
+        // Far larger than the socket buffers: the peer never reads, so the send stalls
+        // after a partial send and must give up 400 ms after it first had to wait.
+        let big = vec![0u8; 8 << 20];
+        let t = Instant::now();
+        assert!(matches!(
+            writer.send(&[&big], &[]),
+            Err(SocketError::Timeout)
+        ));
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(390) && took < Duration::from_millis(700),
+            "{took:?}"
+        );
     }
 
     #[test]
