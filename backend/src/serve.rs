@@ -592,56 +592,10 @@ fn log_layout(layout: &FunctionLayout) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
 
-    use crate::host_driver::addr::VramAddr;
+    use crate::host_driver::test_support::StuckRegister;
     use crate::host_gpu::emulated::EmulatedHostGpu;
-    use crate::host_gpu::{AccessWidth, ChipIdentity, HostGpuError, HostMemory, MmapSource};
-
-    /// The emulated GPU, with a switch that makes it "stop answering".
-    struct Unplugged {
-        inner: EmulatedHostGpu,
-        lost: AtomicBool,
-    }
-
-    impl HostGpu for Unplugged {
-        fn identity(&self) -> &ChipIdentity {
-            self.inner.identity()
-        }
-        fn is_lost(&self) -> bool {
-            self.lost.load(Ordering::Acquire)
-        }
-        fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
-            self.inner.bar0_read(offset, width)
-        }
-        fn bar0_write(
-            &self,
-            offset: u64,
-            width: AccessWidth,
-            value: u64,
-        ) -> Result<(), HostGpuError> {
-            self.inner.bar0_write(offset, width, value)
-        }
-        fn memory_bar(&self, index: u8) -> Option<Arc<dyn HostMemory>> {
-            self.inner.memory_bar(index)
-        }
-        fn reset(&self) -> Result<(), HostGpuError> {
-            self.inner.reset()
-        }
-        fn scrub_vram(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError> {
-            self.inner.scrub_vram(addr, len)
-        }
-        fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError> {
-            self.inner.bar1_read(offset, buf)
-        }
-        fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError> {
-            self.inner.bar1_write(offset, data)
-        }
-        fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource> {
-            self.inner.vram_mmap_source(addr, len)
-        }
-    }
 
     fn emulated() -> Arc<dyn HostGpu> {
         Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap())
@@ -793,10 +747,7 @@ mod tests {
 
     #[test]
     fn a_gpu_that_stops_answering_stops_being_served() {
-        let host = Arc::new(Unplugged {
-            inner: EmulatedHostGpu::by_name("tu102-24g").unwrap(),
-            lost: AtomicBool::new(false),
-        });
+        let host = Arc::new(StuckRegister::healthy("tu102-24g"));
         let function = PresentedFunction::new(Arc::clone(&host) as Arc<dyn HostGpu>).unwrap();
         let socket = std::env::temp_dir().join(format!("watchdog-{}.sock", std::process::id()));
         let served = {
@@ -817,7 +768,7 @@ mod tests {
             thread::sleep(Duration::from_millis(10));
         }
         let unplugged = Instant::now();
-        host.lost.store(true, Ordering::Release);
+        host.unplug();
         let result = served.join().unwrap();
         assert!(matches!(result, Err(ServeError::DeviceLost)), "{result:?}");
         assert!(

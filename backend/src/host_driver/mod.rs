@@ -28,4 +28,4 @@ pub mod tlb;
 pub mod vram_alloc;
 
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;

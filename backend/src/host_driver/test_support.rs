@@ -1,5 +1,7 @@
-//! Test helpers: a [`HostGpu`] over the emulated GPU with one register stuck.
+//! Test helpers: a [`HostGpu`] over the emulated GPU with faults switched on: one register
+//! stuck, or the whole device "unplugged" (it reports itself lost).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::host_driver::addr::VramAddr;
@@ -12,6 +14,7 @@ pub struct StuckRegister {
     inner: EmulatedHostGpu,
     offset: u64,
     bits: u64,
+    lost: AtomicBool,
 }
 
 impl StuckRegister {
@@ -21,13 +24,28 @@ impl StuckRegister {
             inner: EmulatedHostGpu::by_name(name).unwrap(),
             offset,
             bits: bits.into(),
+            lost: AtomicBool::new(false),
         }
+    }
+
+    /// The profile `name` with nothing stuck (until [`StuckRegister::unplug`]).
+    pub fn healthy(name: &str) -> StuckRegister {
+        StuckRegister::new(name, 0, 0)
+    }
+
+    /// From now on the device reports itself lost ([`HostGpu::is_lost`]).
+    pub fn unplug(&self) {
+        self.lost.store(true, Ordering::Release);
     }
 }
 
 impl HostGpu for StuckRegister {
     fn identity(&self) -> &ChipIdentity {
         self.inner.identity()
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
