@@ -33,9 +33,9 @@ fn errno_of(e: &ClientError) -> String {
     }
 }
 
-/// Map `size(i)` bytes at `iova(i)` for i = 0, 1, ... until refused: once per size while the
-/// size function keeps yielding; `next_size` gives the size to go on with after a refusal
-/// (`None`: stop).
+/// Map consecutive IOVAs from `base`, `first_size` bytes each (with `fd`, at offset 0), until
+/// refused; after a refusal go on with `next_size(size)` (`None`: stop). At most `limit` maps
+/// or [`FLOOD_TIME`]. The server's figures are read at the end.
 fn flood(
     client: &mut TestClient,
     pid: u32,
@@ -118,9 +118,9 @@ fn neighbour(b: &mut Option<TestClient>, socket: &Path, ram: &OwnedFd, irq: &Own
     out.join(", ")
 }
 
-fn row(name: &str, before: &ProcStats, r: &Refusal, b: &str, release: Duration) {
+fn row(name: &str, before: &ProcStats, r: &Refusal, other: &str, release: Option<Duration>) {
     println!(
-        "| {name} | {} ({}) | {} | {} -> {} | {} -> {} | {} | {} -> {} | {b} | {:.2?} | {:.1?} |",
+        "| {name} | {} ({}) | {} | {} -> {} | {} -> {} | {} | {} -> {} | {other} | {} | {:.1?} |",
         r.maps,
         human(r.bytes),
         r.errno.as_deref().unwrap_or("not refused"),
@@ -131,48 +131,94 @@ fn row(name: &str, before: &ProcStats, r: &Refusal, b: &str, release: Duration) 
         human(r.at_limit.vm_rss),
         before.maps,
         r.at_limit.maps,
-        release,
+        release.map_or("-".to_string(), |d| format!("{d:.2?}")),
         r.took,
     );
 }
 
-/// One scenario on a fresh server: A floods (then B, if `both`), B is checked, A releases.
-fn scenario(binary: &Path, name: &str, both: bool, run: &dyn Fn(&mut TestClient, u32) -> Refusal) {
-    let guests = TwoGuests::start(binary);
+/// A flood: what A maps, given the server's pid.
+type Flood<'a> = &'a dyn Fn(&mut TestClient, u32) -> Refusal;
+
+/// The GPU whole to A: A floods; A itself then wires an eventfd, releases everything
+/// (timed) and maps again.
+fn whole(binary: &Path, name: &str, run: Flood<'_>) {
+    let guests = TwoGuests::whole(binary);
     let pid = guests.server.pid();
-    let ram = fds::memfd("figures-b-ram", 2 * MIB, fds::GUEST_RAM_SEALS);
     let irq = fds::eventfd();
-    let mut b = Some(TwoGuests::client(&guests.b));
+    let ram = fds::memfd("figures-a-ram", 2 * MIB, fds::GUEST_RAM_SEALS);
     let mut a = TwoGuests::client(&guests.a);
     let before = proc_stats(pid).expect("server stats");
     let refusal = run(&mut a, pid);
-    let neighbour_a = neighbour(&mut b, &guests.b, &ram, &irq);
+    let assign = irq_flags::DATA_EVENTFD | irq_flags::ACTION_TRIGGER;
+    let eventfd = match a.set_irqs(2, assign, 0, 1, &[], &[irq.as_fd()]) {
+        Ok(()) => "eventfd ok".to_string(),
+        Err(e) => format!("eventfd {}", errno_of(&e)),
+    };
+    let started = Instant::now();
+    a.dma_unmap(dma_flags::UNMAP_ALL, 0, 0).expect("UNMAP_ALL");
+    let release = started.elapsed();
+    let again = match a.dma_map(RW, 0, 0x8000_0000, 2 * MIB, Some(ram.as_fd())) {
+        Ok(()) => "DMA_MAP after UNMAP_ALL ok".to_string(),
+        Err(e) => format!("DMA_MAP after UNMAP_ALL {}", errno_of(&e)),
+    };
+    row(
+        &format!("whole GPU: {name}"),
+        &before,
+        &refusal,
+        &format!("(one guest) {eventfd}, {again}"),
+        Some(release),
+    );
+    drop(a);
+    stop(guests);
+}
+
+/// Two guests: A floods (then B, if `both`); B is checked after each.
+fn sliced(binary: &Path, name: &str, both: bool, run: Flood<'_>) {
+    let guests = TwoGuests::start(binary);
+    let pid = guests.server.pid();
+    let b_socket = guests.b.clone().expect("two guests");
+    let ram = fds::memfd("figures-b-ram", 2 * MIB, fds::GUEST_RAM_SEALS);
+    let irq = fds::eventfd();
+    let mut b = Some(TwoGuests::client(&b_socket));
+    let mut a = TwoGuests::client(&guests.a);
+    let before = proc_stats(pid).expect("server stats");
+    let refusal = run(&mut a, pid);
+    let neighbour_a = neighbour(&mut b, &b_socket, &ram, &irq);
     if both {
         let b_client = b.as_mut().expect("B reconnected");
         let b_refusal = run(b_client, pid);
-        let neighbour_b = neighbour(&mut b, &guests.b, &ram, &irq);
+        let neighbour_b = neighbour(&mut b, &b_socket, &ram, &irq);
         row(
-            &format!("{name}: A"),
+            &format!("two guests: {name}, A"),
             &before,
             &refusal,
             &neighbour_a,
-            Duration::ZERO,
+            None,
         );
         row(
-            &format!("{name}: then B"),
+            &format!("two guests: {name}, then B"),
             &before,
             &b_refusal,
             &neighbour_b,
-            Duration::ZERO,
+            None,
         );
     } else {
         let started = Instant::now();
-        let released = a.dma_unmap(dma_flags::UNMAP_ALL, 0, 0).is_ok();
+        a.dma_unmap(dma_flags::UNMAP_ALL, 0, 0).expect("UNMAP_ALL");
         let release = started.elapsed();
-        assert!(released, "UNMAP_ALL failed");
-        row(name, &before, &refusal, &neighbour_a, release);
+        row(
+            &format!("two guests: {name}"),
+            &before,
+            &refusal,
+            &neighbour_a,
+            Some(release),
+        );
     }
     drop((a, b));
+    stop(guests);
+}
+
+fn stop(guests: TwoGuests) {
     let mut server = guests.server;
     if let Err(e) = server.stop(libc::SIGTERM, Duration::from_secs(30)) {
         println!("(server: {e})");
@@ -183,10 +229,6 @@ fn scenario(binary: &Path, name: &str, both: bool, run: &dyn Fn(&mut TestClient,
 pub fn run(binary: &Path) {
     let small = fds::memfd("figures-ram", 64 << 10, fds::GUEST_RAM_SEALS);
     let big = fds::memfd("figures-big", 1 << 40, fds::GUEST_RAM_SEALS);
-    println!("DMA maps until refused, emulated tu102-24g, two 64 MiB guests; server figures from /proc/<pid>");
-    println!();
-    println!("| flood | maps accepted | refused with | fds | VmSize | VmRSS | mappings | the other guest then | UNMAP_ALL | flood took |");
-    println!("|---|---:|---|---:|---:|---:|---:|---|---:|---:|");
     let one_fd_each = |c: &mut TestClient, pid: u32| {
         flood(
             c,
@@ -198,33 +240,33 @@ pub fn run(binary: &Path) {
             70_000,
         )
     };
-    scenario(binary, "4 KiB maps, one fd each", false, &one_fd_each);
-    scenario(
-        binary,
-        "4 KiB maps, no fd",
-        false,
-        &|c: &mut TestClient, pid: u32| flood(c, pid, None, 0x10_0000_0000, 4096, |_| None, 70_000),
-    );
-    scenario(
-        binary,
-        "1 TiB maps of a sparse memfd, then halving sizes",
-        false,
-        &|c: &mut TestClient, pid: u32| {
-            flood(
-                c,
-                pid,
-                Some(big.as_fd()),
-                1 << 40,
-                1 << 40,
-                |s| (s > 4096).then_some(s / 2),
-                10_000,
-            )
-        },
-    );
-    scenario(
-        binary,
-        "4 KiB maps, one fd each, both guests",
-        true,
-        &one_fd_each,
-    );
+    let no_fd =
+        |c: &mut TestClient, pid: u32| flood(c, pid, None, 0x10_0000_0000, 4096, |_| None, 70_000);
+    let sparse = |c: &mut TestClient, pid: u32| {
+        flood(
+            c,
+            pid,
+            Some(big.as_fd()),
+            1 << 40,
+            1 << 40,
+            |s| (s > 4096).then_some(s / 2),
+            70_000,
+        )
+    };
+    println!("DMA maps until refused, emulated tu102-24g (whole, or two 64 MiB guests); server figures from /proc/<pid> before -> at the refusal");
+    println!();
+    println!("| flood | maps accepted | refused with | fds | VmSize | VmRSS | mappings | then | UNMAP_ALL | flood took |");
+    println!("|---|---:|---|---:|---:|---:|---:|---|---:|---:|");
+    let floods: [(&str, Flood<'_>); 3] = [
+        ("4 KiB maps, one fd each", &one_fd_each),
+        ("1 TiB maps of a sparse memfd, then halving sizes", &sparse),
+        ("4 KiB maps, no fd", &no_fd),
+    ];
+    for (name, run) in floods {
+        whole(binary, name, run);
+    }
+    for (name, run) in floods {
+        sliced(binary, name, false, run);
+    }
+    sliced(binary, "4 KiB maps, one fd each", true, &one_fd_each);
 }

@@ -1,5 +1,5 @@
-//! Two guests on one sliced emulated TU102 served by the real binary: B's slice first, then
-//! A's, 64 MiB each (the soak's layout).
+//! The real binary serving an emulated TU102: sliced for two guests (B's slice first, then
+//! A's, 64 MiB each: the soak's layout), or whole to one guest.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,18 +19,37 @@ pub const VRAM_BAR: u32 = 1;
 /// MiB.
 pub const MIB: u64 = 1 << 20;
 
-/// A running server with its two sockets.
+/// A running server with its sockets.
 pub struct TwoGuests {
     /// The server.
     pub server: ServeProcess,
     /// A's socket.
     pub a: PathBuf,
-    /// B's socket.
-    pub b: PathBuf,
+    /// B's socket (`None` when the GPU is whole to A).
+    pub b: Option<PathBuf>,
     _dir: TempDir,
 }
 
 impl TwoGuests {
+    /// Start `binary serve --profile tu102-24g --socket A`: the GPU whole to A.
+    pub fn whole(binary: &Path) -> TwoGuests {
+        let dir = TempDir::new("figures");
+        let a = dir.join("a.sock");
+        let args: Vec<String> = vec![
+            "--profile".into(),
+            "tu102-24g".into(),
+            "--socket".into(),
+            a.display().to_string(),
+        ];
+        let server = ServeProcess::start(binary, &args, vec![a.clone()], dir.join("serve.log"));
+        TwoGuests {
+            server,
+            a,
+            b: None,
+            _dir: dir,
+        }
+    }
+
     /// Start `binary serve --profile tu102-24g --guest B:64M --guest A:64M`.
     pub fn start(binary: &Path) -> TwoGuests {
         let dir = TempDir::new("figures");
@@ -52,7 +71,7 @@ impl TwoGuests {
         TwoGuests {
             server,
             a,
-            b,
+            b: Some(b),
             _dir: dir,
         }
     }

@@ -119,7 +119,7 @@ fn measure(
 /// Measure and print the table.
 pub fn run(binary: &Path, rounds: usize, samples: usize) {
     let guests = TwoGuests::start(binary);
-    let mut b = TwoGuests::client(&guests.b);
+    let mut b = TwoGuests::client(guests.b.as_deref().expect("two guests"));
     let mut a = TwoGuests::client(&guests.a);
     for client in [&mut a, &mut b] {
         client
