@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use gpu_backend::vfio_user::protocol::{dma_flags, irq_flags};
 use gpu_backend::vfio_user::test_client::{ClientError, TestClient};
 
-use crate::guests::{TwoGuests, MIB};
+use crate::guests::{Served, MIB};
 use crate::support::fds;
 use crate::support::proc_stats::{human, proc_stats, ProcStats};
 
@@ -142,11 +142,11 @@ type Flood<'a> = &'a dyn Fn(&mut TestClient, u32) -> Refusal;
 /// The GPU whole to A: A floods; A itself then wires an eventfd, releases everything
 /// (timed) and maps again.
 fn whole(binary: &Path, name: &str, run: Flood<'_>) {
-    let guests = TwoGuests::whole(binary);
+    let guests = Served::whole(binary);
     let pid = guests.server.pid();
     let irq = fds::eventfd();
     let ram = fds::memfd("figures-a-ram", 2 * MIB, fds::GUEST_RAM_SEALS);
-    let mut a = TwoGuests::client(&guests.a);
+    let mut a = Served::client(&guests.sockets[0]);
     let before = proc_stats(pid).expect("server stats");
     let refusal = run(&mut a, pid);
     let assign = irq_flags::DATA_EVENTFD | irq_flags::ACTION_TRIGGER;
@@ -172,53 +172,76 @@ fn whole(binary: &Path, name: &str, run: Flood<'_>) {
     stop(guests);
 }
 
-/// Two guests: A floods (then B, if `both`); B is checked after each.
-fn sliced(binary: &Path, name: &str, both: bool, run: Flood<'_>) {
-    let guests = TwoGuests::start(binary);
+/// Two guests: A floods, then B is checked and A releases everything (timed).
+fn sliced(binary: &Path, name: &str, run: Flood<'_>) {
+    let guests = Served::sliced(binary, 2, "64M");
     let pid = guests.server.pid();
-    let b_socket = guests.b.clone().expect("two guests");
+    let b_socket = guests.sockets[0].clone();
     let ram = fds::memfd("figures-b-ram", 2 * MIB, fds::GUEST_RAM_SEALS);
     let irq = fds::eventfd();
-    let mut b = Some(TwoGuests::client(&b_socket));
-    let mut a = TwoGuests::client(&guests.a);
+    let mut b = Some(Served::client(&b_socket));
+    let mut a = Served::client(&guests.sockets[1]);
     let before = proc_stats(pid).expect("server stats");
     let refusal = run(&mut a, pid);
-    let neighbour_a = neighbour(&mut b, &b_socket, &ram, &irq);
-    if both {
-        let b_client = b.as_mut().expect("B reconnected");
-        let b_refusal = run(b_client, pid);
-        let neighbour_b = neighbour(&mut b, &b_socket, &ram, &irq);
-        row(
-            &format!("two guests: {name}, A"),
-            &before,
-            &refusal,
-            &neighbour_a,
-            None,
-        );
-        row(
-            &format!("two guests: {name}, then B"),
-            &before,
-            &b_refusal,
-            &neighbour_b,
-            None,
-        );
-    } else {
-        let started = Instant::now();
-        a.dma_unmap(dma_flags::UNMAP_ALL, 0, 0).expect("UNMAP_ALL");
-        let release = started.elapsed();
-        row(
-            &format!("two guests: {name}"),
-            &before,
-            &refusal,
-            &neighbour_a,
-            Some(release),
-        );
-    }
+    let neighbour = neighbour(&mut b, &b_socket, &ram, &irq);
+    let started = Instant::now();
+    a.dma_unmap(dma_flags::UNMAP_ALL, 0, 0).expect("UNMAP_ALL");
+    let release = started.elapsed();
+    row(
+        &format!("two guests: {name}"),
+        &before,
+        &refusal,
+        &neighbour,
+        Some(release),
+    );
     drop((a, b));
     stop(guests);
 }
 
-fn stop(guests: TwoGuests) {
+/// The process-wide budget: `flooders` guests each map until refused (the first ones by their
+/// own budget, the last ones by the process's), then an idle guest is checked.
+fn process_budget(binary: &Path, flooders: usize, run: Flood<'_>) {
+    let guests = Served::sliced(binary, flooders + 1, "2M");
+    let pid = guests.server.pid();
+    let b_socket = guests.sockets[0].clone();
+    let ram = fds::memfd("figures-b-ram", 2 * MIB, fds::GUEST_RAM_SEALS);
+    let irq = fds::eventfd();
+    let mut b = Some(Served::client(&b_socket));
+    let before = proc_stats(pid).expect("server stats");
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    let mut total = Refusal {
+        maps: 0,
+        bytes: 0,
+        errno: None,
+        took: Duration::ZERO,
+        at_limit: before,
+    };
+    for (i, socket) in guests.sockets[1..].iter().enumerate() {
+        let mut client = Served::client(socket);
+        let r = run(&mut client, pid);
+        total.maps += r.maps;
+        total.bytes += r.bytes;
+        if let Some(e) = r.errno {
+            total.errno = Some(format!("guest {}: {e}", i + 1));
+        }
+        total.at_limit = r.at_limit;
+        clients.push(client);
+    }
+    total.took = started.elapsed();
+    let neighbour = neighbour(&mut b, &b_socket, &ram, &irq);
+    row(
+        &format!("{flooders} guests together (process budget), then an idle one"),
+        &before,
+        &total,
+        &neighbour,
+        None,
+    );
+    drop((clients, b));
+    stop(guests);
+}
+
+fn stop(guests: Served) {
     let mut server = guests.server;
     if let Err(e) = server.stop(libc::SIGTERM, Duration::from_secs(30)) {
         println!("(server: {e})");
@@ -266,7 +289,7 @@ pub fn run(binary: &Path) {
         whole(binary, name, run);
     }
     for (name, run) in floods {
-        sliced(binary, name, false, run);
+        sliced(binary, name, run);
     }
-    sliced(binary, "4 KiB maps, one fd each", true, &one_fd_each);
+    process_budget(binary, 17, &no_fd);
 }

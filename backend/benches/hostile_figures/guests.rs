@@ -1,5 +1,5 @@
-//! The real binary serving an emulated TU102: sliced for two guests (B's slice first, then
-//! A's, 64 MiB each: the soak's layout), or whole to one guest.
+//! The real binary serving an emulated TU102: sliced for several guests (in socket order,
+//! so with two the first is B and the second A: the soak's layout), or whole to one guest.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,61 +19,46 @@ pub const VRAM_BAR: u32 = 1;
 /// MiB.
 pub const MIB: u64 = 1 << 20;
 
-/// A running server with its sockets.
-pub struct TwoGuests {
+/// A running server and its sockets.
+pub struct Served {
     /// The server.
     pub server: ServeProcess,
-    /// A's socket.
-    pub a: PathBuf,
-    /// B's socket (`None` when the GPU is whole to A).
-    pub b: Option<PathBuf>,
+    /// One socket per guest, in slice order.
+    pub sockets: Vec<PathBuf>,
     _dir: TempDir,
 }
 
-impl TwoGuests {
-    /// Start `binary serve --profile tu102-24g --socket A`: the GPU whole to A.
-    pub fn whole(binary: &Path) -> TwoGuests {
-        let dir = TempDir::new("figures");
-        let a = dir.join("a.sock");
-        let args: Vec<String> = vec![
-            "--profile".into(),
-            "tu102-24g".into(),
-            "--socket".into(),
-            a.display().to_string(),
-        ];
-        let server = ServeProcess::start(binary, &args, vec![a.clone()], dir.join("serve.log"));
-        TwoGuests {
+impl Served {
+    fn start(binary: &Path, mode: &[String], sockets: Vec<PathBuf>, dir: TempDir) -> Served {
+        let mut args: Vec<String> = vec!["--profile".into(), "tu102-24g".into()];
+        args.extend_from_slice(mode);
+        let server = ServeProcess::start(binary, &args, sockets.clone(), dir.join("serve.log"));
+        Served {
             server,
-            a,
-            b: None,
+            sockets,
             _dir: dir,
         }
     }
 
-    /// Start `binary serve --profile tu102-24g --guest B:64M --guest A:64M`.
-    pub fn start(binary: &Path) -> TwoGuests {
+    /// `serve --socket S`: the GPU whole to one guest.
+    pub fn whole(binary: &Path) -> Served {
         let dir = TempDir::new("figures");
-        let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-        let args: Vec<String> = vec![
-            "--profile".into(),
-            "tu102-24g".into(),
-            "--guest".into(),
-            format!("{}:64M", b.display()),
-            "--guest".into(),
-            format!("{}:64M", a.display()),
-        ];
-        let server = ServeProcess::start(
-            binary,
-            &args,
-            vec![a.clone(), b.clone()],
-            dir.join("serve.log"),
-        );
-        TwoGuests {
-            server,
-            a,
-            b: Some(b),
-            _dir: dir,
-        }
+        let socket = dir.join("g0.sock");
+        let mode = vec!["--socket".to_string(), socket.display().to_string()];
+        Served::start(binary, &mode, vec![socket], dir)
+    }
+
+    /// `serve --guest S0:SIZE --guest S1:SIZE ...`: `guests` slices of `size` (e.g. "64M").
+    pub fn sliced(binary: &Path, guests: usize, size: &str) -> Served {
+        let dir = TempDir::new("figures");
+        let sockets: Vec<PathBuf> = (0..guests)
+            .map(|i| dir.join(&format!("g{i}.sock")))
+            .collect();
+        let mode: Vec<String> = sockets
+            .iter()
+            .flat_map(|s| ["--guest".to_string(), format!("{}:{size}", s.display())])
+            .collect();
+        Served::start(binary, &mode, sockets, dir)
     }
 
     /// A negotiated client of `socket`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use gpu_backend::vfio_user::test_client::TestClient;
 
-use crate::guests::{TwoGuests, APERTURE, BAR0, MIB, VRAM_BAR, WINDOW};
+use crate::guests::{Served, APERTURE, BAR0, MIB, VRAM_BAR, WINDOW};
 
 /// What A does while B measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,9 +118,9 @@ fn measure(
 
 /// Measure and print the table.
 pub fn run(binary: &Path, rounds: usize, samples: usize) {
-    let guests = TwoGuests::start(binary);
-    let mut b = TwoGuests::client(guests.b.as_deref().expect("two guests"));
-    let mut a = TwoGuests::client(&guests.a);
+    let guests = Served::sliced(binary, 2, "64M");
+    let mut b = Served::client(&guests.sockets[0]);
+    let mut a = Served::client(&guests.sockets[1]);
     for client in [&mut a, &mut b] {
         client
             .region_write(BAR0, WINDOW, &0u32.to_le_bytes(), false)

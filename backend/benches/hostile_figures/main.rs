@@ -6,10 +6,12 @@
 //!    aperture) while guest A floods its own aperture with 1 MiB accesses, against B alone and
 //!    against A flooding its VRAM BAR with the same accesses (same bytes and CPU, no PRAMIN),
 //!    all in one run, conditions interleaved round by round.
-//! 2. `budgets`: A maps DMA until the server refuses (one fd per map; no fd; 1 TiB maps of a
-//!    sparse memfd, then halving sizes; then B too), reporting where it was refused and the
-//!    server's fds, mapped and resident bytes and mappings at that point (`/proc/<pid>`), and
-//!    whether B could still map DMA, wire an interrupt eventfd and reconnect.
+//! 2. `budgets`: a guest maps DMA until the server refuses (4 KiB maps with one fd each, without
+//!    fds, and 1 TiB maps of a sparse memfd then halving sizes; with the GPU whole to the
+//!    guest, and sliced for two guests; then 17 guests together against the process-wide
+//!    budget), reporting where it was refused and the server's fds, mapped and resident bytes
+//!    and mappings at that point (`/proc/<pid>`), and whether the other guest could still map
+//!    DMA, wire an interrupt eventfd and reconnect.
 //!
 //! Run: `cargo bench -p gpu-backend --bench hostile_figures [-- latency|budgets]
 //! [--rounds N] [--samples N]`
