@@ -10,7 +10,7 @@
 //! It asserts that the server stays up and stops on SIGTERM in bounded time; that B's data
 //! (planted through the mapped VRAM BAR, the trapped VRAM BAR and the aperture) reads back
 //! intact through every path, its DMA maps, interrupt eventfds and reconnects keep working,
-//! and its trapped reads' p99 stays under [`P99_BOUND`]; that host VRAM canaries next to A's
+//! and its trapped reads' p99 stays under [`P99_BOUND`] and none takes over [`MAX_BOUND`]; that host VRAM canaries next to A's
 //! slice, the host-reserved region and every VRAM file's size are untouched; that A only ever
 //! got errnos or disconnects (see `hostile.rs` for what counts as a violation); that the server
 //! never logged a panic; and that the fds A made the server hold are released once A is gone.
@@ -51,8 +51,11 @@ use support::serve_process::{ServeProcess, TempDir};
 const DEFAULT_SECONDS: u64 = 20;
 /// Seed without `GPU_BACKEND_SOAK_SEED`.
 const DEFAULT_SEED: u64 = 0x50A4_2026;
-/// Bound on the p99 of B's trapped reads (debug build, two shared cores, four busy threads).
-const P99_BOUND: Duration = Duration::from_millis(250);
+/// Bound on the p99 of B's trapped reads: about 100x what they take here (0.06-0.2 ms in a
+/// debug build on two shared cores with four busy threads), so only a real starvation fails.
+const P99_BOUND: Duration = Duration::from_millis(50);
+/// Bound on any single trapped read of B: no stall (the worst seen is tens of ms).
+const MAX_BOUND: Duration = Duration::from_secs(2);
 /// How long SIGTERM may take to end the server.
 const STOP_BOUND: Duration = Duration::from_secs(10);
 /// Fds the server may hold beyond its count before A came (a finished connection's socket
@@ -308,6 +311,12 @@ fn a_hostile_guest_cannot_crash_starve_or_stall_another() {
         if p99 > P99_BOUND {
             failures.push(format!(
                 "B's trapped {name} reads: p99 {p99:.2?} > {P99_BOUND:?}"
+            ));
+        }
+        let max = percentile(samples, 1.0);
+        if max > MAX_BOUND {
+            failures.push(format!(
+                "B's trapped {name} reads: one took {max:.2?} > {MAX_BOUND:?}"
             ));
         }
         if samples.len() < 100 {
