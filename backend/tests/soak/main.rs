@@ -81,11 +81,11 @@ fn env_u64(name: &str) -> Option<u64> {
 impl Config {
     fn from_env() -> Config {
         let episodes = match std::env::var("GPU_BACKEND_SOAK_EPISODES") {
-            Ok(list) => list
+            Ok(list) if !list.trim().is_empty() => list
                 .split(',')
                 .map(|n| Episode::by_name(n.trim()).unwrap_or_else(|| panic!("no episode {n}")))
                 .collect(),
-            Err(_) => Episode::ALL.to_vec(),
+            _ => Episode::ALL.to_vec(),
         };
         Config {
             seconds: env_u64("GPU_BACKEND_SOAK_SECONDS").unwrap_or(DEFAULT_SECONDS),
