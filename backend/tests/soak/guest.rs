@@ -24,9 +24,11 @@ const TRAPPED_SPOTS: usize = 8;
 const RAM: u64 = 2 << 20;
 /// Its IOVA.
 const RAM_IOVA: u64 = 0x8000_0000;
-/// How often B checks fds (DMA map, interrupt eventfd), reconnects, and checks all its VRAM.
+/// How often B maps DMA and fires an interrupt eventfd (things that need server fds).
 const FD_CHECK_EVERY: Duration = Duration::from_millis(700);
+/// How often B reconnects.
 const RECONNECT_EVERY: Duration = Duration::from_secs(3);
+/// How often B checks its whole slice through the mapping.
 const FULL_CHECK_EVERY: Duration = Duration::from_secs(4);
 
 /// What B measured and found.

@@ -183,7 +183,7 @@ pub struct Tally {
     pub disconnects: u64,
     /// Connection attempts refused (A's previous connection still being served).
     pub refused: u64,
-    /// Most DMA maps A held at once, and how the largest flood ended.
+    /// How each DMA flood ended.
     pub flood_results: Vec<String>,
     /// How long the server took to drop A in stall episodes.
     pub stall_drops: Vec<(&'static str, Duration)>,
