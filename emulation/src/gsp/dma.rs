@@ -12,8 +12,12 @@
 //!   through its vfio-user connection (a mapped fd, or DMA_READ/DMA_WRITE messages).
 //!
 //! The GSP resolves DMA addresses through [`DmaSpace::resolve`]: an access must lie inside
-//! one mapping (no access spans two).
+//! one mapping (no access spans two). Mappings never overlap and are kept by address, so
+//! mapping, unmapping and resolving cost O(log n) in the number of mappings: a whole-GPU
+//! guest may hold tens of thousands of DMA maps (up to its budget), and a linear table made
+//! every map, unmap and GSP DMA access cost O(n) (65535 maps took 36 s to make).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -149,17 +153,23 @@ impl Mapping {
     fn end(&self) -> u64 {
         self.addr + self.target.len()
     }
-
-    fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.addr < end && start < self.end()
-    }
 }
 
 #[derive(Debug)]
 struct Table {
     /// Where [`DmaSpace::map`] starts looking for room.
     next: u64,
-    mappings: Vec<Mapping>,
+    /// The mappings by DMA address; none overlaps another, none is empty.
+    mappings: BTreeMap<u64, Mapping>,
+}
+
+impl Table {
+    /// A mapping overlapping `[start, end)`, if any: since mappings do not overlap, the one
+    /// starting last below `end` reaches furthest, so it overlaps if any does.
+    fn overlapping(&self, start: u64, end: u64) -> Option<&Mapping> {
+        let (_, last) = self.mappings.range(..end).next_back()?;
+        (last.end() > start).then_some(last)
+    }
 }
 
 /// The DMA address space of one emulated GPU.
@@ -173,7 +183,7 @@ impl Default for DmaSpace {
         DmaSpace {
             table: Mutex::new(Table {
                 next: DMA_BASE,
-                mappings: Vec::new(),
+                mappings: BTreeMap::new(),
             }),
         }
     }
@@ -182,7 +192,7 @@ impl Default for DmaSpace {
 impl DmaSpace {
     fn table(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock leaves the table consistent (every update is a
-        // single push/remove), so a poisoned lock is still usable.
+        // single insert/remove), so a poisoned lock is still usable.
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -199,7 +209,7 @@ impl DmaSpace {
                 .checked_add(len)
                 .and_then(|end| end.checked_add(GUARD))
                 .ok_or(DmaError::Exhausted)?;
-            match table.mappings.iter().find(|m| m.overlaps(lo, hi)) {
+            match table.overlapping(lo, hi) {
                 None => break,
                 Some(m) => {
                     addr = m
@@ -215,10 +225,13 @@ impl DmaSpace {
             .and_then(|end| end.checked_add(GUARD))
             .and_then(|a| a.checked_next_multiple_of(SHARED_PAGE))
             .ok_or(DmaError::Exhausted)?;
-        table.mappings.push(Mapping {
+        table.mappings.insert(
             addr,
-            target: memory,
-        });
+            Mapping {
+                addr,
+                target: memory,
+            },
+        );
         Ok(addr)
     }
 
@@ -231,14 +244,14 @@ impl DmaSpace {
             .filter(|_| len > 0)
             .ok_or(DmaError::BadRange { addr: iova, len })?;
         let mut table = self.table();
-        if let Some(m) = table.mappings.iter().find(|m| m.overlaps(iova, end)) {
+        if let Some(m) = table.overlapping(iova, end) {
             return Err(DmaError::Overlap {
                 addr: iova,
                 len,
                 existing: m.addr,
             });
         }
-        table.mappings.push(Mapping { addr: iova, target });
+        table.mappings.insert(iova, Mapping { addr: iova, target });
         Ok(())
     }
 
@@ -253,23 +266,23 @@ impl DmaSpace {
     /// [`DmaSpace::map`]) and returns its target. As for [`DmaSpace::unmap`], users that
     /// already resolved it keep their reference.
     pub fn unmap_at(&self, iova: u64) -> Result<Arc<dyn DmaTarget>, DmaError> {
-        let mut table = self.table();
-        let i = table
+        self.table()
             .mappings
-            .iter()
-            .position(|m| m.addr == iova)
-            .ok_or(DmaError::Unmapped { addr: iova, len: 0 })?;
-        Ok(table.mappings.remove(i).target)
+            .remove(&iova)
+            .map(|m| m.target)
+            .ok_or(DmaError::Unmapped { addr: iova, len: 0 })
     }
 
     /// The target holding `[addr, addr + len)` and the offset of `addr` in it.
     pub fn resolve(&self, addr: u64, len: u64) -> Result<(Arc<dyn DmaTarget>, u64), DmaError> {
+        // Only the mapping starting last at or below `addr` can hold it.
         let table = self.table();
         table
             .mappings
-            .iter()
-            .find_map(|m| {
-                let off = addr.checked_sub(m.addr)?;
+            .range(..=addr)
+            .next_back()
+            .and_then(|(_, m)| {
+                let off = addr - m.addr;
                 let end = off.checked_add(len)?;
                 (end <= m.target.len()).then(|| (Arc::clone(&m.target), off))
             })
@@ -415,5 +428,37 @@ mod tests {
         let mut b = [0u8; 1];
         space.read(addr2, &mut b).unwrap();
         assert_eq!(b, [5]);
+    }
+
+    #[test]
+    fn many_mappings_are_told_apart() {
+        // 4096 mappings of 4 KiB with 4 KiB holes between them, placed out of order.
+        let space = DmaSpace::default();
+        let at = |i: u64| 0x1000_0000 + i * 0x2000;
+        for i in (0..4096).rev().step_by(2).chain((0..4096).step_by(2)) {
+            space.map_at(at(i), Arc::new(Opaque(0x1000 + i))).unwrap();
+        }
+        assert_eq!(space.mapping_count(), 4096);
+        for i in [0, 1, 2047, 2048, 4095] {
+            let (t, off) = space.resolve(at(i) + 0x10, 4).unwrap();
+            assert_eq!((t.len(), off), (0x1000 + i, 0x10));
+            // The hole after each mapping (past its 0x1000 + i bytes) resolves to nothing.
+            assert!(space.resolve(at(i) + 0x1000 + i, 1).is_err());
+            assert!(matches!(
+                space.map_at(at(i) + 0xFFF, Arc::new(Opaque(2))),
+                Err(DmaError::Overlap { existing, .. }) if existing == at(i)
+            ));
+        }
+        // A range covering a hole and the start of the next mapping overlaps that mapping.
+        assert!(matches!(
+            space.map_at(at(7) + 0x1800, Arc::new(Opaque(0x1000))),
+            Err(DmaError::Overlap { existing, .. }) if existing == at(8)
+        ));
+        space
+            .map_at(at(7) + 0x1800, Arc::new(Opaque(0x800)))
+            .unwrap();
+        space.unmap_at(at(8)).unwrap();
+        assert!(space.resolve(at(8), 1).is_err());
+        assert_eq!(space.mapping_count(), 4096);
     }
 }
