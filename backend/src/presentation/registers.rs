@@ -252,10 +252,16 @@ pub const REGISTER_TABLE: &[RegisterRule] = &[
 pub enum RegisterMode {
     /// A guest with a slice of the GPU: [`REGISTER_TABLE`], default-deny.
     Sliced,
-    /// A guest given the whole GPU: the table's emulated rules, every other offset passed
-    /// (reads and writes).
+    /// A guest given the whole GPU: the table's emulated rules and the PCI config mirror
+    /// (hidden), every other offset passed (reads and writes).
     WholeGpu,
 }
+
+/// Offsets of the rules a whole-GPU guest still does not get through: the mirror of the
+/// device's physical PCI config space in BAR0. Passed, it would let the guest rewrite the
+/// host's real COMMAND register, BAR bases, MSI and power state behind the presented config
+/// space (QEMU's vfio-pci traps the same range for the same reason).
+const WHOLE_GPU_HIDDEN: [u64; 2] = [0x08_8000, 0x09_2000];
 
 impl RegisterMode {
     /// What an offset no rule names gets.
@@ -290,7 +296,10 @@ impl RegisterMap {
     pub fn new(generation: Generation, mode: RegisterMode) -> RegisterMap {
         let in_mode = |r: &&RegisterRule| match mode {
             RegisterMode::Sliced => true,
-            RegisterMode::WholeGpu => matches!(r.treatment, Treatment::Emulated(_)),
+            RegisterMode::WholeGpu => {
+                matches!(r.treatment, Treatment::Emulated(_))
+                    || WHOLE_GPU_HIDDEN.contains(&r.offset)
+            }
         };
         RegisterMap {
             generation,
@@ -424,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn whole_gpu_mode_passes_everything_but_the_emulated_rules() {
+    fn whole_gpu_mode_passes_everything_but_the_emulated_rules_and_the_config_mirror() {
         for g in Generation::ALL {
             let sliced = RegisterMap::for_generation(g);
             let whole = RegisterMap::whole_gpu(g);
@@ -432,11 +441,13 @@ mod tests {
                 (sliced.mode(), whole.mode()),
                 (RegisterMode::Sliced, RegisterMode::WholeGpu)
             );
-            // Exactly the sliced map's emulated rules, in the same order.
+            // Exactly the sliced map's emulated rules and config mirror, in the same order.
             let emulated: Vec<_> = sliced
                 .rules()
                 .iter()
-                .filter(|r| matches!(r.treatment, Treatment::Emulated(_)))
+                .filter(|r| {
+                    matches!(r.treatment, Treatment::Emulated(_)) || r.name == "PCI config mirror"
+                })
                 .collect();
             assert_eq!(whole.rules().iter().collect::<Vec<_>>(), emulated, "{g}");
             for kind in [
@@ -496,5 +507,21 @@ mod tests {
             }
         }
         assert!(whole.contains(Treatment::Pass.label()));
+    }
+
+    #[test]
+    fn a_whole_gpu_guest_never_reaches_the_physical_config_space_mirror() {
+        for (g, mirror) in [
+            (Generation::Turing, 0x08_8000),
+            (Generation::Ampere, 0x08_8000),
+            (Generation::Hopper, 0x09_2000),
+            (Generation::Blackwell, 0x09_2000),
+        ] {
+            let whole = RegisterMap::whole_gpu(g);
+            for at in [mirror, mirror + 0x4, mirror + 0x10, mirror + 0xFFC] {
+                assert_eq!(whole.treatment(at), Treatment::Hidden, "{g} {at:#x}");
+            }
+            assert_eq!(whole.treatment(mirror + 0x1000), Treatment::Pass, "{g}");
+        }
     }
 }

@@ -311,6 +311,24 @@ fn check_fd(fd: &OwnedFd, offset: u64, size: u64) -> Result<libc::c_int, Errno> 
     Ok(seals)
 }
 
+/// `HUGETLBFS_MAGIC` of linux/magic.h.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Whether `fd` is a hugetlbfs file (an `MFD_HUGETLB` memfd, say). On hugetlbfs the shrink
+/// seal is not enough: `fallocate(PUNCH_HOLE)` still frees pages (and their reservation), and
+/// touching the hole once the huge-page pool is empty is SIGBUS. Such a file is mapped only
+/// if it is also sealed against writes (which forbids punching holes). An fd whose file
+/// system cannot be told counts as hugetlbfs (the safe answer).
+fn is_hugetlbfs(fd: &OwnedFd) -> bool {
+    // SAFETY: statfs is plain data; all-zero is a valid value for fstatfs to overwrite.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and a pointer to a local statfs buffer.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 {
+        return true;
+    }
+    fs.f_type as i64 == HUGETLBFS_MAGIC
+}
+
 /// `mmap()` `len` bytes of `fd` at `req.offset` with the map's protection; closes `fd`.
 fn map_fd(fd: OwnedFd, req: &DmaMapRequest, len: usize) -> Result<FdMapping, Errno> {
     let mut prot = 0;
@@ -423,7 +441,8 @@ impl DmaSpace {
             }
             let len = usize::try_from(req.size).map_err(|_| Errno::EINVAL)?;
             let seals = check_fd(&fd, req.offset, req.size)?;
-            let sealed = seals & libc::F_SEAL_SHRINK != 0;
+            let sealed = seals & libc::F_SEAL_SHRINK != 0
+                && (seals & libc::F_SEAL_WRITE != 0 || !is_hugetlbfs(&fd));
             let mapped = sealed && self.map_fds;
             log::debug!(
                 "vfio-user: DMA map [{:#x}, +{:#x}): fd seals {seals:#x}, {}",
@@ -635,6 +654,23 @@ impl DmaSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hugetlbfs_files_are_told_apart() {
+        // SAFETY: memfd_create with a valid name; the result is checked.
+        let plain = unsafe { libc::memfd_create(c"plain".as_ptr(), 0) };
+        assert!(plain >= 0);
+        // SAFETY: a fresh fd we own.
+        let plain = unsafe { OwnedFd::from_raw_fd(plain) };
+        assert!(!is_hugetlbfs(&plain));
+        // SAFETY: as above; without a huge-page pool the kernel may still create the file.
+        let huge = unsafe { libc::memfd_create(c"huge".as_ptr(), libc::MFD_HUGETLB) };
+        if huge >= 0 {
+            // SAFETY: a fresh fd we own.
+            let huge = unsafe { OwnedFd::from_raw_fd(huge) };
+            assert!(is_hugetlbfs(&huge));
+        }
+    }
     use std::os::fd::FromRawFd;
 
     /// A memfd of `size` bytes with `seals` added (`F_ADD_SEALS`, none if 0).

@@ -213,7 +213,9 @@ impl EmulatedGsp {
     pub(crate) fn start_cpu(&self) {
         let mut thread = lock(&self.thread);
         if let Some(old) = thread.take() {
-            if !old.is_finished() {
+            // CPUCTL.HALTED (the running flag) is what the host sees: a thread that already
+            // cleared it is ending, so it is waited for rather than the start ignored.
+            if !old.is_finished() && self.falcon.is_running() {
                 log::debug!("emulated GSP: STARTCPU ignored, the GSP is running");
                 *thread = Some(old);
                 return;
@@ -254,6 +256,11 @@ impl EmulatedGsp {
                 let attached = libos::read_rm_args(&dma, args_addr)
                     .map_err(GspError::from)
                     .and_then(|args| Ok(GspQueues::attach(&dma, &args.queues)?));
+                // An ENGINE reset during the attach (which may wait on guest DMA) wins: the
+                // registers it reset are not written again by a start it cancelled.
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
                 match attached {
                     Ok(queues) => {
                         falcon.set_mailbox0(0);

@@ -7,6 +7,7 @@
 //! released, and the owner of a buffer the device writes (the GSP's queue block) stops the
 //! device first: see `gsp::session`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
 use vfio_ioctls::VfioContainer;
+use vmm_sys_util::ioctl_io_nr;
 
 use crate::host_gpu::dma::{DmaBuffer, DMA_PAGE};
 use crate::host_gpu::HostGpuError;
@@ -100,14 +102,15 @@ fn memlock_hint(len: u64) -> String {
     )
 }
 
-/// The device's bus-address space as the backend uses it: ranges in use, in address order.
+/// The device's bus-address space as the backend uses it: ranges in use (start → length),
+/// by address, so a guest's thousands of maps cost O(log n) each.
 #[derive(Debug, Default)]
 pub struct IovaSpace {
-    used: Mutex<Vec<(u64, u64)>>,
+    used: Mutex<BTreeMap<u64, u64>>,
 }
 
 impl IovaSpace {
-    fn used(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+    fn used(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
         self.used.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -120,7 +123,7 @@ impl IovaSpace {
         })?;
         let mut used = self.used();
         let mut at = IOVA_BASE;
-        for &(start, size) in used.iter() {
+        for (&start, &size) in used.range(..).filter(|(&s, &l)| s + l > IOVA_BASE) {
             if at.checked_add(span).is_some_and(|end| end <= start) {
                 break;
             }
@@ -129,7 +132,7 @@ impl IovaSpace {
         if at.checked_add(span).is_none_or(|end| end > IOVA_LIMIT) {
             return Err(VfioDmaError::NoRoom { iova: at, len });
         }
-        Self::insert(&mut used, at, span);
+        used.insert(at, span);
         Ok(at)
     }
 
@@ -140,24 +143,64 @@ impl IovaSpace {
             .filter(|_| len > 0)
             .ok_or(VfioDmaError::NoRoom { iova, len })?;
         let mut used = self.used();
-        if used.iter().any(|&(s, l)| s < end && iova < s + l) {
-            return Err(VfioDmaError::NoRoom { iova, len });
+        // Only the last range starting below `end` can overlap: ranges never overlap each
+        // other.
+        if let Some((&s, &l)) = used.range(..end).next_back() {
+            if iova < s + l {
+                return Err(VfioDmaError::NoRoom { iova, len });
+            }
         }
-        Self::insert(&mut used, iova, len);
+        used.insert(iova, len);
         Ok(())
     }
 
     /// Frees the range starting at `iova`. Returns its length (with any guard) if it was used.
     pub fn release(&self, iova: u64) -> Option<u64> {
-        let mut used = self.used();
-        let i = used.iter().position(|&(s, _)| s == iova)?;
-        Some(used.remove(i).1)
+        self.used().remove(&iova)
     }
+}
 
-    fn insert(used: &mut Vec<(u64, u64)>, start: u64, len: u64) {
-        let i = used.partition_point(|&(s, _)| s < start);
-        used.insert(i, (start, len));
+ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, b';' as u32, 100 + 13);
+
+/// `VFIO_IOMMU_MAP_DMA` of `[vaddr, vaddr + size)` at `iova` with exactly the access the
+/// memory's owner allows the device (vfio-ioctls' `vfio_dma_map` always asks for read and
+/// write, which fails for read-only memory and grants too much for write-only memory).
+///
+/// # Safety
+/// `[vaddr, vaddr + size)` must stay mapped until the range is unmapped from the IOMMU, and
+/// this process must touch it only through raw pointers while the device may write it.
+pub unsafe fn map_dma(
+    container: &VfioContainer,
+    iova: u64,
+    size: u64,
+    vaddr: *mut u8,
+    readable: bool,
+    writable: bool,
+) -> std::io::Result<()> {
+    use vfio_bindings::bindings::vfio::{
+        vfio_iommu_type1_dma_map, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE,
+    };
+    let mut flags = 0;
+    if readable {
+        flags |= VFIO_DMA_MAP_FLAG_READ;
     }
+    if writable {
+        flags |= VFIO_DMA_MAP_FLAG_WRITE;
+    }
+    let map = vfio_iommu_type1_dma_map {
+        argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
+        flags,
+        vaddr: vaddr as u64,
+        iova,
+        size,
+    };
+    // SAFETY: the container fd is valid; the kernel reads `map` (argsz says how much); the
+    // caller keeps the memory mapped as required above.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(container, VFIO_IOMMU_MAP_DMA(), &map) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Anonymous host memory mapped for the device's DMA.

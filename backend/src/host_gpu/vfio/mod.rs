@@ -215,12 +215,12 @@ impl VfioHostGpu {
             },
         )?;
 
+        let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
+        enable_memory_and_bus_master(&device_fd, config_offset)
+            .map_err(|source| VfioHostGpuError::Config { address, source })?;
         let mut config = [0u8; 64];
         device_fd
-            .read_exact_at(
-                &mut config,
-                device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX),
-            )
+            .read_exact_at(&mut config, config_offset)
             .map_err(|source| VfioHostGpuError::Config { address, source })?;
         let register = |offset| {
             bar0.read(offset, AccessWidth::Dword)
@@ -355,6 +355,25 @@ impl VfioHostGpu {
     }
 }
 
+/// PCI COMMAND register offset and its memory-space and bus-master bits.
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 0x2;
+const PCI_COMMAND_MASTER: u16 = 0x4;
+
+/// Turns on memory decoding and bus mastering in the device's COMMAND register (through the
+/// VFIO config region): vfio-pci clears bus mastering when the device is opened, and without
+/// it the GPU cannot reach its DMA memory (the GSP's queues).
+fn enable_memory_and_bus_master(device: &File, config_offset: u64) -> std::io::Result<()> {
+    let mut raw = [0u8; 2];
+    device.read_exact_at(&mut raw, config_offset + PCI_COMMAND)?;
+    let command = u16::from_le_bytes(raw);
+    let wanted = command | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+    if wanted != command {
+        device.write_all_at(&wanted.to_le_bytes(), config_offset + PCI_COMMAND)?;
+    }
+    Ok(())
+}
+
 impl HostGpu for VfioHostGpu {
     fn identity(&self) -> &ChipIdentity {
         &self.identity
@@ -476,14 +495,25 @@ impl HostGpu for VfioHostGpu {
         let size = usize::try_from(len)
             .map_err(|_| HostGpuError::Io(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
         self.iova.reserve(iova, len)?;
-        // SAFETY: `memory` is a mapping of guest memory that stays mapped while we hold it
-        // (kept in `guest_maps` until after the unmap); this process only touches it
-        // through raw-pointer copies, never references.
-        if let Err(e) = unsafe { self.container.vfio_dma_map(iova, size, ptr.as_ptr()) } {
+        // SAFETY: `memory` is a mapping of guest memory that stays mapped while the map is
+        // lent (the connection revokes and unmaps it only after `unmap_guest_dma`); this
+        // process only touches it through raw-pointer copies, never references.
+        let mapped = unsafe {
+            dma::map_dma(
+                &self.container,
+                iova,
+                size as u64,
+                ptr.as_ptr(),
+                memory.readable(),
+                memory.writable(),
+            )
+        };
+        if let Err(e) = mapped {
             self.iova.release(iova);
-            return Err(HostGpuError::Io(std::io::Error::other(format!(
-                "VFIO_IOMMU_MAP_DMA of guest memory at {iova:#x}: {e}"
-            ))));
+            return Err(HostGpuError::Io(std::io::Error::new(
+                e.kind(),
+                format!("VFIO_IOMMU_MAP_DMA of guest memory at {iova:#x}: {e}"),
+            )));
         }
         self.guest_maps
             .lock()
@@ -505,10 +535,12 @@ impl HostGpu for VfioHostGpu {
                 maps.remove(&iova);
                 self.iova.release(iova);
             }
-            // Keeping the memory referenced is all that can be done: the device may still
-            // reach it.
+            // The IOMMU keeps the pages pinned (so the host stays safe even once the
+            // connection unmaps its view of them), and the IOVA stays reserved: nothing else
+            // can be mapped over a range the device may still reach.
             Err(e) => log::error!(
-                "{}: VFIO_IOMMU_UNMAP_DMA of guest memory at {iova:#x} failed: {e}",
+                "{}: VFIO_IOMMU_UNMAP_DMA of guest memory at {iova:#x} failed: {e}; the IOVA \
+                 stays reserved",
                 self.address
             ),
         }
