@@ -106,9 +106,14 @@ fn whole_gpu_inspect_shows_the_slice_and_bar0_trapped_ranges() {
         at += t["size"].as_u64().unwrap();
     }
     assert_eq!(at, 16 * MIB);
-    // Whole-GPU mode: only the emulated rules are listed, everything else is passed.
+    // Whole-GPU mode: only the emulated rules and the (hidden) PCI config mirror are listed,
+    // everything else is passed.
     let registers = json["registers"].as_array().unwrap();
-    assert!(registers.iter().all(|r| r["treatment"] == "emulated"));
+    assert!(registers.iter().all(|r| r["treatment"] == "emulated"
+        || (r["name"] == "PCI config mirror" && r["treatment"] == "hidden")));
+    assert!(registers
+        .iter()
+        .any(|r| r["name"] == "PCI config mirror" && r["offset"] == 0x8_8000));
     assert!(registers
         .iter()
         .any(|r| r["name"] == "NV_PBUS_BAR0_WINDOW" && r["offset"] == 0x1700));
