@@ -7,6 +7,8 @@
 //! - [`presentation`]: what a guest sees: power-of-two BARs, the trapped BAR0, PCI config
 //!   space.
 //! - [`vfio_user`]: the vfio-user server QEMU's `vfio-user-pci` connects to.
+//! - [`vhost_user`]: the virtio-gpu 2D device model a vhost-user display will drive (no
+//!   transport yet).
 //! - [`cli`]: the command line behind the `gpu-backend` binary ([`inspect`], [`measure`]);
 //!   [`limits`] raises the fd limit before serving.
 
@@ -23,3 +25,4 @@ pub mod serve;
 pub mod slice;
 pub mod units;
 pub mod vfio_user;
+pub mod vhost_user;

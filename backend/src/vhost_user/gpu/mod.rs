@@ -1,0 +1,28 @@
+//! The virtio-gpu 2D device model the vhost-user transport will drive.
+//!
+//! A guest's stock `virtio_gpu` driver talks to it through two virtqueues (control and cursor,
+//! per the virtio 1.2 spec, section 5.7 "GPU Device"). This module turns the request bytes of
+//! one descriptor chain into response bytes and [`DisplayEvent`]s:
+//! - [`wire`]: the little-endian request/response layouts, decoded without trusting the guest.
+//! - [`store`]: where resource pixels live: the guest's own VRAM slice ([`SliceStore`]) and a
+//!   first-fit allocator over it, so resources count against the guest's slice and are scrubbed
+//!   when freed.
+//! - [`backing`]: guest-memory backing pages of a resource, validated against guest memory.
+//! - [`resources`]: the resource table (ids, formats, per-guest count cap).
+//! - [`device`]: [`GpuCommandHandler`], which executes commands and reports display events.
+//!
+//! Not done yet: the vhost-user daemon (virtqueues, feature negotiation, `GpuBackend` messages,
+//! config-change events on resize), the CLI, 3D/blob commands (answered with `ERR_UNSPEC`),
+//! `TRANSFER_FROM_HOST`-style readback, and an EDID generator (the transport passes QEMU's).
+
+pub mod backing;
+pub mod device;
+pub mod resources;
+pub mod store;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use device::{DisplayEvent, GpuCommandHandler, GpuConfig};
+pub use store::SliceStore;

@@ -1,0 +1,292 @@
+//! Where resource pixels live: a guest's own VRAM slice, seen through [`SliceStore`], and a
+//! first-fit allocator of byte ranges in it ([`SliceAllocator`]).
+//!
+//! Resources are not host heap memory: their bytes count against the guest's slice, so a guest
+//! whose slice is full gets `ERR_OUT_OF_MEMORY` rather than memory of the host or of another
+//! guest. The transport implements [`SliceStore`] over the guest's slice (for instance with
+//! [`HostMemoryStore`] over the slice's range of the VRAM BAR).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use crate::host_gpu::HostMemory;
+
+/// Alignment of every allocation (a page, so a resource could later be mapped).
+pub const ALLOC_ALIGN: u64 = 4096;
+
+/// Errors of a store or its allocator.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StoreError {
+    /// The access falls outside the store.
+    #[error("access of {len} bytes at {offset:#x} is outside the {size:#x}-byte store")]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Store size.
+        size: u64,
+    },
+    /// The memory behind the store failed.
+    #[error("store access failed: {0}")]
+    Backend(String),
+    /// No free range is large enough.
+    #[error("no free range of {0} bytes in the slice")]
+    OutOfMemory(u64),
+    /// The range freed is not an allocation.
+    #[error("{0:#x} is not an allocation")]
+    NotAllocated(u64),
+}
+
+/// Byte-addressed memory holding a guest's resources: offsets are relative to the guest's
+/// slice, `[0, size())`.
+pub trait SliceStore: Send {
+    /// Size of the slice in bytes.
+    fn size(&self) -> u64;
+    /// Copies `buf.len()` bytes at `offset` into `buf`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
+    /// Copies `data` to `offset`.
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError>;
+    /// Zeroes `len` bytes at `offset` (a freed resource's bytes, before they are reused).
+    fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError>;
+}
+
+/// Checks `[offset, offset + len)` lies inside `[0, size)`.
+fn check(offset: u64, len: u64, size: u64) -> Result<(), StoreError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(StoreError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// A store over host memory: for tests, and for a slice with no VRAM behind it.
+#[derive(Debug, Clone, Default)]
+pub struct VecStore {
+    bytes: Vec<u8>,
+}
+
+impl VecStore {
+    /// A store of `size` bytes, each set to `fill`.
+    pub fn new(size: usize, fill: u8) -> VecStore {
+        VecStore {
+            bytes: vec![fill; size],
+        }
+    }
+
+    /// The whole store.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl SliceStore for VecStore {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        check(offset, buf.len() as u64, self.size())?;
+        let at = offset as usize;
+        buf.copy_from_slice(&self.bytes[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        check(offset, data.len() as u64, self.size())?;
+        let at = offset as usize;
+        self.bytes[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        check(offset, len, self.size())?;
+        let at = offset as usize;
+        self.bytes[at..at + len as usize].fill(0);
+        Ok(())
+    }
+}
+
+/// A store over `[base, base + size)` of a host memory region (a guest's slice of the VRAM
+/// BAR).
+pub struct HostMemoryStore {
+    memory: Arc<dyn HostMemory>,
+    base: u64,
+    size: u64,
+}
+
+impl HostMemoryStore {
+    /// The store of `[base, base + size)` of `memory`; `None` if the range is not inside it.
+    pub fn new(memory: Arc<dyn HostMemory>, base: u64, size: u64) -> Option<HostMemoryStore> {
+        let end = base.checked_add(size)?;
+        (end <= memory.len()).then_some(HostMemoryStore { memory, base, size })
+    }
+}
+
+impl SliceStore for HostMemoryStore {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        check(offset, buf.len() as u64, self.size)?;
+        self.memory
+            .read(self.base + offset, buf)
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        check(offset, data.len() as u64, self.size)?;
+        self.memory
+            .write(self.base + offset, data)
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        check(offset, len, self.size)?;
+        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.write(offset + done, &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Shares one store between its owner and an observer (tests record through it).
+impl<S: SliceStore> SliceStore for Arc<Mutex<S>> {
+    fn size(&self) -> u64 {
+        self.lock().map(|s| s.size()).unwrap_or(0)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.lock()
+            .map_err(|_| StoreError::Backend("poisoned".into()))?
+            .read(offset, buf)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.lock()
+            .map_err(|_| StoreError::Backend("poisoned".into()))?
+            .write(offset, data)
+    }
+
+    fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.lock()
+            .map_err(|_| StoreError::Backend("poisoned".into()))?
+            .scrub(offset, len)
+    }
+}
+
+/// First-fit allocator of [`ALLOC_ALIGN`]-aligned byte ranges in `[0, size)`.
+#[derive(Debug, Clone)]
+pub struct SliceAllocator {
+    size: u64,
+    /// Allocated ranges: start -> length (rounded up to the alignment).
+    used: BTreeMap<u64, u64>,
+}
+
+impl SliceAllocator {
+    /// An allocator over `[0, size)`.
+    pub fn new(size: u64) -> SliceAllocator {
+        SliceAllocator {
+            size,
+            used: BTreeMap::new(),
+        }
+    }
+
+    /// Bytes currently allocated (rounded to the alignment).
+    pub fn allocated(&self) -> u64 {
+        self.used.values().sum()
+    }
+
+    /// The first free range of `len` bytes (`len > 0`); returns its start.
+    pub fn alloc(&mut self, len: u64) -> Result<u64, StoreError> {
+        let rounded = len
+            .checked_next_multiple_of(ALLOC_ALIGN)
+            .filter(|r| *r > 0)
+            .ok_or(StoreError::OutOfMemory(len))?;
+        let mut cursor = 0u64;
+        for (&start, &l) in &self.used {
+            if start - cursor >= rounded {
+                break;
+            }
+            cursor = start + l;
+        }
+        let end = cursor
+            .checked_add(rounded)
+            .ok_or(StoreError::OutOfMemory(len))?;
+        if end > self.size {
+            return Err(StoreError::OutOfMemory(len));
+        }
+        self.used.insert(cursor, rounded);
+        Ok(cursor)
+    }
+
+    /// Frees the allocation starting at `start`; returns its (rounded) length.
+    pub fn free(&mut self, start: u64) -> Result<u64, StoreError> {
+        self.used
+            .remove(&start)
+            .ok_or(StoreError::NotAllocated(start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn vec_store_bounds() {
+        let mut s = VecStore::new(16, 0xa5);
+        s.write(12, &[1, 2, 3, 4]).unwrap();
+        assert!(s.write(13, &[1, 2, 3, 4]).is_err());
+        assert!(s.read(u64::MAX, &mut [0u8; 2]).is_err());
+        s.scrub(12, 2).unwrap();
+        assert_eq!(&s.bytes()[11..], &[0xa5, 0, 0, 3, 4]);
+    }
+
+    #[test]
+    fn first_fit_reuses_holes_and_refuses_overflow() {
+        let mut a = SliceAllocator::new(4 * ALLOC_ALIGN);
+        assert_eq!(a.alloc(1).unwrap(), 0);
+        assert_eq!(a.alloc(ALLOC_ALIGN + 1).unwrap(), ALLOC_ALIGN);
+        assert!(matches!(
+            a.alloc(2 * ALLOC_ALIGN),
+            Err(StoreError::OutOfMemory(_))
+        ));
+        assert_eq!(a.free(0).unwrap(), ALLOC_ALIGN);
+        assert!(a.free(0).is_err());
+        assert_eq!(a.alloc(10).unwrap(), 0);
+        assert_eq!(a.alloc(ALLOC_ALIGN).unwrap(), 3 * ALLOC_ALIGN);
+        assert!(a.alloc(0).is_err());
+        assert!(a.alloc(u64::MAX).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn allocations_never_overlap(ops in proptest::collection::vec((any::<bool>(), 1u64..20_000, any::<prop::sample::Index>()), 0..200)) {
+            let size = 64 * ALLOC_ALIGN;
+            let mut a = SliceAllocator::new(size);
+            let mut live: Vec<(u64, u64)> = Vec::new();
+            for (alloc, len, pick) in ops {
+                if alloc || live.is_empty() {
+                    if let Ok(start) = a.alloc(len) {
+                        prop_assert!(start % ALLOC_ALIGN == 0 && start + len <= size);
+                        for &(s, l) in &live {
+                            prop_assert!(start + len <= s || s + l <= start);
+                        }
+                        live.push((start, len));
+                    }
+                } else {
+                    let (s, _) = live.swap_remove(pick.index(live.len()));
+                    a.free(s).unwrap();
+                }
+            }
+        }
+    }
+}
