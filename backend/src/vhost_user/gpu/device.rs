@@ -9,6 +9,7 @@ use log::debug;
 use vm_memory::GuestMemory;
 
 use super::backing::{Backing, BackingError};
+use super::edid;
 use super::resources::{Format, ResourceError, ResourceTable};
 use super::store::{SliceStore, StoreError};
 use super::wire::{
@@ -26,7 +27,8 @@ pub struct GpuConfig {
     pub max_scanouts: u32,
     /// Outputs reported by GET_DISPLAY_INFO (index = scanout id).
     pub outputs: Vec<DisplayOne>,
-    /// EDID blob of each scanout, if known (index = scanout id).
+    /// EDID blob of each scanout, if known (index = scanout id); without one, GET_EDID
+    /// answers an EDID generated from the output's size ([`edid::generate`]).
     pub edids: Vec<Option<Vec<u8>>>,
     /// Most resources the guest may hold at once.
     pub max_resources: usize,
@@ -242,10 +244,13 @@ impl<S: SliceStore> GpuCommandHandler<S> {
             }
             Command::GetEdid { scanout } => {
                 let i = self.check_scanout(scanout)?;
-                match self.config.edids.get(i) {
-                    Some(Some(blob)) => Ok(Response::Edid(blob.clone())),
-                    _ => Err(RespType::ErrUnspec),
+                if let Some(Some(blob)) = self.config.edids.get(i) {
+                    return Ok(Response::Edid(blob.clone()));
                 }
+                let out = self.config.outputs.get(i).ok_or(RespType::ErrUnspec)?;
+                edid::generate(out.rect.width, out.rect.height)
+                    .map(Response::Edid)
+                    .ok_or(RespType::ErrUnspec)
             }
             Command::ResourceCreate2d {
                 resource,

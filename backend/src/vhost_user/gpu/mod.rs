@@ -10,13 +10,16 @@
 //! - [`backing`]: guest-memory backing pages of a resource, validated against guest memory.
 //! - [`resources`]: the resource table (ids, formats, per-guest count cap).
 //! - [`device`]: [`GpuCommandHandler`], which executes commands and reports display events.
+//! - [`edid`]: an EDID generated from an output's size, for outputs the display side gave none.
 //!
 //! Not done yet: the vhost-user daemon (virtqueues, feature negotiation, `GpuBackend` messages,
 //! config-change events on resize), the CLI, 3D/blob commands (answered with `ERR_UNSPEC`),
-//! `TRANSFER_FROM_HOST`-style readback, and an EDID generator (the transport passes QEMU's).
+//! and scrubbing a resource's bytes at creation (they are scrubbed when freed, so a resource
+//! shows only what the slice held: this guest's own earlier bytes or what the slice started with).
 
 pub mod backing;
 pub mod device;
+pub mod edid;
 pub mod resources;
 pub mod store;
 pub mod wire;

@@ -251,6 +251,38 @@ mod tests {
     }
 
     #[test]
+    fn host_memory_store_is_a_window_of_vram() {
+        use crate::host_gpu::emulated::EmulatedHostGpu;
+        use crate::host_gpu::HostGpu;
+
+        let gpu = EmulatedHostGpu::by_name("gh200-96g").unwrap();
+        let bar = gpu.memory_bar(4).unwrap();
+        let base = 0x20_0000;
+        assert!(HostMemoryStore::new(Arc::clone(&bar), bar.len() - 4, 8).is_none());
+        assert!(HostMemoryStore::new(Arc::clone(&bar), u64::MAX, 8).is_none());
+        let mut s = HostMemoryStore::new(Arc::clone(&bar), base, 3 * ALLOC_ALIGN).unwrap();
+        s.write(ALLOC_ALIGN, &[1, 2, 3, 4]).unwrap();
+        let mut vram = [0u8; 4];
+        bar.read(base + ALLOC_ALIGN, &mut vram).unwrap();
+        assert_eq!(
+            vram,
+            [1, 2, 3, 4],
+            "the bytes live at the slice's base in VRAM"
+        );
+        assert!(s.write(3 * ALLOC_ALIGN - 2, &[0; 4]).is_err());
+        bar.write(base + 3 * ALLOC_ALIGN, &[0xee; 4]).unwrap();
+        s.scrub(0, 3 * ALLOC_ALIGN).unwrap();
+        let mut back = vec![0xffu8; 3 * ALLOC_ALIGN as usize + 4];
+        bar.read(base, &mut back).unwrap();
+        assert!(back[..3 * ALLOC_ALIGN as usize].iter().all(|b| *b == 0));
+        assert_eq!(
+            &back[3 * ALLOC_ALIGN as usize..],
+            &[0xee; 4],
+            "scrub stays inside"
+        );
+    }
+
+    #[test]
     fn first_fit_reuses_holes_and_refuses_overflow() {
         let mut a = SliceAllocator::new(4 * ALLOC_ALIGN);
         assert_eq!(a.alloc(1).unwrap(), 0);

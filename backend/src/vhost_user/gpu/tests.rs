@@ -230,6 +230,19 @@ fn display_info_reports_configured_outputs_and_resizes() {
 #[test]
 fn edid_is_answered_from_config() {
     let mut r = rig();
+    let (t, resp, _) = r.ctl(&req(ctrl::GET_EDID, &[0, 0]));
+    assert_eq!(
+        t,
+        RespType::OkEdid as u32,
+        "generated from the 1280x800 output"
+    );
+    assert_eq!(&resp[24..28], &128u32.to_le_bytes());
+    assert_eq!(resp[32 + 54 + 2], (1280 & 0xff) as u8);
+    r.dev.set_outputs(vec![DisplayOne {
+        rect: Rect::new(0, 0, 8000, 800),
+        enabled: true,
+        flags: 0,
+    }]);
     assert_eq!(r.err(&req(ctrl::GET_EDID, &[0, 0])), RespType::ErrUnspec);
     assert_eq!(
         r.err(&req(ctrl::GET_EDID, &[1, 0])),
