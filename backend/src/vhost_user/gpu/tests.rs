@@ -527,63 +527,67 @@ fn reset_scrubs_everything() {
     r.ok(&create(1, 8, 8));
 }
 
-/// A guest-chosen value: small, near a boundary, or anything.
+/// A guest-chosen value: mostly small, else near a boundary or anything.
 fn value() -> impl Strategy<Value = u32> {
     prop_oneof![
-        0u32..40,
-        Just(u32::MAX),
-        (u32::MAX - 40)..=u32::MAX,
-        any::<u32>()
+        6 => 0u32..24,
+        1 => Just(u32::MAX),
+        1 => (u32::MAX - 40)..=u32::MAX,
+        1 => any::<u32>(),
     ]
 }
 
+/// A rectangle: often a small one that fits the resources the sequences create, else hostile.
 fn rect() -> impl Strategy<Value = Rect> {
-    (value(), value(), value(), value()).prop_map(|(x, y, w, h)| Rect::new(x, y, w, h))
+    prop_oneof![
+        2 => (0u32..4, 0u32..4, 1u32..12, 1u32..12),
+        1 => (value(), value(), value(), value()),
+    ]
+    .prop_map(|(x, y, w, h)| Rect::new(x, y, w, h))
 }
 
+/// A backing address: mostly inside a guest region, else anywhere (holes, past the end).
 fn addr() -> impl Strategy<Value = u64> {
     prop_oneof![
-        (0u64..0x5_0000),
-        Just(u64::MAX - 16),
-        any::<u64>(),
-        (0u64..0x1000).prop_map(|o| REGIONS[0].0 + REGIONS[0].1 as u64 - o),
+        3 => (0usize..2, 0u64..0x8000).prop_map(|(r, o)| REGIONS[r].0 + o),
+        1 => 0u64..0x5_0000,
+        1 => Just(u64::MAX - 16),
+        1 => any::<u64>(),
+        1 => (0u64..0x1000).prop_map(|o| REGIONS[0].0 + REGIONS[0].1 as u64 - o),
     ]
+}
+
+/// A resource id: mostly one of the few the sequence creates, sometimes 0 or unknown.
+fn id() -> impl Strategy<Value = u32> {
+    prop_oneof![4 => 1u32..4, 1 => 0u32..8]
 }
 
 /// One request, well-formed or not.
 fn request() -> impl Strategy<Value = Vec<u8>> {
-    let id = 0u32..6;
+    let format = prop_oneof![3 => Just(1u32), 1 => Just(134), 1 => any::<u32>()];
+    let size = prop_oneof![4 => 1u32..40, 1 => 0u32..70];
     prop_oneof![
-        (
-            id.clone(),
-            prop_oneof![Just(1u32), Just(134), any::<u32>()],
-            0u32..70,
-            0u32..70
-        )
+        3 => (id(), format, size.clone(), size)
             .prop_map(|(i, f, w, h)| req(ctrl::RESOURCE_CREATE_2D, &[i, f, w, h])),
-        id.clone().prop_map(|i| req(ctrl::RESOURCE_UNREF, &[i, 0])),
-        (
-            id.clone(),
-            proptest::collection::vec((addr(), 0u32..0x3000), 0..4)
-        )
+        1 => id().prop_map(|i| req(ctrl::RESOURCE_UNREF, &[i, 0])),
+        3 => (id(), proptest::collection::vec((addr(), 0u32..0x3000), 0..4))
             .prop_map(|(i, e)| attach(i, &e)),
-        id.clone()
-            .prop_map(|i| req(ctrl::RESOURCE_DETACH_BACKING, &[i, 0])),
-        (rect(), prop_oneof![0u64..20_000, any::<u64>()], id.clone())
+        1 => id().prop_map(|i| req(ctrl::RESOURCE_DETACH_BACKING, &[i, 0])),
+        4 => (rect(), prop_oneof![3 => 0u64..2000, 1 => any::<u64>()], id())
             .prop_map(|(r, o, i)| transfer(r, o, i)),
-        (rect(), 0u32..3, id.clone()).prop_map(|(r, s, i)| scanout(r, s, i)),
-        (rect(), id.clone()).prop_map(|(r, i)| flush(r, i)),
-        (value(), value()).prop_map(|(a, b)| req(ctrl::GET_EDID, &[a % 20, b])),
-        Just(req(ctrl::GET_DISPLAY_INFO, &[])),
-        proptest::collection::vec(any::<u8>(), 0..80),
+        2 => (rect(), 0u32..3, id()).prop_map(|(r, s, i)| scanout(r, s, i)),
+        3 => (rect(), id()).prop_map(|(r, i)| flush(r, i)),
+        1 => (value(), value()).prop_map(|(a, b)| req(ctrl::GET_EDID, &[a % 20, b])),
+        1 => Just(req(ctrl::GET_DISPLAY_INFO, &[])),
+        1 => proptest::collection::vec(any::<u8>(), 0..80),
     ]
 }
 
-/// A request, possibly cut short or padded.
+/// A request, sometimes cut short or padded.
 fn mangled() -> impl Strategy<Value = (Vec<u8>, Option<i16>)> {
     (
         request(),
-        prop_oneof![Just(None), (-30i16..30).prop_map(Some)],
+        prop_oneof![5 => Just(None), 1 => (-30i16..30).prop_map(Some)],
     )
 }
 
@@ -591,8 +595,18 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn hostile_sequences_stay_inside_resources(ops in proptest::collection::vec(mangled(), 1..40)) {
+    fn hostile_sequences_stay_inside_resources(
+        sizes in proptest::collection::vec((8u32..40, 8u32..40), 3),
+        ops in proptest::collection::vec(mangled(), 1..60),
+    ) {
         let mut r = Rig::new(96 * 1024, GpuConfig { max_scanouts: 2, max_resources: 4, ..GpuConfig::default() });
+        // Start from live state: three resources, two with backing, one on a scanout.
+        for (i, (w, h)) in sizes.iter().enumerate() {
+            r.ok(&create(i as u32 + 1, *w, *h));
+        }
+        r.ok(&attach(1, &[(REGIONS[0].0, 0x4000), (REGIONS[1].0 + 0x8000, 0x4000)]));
+        r.ok(&attach(2, &[(REGIONS[1].0, 0x2000)]));
+        r.ok(&scanout(Rect::new(0, 0, sizes[0].0, sizes[0].1), 0, 1));
         for (mut bytes, cut) in ops {
             let full = bytes.len();
             match cut {
