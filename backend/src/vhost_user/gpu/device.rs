@@ -17,6 +17,9 @@ use super::wire::{
     ScanoutId, MAX_SCANOUTS,
 };
 
+/// Largest buffer a transfer copies through at once.
+const COPY_CHUNK: u64 = 1 << 20;
+
 /// Side of the square cursor image the display protocol carries (64x64 pixels).
 pub const CURSOR_SIZE: u32 = 64;
 
@@ -395,20 +398,27 @@ impl<S: SliceStore> GpuCommandHandler<S> {
             return Err(RespType::ErrInvalidParameter);
         }
         // Rows inside the resource: (y + h) * stride + x * 4 + row <= len, as rect fits.
+        // Full-width rows are contiguous on both sides: one span. Spans are copied through a
+        // buffer of at most COPY_CHUNK bytes, whatever size the guest made the resource.
         let full_rows = rect.x == 0 && rect.width == res.width;
-        let (rows, chunk) = if full_rows {
+        let (rows, span) = if full_rows {
             (1, row * u64::from(rect.height))
         } else {
             (rect.height, row)
         };
-        let mut buf = vec![0u8; chunk as usize];
-        let res_offset = res.offset;
+        let mut buf = vec![0u8; span.min(COPY_CHUNK) as usize];
         for h in 0..u64::from(rows) {
-            backing
-                .read(mem, offset + h * stride, &mut buf)
-                .map_err(backing_err)?;
-            let dst = res_offset + (u64::from(rect.y) + h) * stride + u64::from(rect.x) * bpp;
-            self.store.write(dst, &buf).map_err(store_err)?;
+            let src = offset + h * stride;
+            let dst = res.offset + (u64::from(rect.y) + h) * stride + u64::from(rect.x) * bpp;
+            let mut done = 0;
+            while done < span {
+                let n = (span - done).min(COPY_CHUNK) as usize;
+                backing
+                    .read(mem, src + done, &mut buf[..n])
+                    .map_err(backing_err)?;
+                self.store.write(dst + done, &buf[..n]).map_err(store_err)?;
+                done += n as u64;
+            }
         }
         Ok(())
     }

@@ -117,10 +117,15 @@ impl Rig {
     /// live before the request (scrubs: one that is gone after it).
     fn ctl(&mut self, bytes: &[u8]) -> (u32, Vec<u8>, Vec<DisplayEvent>) {
         let before = self.live();
+        self.dev.store().take_log();
         let (resp, events) = self.dev.handle_control(&self.mem, bytes);
         let after = self.live();
         for (kind, off, len) in self.dev.store().take_log() {
             let end = off + len;
+            assert!(
+                kind == Kind::Scrub || len <= 1 << 20,
+                "{kind:?} of {len} bytes"
+            );
             let inside = |rs: &[(u64, u64)]| rs.iter().any(|&(s, e)| s <= off && end <= e);
             assert!(
                 inside(&before),
@@ -680,4 +685,33 @@ proptest! {
         }
         r.check_canaries();
     }
+}
+
+#[test]
+fn full_frame_transfer_copies_in_bounded_chunks() {
+    let frame = 1280 * 800 * 4;
+    let base = 0x10_0000u64;
+    let mut r = Rig::new(8 << 20, GpuConfig::default());
+    r.mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(base), frame)]).unwrap();
+    let bytes: Vec<u8> = (0..frame as u64).map(pattern).collect();
+    r.mem.write_slice(&bytes, GuestAddress(base)).unwrap();
+    r.ok(&create(1, 1280, 800));
+    r.ok(&attach(1, &[(base, frame as u32)]));
+    let before = r.dev.store().take_log();
+    assert!(before.is_empty());
+    let (t, _, _) = r.ctl(&transfer(Rect::new(0, 0, 1280, 800), 0, 1));
+    assert_eq!(t, RespType::OkNoData as u32);
+    let off = r
+        .dev
+        .resources()
+        .get(super::wire::ResourceId(1))
+        .unwrap()
+        .offset as usize;
+    assert_eq!(&r.dev.store().inner.bytes()[off..off + frame], &bytes[..]);
+    r.ok(&scanout(Rect::new(0, 0, 1280, 800), 0, 1));
+    let events = r.ok(&flush(Rect::new(0, 0, 1280, 800), 1));
+    let [DisplayEvent::Update { pixels, .. }] = &events[..] else {
+        panic!()
+    };
+    assert_eq!(pixels[..], bytes[..]);
 }
