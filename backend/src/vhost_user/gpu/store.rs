@@ -3,8 +3,9 @@
 //!
 //! Resources are not host heap memory: their bytes count against the guest's slice, so a guest
 //! whose slice is full gets `ERR_OUT_OF_MEMORY` rather than memory of the host or of another
-//! guest. The transport implements [`SliceStore`] over the guest's slice (for instance with
-//! [`HostMemoryStore`] over the slice's range of the VRAM BAR).
+//! guest. [`SliceVramStore`] is the store over (part of) a guest's slice, reached through the
+//! shared host PRAMIN window ([`HostVram`]); [`HostMemoryStore`] is one over a range of a mapped
+//! memory BAR; [`VecStore`] is host heap memory, for tests.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 use crate::host_gpu::HostMemory;
+use crate::slice::{HostVram, Slice};
 
 /// Alignment of every allocation (a page, so a resource could later be mapped).
 pub const ALLOC_ALIGN: u64 = 4096;
@@ -156,6 +158,57 @@ impl SliceStore for HostMemoryStore {
     }
 }
 
+/// A store over a range of host VRAM (a guest's slice, or the part of it set aside for display
+/// resources), reached through the host PRAMIN window.
+pub struct SliceVramStore {
+    vram: Arc<HostVram>,
+    range: Slice,
+}
+
+impl SliceVramStore {
+    /// The store over `range` of host VRAM.
+    pub fn new(vram: Arc<HostVram>, range: Slice) -> SliceVramStore {
+        SliceVramStore { vram, range }
+    }
+
+    fn at(&self, offset: u64, len: u64) -> Result<crate::host_driver::addr::VramAddr, StoreError> {
+        self.range
+            .host_addr(offset, len)
+            .ok_or(StoreError::OutOfRange {
+                offset,
+                len,
+                size: self.range.size(),
+            })
+    }
+}
+
+impl SliceStore for SliceVramStore {
+    fn size(&self) -> u64 {
+        self.range.size()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let addr = self.at(offset, buf.len() as u64)?;
+        self.vram
+            .read(addr, buf)
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let addr = self.at(offset, data.len() as u64)?;
+        self.vram
+            .write(addr, data)
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let addr = self.at(offset, len)?;
+        self.vram
+            .scrub(addr, len)
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+}
+
 /// Shares one store between its owner and an observer (tests record through it).
 impl<S: SliceStore> SliceStore for Arc<Mutex<S>> {
     fn size(&self) -> u64 {
@@ -280,6 +333,34 @@ mod tests {
             &[0xee; 4],
             "scrub stays inside"
         );
+    }
+
+    #[test]
+    fn slice_vram_store_stays_in_its_slice() {
+        use crate::host_driver::addr::VramAddr;
+        use crate::host_gpu::emulated::EmulatedHostGpu;
+        use crate::host_gpu::HostGpu;
+
+        let host: Arc<dyn HostGpu> = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let vram = Arc::new(HostVram::new(host).unwrap());
+        let start = VramAddr::new(0x400_0000);
+        let mut s = SliceVramStore::new(Arc::clone(&vram), Slice::new(start, 2 * ALLOC_ALIGN));
+        vram.write(VramAddr::new(start.raw() + 2 * ALLOC_ALIGN), &[0xee; 4])
+            .unwrap();
+        s.write(ALLOC_ALIGN, &[1, 2, 3, 4]).unwrap();
+        let mut back = [0u8; 4];
+        vram.read(VramAddr::new(start.raw() + ALLOC_ALIGN), &mut back)
+            .unwrap();
+        assert_eq!(back, [1, 2, 3, 4]);
+        s.read(ALLOC_ALIGN, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3, 4]);
+        assert!(s.write(2 * ALLOC_ALIGN - 2, &[0; 4]).is_err());
+        assert!(s.scrub(1, 2 * ALLOC_ALIGN).is_err());
+        s.scrub(0, 2 * ALLOC_ALIGN).unwrap();
+        let mut all = vec![0xffu8; 2 * ALLOC_ALIGN as usize + 4];
+        vram.read(start, &mut all).unwrap();
+        assert!(all[..2 * ALLOC_ALIGN as usize].iter().all(|b| *b == 0));
+        assert_eq!(&all[2 * ALLOC_ALIGN as usize..], &[0xee; 4]);
     }
 
     #[test]

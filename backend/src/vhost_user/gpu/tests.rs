@@ -715,3 +715,83 @@ fn full_frame_transfer_copies_in_bounded_chunks() {
     };
     assert_eq!(pixels[..], bytes[..]);
 }
+
+/// Two guests, each with a device over its own slice of one GPU's VRAM: each one's resource
+/// bytes land in its own slice and nowhere else, and a guest whose slice is full gets
+/// OUT_OF_MEMORY rather than the other's VRAM.
+#[test]
+fn two_guests_keep_their_pixels_in_their_own_slices() {
+    use std::sync::Arc;
+
+    use super::store::SliceVramStore;
+    use crate::host_driver::addr::VramAddr;
+    use crate::host_gpu::emulated::EmulatedHostGpu;
+    use crate::host_gpu::HostGpu;
+    use crate::slice::{HostVram, Slice};
+
+    let host: Arc<dyn HostGpu> = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+    let vram = Arc::new(HostVram::new(host).unwrap());
+    let size = 64 * 1024u64;
+    let slices = [
+        Slice::new(VramAddr::new(0x800_0000), size),
+        Slice::new(VramAddr::new(0x800_0000 + size), size),
+    ];
+    let mem = guest();
+    let data = |g: usize| -> Vec<u8> {
+        (0..1024)
+            .map(|i| (i % 7) as u8 + 0x10 * (g as u8 + 1))
+            .collect()
+    };
+    for (g, (region, _)) in REGIONS.iter().enumerate() {
+        mem.write_slice(&data(g), GuestAddress(*region)).unwrap();
+    }
+    let mut devs: Vec<_> = slices
+        .iter()
+        .map(|s| {
+            GpuCommandHandler::new(
+                GpuConfig::default(),
+                SliceVramStore::new(Arc::clone(&vram), *s),
+            )
+        })
+        .collect();
+    let ok = RespType::OkNoData as u32;
+    let t =
+        |resp: (Vec<u8>, Vec<DisplayEvent>)| u32::from_le_bytes(resp.0[0..4].try_into().unwrap());
+    for (g, dev) in devs.iter_mut().enumerate() {
+        assert_eq!(t(dev.handle_control(&mem, &create(1, 16, 16))), ok);
+        let region = REGIONS[g].0;
+        assert_eq!(
+            t(dev.handle_control(&mem, &attach(1, &[(region, 1024)]))),
+            ok
+        );
+        assert_eq!(
+            t(dev.handle_control(&mem, &transfer(Rect::new(0, 0, 16, 16), 0, 1))),
+            ok
+        );
+        assert_eq!(
+            t(dev.handle_control(&mem, &create(2, 128, 128))),
+            RespType::ErrOutOfMemory as u32,
+            "64 KiB of slice already holds 1 KiB; 64 KiB more does not fit"
+        );
+    }
+    for (g, s) in slices.iter().enumerate() {
+        let want = data(g);
+        let mut all = vec![0u8; size as usize];
+        vram.read(s.start(), &mut all).unwrap();
+        let at = devs[g]
+            .resources()
+            .get(super::wire::ResourceId(1))
+            .unwrap()
+            .offset as usize;
+        assert_eq!(
+            &all[at..at + 1024],
+            &want[..],
+            "guest {g}'s pixels in its slice"
+        );
+        let theirs = data(1 - g);
+        assert!(
+            !all.windows(64).any(|w| w == &theirs[..64]),
+            "the other guest's pixels are not in slice {g}"
+        );
+    }
+}
