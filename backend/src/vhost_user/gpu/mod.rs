@@ -14,7 +14,8 @@
 //!
 //! Not done yet: the vhost-user daemon (virtqueues, feature negotiation, `GpuBackend` messages,
 //! config-change events on resize), the CLI, 3D/blob commands (answered with `ERR_UNSPEC`),
-//! and scrubbing a resource's bytes at creation (they are scrubbed when freed, so a resource
+//! streaming a flush (an UPDATE event holds its pixels, up to the scanout's size, until the
+//! transport sends it), and scrubbing a resource's bytes at creation (they are scrubbed when freed, so a resource
 //! shows only what the slice held: this guest's own earlier bytes or what the slice started with).
 
 pub mod backing;
