@@ -5,7 +5,6 @@
 //! freed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,11 +25,12 @@ use super::session::SessionError;
 use super::shmem::{GspMem, SHARED_SIZE};
 use super::*;
 use crate::host_driver::addr::{GpuVa, VramAddr};
+use crate::host_driver::test_support::StuckRegister;
 use crate::host_gpu::dma::test_memory::{GuestView, VecGuestMemory};
 use crate::host_gpu::dma::DmaBuffer;
 use crate::host_gpu::emulated::EmulatedHostGpu;
 use crate::host_gpu::guest_dma::GuestDmaMemory;
-use crate::host_gpu::{AccessWidth, ChipIdentity, HostGpu, HostGpuError, HostMemory, MmapSource};
+use crate::host_gpu::HostGpu;
 
 const GIB: u64 = 1 << 30;
 
@@ -505,73 +505,26 @@ fn a_gsp_refusing_its_arguments_is_reported_halted_with_its_code() {
     assert_eq!(h.emulated().dma().mapping_count(), 0);
 }
 
-/// The emulated GPU, except that CPUCTL.HALTED reads 0 once `stuck` is set (a GSP that
-/// does not stop).
-struct NeverHalts {
-    inner: EmulatedHostGpu,
-    stuck: AtomicBool,
-}
-
-impl HostGpu for NeverHalts {
-    fn identity(&self) -> &ChipIdentity {
-        self.inner.identity()
-    }
-    fn bar0_read(&self, offset: u64, width: AccessWidth) -> Result<u64, HostGpuError> {
-        let v = self.inner.bar0_read(offset, width)?;
-        let cpuctl =
-            <crate::host_driver::regs::GspCpuCtl as crate::host_driver::regs::Register32>::OFFSET;
-        Ok(if offset == cpuctl && self.stuck.load(Ordering::Relaxed) {
-            v & !0x10
-        } else {
-            v
-        })
-    }
-    fn bar0_write(&self, offset: u64, width: AccessWidth, value: u64) -> Result<(), HostGpuError> {
-        self.inner.bar0_write(offset, width, value)
-    }
-    fn memory_bar(&self, index: u8) -> Option<Arc<dyn HostMemory>> {
-        self.inner.memory_bar(index)
-    }
-    fn reset(&self) -> Result<(), HostGpuError> {
-        self.inner.reset()
-    }
-    fn scrub_vram(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError> {
-        self.inner.scrub_vram(addr, len)
-    }
-    fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostGpuError> {
-        self.inner.bar1_read(offset, buf)
-    }
-    fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), HostGpuError> {
-        self.inner.bar1_write(offset, data)
-    }
-    fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource> {
-        self.inner.vram_mmap_source(addr, len)
-    }
-    fn dma_alloc(&self, len: u64) -> Result<Arc<dyn DmaBuffer>, HostGpuError> {
-        self.inner.dma_alloc(len)
-    }
-}
-
 #[test]
 fn buffers_of_a_gsp_that_does_not_halt_are_leaked_not_freed() {
-    let h = NeverHalts {
-        inner: host("ga100-80g"),
-        stuck: AtomicBool::new(false),
-    };
+    // CPUCTL.HALTED (bit 4) never comes once the fault is on.
+    let cpuctl =
+        <crate::host_driver::regs::GspCpuCtl as crate::host_driver::regs::Register32>::OFFSET;
+    let h = StuckRegister::stuck_off_later("ga100-80g", cpuctl, 0x10);
     let s = boot(&h, patient()).unwrap();
-    h.stuck.store(true, Ordering::Relaxed);
+    h.set_stuck(true);
     let t = Instant::now();
     drop(s);
     assert!(t.elapsed() >= falcon::HALT_TIMEOUT);
     // Still mapped in the GPU's IOMMU: never returned to the allocator.
-    assert_eq!(h.inner.emulated().dma().mapping_count(), 2);
+    assert_eq!(h.inner().emulated().dma().mapping_count(), 2);
     // And a new boot cannot reset the GSP either.
     assert!(matches!(
         boot(&h, patient()),
         Err(BootError::Falcon(falcon::FalconError::HaltTimeout(_)))
     ));
     assert_eq!(
-        h.inner.emulated().dma().mapping_count(),
+        h.inner().emulated().dma().mapping_count(),
         2,
         "unused buffers freed"
     );
