@@ -533,21 +533,33 @@ fn buffers_of_a_gsp_that_does_not_halt_are_leaked_not_freed() {
 /// Where the guest lends its memory to the GPU in the guest-DMA test.
 const GUEST_IOVA: u64 = 0x1_2340_0000;
 
-#[test]
-fn a_gsp_boots_on_queues_in_memory_a_guest_lent_the_gpu() {
-    let h = host("gb202-32g");
-    // One guest map holding the block, then the LibOS arguments.
+/// Lends `h` one writable guest map at [`GUEST_IOVA`] big enough for the queue block and the
+/// LibOS arguments (`readable`: whether the GPU may read it); returns the memory and a way
+/// to view a range of it as a DMA buffer.
+fn lend_guest_memory(
+    h: &EmulatedHostGpu,
+    readable: bool,
+) -> (Arc<VecGuestMemory>, impl Fn(u64, u64) -> Arc<dyn DmaBuffer>) {
     let len = SHARED_SIZE + LIBOS_BUFFER_SIZE;
-    let guest = Arc::new(VecGuestMemory::new(len, true, true));
+    let guest = Arc::new(VecGuestMemory::new(len, readable, true));
     h.map_guest_dma(GUEST_IOVA, guest.clone()).unwrap();
-    let view = |offset, len| -> Arc<dyn DmaBuffer> {
+    let memory = Arc::clone(&guest);
+    let view = move |offset, len| -> Arc<dyn DmaBuffer> {
         Arc::new(GuestView {
-            memory: Arc::clone(&guest),
+            memory: Arc::clone(&memory),
             iova: GUEST_IOVA,
             offset,
             len,
         })
     };
+    (guest, view)
+}
+
+#[test]
+fn a_gsp_boots_on_queues_in_memory_a_guest_lent_the_gpu() {
+    let h = host("gb202-32g");
+    // One guest map holding the block, then the LibOS arguments.
+    let (guest, view) = lend_guest_memory(&h, true);
     let mem = GspMem::new(view(0, SHARED_SIZE)).unwrap();
     let queues: MessageQueueInitArgs = mem.init_args().unwrap();
     assert_eq!(queues.shared_mem_phys_addr, GUEST_IOVA);
@@ -579,17 +591,7 @@ fn a_gsp_boots_on_queues_in_memory_a_guest_lent_the_gpu() {
 #[test]
 fn a_gsp_cannot_read_boot_arguments_the_guest_made_write_only() {
     let h = host("tu102-24g");
-    let len = SHARED_SIZE + LIBOS_BUFFER_SIZE;
-    let guest = Arc::new(VecGuestMemory::new(len, false, true));
-    h.map_guest_dma(GUEST_IOVA, guest.clone()).unwrap();
-    let view = |offset, len| -> Arc<dyn DmaBuffer> {
-        Arc::new(GuestView {
-            memory: Arc::clone(&guest),
-            iova: GUEST_IOVA,
-            offset,
-            len,
-        })
-    };
+    let (_guest, view) = lend_guest_memory(&h, false);
     let mem = GspMem::new(view(0, SHARED_SIZE)).unwrap();
     let libos = LibosArgs::new(
         view(SHARED_SIZE, LIBOS_BUFFER_SIZE),
