@@ -164,6 +164,20 @@ impl<S: SliceStore> GpuCommandHandler<S> {
         self.config.outputs = outputs;
     }
 
+    /// Sets the EDID GET_EDID answers for `scanout` (the display side's own), or forgets it
+    /// (`None`: an EDID generated from the output's size is answered). Ignored for scanouts
+    /// past the device's.
+    pub fn set_edid(&mut self, scanout: ScanoutId, blob: Option<Vec<u8>>) {
+        let i = scanout.0 as usize;
+        if i >= self.scanouts.len() {
+            return;
+        }
+        if self.config.edids.len() <= i {
+            self.config.edids.resize(i + 1, None);
+        }
+        self.config.edids[i] = blob;
+    }
+
     /// Device reset: every resource destroyed (and scrubbed), every scanout disabled.
     pub fn reset(&mut self) -> Result<(), StoreError> {
         self.scanouts.iter_mut().for_each(|s| *s = None);
