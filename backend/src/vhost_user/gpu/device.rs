@@ -84,6 +84,8 @@ pub enum DisplayEvent {
         hot_x: u32,
         /// Hot spot.
         hot_y: u32,
+        /// The cursor resource's format.
+        format: Format,
         /// Pixels.
         pixels: Vec<u8>,
     },
@@ -454,6 +456,7 @@ impl<S: SliceStore> GpuCommandHandler<S> {
             pos: c.pos,
             hot_x: c.hot_x,
             hot_y: c.hot_y,
+            format: res.format,
             pixels,
         }])
     }
