@@ -51,9 +51,10 @@ pub const FEATURES: u64 = 1u64 << VIRTIO_F_VERSION_1
     | 1u64 << VIRTIO_GPU_F_EDID
     | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
-/// The virtio-gpu config space: `events_read`, `events_clear`, `num_scanouts`,
-/// `num_capsets` (QEMU manages the two event fields itself).
-const CONFIG_SIZE: usize = 16;
+/// The virtio-gpu config space as far as a frontend may read it: `events_read`,
+/// `events_clear`, `num_scanouts`, `num_capsets` (virtio 1.2, 16 bytes; QEMU manages the
+/// two event fields itself), then zeros. QEMU 11.1.3 reads 20 bytes (measured).
+const CONFIG_SIZE: usize = 256;
 
 /// One connection's virtio-gpu device.
 pub struct VhostGpuDevice {
@@ -172,6 +173,11 @@ impl VhostGpuDevice {
             Queue::Control => {
                 let (response, events) = match request {
                     Ok(bytes) => {
+                        log::trace!(
+                            "display {}: control request {:02x?}",
+                            self.label,
+                            bytes.get(..4)
+                        );
                         self.refresh_outputs(&bytes);
                         self.model.lock().handle_control(mem, &bytes)
                     }
