@@ -152,13 +152,12 @@ impl VhostGpuDevice {
         }
     }
 
-    /// Sends display events to QEMU.
-    fn show(&self, events: Vec<DisplayEvent>) {
-        for mut event in events {
-            if self.with_channel(|c| c.send(&mut event)).is_none() {
-                return;
-            }
+    /// Sends a display event to QEMU (nothing once the channel failed on this connection).
+    fn show(&self, mut event: DisplayEvent) {
+        if self.channel_failed.load(Ordering::Relaxed) {
+            return;
         }
+        self.with_channel(|c| c.send(&mut event));
     }
 
     /// Executes one chain; returns its used length.
@@ -171,7 +170,7 @@ impl VhostGpuDevice {
         let request = read_request(chain.clone(), mem);
         match queue {
             Queue::Control => {
-                let (response, events) = match request {
+                let response = match request {
                     Ok(bytes) => {
                         log::trace!(
                             "display {}: control request {:02x?}",
@@ -179,16 +178,19 @@ impl VhostGpuDevice {
                             bytes.get(..4)
                         );
                         self.refresh_outputs(&bytes);
-                        self.model.lock().handle_control(mem, &bytes)
+                        // Events go out as the model makes them, so what the display must
+                        // show is sent before the response: a guest that sees its flush done
+                        // finds it shown.
+                        self.model
+                            .lock()
+                            .handle_control_with(mem, &bytes, &mut |e| self.show(e))
                     }
                     Err(e) => {
                         log::debug!("display {}: control chain refused: {e}", self.label);
                         let err = Response::Err(RespType::ErrUnspec);
-                        (wire::encode_response(None, &err), Vec::new())
+                        wire::encode_response(None, &err)
                     }
                 };
-                // The display first: a guest that sees the flush done finds it shown.
-                self.show(events);
                 write_response(chain, mem, &response).unwrap_or_else(|e| {
                     log::debug!("display {}: response not written: {e}", self.label);
                     0
@@ -198,7 +200,7 @@ impl VhostGpuDevice {
                 match request {
                     Ok(bytes) => {
                         let events = self.model.lock().handle_cursor(&bytes);
-                        self.show(events);
+                        events.into_iter().for_each(|e| self.show(e));
                     }
                     Err(e) => log::debug!("display {}: cursor chain refused: {e}", self.label),
                 }
