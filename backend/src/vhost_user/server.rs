@@ -155,9 +155,10 @@ impl Display {
             let _ = w.join();
         }
         device.stop_workers();
+        let stats = device.stats();
         match result {
-            Ok(()) => log::info!("display {}: QEMU disconnected", self.label),
-            Err(e) => log::info!("display {}: connection ended: {e}", self.label),
+            Ok(()) => log::info!("display {}: QEMU disconnected ({stats})", self.label),
+            Err(e) => log::info!("display {}: connection ended: {e} ({stats})", self.label),
         }
         Ok(())
     }
