@@ -24,6 +24,7 @@ pub mod measure;
 pub mod presentation;
 pub mod serve;
 pub mod slice;
+pub mod supervisor;
 pub mod units;
 pub mod unix_socket;
 pub mod vfio_user;

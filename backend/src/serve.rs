@@ -24,13 +24,8 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use thiserror::Error;
 
 use crate::gpu_device::GpuDevice;
@@ -39,22 +34,18 @@ use crate::presentation::{
     FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
 };
 use crate::slice::{GuestSpec, HandOut, SetupError, SlicedGpu};
+use crate::supervisor::{Job, Supervisor};
 use crate::unix_socket::{check_bindable, BindError};
 use crate::vfio_user::shutdown::ShutdownError;
 use crate::vfio_user::{
     serve_stream, PeerCred, PeerPolicy, Server, ServerConfig, ServerError, ShutdownSignal,
-    SocketFile, DEFAULT_SOCKET_MODE, STOP_GRACE,
+    DEFAULT_SOCKET_MODE,
 };
 use crate::vhost_user::gpu::store::SliceVramStore;
 use crate::vhost_user::gpu::{GpuCommandHandler, GpuConfig};
 use crate::vhost_user::{DisplayError, DisplayServer};
 
-/// How long the servers get to stop once shutdown starts before the process goes without
-/// them: [`STOP_GRACE`] for a server's connection, plus a second.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(STOP_GRACE.as_secs() + 1);
-
-/// How often the supervising thread looks at the shutdown signal between events.
-const SUPERVISE_TICK: Duration = Duration::from_millis(100);
+pub use crate::supervisor::SHUTDOWN_GRACE;
 
 /// Errors of serving.
 #[derive(Debug, Error)]
@@ -480,184 +471,17 @@ pub fn serve_functions(
     supervise(jobs, ShutdownSignal::new()?)
 }
 
-/// Why a server thread ended with an error.
-type JobError = Box<dyn std::error::Error + Send + Sync>;
-
-/// One guest's server, as the supervising thread runs it.
-struct Job {
-    /// What the log calls it (its socket).
-    label: String,
-    /// Its socket file, removed when the server ends or on the way out.
-    socket_file: Option<SocketFile>,
-    /// The GPU it serves (watched).
-    host: Arc<dyn HostGpu>,
-    /// The server: returns `Ok` when it ends normally (shutdown, or the `--fd` client left).
-    run: Box<dyn FnOnce(ShutdownSignal) -> Result<(), JobError> + Send>,
-}
-
-/// What the supervising thread hears from the server threads.
-struct Ended {
-    index: usize,
-    /// `Err`: why the server failed.
-    result: Result<(), String>,
-}
-
-/// How supervision ended.
-enum Outcome {
-    /// SIGTERM/SIGINT (or the shutdown signal from elsewhere).
-    Stopped,
-    /// Every server ended.
-    NoneLeft,
-    /// The GPU stopped answering.
-    Lost,
-}
-
-/// Runs each job on its own thread and watches them until SIGTERM/SIGINT or `shutdown`
-/// fires, no job is left or the GPU is lost (see the module docs).
+/// Runs `jobs` under a new [`Supervisor`] until it returns.
 fn supervise(jobs: Vec<Job>, shutdown: ShutdownSignal) -> Result<(), ServeError> {
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
-    let signal_handle = signals.handle();
-    let on_signal = shutdown.clone();
-    let signal_thread = thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                log::info!("signal {signal} received: shutting down");
-                on_signal.trigger();
-            }
-        })
-        .map_err(ServeError::Signals)?;
-    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hosts = jobs.iter().map(|j| Arc::clone(&j.host)).collect();
-    // The watchdog ends on its own once shutdown fires; it is not waited for.
-    let _watchdog = spawn_watchdog(hosts, shutdown.clone(), Arc::clone(&lost))?;
-
-    let (tx, rx) = mpsc::channel::<Ended>();
-    let mut labels = Vec::with_capacity(jobs.len());
-    let mut files = Vec::with_capacity(jobs.len());
-    let mut live = 0usize;
-    let mut started = Ok(());
-    for (index, job) in jobs.into_iter().enumerate() {
-        labels.push(job.label);
-        files.push(job.socket_file);
-        let (tx, stop, run) = (tx.clone(), shutdown.clone(), job.run);
-        let spawned = thread::Builder::new()
-            .name(format!("vfio-user-{index}"))
-            .spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(stop)))
-                    .unwrap_or_else(|_| Err("the server thread panicked".into()))
-                    .map_err(|e| e.to_string());
-                let _ = tx.send(Ended { index, result });
-            });
-        match spawned {
-            Ok(_) => live += 1,
-            Err(e) => {
-                started = Err(ServeError::Thread(e));
-                shutdown.trigger();
-                break;
-            }
+    let supervisor = Supervisor::new(shutdown);
+    for job in jobs {
+        if let Err(e) = supervisor.spawn(job) {
+            supervisor.shutdown().trigger();
+            let _ = supervisor.run();
+            return Err(e);
         }
     }
-    drop(tx);
-
-    let mut failed = 0usize;
-    let mut on_end = |ended: Ended, live: &mut usize, failed: &mut usize, stopping: bool| {
-        *live -= 1;
-        let label = &labels[ended.index];
-        match ended.result {
-            Ok(()) => log::debug!("{label}: server ended"),
-            Err(why) if stopping => log::warn!("{label}: server ended with an error: {why}"),
-            Err(why) => {
-                *failed += 1;
-                let rest = if *live == 0 {
-                    "no guest is left".to_owned()
-                } else {
-                    format!("{live} other guest(s) go on")
-                };
-                log::error!("{label}: {why}: this guest is no longer served ({rest})");
-            }
-        }
-        // Removes the socket file: nobody waits on a socket nothing serves.
-        files[ended.index] = None;
-    };
-    let outcome = loop {
-        if started.is_err() {
-            break Outcome::Stopped;
-        }
-        // Before counting the servers left: a shutdown ends them all normally.
-        if shutdown.is_triggered() {
-            break if lost.load(std::sync::atomic::Ordering::Acquire) {
-                Outcome::Lost
-            } else {
-                Outcome::Stopped
-            };
-        }
-        if live == 0 {
-            break Outcome::NoneLeft;
-        }
-        match rx.recv_timeout(SUPERVISE_TICK) {
-            Ok(ended) => on_end(ended, &mut live, &mut failed, false),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break Outcome::NoneLeft,
-        }
-    };
-
-    shutdown.trigger();
-    let deadline = Instant::now() + SHUTDOWN_GRACE;
-    while live > 0 {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(ended) => on_end(ended, &mut live, &mut failed, true),
-            Err(_) => {
-                log::warn!(
-                    "{live} server thread(s) did not stop within {SHUTDOWN_GRACE:?}: exiting \
-                     without them"
-                );
-                break;
-            }
-        }
-    }
-    drop(files);
-    signal_handle.close();
-    let _ = signal_thread.join();
-    log::info!("stopped");
-    started?;
-    match outcome {
-        Outcome::Lost => Err(ServeError::DeviceLost),
-        Outcome::NoneLeft if failed > 0 => Err(ServeError::NoGuestLeft),
-        Outcome::Stopped | Outcome::NoneLeft if failed > 0 => Err(ServeError::GuestsFailed(failed)),
-        Outcome::Stopped | Outcome::NoneLeft => Ok(()),
-    }
-}
-
-/// How often the watchdog asks the GPU whether it still answers.
-const WATCHDOG_PERIOD: std::time::Duration = std::time::Duration::from_millis(200);
-
-/// Watches the GPU behind the served functions: once one is lost (it stopped answering;
-/// every access of its guests already fails at once with ENODEV), it stops serving every
-/// guest and sets `lost`. Ends when `shutdown` is triggered.
-fn spawn_watchdog(
-    hosts: Vec<Arc<dyn HostGpu>>,
-    shutdown: ShutdownSignal,
-    lost: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<thread::JoinHandle<()>, ServeError> {
-    thread::Builder::new()
-        .name("gpu-watchdog".into())
-        .spawn(move || {
-            while !shutdown.is_triggered() {
-                if let Some(host) = hosts.iter().find(|h| h.is_lost()) {
-                    log::error!(
-                        "GPU {} stopped answering: no longer serving it (its guests are \
-                         disconnected)",
-                        host.identity().name
-                    );
-                    lost.store(true, std::sync::atomic::Ordering::Release);
-                    shutdown.trigger();
-                    return;
-                }
-                thread::sleep(WATCHDOG_PERIOD);
-            }
-        })
-        .map_err(ServeError::Thread)
+    supervisor.run()
 }
 
 fn log_layout(layout: &FunctionLayout) {
@@ -685,7 +509,10 @@ fn log_layout(layout: &FunctionLayout) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
     use std::time::{Duration, Instant};
+
+    use crate::unix_socket::SocketFile;
 
     use crate::host_driver::test_support::StuckRegister;
     use crate::host_gpu::emulated::EmulatedHostGpu;

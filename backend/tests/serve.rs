@@ -364,8 +364,8 @@ fn a_guest_whose_listener_fails_leaves_the_other_guest_served() {
     let said = |what: &str| log.lines().filter(|l| l.contains(what)).count();
     assert_eq!(said("g0.sock: listener error"), 1, "{log}");
     assert_eq!(said("g1.sock: listener error"), 1, "{log}");
-    assert_eq!(said("1 other guest(s) go on"), 1, "{log}");
-    assert_eq!(said("no guest is left"), 1, "{log}");
+    assert_eq!(said("1 other server(s) go on"), 1, "{log}");
+    assert_eq!(said("no server is left"), 1, "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

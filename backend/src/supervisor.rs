@@ -1,0 +1,327 @@
+//! [`Supervisor`]: the servers of `gpu-backend serve` (each guest's vfio-user server, its
+//! display, the control socket), each on its own thread, watched from the thread that called
+//! [`Supervisor::run`]. Jobs can be added while it runs (a guest added through the control
+//! socket) and retired (a guest removed): a retired job's end is expected, any other job that
+//! ends with an error is logged once and counted, and the others go on.
+//!
+//! `run` returns on SIGTERM/SIGINT (the global [`ShutdownSignal`]), when no job is left, or
+//! when the GPU stops answering (a watchdog asks it every 200 ms). Once shutdown starts, every
+//! job's own stop signal fires and the jobs get [`SHUTDOWN_GRACE`] to end; a thread still
+//! running then is left behind and its socket file removed, so the process exits within that
+//! bound whatever a connection is doing.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::host_gpu::HostGpu;
+use crate::serve::ServeError;
+use crate::unix_socket::SocketFile;
+use crate::vfio_user::{ShutdownSignal, STOP_GRACE};
+
+/// How long the servers get to stop once shutdown starts before the process goes without
+/// them: [`STOP_GRACE`] for a server's connection, plus a second.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(STOP_GRACE.as_secs() + 1);
+
+/// How often the supervising thread looks at the shutdown signal between events.
+const SUPERVISE_TICK: Duration = Duration::from_millis(100);
+
+/// How often the watchdog asks the GPU whether it still answers.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(200);
+
+/// Why a server thread ended with an error.
+pub type JobError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a job: runs until its stop signal fires (`Ok`) or it fails.
+pub type JobRun = Box<dyn FnOnce(ShutdownSignal) -> Result<(), JobError> + Send>;
+
+/// One server, as the supervisor runs it.
+pub struct Job {
+    /// What the log calls it (its socket).
+    pub label: String,
+    /// Its socket file, removed when the job ends or on the way out.
+    pub socket_file: Option<SocketFile>,
+    /// The GPU it serves (watched).
+    pub host: Arc<dyn HostGpu>,
+    /// The server.
+    pub run: JobRun,
+}
+
+/// A running job's handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JobId(u64);
+
+/// What the supervising thread hears from the job threads.
+struct Ended {
+    id: JobId,
+    /// `Err`: why the server failed.
+    result: Result<(), String>,
+}
+
+/// A job still running.
+struct Running {
+    label: String,
+    /// Dropped (the file removed) when the job ends.
+    _socket_file: Option<SocketFile>,
+    stop: ShutdownSignal,
+    /// Its end is expected (the guest was removed).
+    retiring: bool,
+}
+
+/// How supervision ended.
+enum Outcome {
+    Stopped,
+    NoneLeft,
+    Lost,
+}
+
+struct Inner {
+    shutdown: ShutdownSignal,
+    tx: Mutex<mpsc::Sender<Ended>>,
+    rx: Mutex<Option<mpsc::Receiver<Ended>>>,
+    jobs: Mutex<BTreeMap<JobId, Running>>,
+    next: AtomicU64,
+    hosts: Mutex<Vec<Arc<dyn HostGpu>>>,
+    lost: AtomicBool,
+}
+
+/// Runs and watches the servers of one `serve` (cheap to clone: a handle).
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+impl Supervisor {
+    /// A supervisor with no jobs, ending everything when `shutdown` fires.
+    pub fn new(shutdown: ShutdownSignal) -> Supervisor {
+        let (tx, rx) = mpsc::channel();
+        Supervisor {
+            inner: Arc::new(Inner {
+                shutdown,
+                tx: Mutex::new(tx),
+                rx: Mutex::new(Some(rx)),
+                jobs: Mutex::new(BTreeMap::new()),
+                next: AtomicU64::new(0),
+                hosts: Mutex::new(Vec::new()),
+                lost: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The signal that ends everything.
+    pub fn shutdown(&self) -> &ShutdownSignal {
+        &self.inner.shutdown
+    }
+
+    /// Starts `job` on its own thread with a stop signal of its own (fired by
+    /// [`Supervisor::retire`] or on shutdown).
+    pub fn spawn(&self, job: Job) -> Result<JobId, ServeError> {
+        let stop = ShutdownSignal::new()?;
+        let id = JobId(self.inner.next.fetch_add(1, Ordering::Relaxed));
+        {
+            let mut hosts = self.inner.hosts.lock();
+            if !hosts.iter().any(|h| Arc::ptr_eq(h, &job.host)) {
+                hosts.push(Arc::clone(&job.host));
+            }
+        }
+        self.inner.jobs.lock().insert(
+            id,
+            Running {
+                label: job.label.clone(),
+                _socket_file: job.socket_file,
+                stop: stop.clone(),
+                retiring: false,
+            },
+        );
+        if self.inner.shutdown.is_triggered() {
+            stop.trigger();
+        }
+        let tx = self.inner.tx.lock().clone();
+        let run = job.run;
+        let spawned = thread::Builder::new()
+            .name(format!("server-{}", id.0))
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(stop)))
+                    .unwrap_or_else(|_| Err("the server thread panicked".into()))
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(Ended { id, result });
+            });
+        match spawned {
+            Ok(_) => Ok(id),
+            Err(e) => {
+                self.inner.jobs.lock().remove(&id);
+                Err(ServeError::Thread(e))
+            }
+        }
+    }
+
+    /// Stops a job whose end is expected (its guest is being removed); its end is not a
+    /// failure.
+    pub fn retire(&self, id: JobId) {
+        if let Some(job) = self.inner.jobs.lock().get_mut(&id) {
+            job.retiring = true;
+            job.stop.trigger();
+        }
+    }
+
+    /// Waits up to `timeout` for a job to end; `true` if it did (or was never known).
+    pub fn wait_ended(&self, id: JobId, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.inner.jobs.lock().contains_key(&id) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Forgets a job that did not end in time: its thread is left behind, its socket file
+    /// removed.
+    pub fn abandon(&self, id: JobId) {
+        if let Some(job) = self.inner.jobs.lock().remove(&id) {
+            log::warn!(
+                "{}: did not stop in time; leaving its thread behind",
+                job.label
+            );
+        }
+    }
+
+    /// Watches the jobs until SIGTERM or SIGINT, until none is left, or until the GPU stops
+    /// answering (see the module docs). Call once.
+    pub fn run(&self) -> Result<(), ServeError> {
+        let rx =
+            self.inner.rx.lock().take().ok_or_else(|| {
+                ServeError::Thread(std::io::Error::other("supervisor already ran"))
+            })?;
+        let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
+        let signal_handle = signals.handle();
+        let on_signal = self.inner.shutdown.clone();
+        let signal_thread = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    log::info!("signal {signal} received: shutting down");
+                    on_signal.trigger();
+                }
+            })
+            .map_err(ServeError::Signals)?;
+        // The watchdog ends on its own once shutdown fires; it is not waited for.
+        let _watchdog = self.spawn_watchdog()?;
+
+        let mut failed = 0usize;
+        let outcome = loop {
+            if self.inner.shutdown.is_triggered() {
+                break if self.inner.lost.load(Ordering::Acquire) {
+                    Outcome::Lost
+                } else {
+                    Outcome::Stopped
+                };
+            }
+            if self.inner.jobs.lock().is_empty() {
+                break Outcome::NoneLeft;
+            }
+            match rx.recv_timeout(SUPERVISE_TICK) {
+                Ok(ended) => failed += self.on_end(ended, false),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break Outcome::NoneLeft,
+            }
+        };
+
+        self.inner.shutdown.trigger();
+        for job in self.inner.jobs.lock().values() {
+            job.stop.trigger();
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !self.inner.jobs.lock().is_empty() {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(ended) => {
+                    self.on_end(ended, true);
+                }
+                Err(_) => {
+                    let left = std::mem::take(&mut *self.inner.jobs.lock());
+                    log::warn!(
+                        "{} server thread(s) did not stop within {SHUTDOWN_GRACE:?}: exiting \
+                         without them",
+                        left.len()
+                    );
+                    break;
+                }
+            }
+        }
+        signal_handle.close();
+        let _ = signal_thread.join();
+        log::info!("stopped");
+        match outcome {
+            Outcome::Lost => Err(ServeError::DeviceLost),
+            Outcome::NoneLeft if failed > 0 => Err(ServeError::NoGuestLeft),
+            Outcome::Stopped | Outcome::NoneLeft if failed > 0 => {
+                Err(ServeError::GuestsFailed(failed))
+            }
+            Outcome::Stopped | Outcome::NoneLeft => Ok(()),
+        }
+    }
+
+    /// Books a job's end (its socket file is removed); returns 1 if it counts as a failure.
+    fn on_end(&self, ended: Ended, stopping: bool) -> usize {
+        let (job, live) = {
+            let mut jobs = self.inner.jobs.lock();
+            let job = jobs.remove(&ended.id);
+            (job, jobs.len())
+        };
+        // An abandoned job that ended after all.
+        let Some(job) = job else { return 0 };
+        let label = &job.label;
+        match ended.result {
+            Ok(()) => log::debug!("{label}: server ended"),
+            Err(why) if stopping || job.retiring => {
+                log::warn!("{label}: server ended with an error: {why}")
+            }
+            Err(why) => {
+                let rest = if live == 0 {
+                    "no server is left".to_owned()
+                } else {
+                    format!("{live} other server(s) go on")
+                };
+                log::error!("{label}: {why}: it is no longer served ({rest})");
+                return 1;
+            }
+        }
+        0
+    }
+
+    /// Watches the GPUs behind the jobs: once one is lost (it stopped answering; every
+    /// access of its guests already fails at once with ENODEV), it stops everything and
+    /// marks the GPU lost. Ends when shutdown fires.
+    fn spawn_watchdog(&self) -> Result<thread::JoinHandle<()>, ServeError> {
+        let inner = Arc::clone(&self.inner);
+        thread::Builder::new()
+            .name("gpu-watchdog".into())
+            .spawn(move || {
+                while !inner.shutdown.is_triggered() {
+                    let lost = inner.hosts.lock().iter().find(|h| h.is_lost()).cloned();
+                    if let Some(host) = lost {
+                        log::error!(
+                            "GPU {} stopped answering: no longer serving it (its guests are \
+                             disconnected)",
+                            host.identity().name
+                        );
+                        inner.lost.store(true, Ordering::Release);
+                        inner.shutdown.trigger();
+                        return;
+                    }
+                    thread::sleep(WATCHDOG_PERIOD);
+                }
+            })
+            .map_err(ServeError::Thread)
+    }
+}
