@@ -19,8 +19,8 @@ use crate::presentation::{
     FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
 };
 use crate::serve::{
-    present_guests, present_guests_with, serve, serve_connected, serve_functions, AllowIds,
-    AllowIdsError, ListenOptions, PeerRules, ServeError, ServeOptions, ServedGuest,
+    present_guests_with, serve, serve_connected, serve_sliced, AllowIds, AllowIdsError,
+    ListenOptions, PeerRules, ServeError, ServeOptions,
 };
 use crate::slice::{parse_slice_size, GuestSpec, HandOut, SpecError};
 use crate::vfio_user::{adopt_connected_fd, ServerConfig};
@@ -58,6 +58,9 @@ pub enum CliError {
     /// The GPU given with `--vfio` cannot be driven.
     #[error(transparent)]
     Vfio(#[from] VfioHostGpuError),
+    /// The control socket refused the request or could not be reached.
+    #[error(transparent)]
+    Control(#[from] crate::control::ClientError),
 }
 
 impl CliError {
@@ -65,7 +68,10 @@ impl CliError {
     /// fit, duplicate sockets), 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::UnknownProfile(_) | CliError::Usage(_) | CliError::Vfio(_) => 2,
+            CliError::UnknownProfile(_)
+            | CliError::Usage(_)
+            | CliError::Vfio(_)
+            | CliError::Control(_) => 2,
             CliError::Serve(e) if e.is_bad_request() => 2,
             _ if self.is_dma_refused() => 2,
             _ => 1,
@@ -170,7 +176,7 @@ pub enum Command {
         vfio: Option<String>,
         /// Socket path for QEMU's `vfio-user-pci`: one guest owns the whole GPU (a stale
         /// socket file is replaced).
-        #[arg(long, required_unless_present_any = ["guests", "fd"], conflicts_with = "guests")]
+        #[arg(long, required_unless_present_any = ["guests", "fd", "control"], conflicts_with_all = ["guests", "control"])]
         socket: Option<PathBuf>,
         /// Serve the one client at the other end of fd N, a connected unix stream socket the
         /// launcher passed (e.g. libvirt): the GPU is whole to it, and the process ends when
@@ -200,6 +206,11 @@ pub enum Command {
         /// with `display=PATH` instead.
         #[arg(long, value_name = "PATH", conflicts_with_all = ["guests", "fd"])]
         display: Option<PathBuf>,
+        /// Open a control socket at PATH (mode 0600) through which guests are listed, added
+        /// and removed while the backend runs (`gpu-backend ctl`, `docs/control.md`). Slices
+        /// the GPU; with no `--guest` the backend starts with no guest.
+        #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+        control: Option<PathBuf>,
         /// File mode of the socket(s), in octal.
         #[arg(long, default_value = "600", value_parser = parse_mode)]
         socket_mode: u32,
@@ -213,6 +224,56 @@ pub enum Command {
         /// virtual mode (e.g. a nested gpu-backend slicing the GPU); mapped VRAM is physical.
         #[arg(long, conflicts_with = "guests")]
         trap_vram: bool,
+    },
+    /// Talk to a running backend's control socket (`serve --control PATH`): list, add and
+    /// remove guests, show their statistics. Errors exit 2 with the backend's message.
+    Ctl {
+        /// The control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Print the backend's JSON answer instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        /// What to do.
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+/// `gpu-backend ctl` actions.
+#[derive(Debug, Subcommand)]
+pub enum CtlAction {
+    /// The GPU, its free VRAM and every guest.
+    List,
+    /// Add a guest: a slice of VRAM (the lowest free range that fits, scrubbed) served on a
+    /// new vfio-user socket, with a display if asked.
+    Add {
+        /// The guest's vfio-user socket (must not exist, or be a stale socket).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Its VRAM (e.g. 512M, 8G; a multiple of 2 MiB).
+        #[arg(long)]
+        vram: String,
+        /// Its display's vhost-user socket.
+        #[arg(long)]
+        display: Option<PathBuf>,
+    },
+    /// Remove a guest: refused while its QEMU is connected unless `--force`, which revokes
+    /// its slice first (its function then reads ~0), disconnects it, scrubs and frees the
+    /// slice.
+    Remove {
+        /// The guest's vfio-user socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Disconnect a connected guest.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Per-guest statistics (connection, BAR0 trap counters).
+    Stats {
+        /// Only this guest.
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -453,6 +514,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             allow_gids,
             guests,
             display,
+            control,
             socket_mode,
             poll_spin_us,
             trap_vram,
@@ -498,23 +560,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 )?;
                 return Ok(());
             }
-            let (_gpu, functions) = present_guests(host, &guests)?;
-            let served = guests
-                .iter()
-                .zip(functions)
-                .enumerate()
-                .map(|(i, (spec, function))| {
-                    let socket = spec.socket.clone().ok_or(ServeError::NoSocket(i))?;
-                    Ok(ServedGuest {
-                        socket,
-                        display: spec.display.clone(),
-                        function,
-                    })
-                })
-                .collect::<Result<Vec<_>, ServeError>>()?;
-            serve_functions(served, &listen)?;
+            serve_sliced(host, &guests, control.as_deref(), &listen)?;
             Ok(())
         }
+        Command::Ctl {
+            control,
+            json,
+            action,
+        } => crate::ctl::run(&control, json, action),
     }
 }
 

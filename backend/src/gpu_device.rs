@@ -56,6 +56,15 @@ pub struct GpuDevice {
 }
 
 impl GpuDevice {
+    /// Whether a client is connected (between `client_connected` and
+    /// `client_disconnected`).
+    pub fn is_connected(&self) -> bool {
+        self.client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Serves `function`.
     pub fn new(function: PresentedFunction) -> Self {
         GpuDevice {

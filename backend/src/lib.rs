@@ -14,8 +14,11 @@
 //!   [`limits`] raises the fd limit before serving.
 
 pub mod cli;
+pub mod control;
+pub mod ctl;
 pub mod gpu_device;
 pub mod gsp;
+pub mod guests;
 pub mod host_driver;
 pub mod host_gpu;
 pub mod inspect;

@@ -28,7 +28,9 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::control::{ControlError, ControlServer};
 use crate::gpu_device::GpuDevice;
+use crate::guests::{GuestError, GuestManager};
 use crate::host_gpu::HostGpu;
 use crate::presentation::{
     FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
@@ -67,6 +69,12 @@ pub enum ServeError {
     /// A display could not be set up or its server failed.
     #[error(transparent)]
     Display(#[from] DisplayError),
+    /// A guest could not be added.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] ControlError),
     /// A guest has no socket to be served on.
     #[error("guest {0} has no socket")]
     NoSocket(usize),
@@ -109,6 +117,10 @@ impl ServeError {
     pub fn is_bad_request(&self) -> bool {
         match self {
             ServeError::Setup(e) => e.is_bad_request(),
+            ServeError::Guest(e) => e.is_bad_request(),
+            ServeError::Control(ControlError::Bind(
+                BindError::NotASocket(_) | BindError::InUse(_),
+            )) => true,
             ServeError::DuplicateSocket(_)
             | ServeError::DisplayTaken(_)
             | ServeError::NoSocket(_)
@@ -376,17 +388,26 @@ pub struct ServedGuest {
 
 /// Checks no socket path is given twice, to guests or displays.
 fn check_distinct_paths(guests: &[ServedGuest]) -> Result<(), ServeError> {
-    for (i, g) in guests.iter().enumerate() {
-        if guests[..i].iter().any(|o| o.socket == g.socket) {
-            return Err(ServeError::DuplicateSocket(g.socket.clone()));
+    let planned: Vec<(PathBuf, Option<PathBuf>)> = guests
+        .iter()
+        .map(|g| (g.socket.clone(), g.display.clone()))
+        .collect();
+    check_distinct(&planned)
+}
+
+/// Checks no path of `(socket, display)` pairs is given twice.
+fn check_distinct(planned: &[(PathBuf, Option<PathBuf>)]) -> Result<(), ServeError> {
+    for (i, (socket, _)) in planned.iter().enumerate() {
+        if planned[..i].iter().any(|(o, _)| o == socket) {
+            return Err(ServeError::DuplicateSocket(socket.clone()));
         }
     }
-    for (i, g) in guests.iter().enumerate() {
-        let Some(display) = &g.display else { continue };
-        let taken = guests.iter().any(|o| &o.socket == display)
-            || guests[..i]
+    for (i, (_, display)) in planned.iter().enumerate() {
+        let Some(display) = display else { continue };
+        let taken = planned.iter().any(|(o, _)| o == display)
+            || planned[..i]
                 .iter()
-                .any(|o| o.display.as_ref() == Some(display));
+                .any(|(_, o)| o.as_ref() == Some(display));
         if taken {
             return Err(ServeError::DisplayTaken(display.clone()));
         }
@@ -395,7 +416,7 @@ fn check_distinct_paths(guests: &[ServedGuest]) -> Result<(), ServeError> {
 }
 
 /// The display of `function`'s guest: a virtio-gpu whose resources live in its VRAM slice.
-fn display_for(
+pub(crate) fn display_for(
     path: &Path,
     mode: u32,
     function: &PresentedFunction,
@@ -469,6 +490,70 @@ pub fn serve_functions(
         });
     }
     supervise(jobs, ShutdownSignal::new()?)
+}
+
+/// Slices `host` between `guests` (in order; each checked before anything is created, so a
+/// bad one starts nothing) and serves them, each with its display if it has one, until
+/// SIGTERM or SIGINT; with `control`, also opens the control socket there, through which
+/// guests are added and removed while the backend runs.
+pub fn serve_sliced(
+    host: Arc<dyn HostGpu>,
+    guests: &[GuestSpec],
+    control: Option<&Path>,
+    listen: &ListenOptions,
+) -> Result<(), ServeError> {
+    let mut planned = Vec::with_capacity(guests.len());
+    for (i, g) in guests.iter().enumerate() {
+        let socket = g.socket.clone().ok_or(ServeError::NoSocket(i))?;
+        planned.push((socket, g.display.clone()));
+    }
+    check_distinct(&planned)?;
+    if control.is_none() {
+        // With a control socket, rules may name guests added later.
+        let sockets: Vec<&Path> = planned.iter().map(|(s, _)| s.as_path()).collect();
+        listen.peers.check_sockets(&sockets)?;
+    }
+    for (socket, display) in &planned {
+        check_bindable(socket).map_err(ServerError::Bind)?;
+        if let Some(display) = display {
+            check_bindable(display).map_err(DisplayError::Bind)?;
+        }
+    }
+    if let Some(control) = control {
+        if planned
+            .iter()
+            .any(|(s, d)| s == control || d.as_deref() == Some(control))
+        {
+            return Err(ServeError::DisplayTaken(control.to_path_buf()));
+        }
+        check_bindable(control).map_err(|e| ServeError::Control(e.into()))?;
+    }
+    let gpu = SlicedGpu::new(host)?;
+    let supervisor = Supervisor::new(ShutdownSignal::new()?);
+    let manager = Arc::new(GuestManager::new(gpu, supervisor.clone(), listen.clone()));
+    let started = (|| {
+        for g in guests {
+            manager.add(g)?;
+        }
+        if let Some(path) = control {
+            let mut server = ControlServer::bind(path, Arc::clone(&manager))?;
+            log::info!("control socket on {} (mode 600)", path.display());
+            let host = Arc::clone(manager.host());
+            supervisor.spawn(Job {
+                label: format!("control {}", path.display()),
+                socket_file: server.take_socket_file(),
+                host,
+                run: Box::new(move |stop| server.serve(stop).map_err(Into::into)),
+            })?;
+        }
+        Ok::<(), ServeError>(())
+    })();
+    if let Err(e) = started {
+        supervisor.shutdown().trigger();
+        let _ = supervisor.run();
+        return Err(e);
+    }
+    supervisor.run()
 }
 
 /// Runs `jobs` under a new [`Supervisor`] until it returns.

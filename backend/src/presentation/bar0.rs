@@ -31,7 +31,7 @@ use super::window::GuestWindow;
 pub const HIDDEN_OFFSETS_RECORDED: usize = 32;
 
 /// Counters of a guest's BAR0 traffic.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TrapStats {
     /// Register reads passed to the host.
     pub passed_reads: u64,

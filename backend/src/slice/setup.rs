@@ -80,7 +80,7 @@ impl SliceAccess {
     }
 
     /// Revokes access for good, after every access in flight has finished.
-    fn revoke(&self) {
+    pub(crate) fn revoke(&self) {
         *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = true;
     }
 }

@@ -1,0 +1,104 @@
+//! [`ControlClient`]: the client side of the control socket, behind `gpu-backend ctl`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use thiserror::Error;
+
+use super::protocol::{Answer, ErrorBody, Greeting, Request, MAX_LINE};
+
+/// How long an answer may take (adding a guest scrubs its slice: minutes per GiB on
+/// hardware).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Errors of the control client.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// Connecting failed.
+    #[error("cannot connect to the control socket {path}: {source}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Talking to the server failed.
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server sent something that is not the protocol.
+    #[error("the control socket answered something unexpected: {0}")]
+    Protocol(String),
+    /// The server refused the request.
+    #[error("{}", .0.desc)]
+    Refused(ErrorBody),
+}
+
+/// A connection to a backend's control socket.
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    greeting: Greeting,
+}
+
+impl ControlClient {
+    /// Connects and reads the greeting.
+    pub fn connect(path: &Path) -> Result<ControlClient, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        let writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        let line = read_line(&mut reader)?;
+        let greeting: Greeting = serde_json::from_str(&line)
+            .map_err(|e| ClientError::Protocol(format!("greeting {line:?}: {e}")))?;
+        Ok(ControlClient {
+            reader,
+            writer,
+            greeting,
+        })
+    }
+
+    /// What the server announced.
+    pub fn greeting(&self) -> &Greeting {
+        &self.greeting
+    }
+
+    /// Runs `command` with `arguments`; returns its result.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let request = Request {
+            execute: command.to_owned(),
+            arguments,
+            id: None,
+        };
+        let text =
+            serde_json::to_string(&request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        writeln!(self.writer, "{text}")?;
+        let line = read_line(&mut self.reader)?;
+        match serde_json::from_str::<Answer>(&line) {
+            Ok(Answer::Return { value, .. }) => Ok(value),
+            Ok(Answer::Error { error, .. }) => Err(ClientError::Refused(error)),
+            Err(e) => Err(ClientError::Protocol(format!("{line:?}: {e}"))),
+        }
+    }
+}
+
+fn read_line(reader: &mut BufReader<UnixStream>) -> Result<String, ClientError> {
+    let mut line = String::new();
+    let n = std::io::Read::take(&mut *reader, MAX_LINE as u64 * 64).read_line(&mut line)?;
+    if n == 0 {
+        return Err(ClientError::Protocol(
+            "the server closed the connection".into(),
+        ));
+    }
+    Ok(line)
+}

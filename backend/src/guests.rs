@@ -1,0 +1,370 @@
+//! [`GuestManager`]: the guests of a sliced GPU while the backend runs. Each guest is its
+//! slice of VRAM, its vfio-user server and, if it has one, its display, all started and
+//! stopped together under the [`Supervisor`]. Guests are added and removed at run time (the
+//! control socket) as well as at start (`--guest`).
+//!
+//! - Adding a guest checks its paths first (unused by any guest, bindable), then takes the
+//!   lowest free range of VRAM that fits (first fit; slices never move, since a guest's QEMU
+//!   maps its VRAM, so free VRAM can be fragmented: `list` shows the free ranges), scrubs it,
+//!   binds the sockets and starts serving. Any failure undoes what was done.
+//! - Removing a guest is refused while its QEMU is connected, unless forced. Then the slice
+//!   is revoked first (the old function reads ~0 and drops writes from that moment), the
+//!   guest's servers are stopped (its QEMU is disconnected), the slice is scrubbed and
+//!   returned to the free VRAM.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::gpu_device::GpuDevice;
+use crate::presentation::bar0::TrapStats;
+use crate::presentation::{PresentationError, PresentedFunction};
+use crate::serve::{display_for, ListenOptions};
+use crate::slice::{GuestSlice, GuestSpec, SetupError, SlicedGpu};
+use crate::supervisor::{Job, JobId, Supervisor, SHUTDOWN_GRACE};
+use crate::unix_socket::{check_bindable, BindError};
+use crate::vfio_user::{Server, ServerError};
+use crate::vhost_user::DisplayError;
+
+/// Errors of adding or removing a guest. Nothing changed when one is returned.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    /// The path is already a guest's socket or display.
+    #[error("{0} is already used by a guest")]
+    PathInUse(PathBuf),
+    /// The guest's socket and display are the same path.
+    #[error("the socket and the display of a guest must differ ({0})")]
+    SamePath(PathBuf),
+    /// A socket path cannot be bound (exists and is not a socket, a live socket, ...).
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The guest needs a socket.
+    #[error("a guest needs a socket")]
+    NoSocket,
+    /// No such guest.
+    #[error("no guest is served on {0}")]
+    NotFound(PathBuf),
+    /// The guest's QEMU is connected and removal was not forced.
+    #[error("the guest on {0} is connected; remove it with force to disconnect it")]
+    Connected(PathBuf),
+    /// The slice cannot be set up (no room, sizes).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The guest's function cannot be presented.
+    #[error(transparent)]
+    Presentation(#[from] PresentationError),
+    /// The vfio-user server cannot be set up.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The display cannot be set up.
+    #[error(transparent)]
+    Display(#[from] DisplayError),
+    /// The servers could not be started.
+    #[error("cannot start the guest's servers: {0}")]
+    Start(String),
+    /// The backend is shutting down.
+    #[error("the backend is shutting down")]
+    ShuttingDown,
+}
+
+impl GuestError {
+    /// Whether the error is the request's fault (bad sizes, paths in use), not the backend's.
+    pub fn is_bad_request(&self) -> bool {
+        match self {
+            GuestError::Setup(e) => e.is_bad_request(),
+            GuestError::Server(ServerError::Bind(_))
+            | GuestError::Display(DisplayError::Bind(_)) => true,
+            GuestError::PathInUse(_)
+            | GuestError::SamePath(_)
+            | GuestError::Bind(_)
+            | GuestError::NoSocket
+            | GuestError::NotFound(_)
+            | GuestError::Connected(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// One guest as `list` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestInfo {
+    /// Its vfio-user socket.
+    pub socket: String,
+    /// Its display socket, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+    /// First byte of its slice of host VRAM.
+    pub vram_start: u64,
+    /// Size of its slice.
+    pub vram_size: u64,
+    /// Whether a client (its QEMU) is connected to the vfio-user socket.
+    pub connected: bool,
+    /// Its BAR0 traffic.
+    pub traps: TrapStats,
+}
+
+/// A range of free VRAM.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FreeRange {
+    /// First byte.
+    pub start: u64,
+    /// Length.
+    pub size: u64,
+}
+
+/// The GPU and its guests, as `list` reports them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuReport {
+    /// Chip name (profile name or PCI address).
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Device memory.
+    pub vram_size: u64,
+    /// End of the area slices come from (the host-reserved region follows).
+    pub guest_area_end: u64,
+    /// Free VRAM of the guest area, in bytes.
+    pub free_bytes: u64,
+    /// Free ranges of the guest area, lowest first (fragmentation shows here).
+    pub free_ranges: Vec<FreeRange>,
+    /// The guests, by VRAM address.
+    pub guests: Vec<GuestInfo>,
+}
+
+/// A guest being served.
+struct Guest {
+    socket: PathBuf,
+    display: Option<PathBuf>,
+    slice: GuestSlice,
+    device: Arc<GpuDevice>,
+    jobs: Vec<JobId>,
+}
+
+impl Guest {
+    fn info(&self) -> GuestInfo {
+        GuestInfo {
+            socket: self.socket.display().to_string(),
+            display: self.display.as_ref().map(|d| d.display().to_string()),
+            vram_start: self.slice.slice().start().raw(),
+            vram_size: self.slice.slice().size(),
+            connected: self.device.is_connected(),
+            traps: self.device.function().trap_stats(),
+        }
+    }
+}
+
+struct Table {
+    gpu: SlicedGpu,
+    guests: Vec<Guest>,
+}
+
+/// The guests of one sliced GPU (see the module docs). Operations are serialized.
+pub struct GuestManager {
+    host: Arc<dyn crate::host_gpu::HostGpu>,
+    table: Mutex<Table>,
+    supervisor: Supervisor,
+    listen: ListenOptions,
+}
+
+impl GuestManager {
+    /// Manages guests of `gpu`, their servers run by `supervisor`, listening as `listen`
+    /// says.
+    pub fn new(gpu: SlicedGpu, supervisor: Supervisor, listen: ListenOptions) -> GuestManager {
+        GuestManager {
+            host: Arc::clone(gpu.host()),
+            table: Mutex::new(Table {
+                gpu,
+                guests: Vec::new(),
+            }),
+            supervisor,
+            listen,
+        }
+    }
+
+    /// The GPU the guests share.
+    pub fn host(&self) -> &Arc<dyn crate::host_gpu::HostGpu> {
+        &self.host
+    }
+
+    /// Adds and starts serving a guest (see the module docs).
+    pub fn add(&self, spec: &GuestSpec) -> Result<GuestInfo, GuestError> {
+        let socket = spec.socket.clone().ok_or(GuestError::NoSocket)?;
+        if self.supervisor.shutdown().is_triggered() {
+            return Err(GuestError::ShuttingDown);
+        }
+        let mut table = self.table.lock();
+        let mut paths = vec![socket.as_path()];
+        if let Some(display) = &spec.display {
+            if display == &socket {
+                return Err(GuestError::SamePath(socket));
+            }
+            paths.push(display);
+        }
+        for path in &paths {
+            let used = table
+                .guests
+                .iter()
+                .any(|g| g.socket == *path || g.display.as_deref() == Some(path));
+            if used {
+                return Err(GuestError::PathInUse(path.to_path_buf()));
+            }
+            check_bindable(path)?;
+        }
+        let slice = table.gpu.add_guest(spec.size)?;
+        match self.start(&socket, spec.display.as_deref(), slice.clone()) {
+            Ok(guest) => {
+                let info = guest.info();
+                log::info!(
+                    "guest added: {} with VRAM [{:#x}, {:#x}){}",
+                    socket.display(),
+                    info.vram_start,
+                    info.vram_start + info.vram_size,
+                    spec.display
+                        .as_ref()
+                        .map(|d| format!(", display {}", d.display()))
+                        .unwrap_or_default()
+                );
+                table.guests.push(guest);
+                Ok(info)
+            }
+            Err(e) => {
+                if let Err(undo) = table.gpu.remove_guest(&slice) {
+                    log::error!("undoing the guest on {}: {undo}", socket.display());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Binds the guest's sockets and starts its servers.
+    fn start(
+        &self,
+        socket: &Path,
+        display: Option<&Path>,
+        slice: GuestSlice,
+    ) -> Result<Guest, GuestError> {
+        let function = PresentedFunction::for_guest(slice.clone())?;
+        let peers = self.listen.peers.for_socket(socket);
+        let mut server = Server::bind(socket, self.listen.socket_mode)?
+            .with_config(self.listen.server_config)
+            .with_peers(peers.clone());
+        let mut display_server = display
+            .map(|d| display_for(d, self.listen.socket_mode, &function))
+            .transpose()?;
+        let host = Arc::clone(function.host());
+        let device = Arc::new(GpuDevice::new(function));
+        let mut jobs = Vec::new();
+        let served = Arc::clone(&device);
+        let started = self.supervisor.spawn(Job {
+            label: socket.display().to_string(),
+            socket_file: server.take_socket_file(),
+            host: Arc::clone(&host),
+            run: Box::new(move |stop| server.serve(served, stop).map_err(Into::into)),
+        });
+        jobs.push(started.map_err(|e| GuestError::Start(e.to_string()))?);
+        if let (Some(path), Some(mut d)) = (display, display_server.take()) {
+            let started = self.supervisor.spawn(Job {
+                label: format!("display {}", path.display()),
+                socket_file: d.take_socket_file(),
+                host,
+                run: Box::new(move |stop| d.serve(stop).map_err(Into::into)),
+            });
+            match started {
+                Ok(id) => jobs.push(id),
+                Err(e) => {
+                    self.stop_jobs(&jobs);
+                    return Err(GuestError::Start(e.to_string()));
+                }
+            }
+        }
+        Ok(Guest {
+            socket: socket.to_path_buf(),
+            display: display.map(Path::to_path_buf),
+            slice,
+            device,
+            jobs,
+        })
+    }
+
+    /// Stops `jobs` and waits for them (bounded).
+    fn stop_jobs(&self, jobs: &[JobId]) {
+        for &id in jobs {
+            self.supervisor.retire(id);
+        }
+        for &id in jobs {
+            if !self
+                .supervisor
+                .wait_ended(id, SHUTDOWN_GRACE + Duration::from_secs(1))
+            {
+                self.supervisor.abandon(id);
+            }
+        }
+    }
+
+    /// Removes the guest served on `socket` (see the module docs).
+    pub fn remove(&self, socket: &Path, force: bool) -> Result<(), GuestError> {
+        let mut table = self.table.lock();
+        let index = table
+            .guests
+            .iter()
+            .position(|g| g.socket == socket)
+            .ok_or_else(|| GuestError::NotFound(socket.to_path_buf()))?;
+        if table.guests[index].device.is_connected() && !force {
+            return Err(GuestError::Connected(socket.to_path_buf()));
+        }
+        let guest = table.guests.remove(index);
+        // First of all: from here the old function reads ~0 and drops writes.
+        guest.slice.access().revoke();
+        self.stop_jobs(&guest.jobs);
+        let slice = guest.slice.slice();
+        if let Err(e) = guest.slice.vram().scrub(slice.start(), slice.size()) {
+            // Released anyway: the next guest of the range is scrubbed when it gets it.
+            log::error!("scrubbing the slice of {}: {e}", socket.display());
+        }
+        table.gpu.remove_guest(&guest.slice)?;
+        log::info!(
+            "guest removed: {} (VRAM {slice} scrubbed and free)",
+            socket.display()
+        );
+        Ok(())
+    }
+
+    /// The GPU, its free VRAM and every guest.
+    pub fn report(&self) -> GpuReport {
+        let table = self.table.lock();
+        let partition = table.gpu.partition();
+        let identity = table.gpu.host().identity();
+        let mut free_ranges = Vec::new();
+        let mut cursor = 0u64;
+        for slice in partition.assigned() {
+            if slice.start().raw() > cursor {
+                free_ranges.push(FreeRange {
+                    start: cursor,
+                    size: slice.start().raw() - cursor,
+                });
+            }
+            cursor = slice.end();
+        }
+        if partition.guest_area_end() > cursor {
+            free_ranges.push(FreeRange {
+                start: cursor,
+                size: partition.guest_area_end() - cursor,
+            });
+        }
+        let mut guests: Vec<GuestInfo> = table.guests.iter().map(Guest::info).collect();
+        guests.sort_by_key(|g| g.vram_start);
+        GpuReport {
+            name: identity.name.clone(),
+            description: identity.description.clone(),
+            vram_size: partition.vram_size(),
+            guest_area_end: partition.guest_area_end(),
+            free_bytes: partition.free_bytes(),
+            free_ranges,
+            guests,
+        }
+    }
+}
