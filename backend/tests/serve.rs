@@ -694,3 +694,274 @@ fn a_failing_accept_is_logged_once_per_episode() {
     assert!(log.contains("Too many open files"), "{log}");
     assert!(log.lines().count() < 5, "{log}");
 }
+
+/// Runs `gpu-backend ctl --control CONTROL ARGS...`.
+fn ctl(control: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gpu-backend"))
+        .args(["ctl", "--control"])
+        .arg(control)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run gpu-backend ctl")
+}
+
+/// `ctl --json ARGS` that must succeed: its JSON answer.
+fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = ctl(control, &all);
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `ctl ARGS` that must fail with exit 2 and a message containing `message`.
+fn ctl_refused(control: &Path, args: &[&str], message: &str) {
+    let out = ctl(control, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "ctl {args:?}: {err}");
+    assert!(err.contains(message), "ctl {args:?}: {err}");
+}
+
+fn guest_sockets(list: &serde_json::Value) -> Vec<String> {
+    list["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["socket"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn guests_are_added_listed_and_removed_through_the_control_socket() {
+    let dir = temp_socket("control").with_extension("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |n: &str| dir.join(n);
+    let (control, s0, s1, s2, d1) = (
+        path("ctl.sock"),
+        path("g0.sock"),
+        path("g1.sock"),
+        path("g2.sock"),
+        path("d1.sock"),
+    );
+    let mut child = spawn_serve(&[
+        "--guest".into(),
+        format!("{}:4M", s0.display()),
+        "--control".into(),
+        control.display().to_string(),
+    ]);
+    wait_for_socket(&control, &mut child);
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(guest_sockets(&list), [s0.display().to_string()]);
+    let free_before = list["free_bytes"].as_u64().unwrap();
+
+    // Add a guest with a display: it gets the free VRAM after guest 0, scrubbed, and serves.
+    let s1_text = s1.display().to_string();
+    let d1_text = d1.display().to_string();
+    let added = ctl_json(
+        &control,
+        &[
+            "add",
+            "--socket",
+            &s1_text,
+            "--vram",
+            "8M",
+            "--display",
+            &d1_text,
+        ],
+    );
+    assert_eq!(added["vram_start"].as_u64(), Some(4 * MIB));
+    assert_eq!(added["vram_size"].as_u64(), Some(8 * MIB));
+    assert!(s1.exists() && d1.exists());
+    let mut g1 = TestClient::connect(&s1).unwrap();
+    g1.version().unwrap();
+    assert_eq!(g1.region_read(1, 0, 64).unwrap(), vec![0; 64], "scrubbed");
+    g1.region_write(1, 0x1000, &[0x3C; 64], false).unwrap();
+
+    // Bad requests change nothing.
+    ctl_refused(
+        &control,
+        &["add", "--socket", &s1_text, "--vram", "2M"],
+        "already used",
+    );
+    ctl_refused(
+        &control,
+        &[
+            "add",
+            "--socket",
+            &path("g9.sock").display().to_string(),
+            "--vram",
+            "3M",
+        ],
+        "2 MiB",
+    );
+    ctl_refused(
+        &control,
+        &[
+            "add",
+            "--socket",
+            &path("g9.sock").display().to_string(),
+            "--vram",
+            "64G",
+        ],
+        "",
+    );
+    let file = path("precious");
+    std::fs::write(&file, b"keep").unwrap();
+    ctl_refused(
+        &control,
+        &[
+            "add",
+            "--socket",
+            &file.display().to_string(),
+            "--vram",
+            "2M",
+        ],
+        "not a socket",
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    ctl_refused(
+        &control,
+        &["remove", "--socket", "/nonexistent.sock"],
+        "no guest",
+    );
+    // Connected: refused without --force.
+    ctl_refused(&control, &["remove", "--socket", &s1_text], "connected");
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(guest_sockets(&list).len(), 2);
+    assert_eq!(list["free_bytes"].as_u64(), Some(free_before - 8 * MIB));
+    assert!(
+        canary_holds(&mut g1, 0x1000, 0x3C),
+        "the guest kept its data"
+    );
+    let stats = ctl_json(&control, &["stats", "--socket", &s1_text]);
+    assert_eq!(stats["guests"][0]["connected"], true);
+
+    // Forced removal: the connected client loses its slice and is disconnected; the
+    // sockets go away; the slice is scrubbed and free again.
+    let out = ctl(&control, &["remove", "--socket", &s1_text, "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!s1.exists() && !d1.exists());
+    assert!(
+        g1.region_read(1, 0x1000, 64)
+            .map_or(true, |bytes| bytes == vec![0xFF; 64]),
+        "a removed guest reads ~0 or is disconnected"
+    );
+    drop(g1);
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(list["free_bytes"].as_u64(), Some(free_before));
+    // A new guest gets the same range, scrubbed.
+    let s2_text = s2.display().to_string();
+    let again = ctl_json(&control, &["add", "--socket", &s2_text, "--vram", "8M"]);
+    assert_eq!(again["vram_start"].as_u64(), Some(4 * MIB));
+    let mut g2 = TestClient::connect(&s2).unwrap();
+    g2.version().unwrap();
+    assert_eq!(g2.region_read(1, 0x1000, 64).unwrap(), vec![0; 64]);
+    drop(g2);
+    // Guest 0 is untouched by all of it and can be removed while idle.
+    ctl_json(&control, &["remove", "--socket", &s0.display().to_string()]);
+    assert!(!s0.exists());
+    let table = ctl(&control, &["list"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains(&s2_text) && text.contains("free"), "{text}");
+
+    let status = terminate(&mut child, libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(!control.exists() && !s2.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_control_socket_answers_malformed_requests_with_errors_and_keeps_serving() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = temp_socket("control-bad").with_extension("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let control = dir.join("ctl.sock");
+    let s0 = dir.join("g0.sock");
+    let mut child = spawn_serve(&[
+        "--guest".into(),
+        format!("{}:2M", s0.display()),
+        "--control".into(),
+        control.display().to_string(),
+    ]);
+    wait_for_socket(&control, &mut child);
+    let stream = UnixStream::connect(&control).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut answer = |line: &str| -> serde_json::Value {
+        let mut text = String::new();
+        if !line.is_empty() {
+            writeln!(writer, "{line}").unwrap();
+        }
+        reader.read_line(&mut text).unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+    };
+    let greeting = answer("");
+    assert_eq!(greeting["gpu-backend"]["protocol"], 1);
+    let class = |v: &serde_json::Value| v["error"]["class"].as_str().unwrap_or("").to_owned();
+    for (line, want) in [
+        ("{", "InvalidRequest"),
+        ("[1,2]", "InvalidRequest"),
+        ("\"list\"", "InvalidRequest"),
+        (r#"{"execute":"list","extra":1}"#, "InvalidRequest"),
+        (r#"{"execute":"format-vram"}"#, "CommandNotFound"),
+        (r#"{"execute":"add"}"#, "InvalidParameter"),
+        (
+            r#"{"execute":"add","arguments":{"socket":1,"vram":"2M"}}"#,
+            "InvalidParameter",
+        ),
+        (
+            r#"{"execute":"add","arguments":{"socket":"/tmp/x.sock","vram":-2}}"#,
+            "InvalidParameter",
+        ),
+        (
+            r#"{"execute":"add","arguments":{"socket":"/tmp/x.sock","vram":"18446744073709551615T"}}"#,
+            "InvalidParameter",
+        ),
+        (
+            r#"{"execute":"add","arguments":{"socket":"","vram":"2M"}}"#,
+            "InvalidParameter",
+        ),
+        (
+            r#"{"execute":"remove","arguments":{"socket":"/nope"}}"#,
+            "NotFound",
+        ),
+        (
+            r#"{"execute":"remove","arguments":{"socket":"/nope","force":"yes"}}"#,
+            "InvalidParameter",
+        ),
+    ] {
+        let a = answer(line);
+        assert_eq!(class(&a), want, "{line}: {a}");
+        assert!(a["error"]["desc"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    // The id is echoed; a good request still works on the same connection.
+    let a = answer(r#"{"execute":"list","id":{"n":7}}"#);
+    assert_eq!(a["id"]["n"], 7);
+    assert_eq!(a["return"]["guests"].as_array().unwrap().len(), 1);
+    // A line over 64 KiB gets an error and the connection is closed; the server goes on.
+    let long = format!("{{\"execute\":\"{}\"}}", "x".repeat(70 * 1024));
+    let a = answer(&long);
+    assert_eq!(class(&a), "InvalidRequest");
+    let list = ctl_json(&control, &["list"]);
+    assert_eq!(guest_sockets(&list), [s0.display().to_string()]);
+    let mut g0 = TestClient::connect(&s0).unwrap();
+    g0.version().unwrap();
+    drop(g0);
+    let status = terminate(&mut child, libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
