@@ -27,6 +27,7 @@ pub mod measure;
 pub mod presentation;
 pub mod serve;
 pub mod slice;
+pub mod state;
 pub mod supervisor;
 pub mod units;
 pub mod unix_socket;

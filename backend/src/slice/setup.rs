@@ -268,7 +268,21 @@ impl SlicedGpu {
     /// into BAR1. On failure nothing stays assigned.
     pub fn add_guest(&mut self, size: u64) -> Result<GuestSlice, SetupError> {
         let slice = self.partition.assign(size)?;
-        let mapped = scrub(&self.vram, slice, self.handout)
+        self.hand_out(slice, self.handout)
+    }
+
+    /// Gives a guest that already owns `[start, start + size)` (a guest of an earlier run
+    /// of the backend, from its state file) its slice again, **not scrubbed**: its VRAM is
+    /// what it left. The range must be free and inside the guest area.
+    pub fn restore_guest(&mut self, start: VramAddr, size: u64) -> Result<GuestSlice, SetupError> {
+        let slice = self.partition.assign_at(start, size)?;
+        self.hand_out(slice, HandOut::Unscrubbed)
+    }
+
+    /// Scrubs `slice` (as `handout` says), maps it into BAR1 and records the guest; on
+    /// failure releases the slice.
+    fn hand_out(&mut self, slice: Slice, handout: HandOut) -> Result<GuestSlice, SetupError> {
+        let mapped = scrub(&self.vram, slice, handout)
             .and_then(|()| Ok(self.vram.map_bar1_window(slice)?));
         match mapped {
             Ok(va) => {
@@ -284,7 +298,7 @@ impl SlicedGpu {
                 })
             }
             Err(e) => {
-                // `slice` was assigned just above, so it can be released.
+                // `slice` was assigned by the caller, so it can be released.
                 let _ = self.partition.release(slice);
                 Err(e)
             }
