@@ -144,6 +144,9 @@ pub fn boot_guest(opts: &GuestOptions) -> Result<GuestRun> {
         memory_mib: opts.memory_mib,
         smp: opts.smp,
         serial_log: run_dir.join("serial.log"),
+        display: None,
+        qmp_socket: None,
+        allow_reboot: false,
         extra_args: opts.extra_qemu_args.clone(),
     };
     let outcome = run_vm(lab, &cfg, opts.timeout)?;
