@@ -10,7 +10,7 @@
 //! let drawn = guest.wait_drawn()?;
 //! let shot = guest.screenshot_matching(&drawn, "screen", SETTLE_TIMEOUT)?;
 //! assert!(shot.matches(), "{}", shot.verdict());
-//! guest.quit()?;
+//! guest.finish()?;
 //! # Ok::<(), guest_tests::HarnessError>(())
 //! ```
 
@@ -289,11 +289,15 @@ impl DisplayGuest {
         self.vm.quit(QUIT_TIMEOUT)
     }
 
-    /// Remove the run directory unless `GUEST_TESTS_KEEP=1` (call after the checks passed).
-    pub fn discard_logs(&self) {
+    /// Stop QEMU like [`DisplayGuest::quit`], then remove the run directory unless
+    /// `GUEST_TESTS_KEEP=1` (call after the checks passed).
+    pub fn finish(self) -> Result<VmOutcome> {
+        let run_dir = self.run_dir.clone();
+        let outcome = self.quit()?;
         if !keep_runs() {
-            let _ = std::fs::remove_dir_all(&self.run_dir);
+            let _ = std::fs::remove_dir_all(&run_dir);
         }
+        Ok(outcome)
     }
 }
 

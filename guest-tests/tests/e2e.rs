@@ -5,7 +5,11 @@
 //! the test harness runs them in parallel; the probe, the initramfs and the backend are built
 //! once per test process.
 
+use std::time::Duration;
+
 use guest_tests::artifacts::backend_binary;
+use guest_tests::display::{start_display_guest, DisplayGuest, DisplayOptions, Drawn};
+use guest_tests::qemu::DisplayDevice;
 use guest_tests::isolation::{canaries_around, plant, verify};
 use guest_tests::{
     boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend,
@@ -643,4 +647,48 @@ fn nested_vfio_tu102() {
 #[test]
 fn nested_vfio_gh100() {
     nested_vfio("gh100-80g");
+}
+
+/// How long a rebooting display guest holds each picture: longer than the screenshot retries
+/// ([`REBOOT_SETTLE`]), so the host compares before the guest reboots.
+const REBOOT_HOLD: Duration = Duration::from_secs(12);
+/// The screenshot retries of a rebooting display guest.
+const REBOOT_SETTLE: Duration = Duration::from_secs(8);
+
+/// Wait for the guest's next picture and a screenshot showing it; panic with the first
+/// mismatching pixel (and the logs) otherwise.
+fn expect_picture(guest: &mut DisplayGuest, name: &str, settle: Duration) -> Drawn {
+    let drawn = guest.wait_drawn().unwrap_or_else(|e| panic!("{name}: {e}"));
+    let shot = guest
+        .screenshot_matching(&drawn, name, settle)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    eprintln!("{name}: {drawn:?}\n{name}: {}", shot.verdict());
+    assert!(
+        shot.matches(),
+        "{name}: {}\nlogs: {}",
+        shot.verdict(),
+        guest.run_dir().display()
+    );
+    drawn
+}
+
+/// The guest side of the display tests against QEMU's own virtio-gpu device (the reference
+/// the backend's vhost-user GPU is held to): the guest loads the Debian kernel's virtio-gpu
+/// driver, draws its picture into `/dev/fb0`, QEMU's screenshot shows exactly that picture;
+/// the guest reboots itself, draws a picture with a new nonce, and the screenshot shows the new
+/// one.
+#[test]
+fn display_reference_qemu_virtio_gpu_shows_the_guest_picture_across_a_reboot() {
+    let opts = DisplayOptions::new(DisplayDevice::QemuVirtioGpu, 1)
+        .rebooting_after(REBOOT_HOLD)
+        .label("display-qemu-virtio-gpu");
+    let mut guest = start_display_guest(&opts).unwrap_or_else(|e| panic!("{e}"));
+    let first = expect_picture(&mut guest, "boot1", REBOOT_SETTLE);
+    let second = expect_picture(&mut guest, "boot2", REBOOT_SETTLE);
+    assert_eq!((first.width, first.height), (1280, 800), "QEMU's default output");
+    assert_eq!(first.bpp, 32);
+    assert_ne!(first.pattern, second.pattern, "a new nonce after the reboot");
+    let serial = guest.serial();
+    assert_eq!(serial.matches("GPUFB reboot").count(), 1, "{serial}");
+    guest.finish().unwrap_or_else(|e| panic!("{e}"));
 }
