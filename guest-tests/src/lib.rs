@@ -20,7 +20,7 @@
 //! probe's VRAM patterns); for displays: [`display`] (boot a guest with a display, screenshot
 //! and compare), [`display_image`] (its `/init` and image), [`fb_pattern`] (the picture it
 //! draws), [`vm`] (a QEMU the host acts on while it runs), [`qmp`], [`ppm`] and
-//! [`screenshot`] (PPM in, PNG out);
+//! [`screenshot`] (PPM in, PNG out), [`vram_search`] (a guest's pixels anywhere in host VRAM);
 //! for the programs: [`demo`] (the tables of `gpu-demo`), [`bench`](mod@bench), [`bench_table`],
 //! [`pingpong`], [`stats`] and [`affinity`] (the guest benchmarks of `gpu-guest-bench`).
 
@@ -55,13 +55,14 @@ pub mod slices;
 pub mod stats;
 pub mod vfio_report;
 pub mod vm;
+pub mod vram_search;
 
 pub use backend::Backend;
 pub use error::{HarnessError, Result};
 pub use expect::ProfileLayout;
 pub use guest::{
     boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, with_backend_bin,
-    with_sliced_backend, GuestOptions, GuestRun,
+    with_display_backend, with_sliced_backend, with_sliced_display_backend, GuestOptions, GuestRun,
 };
 pub use host_vram::HostVram;
 pub use probe_args::ProbeArgs;

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use guest_tests::artifacts::backend_binary;
 use guest_tests::display::{start_display_guest, DisplayGuest, DisplayOptions, Drawn};
-use guest_tests::qemu::DisplayDevice;
 use guest_tests::isolation::{canaries_around, plant, verify};
+use guest_tests::qemu::DisplayDevice;
 use guest_tests::{
     boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend,
     with_sliced_backend, GuestOptions, HostVram, Outcome, ProbeArgs, ProbeReport, ProfileLayout,
@@ -685,9 +685,16 @@ fn display_reference_qemu_virtio_gpu_shows_the_guest_picture_across_a_reboot() {
     let mut guest = start_display_guest(&opts).unwrap_or_else(|e| panic!("{e}"));
     let first = expect_picture(&mut guest, "boot1", REBOOT_SETTLE);
     let second = expect_picture(&mut guest, "boot2", REBOOT_SETTLE);
-    assert_eq!((first.width, first.height), (1280, 800), "QEMU's default output");
+    assert_eq!(
+        (first.width, first.height),
+        (1280, 800),
+        "QEMU's default output"
+    );
     assert_eq!(first.bpp, 32);
-    assert_ne!(first.pattern, second.pattern, "a new nonce after the reboot");
+    assert_ne!(
+        first.pattern, second.pattern,
+        "a new nonce after the reboot"
+    );
     let serial = guest.serial();
     assert_eq!(serial.matches("GPUFB reboot").count(), 1, "{serial}");
     guest.finish().unwrap_or_else(|e| panic!("{e}"));
