@@ -20,7 +20,7 @@ use crate::presentation::{
 };
 use crate::serve::{
     present_guests, present_guests_with, serve, serve_connected, serve_functions, AllowIds,
-    AllowIdsError, ListenOptions, PeerRules, ServeError, ServeOptions,
+    AllowIdsError, ListenOptions, PeerRules, ServeError, ServeOptions, ServedGuest,
 };
 use crate::slice::{parse_slice_size, GuestSpec, HandOut, SpecError};
 use crate::vfio_user::{adopt_connected_fd, ServerConfig};
@@ -190,8 +190,16 @@ pub enum Command {
         allow_gids: Vec<AllowIds>,
         /// A guest with SIZE of VRAM (e.g. 8G, 512M; a multiple of 2 MiB) served on SOCKET.
         /// Repeat for more guests: they get consecutive slices of VRAM, scrubbed first.
-        #[arg(long = "guest", value_name = "SOCKET:SIZE", value_parser = parse_guest)]
+        /// `socket=SOCKET,vram=SIZE,display=PATH` also gives the guest a display: a
+        /// vhost-user socket for QEMU's `vhost-user-gpu-pci` (paths without commas).
+        #[arg(long = "guest", value_name = "SOCKET:SIZE | socket=SOCKET,vram=SIZE[,display=PATH]", value_parser = parse_guest)]
         guests: Vec<GuestSpec>,
+        /// Whole-GPU mode: give the guest a display on this vhost-user socket, for QEMU's
+        /// `-chardev socket,id=gpu0,path=PATH -device vhost-user-gpu-pci,chardev=gpu0`. Its
+        /// resources live in the guest's VRAM. With `--guest`, name each guest's display
+        /// with `display=PATH` instead.
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["guests", "fd"])]
+        display: Option<PathBuf>,
         /// File mode of the socket(s), in octal.
         #[arg(long, default_value = "600", value_parser = parse_mode)]
         socket_mode: u32,
@@ -443,6 +451,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             allow_uids,
             allow_gids,
             guests,
+            display,
             socket_mode,
             poll_spin_us,
             trap_vram,
@@ -481,6 +490,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     host,
                     &ServeOptions {
                         socket,
+                        display,
                         listen,
                         trap_vram,
                     },
@@ -493,12 +503,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 .zip(functions)
                 .enumerate()
                 .map(|(i, (spec, function))| {
-                    spec.socket
-                        .clone()
-                        .map(|socket| (socket, function))
-                        .ok_or(ServeError::NoSocket(i))
+                    let socket = spec.socket.clone().ok_or(ServeError::NoSocket(i))?;
+                    Ok(ServedGuest {
+                        socket,
+                        display: spec.display.clone(),
+                        function,
+                    })
                 })
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, ServeError>>()?;
             serve_functions(served, &listen)?;
             Ok(())
         }

@@ -24,5 +24,6 @@ pub mod presentation;
 pub mod serve;
 pub mod slice;
 pub mod units;
+pub mod unix_socket;
 pub mod vfio_user;
 pub mod vhost_user;

@@ -39,11 +39,15 @@ use crate::presentation::{
     FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
 };
 use crate::slice::{GuestSpec, HandOut, SetupError, SlicedGpu};
+use crate::unix_socket::BindError;
 use crate::vfio_user::shutdown::ShutdownError;
 use crate::vfio_user::{
     serve_stream, PeerCred, PeerPolicy, Server, ServerConfig, ServerError, ShutdownSignal,
     SocketFile, DEFAULT_SOCKET_MODE, STOP_GRACE,
 };
+use crate::vhost_user::gpu::store::SliceVramStore;
+use crate::vhost_user::gpu::{GpuCommandHandler, GpuConfig};
+use crate::vhost_user::{DisplayError, DisplayServer};
 
 /// How long the servers get to stop once shutdown starts before the process goes without
 /// them: [`STOP_GRACE`] for a server's connection, plus a second.
@@ -64,6 +68,14 @@ pub enum ServeError {
     /// Two guests name the same socket.
     #[error("socket {0} is given to more than one guest")]
     DuplicateSocket(PathBuf),
+    /// A display socket is given twice, or is also a vfio-user socket.
+    #[error(
+        "display socket {0} is given to more than one guest or is also a guest's vfio-user socket"
+    )]
+    DisplayTaken(PathBuf),
+    /// A display could not be set up or its server failed.
+    #[error(transparent)]
+    Display(#[from] DisplayError),
     /// A guest has no socket to be served on.
     #[error("guest {0} has no socket")]
     NoSocket(usize),
@@ -107,9 +119,16 @@ impl ServeError {
         match self {
             ServeError::Setup(e) => e.is_bad_request(),
             ServeError::DuplicateSocket(_)
+            | ServeError::DisplayTaken(_)
             | ServeError::NoSocket(_)
             | ServeError::UnknownAllowSocket(_)
-            | ServeError::Server(ServerError::NotConnectedSocket { .. }) => true,
+            | ServeError::Server(ServerError::NotConnectedSocket { .. })
+            | ServeError::Server(ServerError::Bind(
+                BindError::NotASocket(_) | BindError::InUse(_),
+            ))
+            | ServeError::Display(DisplayError::Bind(
+                BindError::NotASocket(_) | BindError::InUse(_),
+            )) => true,
             _ => false,
         }
     }
@@ -246,6 +265,8 @@ impl Default for ListenOptions {
 pub struct ServeOptions {
     /// Socket path QEMU connects to.
     pub socket: PathBuf,
+    /// The vhost-user socket of the guest's display, if it has one.
+    pub display: Option<PathBuf>,
     /// Socket mode, connection limits, who may connect.
     pub listen: ListenOptions,
     /// Offer no VRAM BAR for mmap: every VRAM access is trapped, so a guest that switches
@@ -262,7 +283,14 @@ pub fn serve(host: Arc<dyn HostGpu>, options: &ServeOptions) -> Result<(), Serve
         handout: HandOut::Scrubbed,
     };
     let function = PresentedFunction::new_with(host, presentation)?;
-    serve_functions(vec![(options.socket.clone(), function)], &options.listen)
+    serve_functions(
+        vec![ServedGuest {
+            socket: options.socket.clone(),
+            display: options.display.clone(),
+            function,
+        }],
+        &options.listen,
+    )
 }
 
 /// Serves `host` whole to the one client at the other end of `stream`, a socket the
@@ -345,23 +373,66 @@ pub fn present_guests_with(
     Ok((gpu, functions))
 }
 
-/// Serves each function on its socket, each server on its own thread, until SIGTERM or
-/// SIGINT, until no guest is left, or until the GPU stops answering (see the module docs).
-/// Every socket is bound before any is served, so a bad path fails the whole command;
-/// socket files are removed on the way out.
-pub fn serve_functions(
-    functions: Vec<(PathBuf, PresentedFunction)>,
-    options: &ListenOptions,
-) -> Result<(), ServeError> {
-    for (i, (socket, _)) in functions.iter().enumerate() {
-        if functions[..i].iter().any(|(other, _)| other == socket) {
-            return Err(ServeError::DuplicateSocket(socket.clone()));
+/// One guest to serve: its function on its vfio-user socket, and its display.
+pub struct ServedGuest {
+    /// The vfio-user socket.
+    pub socket: PathBuf,
+    /// The vhost-user socket of its display (`vhost-user-gpu-pci`), if it has one.
+    pub display: Option<PathBuf>,
+    /// What the guest sees.
+    pub function: PresentedFunction,
+}
+
+/// Checks no socket path is given twice, to guests or displays.
+fn check_distinct_paths(guests: &[ServedGuest]) -> Result<(), ServeError> {
+    for (i, g) in guests.iter().enumerate() {
+        if guests[..i].iter().any(|o| o.socket == g.socket) {
+            return Err(ServeError::DuplicateSocket(g.socket.clone()));
         }
     }
-    let sockets: Vec<&Path> = functions.iter().map(|(s, _)| s.as_path()).collect();
+    for (i, g) in guests.iter().enumerate() {
+        let Some(display) = &g.display else { continue };
+        let taken = guests.iter().any(|o| &o.socket == display)
+            || guests[..i]
+                .iter()
+                .any(|o| o.display.as_ref() == Some(display));
+        if taken {
+            return Err(ServeError::DisplayTaken(display.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// The display of `function`'s guest: a virtio-gpu whose resources live in its VRAM slice.
+fn display_for(
+    path: &Path,
+    mode: u32,
+    function: &PresentedFunction,
+) -> Result<DisplayServer, DisplayError> {
+    let guest = function.guest();
+    let store = SliceVramStore::new(Arc::clone(guest.vram()), guest.slice());
+    let model = GpuCommandHandler::new(GpuConfig::default(), Box::new(store) as Box<_>);
+    DisplayServer::bind(path, mode, model)
+}
+
+/// Serves each guest's function on its socket, and its display if it has one, each server
+/// on its own thread, until SIGTERM or SIGINT, until no server is left, or until the GPU
+/// stops answering (see the module docs). Every socket is bound before any is served, so a
+/// bad path fails the whole command; socket files are removed on the way out.
+pub fn serve_functions(
+    guests: Vec<ServedGuest>,
+    options: &ListenOptions,
+) -> Result<(), ServeError> {
+    check_distinct_paths(&guests)?;
+    let sockets: Vec<&Path> = guests.iter().map(|g| g.socket.as_path()).collect();
     options.peers.check_sockets(&sockets)?;
-    let mut jobs = Vec::with_capacity(functions.len());
-    for (socket, function) in functions {
+    let mut jobs = Vec::with_capacity(guests.len());
+    for ServedGuest {
+        socket,
+        display,
+        function,
+    } in guests
+    {
         log_layout(&FunctionLayout::of(&function));
         let peers = options.peers.for_socket(&socket);
         let mut server = Server::bind(&socket, options.socket_mode)?
@@ -375,16 +446,35 @@ pub fn serve_functions(
             options.socket_mode,
             peers
         );
+        if let Some(path) = display {
+            let mut display = display_for(&path, options.socket_mode, &function)?;
+            log::info!(
+                "display of {} on {} (mode {:o}): resources in its slice {}",
+                socket.display(),
+                path.display(),
+                options.socket_mode,
+                function.guest().slice()
+            );
+            jobs.push(Job {
+                label: format!("display {}", path.display()),
+                socket_file: display.take_socket_file(),
+                host: Arc::clone(function.host()),
+                run: Box::new(move |stop| display.serve(stop).map_err(Into::into)),
+            });
+        }
         let device = Arc::new(GpuDevice::new(function));
         jobs.push(Job {
             label: socket.display().to_string(),
             socket_file: server.take_socket_file(),
             host: Arc::clone(device.function().host()),
-            run: Box::new(move |stop| server.serve(device, stop)),
+            run: Box::new(move |stop| server.serve(device, stop).map_err(Into::into)),
         });
     }
     supervise(jobs, ShutdownSignal::new()?)
 }
+
+/// Why a server thread ended with an error.
+type JobError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One guest's server, as the supervising thread runs it.
 struct Job {
@@ -395,7 +485,7 @@ struct Job {
     /// The GPU it serves (watched).
     host: Arc<dyn HostGpu>,
     /// The server: returns `Ok` when it ends normally (shutdown, or the `--fd` client left).
-    run: Box<dyn FnOnce(ShutdownSignal) -> Result<(), ServerError> + Send>,
+    run: Box<dyn FnOnce(ShutdownSignal) -> Result<(), JobError> + Send>,
 }
 
 /// What the supervising thread hears from the server threads.
@@ -448,11 +538,7 @@ fn supervise(jobs: Vec<Job>, shutdown: ShutdownSignal) -> Result<(), ServeError>
             .name(format!("vfio-user-{index}"))
             .spawn(move || {
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(stop)))
-                    .unwrap_or_else(|_| {
-                        Err(ServerError::Listener(std::io::Error::other(
-                            "the server thread panicked",
-                        )))
-                    })
+                    .unwrap_or_else(|_| Err("the server thread panicked".into()))
                     .map_err(|e| e.to_string());
                 let _ = tx.send(Ended { index, result });
             });
@@ -649,7 +735,8 @@ mod tests {
                 thread::sleep(after);
                 Err(ServerError::Listener(std::io::Error::other(
                     "the listening socket was shut down",
-                )))
+                ))
+                .into())
             }),
         }
     }
@@ -754,7 +841,11 @@ mod tests {
             let socket = socket.clone();
             thread::spawn(move || {
                 serve_functions(
-                    vec![(socket, function)],
+                    vec![ServedGuest {
+                        socket,
+                        display: None,
+                        function,
+                    }],
                     &ListenOptions {
                         socket_mode: 0o600,
                         ..ListenOptions::default()

@@ -30,6 +30,30 @@ pub enum SpecError {
     /// An empty socket path.
     #[error("`{0}` names no socket path")]
     EmptySocket(String),
+    /// A `key=value` guest with a key that is not `socket`, `vram` or `display`.
+    #[error("unknown key `{key}` in `{text}` (expected socket=SOCKET,vram=SIZE[,display=PATH])")]
+    UnknownKey {
+        /// The key.
+        key: String,
+        /// The whole value.
+        text: String,
+    },
+    /// A `key=value` guest naming a key twice.
+    #[error("`{key}` is given twice in `{text}`")]
+    DuplicateKey {
+        /// The key.
+        key: String,
+        /// The whole value.
+        text: String,
+    },
+    /// A `key=value` guest without a required key.
+    #[error("`{text}` has no `{key}=` (expected socket=SOCKET,vram=SIZE[,display=PATH])")]
+    MissingKey {
+        /// The key.
+        key: &'static str,
+        /// The whole value.
+        text: String,
+    },
 }
 
 /// Parses a byte count: decimal digits with an optional binary suffix `K`, `M`, `G` or
@@ -69,27 +93,39 @@ pub fn parse_slice_size(text: &str) -> Result<u64, SpecError> {
     Ok(size)
 }
 
-/// One guest: the socket it is served on and the size of its VRAM slice.
+/// One guest: the socket it is served on, the size of its VRAM slice and its display.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestSpec {
     /// The vfio-user socket path (`None` for `inspect --slice-size`, which serves nothing).
     pub socket: Option<PathBuf>,
     /// VRAM size in bytes (non-zero, a multiple of 2 MiB).
     pub size: u64,
+    /// The vhost-user socket of the guest's display (`vhost-user-gpu-pci`), if it has one.
+    pub display: Option<PathBuf>,
 }
 
 impl GuestSpec {
     /// A guest of `size` bytes with no socket.
     pub fn unnamed(size: u64) -> GuestSpec {
-        GuestSpec { socket: None, size }
+        GuestSpec {
+            socket: None,
+            size,
+            display: None,
+        }
     }
 }
 
 impl FromStr for GuestSpec {
     type Err = SpecError;
 
-    /// `SOCKET:SIZE`; the size follows the last colon, so socket paths may contain colons.
+    /// `SOCKET:SIZE` (the size follows the last colon, so socket paths may contain colons),
+    /// or `socket=SOCKET,vram=SIZE[,display=PATH]` (keys in any order; paths without
+    /// commas).
     fn from_str(text: &str) -> Result<GuestSpec, SpecError> {
+        const KEYS: [&str; 3] = ["socket=", "vram=", "display="];
+        if KEYS.iter().any(|k| text.starts_with(k)) {
+            return parse_keyed(text);
+        }
         let (socket, size) = text
             .rsplit_once(':')
             .ok_or_else(|| SpecError::NotAGuest(text.to_owned()))?;
@@ -99,15 +135,62 @@ impl FromStr for GuestSpec {
         Ok(GuestSpec {
             socket: Some(PathBuf::from(socket)),
             size: parse_slice_size(size)?,
+            display: None,
         })
     }
+}
+
+/// `socket=SOCKET,vram=SIZE[,display=PATH]`.
+fn parse_keyed(text: &str) -> Result<GuestSpec, SpecError> {
+    let (mut socket, mut size, mut display) = (None, None, None);
+    for part in text.split(',') {
+        let (key, value) = part.split_once('=').unwrap_or((part, ""));
+        let slot_taken = match key {
+            "socket" => socket.replace(value).is_some(),
+            "vram" => size.replace(value).is_some(),
+            "display" => display.replace(value).is_some(),
+            _ => {
+                return Err(SpecError::UnknownKey {
+                    key: key.to_owned(),
+                    text: text.to_owned(),
+                })
+            }
+        };
+        if slot_taken {
+            return Err(SpecError::DuplicateKey {
+                key: key.to_owned(),
+                text: text.to_owned(),
+            });
+        }
+    }
+    let missing = |key| SpecError::MissingKey {
+        key,
+        text: text.to_owned(),
+    };
+    let socket = socket.ok_or_else(|| missing("socket"))?;
+    let size = size.ok_or_else(|| missing("vram"))?;
+    if socket.is_empty() {
+        return Err(SpecError::EmptySocket(text.to_owned()));
+    }
+    if display.is_some_and(str::is_empty) {
+        return Err(SpecError::EmptySocket(text.to_owned()));
+    }
+    Ok(GuestSpec {
+        socket: Some(PathBuf::from(socket)),
+        size: parse_slice_size(size)?,
+        display: display.map(PathBuf::from),
+    })
 }
 
 impl fmt::Display for GuestSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.socket {
-            Some(socket) => write!(f, "{}:{:#x}", socket.display(), self.size),
-            None => write!(f, "{:#x}", self.size),
+            Some(socket) => write!(f, "{}:{:#x}", socket.display(), self.size)?,
+            None => write!(f, "{:#x}", self.size)?,
+        }
+        match &self.display {
+            Some(display) => write!(f, " (display {})", display.display()),
+            None => Ok(()),
         }
     }
 }
@@ -162,5 +245,37 @@ mod tests {
             "/s:1M".parse::<GuestSpec>(),
             Err(SpecError::NotSliceAligned(_))
         ));
+    }
+
+    #[test]
+    fn keyed_guest_specs() {
+        let g: GuestSpec = "socket=/run/g0.sock,vram=8G,display=/run/d0.sock"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            g.socket.as_deref(),
+            Some(std::path::Path::new("/run/g0.sock"))
+        );
+        assert_eq!(g.size, 8 << 30);
+        assert_eq!(
+            g.display.as_deref(),
+            Some(std::path::Path::new("/run/d0.sock"))
+        );
+        let g: GuestSpec = "vram=2M,socket=/a:b".parse().unwrap();
+        assert_eq!((g.size, g.display), (2 << 20, None));
+        assert_eq!(g.socket.unwrap().to_str(), Some("/a:b"));
+        for (bad, what) in [
+            ("socket=/s,vram=2M,gpu=1", "unknown key"),
+            ("socket=/s,vram=2M,vram=4M", "twice"),
+            ("socket=/s,display=/d", "no `vram=`"),
+            ("vram=2M,display=/d", "no `socket=`"),
+            ("socket=,vram=2M", "names no socket"),
+            ("socket=/s,vram=2M,display=", "names no socket"),
+            ("socket=/s,vram=3M", "not a multiple"),
+            ("socket=/s,vram", "not a size"),
+        ] {
+            let e = bad.parse::<GuestSpec>().unwrap_err().to_string();
+            assert!(e.contains(what), "{bad}: {e}");
+        }
     }
 }

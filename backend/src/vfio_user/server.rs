@@ -19,12 +19,11 @@
 //! [`adopt_connected_fd`] takes a socket a launcher connected for us (the `--fd N`
 //! convention): [`serve_stream`] serves it.
 
-use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,6 +36,8 @@ use super::connection::{Connection, ConnectionStats};
 use super::device::VfioUserDevice;
 use super::shutdown::ShutdownSignal;
 use super::socket::{wait_readable, Readiness};
+use crate::unix_socket::bind_listener;
+pub use crate::unix_socket::{BindError, SocketFile};
 
 /// The default mode of the socket file: owner read/write only.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
@@ -52,32 +53,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Errors of the listening side.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Another live server answers on the path.
-    #[error("{0} is in use by a live server")]
-    InUse(PathBuf),
-    /// The path exists and is not a socket (never removed).
-    #[error("{0} exists and is not a socket")]
-    NotASocket(PathBuf),
-    /// Checking, removing or binding the path failed.
-    #[error("cannot bind {path}: {source}")]
-    Bind {
-        /// The socket path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// Setting the socket file mode failed.
-    #[error("cannot set mode {mode:o} on {path}: {source}")]
-    Mode {
-        /// The socket path.
-        path: PathBuf,
-        /// The mode.
-        mode: u32,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    /// Binding the socket failed.
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// Accepting or polling failed.
     #[error("listener error: {0}")]
     Listener(#[source] io::Error),
@@ -94,32 +72,6 @@ pub enum ServerError {
     },
 }
 
-/// The socket file a server created; removed on drop if it is still the same file (a
-/// server started on the same path since keeps its own).
-#[derive(Debug)]
-pub struct SocketFile {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-}
-
-impl SocketFile {
-    /// The path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if let Ok(meta) = fs::symlink_metadata(&self.path) {
-            if meta.dev() == self.dev && meta.ino() == self.ino {
-                let _ = fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
 /// A vfio-user server socket.
 #[derive(Debug)]
 pub struct Server {
@@ -127,35 +79,6 @@ pub struct Server {
     socket_file: Option<SocketFile>,
     config: ServerConfig,
     peers: PeerPolicy,
-}
-
-/// Replace a stale socket at `path` (its server is gone: `connect()` is refused); refuse a live
-/// one or anything that is not a socket.
-fn clear_stale_socket(path: &Path) -> Result<(), ServerError> {
-    let bind_err = |source| ServerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(bind_err(e)),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ServerError::NotASocket(path.to_path_buf()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ServerError::InUse(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            log::info!("vfio-user: replacing stale socket {}", path.display());
-            match fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(bind_err(e)),
-                _ => Ok(()),
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(bind_err(e)),
-    }
 }
 
 /// The connection being served and how to tell whether its client already left.
@@ -201,33 +124,7 @@ impl Server {
     /// `chmod()` that follows; the umask is process-wide, so a file another thread creates in
     /// that instant gets at most `mode`'s permissions too.
     pub fn bind(path: impl AsRef<Path>, mode: u32) -> Result<Server, ServerError> {
-        let path = path.as_ref();
-        clear_stale_socket(path)?;
-        // SAFETY: umask(2) only swaps the process's file mode mask; it cannot fail.
-        let old_mask = unsafe { libc::umask(!mode & 0o777) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above, restoring the previous mask.
-        unsafe { libc::umask(old_mask) };
-        let listener = bound.map_err(|source| ServerError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let meta = fs::symlink_metadata(path).map_err(|source| ServerError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let socket_file = SocketFile {
-            path: path.to_path_buf(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
-            ServerError::Mode {
-                path: path.to_path_buf(),
-                mode,
-                source,
-            }
-        })?;
+        let (listener, socket_file) = bind_listener(path.as_ref(), mode)?;
         Ok(Server {
             listener,
             socket_file: Some(socket_file),
@@ -265,7 +162,7 @@ impl Server {
 
     /// The socket path this server created, if it created one (and still owns it).
     pub fn path(&self) -> Option<&Path> {
-        self.socket_file.as_ref().map(|f| f.path.as_path())
+        self.socket_file.as_ref().map(|f| f.path())
     }
 
     /// Takes the socket file from the server: dropping it removes the file, dropping the

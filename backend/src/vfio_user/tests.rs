@@ -16,6 +16,7 @@ use super::protocol::{
     dma_flags, flags, irq_flags, pci, region_flags, CapHeader, Command, DmaMessageLayout, Header,
     RegionAccessMsg, RegionInfoMsg, SparseAreaMsg, SparseMmapMsg, HEADER_SIZE,
 };
+use super::server::BindError;
 use super::test_client::{ClientError, DmaBacking, TestClient};
 use super::{
     bench_region_read, serve_stream, BenchMode, ClientHandle, ConnectionStats, DmaError, IrqError,
@@ -1982,7 +1983,7 @@ fn socket_file_mode_stale_live_and_cleanup() {
     // A live one is refused and left alone.
     assert!(matches!(
         Server::bind(&path, DEFAULT_SOCKET_MODE),
-        Err(ServerError::InUse(_))
+        Err(ServerError::Bind(BindError::InUse(_)))
     ));
     assert!(path.exists());
     drop(server);
@@ -1991,7 +1992,7 @@ fn socket_file_mode_stale_live_and_cleanup() {
     std::fs::write(&path, b"precious").unwrap();
     assert!(matches!(
         Server::bind(&path, DEFAULT_SOCKET_MODE),
-        Err(ServerError::NotASocket(_))
+        Err(ServerError::Bind(BindError::NotASocket(_)))
     ));
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     // Another mode.

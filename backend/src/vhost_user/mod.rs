@@ -1,7 +1,20 @@
-//! vhost-user devices the backend will offer QEMU beside its vfio-user GPU.
+//! The vhost-user side: a display for each guest, through QEMU's `vhost-user-gpu-pci` (a
+//! virtio-gpu whose device model lives here), built on `vhost-user-backend`.
 //!
-//! So far only the device model of a 2D virtio-gpu ([`gpu`]), with no transport: the
-//! vhost-user daemon that drives it from QEMU's `vhost-user-gpu-pci` (virtqueues, the
-//! `GpuBackend` display channel, the command line) is not written yet.
+//! - [`gpu`]: the virtio-gpu 2D device model (commands, resources in the guest's VRAM slice).
+//! - [`chain`]: a descriptor chain's request bytes in, response bytes out.
+//! - [`device`]: [`VhostGpuDevice`], the `VhostUserBackend` of one QEMU connection: features,
+//!   config space, the control and cursor queues.
+//! - [`channel`]: the display channel to QEMU (SCANOUT, UPDATE, cursor, display info, EDID).
+//! - [`pixels`]: format conversion to the bytes QEMU shows.
+//! - [`server`]: [`DisplayServer`], one guest's display socket, connection after connection.
 
+pub mod chain;
+pub mod channel;
+pub mod device;
 pub mod gpu;
+pub mod pixels;
+pub mod server;
+
+pub use device::{GpuModel, VhostGpuDevice};
+pub use server::{DisplayError, DisplayServer};

@@ -84,6 +84,8 @@ pub enum DisplayEvent {
         hot_x: u32,
         /// Hot spot.
         hot_y: u32,
+        /// The cursor resource's format.
+        format: Format,
         /// Pixels.
         pixels: Vec<u8>,
     },
@@ -162,6 +164,20 @@ impl<S: SliceStore> GpuCommandHandler<S> {
     /// transport then raises the config-change event.
     pub fn set_outputs(&mut self, outputs: Vec<DisplayOne>) {
         self.config.outputs = outputs;
+    }
+
+    /// Sets the EDID GET_EDID answers for `scanout` (the display side's own), or forgets it
+    /// (`None`: an EDID generated from the output's size is answered). Ignored for scanouts
+    /// past the device's.
+    pub fn set_edid(&mut self, scanout: ScanoutId, blob: Option<Vec<u8>>) {
+        let i = scanout.0 as usize;
+        if i >= self.scanouts.len() {
+            return;
+        }
+        if self.config.edids.len() <= i {
+            self.config.edids.resize(i + 1, None);
+        }
+        self.config.edids[i] = blob;
     }
 
     /// Device reset: every resource destroyed (and scrubbed), every scanout disabled.
@@ -440,6 +456,7 @@ impl<S: SliceStore> GpuCommandHandler<S> {
             pos: c.pos,
             hot_x: c.hot_x,
             hot_y: c.hot_y,
+            format: res.format,
             pixels,
         }])
     }

@@ -5,7 +5,7 @@
 //! one descriptor chain into response bytes and [`DisplayEvent`]s:
 //! - [`wire`]: the little-endian request/response layouts, decoded without trusting the guest.
 //! - [`store`]: where resource pixels live: the guest's own VRAM slice ([`SliceStore`]) and a
-//!   first-fit allocator over it, so resources count against the guest's slice and are scrubbed
+//!   top-down allocator over it, so resources count against the guest's slice and are scrubbed
 //!   when freed.
 //! - [`backing`]: guest-memory backing pages of a resource, validated against guest memory.
 //! - [`resources`]: the resource table (ids, formats, per-guest count cap).

@@ -1,5 +1,5 @@
 //! Where resource pixels live: a guest's own VRAM slice, seen through [`SliceStore`], and a
-//! first-fit allocator of byte ranges in it ([`SliceAllocator`]).
+//! top-down allocator of byte ranges in it ([`SliceAllocator`]).
 //!
 //! Resources are not host heap memory: their bytes count against the guest's slice, so a guest
 //! whose slice is full gets `ERR_OUT_OF_MEMORY` rather than memory of the host or of another
@@ -209,6 +209,25 @@ impl SliceStore for SliceVramStore {
     }
 }
 
+/// A store chosen at run time (the slice's VRAM, or host memory in tests).
+impl<S: SliceStore + ?Sized> SliceStore for Box<S> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        (**self).read(offset, buf)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        (**self).write(offset, data)
+    }
+
+    fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        (**self).scrub(offset, len)
+    }
+}
+
 /// Shares one store between its owner and an observer (tests record through it).
 impl<S: SliceStore> SliceStore for Arc<Mutex<S>> {
     fn size(&self) -> u64 {
@@ -234,7 +253,8 @@ impl<S: SliceStore> SliceStore for Arc<Mutex<S>> {
     }
 }
 
-/// First-fit allocator of [`ALLOC_ALIGN`]-aligned byte ranges in `[0, size)`.
+/// Allocator of [`ALLOC_ALIGN`]-aligned byte ranges in `[0, size)`, placing each in the
+/// highest free range that fits.
 #[derive(Debug, Clone)]
 pub struct SliceAllocator {
     size: u64,
@@ -256,27 +276,33 @@ impl SliceAllocator {
         self.used.values().sum()
     }
 
-    /// The first free range of `len` bytes (`len > 0`); returns its start.
+    /// The highest free range of `len` bytes (`len > 0`, rounded up to [`ALLOC_ALIGN`]);
+    /// returns its start. Resources fill the slice from its top down, away from the low
+    /// VRAM a guest's own driver uses first; they meet only when the slice is full.
     pub fn alloc(&mut self, len: u64) -> Result<u64, StoreError> {
         let rounded = len
             .checked_next_multiple_of(ALLOC_ALIGN)
             .filter(|r| *r > 0)
             .ok_or(StoreError::OutOfMemory(len))?;
-        let mut cursor = 0u64;
-        for (&start, &l) in &self.used {
-            if start - cursor >= rounded {
+        // Free gaps from the top: [end of an allocation, start of the next one or `size`).
+        // Starts and lengths are aligned, so every gap is (with `size` rounded down).
+        let mut gap_end = self.size - self.size % ALLOC_ALIGN;
+        let mut place = None;
+        for (&start, &l) in self.used.iter().rev() {
+            let gap_start = start + l;
+            if gap_end.saturating_sub(gap_start) >= rounded {
+                place = Some(gap_end - rounded);
                 break;
             }
-            cursor = start + l;
+            gap_end = start;
         }
-        let end = cursor
-            .checked_add(rounded)
-            .ok_or(StoreError::OutOfMemory(len))?;
-        if end > self.size {
-            return Err(StoreError::OutOfMemory(len));
-        }
-        self.used.insert(cursor, rounded);
-        Ok(cursor)
+        let start = match place {
+            Some(start) => start,
+            None if gap_end >= rounded => gap_end - rounded,
+            None => return Err(StoreError::OutOfMemory(len)),
+        };
+        self.used.insert(start, rounded);
+        Ok(start)
     }
 
     /// Frees the allocation starting at `start`; returns its (rounded) length.
@@ -364,20 +390,26 @@ mod tests {
     }
 
     #[test]
-    fn first_fit_reuses_holes_and_refuses_overflow() {
+    fn top_down_placement_reuses_holes_and_refuses_overflow() {
         let mut a = SliceAllocator::new(4 * ALLOC_ALIGN);
-        assert_eq!(a.alloc(1).unwrap(), 0);
+        assert_eq!(a.alloc(1).unwrap(), 3 * ALLOC_ALIGN, "the top page first");
         assert_eq!(a.alloc(ALLOC_ALIGN + 1).unwrap(), ALLOC_ALIGN);
         assert!(matches!(
             a.alloc(2 * ALLOC_ALIGN),
             Err(StoreError::OutOfMemory(_))
         ));
-        assert_eq!(a.free(0).unwrap(), ALLOC_ALIGN);
-        assert!(a.free(0).is_err());
-        assert_eq!(a.alloc(10).unwrap(), 0);
-        assert_eq!(a.alloc(ALLOC_ALIGN).unwrap(), 3 * ALLOC_ALIGN);
+        assert_eq!(a.free(3 * ALLOC_ALIGN).unwrap(), ALLOC_ALIGN);
+        assert!(a.free(3 * ALLOC_ALIGN).is_err());
+        assert_eq!(a.alloc(10).unwrap(), 3 * ALLOC_ALIGN, "the freed hole");
+        assert_eq!(a.alloc(ALLOC_ALIGN).unwrap(), 0, "the last hole");
+        assert!(a.alloc(1).is_err(), "full");
         assert!(a.alloc(0).is_err());
         assert!(a.alloc(u64::MAX).is_err());
+        // A size that is not a multiple of the alignment: the tail is never handed out.
+        let mut b = SliceAllocator::new(2 * ALLOC_ALIGN + 100);
+        assert_eq!(b.alloc(ALLOC_ALIGN).unwrap(), ALLOC_ALIGN);
+        assert_eq!(b.alloc(ALLOC_ALIGN).unwrap(), 0);
+        assert!(b.alloc(1).is_err());
     }
 
     proptest! {
@@ -390,10 +422,20 @@ mod tests {
                 if alloc || live.is_empty() {
                     if let Ok(start) = a.alloc(len) {
                         prop_assert!(start % ALLOC_ALIGN == 0 && start + len <= size);
+                        // Top-down: no free aligned range of this length lies above it.
+                        let rounded = len.next_multiple_of(ALLOC_ALIGN);
+                        let mut higher = start + ALLOC_ALIGN;
+                        while higher + rounded <= size {
+                            prop_assert!(
+                                live.iter().any(|&(s, l)| higher < s + l && s < higher + rounded),
+                                "a free range at {higher:#x} lies above {start:#x}"
+                            );
+                            higher += ALLOC_ALIGN;
+                        }
                         for &(s, l) in &live {
                             prop_assert!(start + len <= s || s + l <= start);
                         }
-                        live.push((start, len));
+                        live.push((start, rounded));
                     }
                 } else {
                     let (s, _) = live.swap_remove(pick.index(live.len()));

@@ -470,6 +470,7 @@ fn cursor_queue() {
         pos: p,
         hot_x: 1,
         hot_y: 2,
+        format: Format::B8G8R8X8,
         pixels,
     }] = &ev[..]
     else {

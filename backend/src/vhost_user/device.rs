@@ -1,0 +1,338 @@
+//! [`VhostGpuDevice`]: the virtio-gpu device of one QEMU connection, as
+//! `vhost-user-backend` drives it: feature negotiation, config space, and the two
+//! virtqueues (control and cursor) fed to the guest's [`GpuModel`]. What the guest shows goes
+//! to QEMU through the [`DisplayChannel`] QEMU hands over with `VHOST_USER_GPU_SET_SOCKET`.
+//!
+//! The model outlives the connection (it belongs to the guest's display, see
+//! [`super::server`]); the device is made anew for every connection.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::GpuBackend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::{VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_gpu::VIRTIO_GPU_F_EDID;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::chain::{read_request, write_response};
+use super::channel::DisplayChannel;
+use super::gpu::device::{DisplayEvent, GpuCommandHandler};
+use super::gpu::store::SliceStore;
+use super::gpu::wire::{self, ctrl, RespType, Response, ScanoutId, HDR_SIZE};
+
+/// The device model of one guest's display, over the store of its slice.
+pub type GpuModel = GpuCommandHandler<Box<dyn SliceStore>>;
+
+/// Index of the control queue.
+pub const CONTROL_QUEUE: u16 = 0;
+/// Index of the cursor queue.
+pub const CURSOR_QUEUE: u16 = 1;
+/// Queues of a virtio-gpu.
+const NUM_QUEUES: usize = 2;
+/// Largest queue QEMU may set up (its vhost-user-gpu uses 256).
+const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Virtio feature bits offered. QEMU 11.1.3 acks INDIRECT_DESC, EVENT_IDX and RING_RESET
+/// among them, and `vhost-user-backend` refuses acked bits that were not offered.
+pub const FEATURES: u64 = 1u64 << VIRTIO_F_VERSION_1
+    | 1u64 << VIRTIO_RING_F_INDIRECT_DESC
+    | 1u64 << VIRTIO_RING_F_EVENT_IDX
+    | 1u64 << VIRTIO_F_RING_RESET
+    | 1u64 << VIRTIO_GPU_F_EDID
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// The virtio-gpu config space as far as a frontend may read it: `events_read`,
+/// `events_clear`, `num_scanouts`, `num_capsets` (virtio 1.2, 16 bytes; QEMU manages the
+/// two event fields itself), then zeros. QEMU 11.1.3 reads 20 bytes (measured).
+const CONFIG_SIZE: usize = 256;
+
+/// One connection's virtio-gpu device.
+pub struct VhostGpuDevice {
+    label: String,
+    model: Arc<Mutex<GpuModel>>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    channel: Mutex<Option<DisplayChannel>>,
+    event_idx: AtomicBool,
+    exit: (EventConsumer, EventNotifier),
+    /// A display-channel failure was logged (once per connection).
+    channel_failed: AtomicBool,
+}
+
+/// Which queue a chain came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    Control,
+    Cursor,
+}
+
+impl VhostGpuDevice {
+    /// A device for one connection to the display `label`, over the guest's `model` and
+    /// the guest memory QEMU will set (`mem`, shared with the daemon).
+    pub fn new(
+        label: String,
+        model: Arc<Mutex<GpuModel>>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> io::Result<VhostGpuDevice> {
+        Ok(VhostGpuDevice {
+            label,
+            model,
+            mem,
+            channel: Mutex::new(None),
+            event_idx: AtomicBool::new(false),
+            exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+            channel_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Wakes the worker threads so they end (the connection is over).
+    pub fn stop_workers(&self) {
+        let _ = self.exit.1.notify();
+    }
+
+    /// Runs `f` on the display channel, if QEMU gave one; a failure is logged once and the
+    /// guest goes on without a display.
+    fn with_channel<R>(
+        &self,
+        f: impl FnOnce(&mut DisplayChannel) -> Result<R, super::channel::ChannelError>,
+    ) -> Option<R> {
+        let mut channel = self.channel.lock();
+        let result = f(channel.as_mut()?);
+        match result {
+            Ok(r) => Some(r),
+            Err(e) => {
+                if !self.channel_failed.swap(true, Ordering::Relaxed) {
+                    log::warn!("display {}: {e}: the guest goes on without it", self.label);
+                }
+                None
+            }
+        }
+    }
+
+    /// Before GET_DISPLAY_INFO and GET_EDID: asks QEMU for what it shows now, so a resize
+    /// on QEMU's side is what the guest reads.
+    fn refresh_outputs(&self, request: &[u8]) {
+        let Some(kind) = request
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            return;
+        };
+        match kind {
+            ctrl::GET_DISPLAY_INFO => {
+                if let Some(outputs) = self.with_channel(|c| c.display_info()) {
+                    self.model.lock().set_outputs(outputs);
+                }
+            }
+            ctrl::GET_EDID => {
+                let Some(id) = request
+                    .get(HDR_SIZE..HDR_SIZE + 4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                else {
+                    return;
+                };
+                let scanout = ScanoutId(id);
+                if (id as usize) >= self.model.lock().config().max_scanouts as usize {
+                    return;
+                }
+                if let Some(edid) = self.with_channel(|c| c.edid(scanout)) {
+                    self.model.lock().set_edid(scanout, edid);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends display events to QEMU.
+    fn show(&self, events: Vec<DisplayEvent>) {
+        for mut event in events {
+            if self.with_channel(|c| c.send(&mut event)).is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Executes one chain; returns its used length.
+    fn execute(
+        &self,
+        queue: Queue,
+        chain: DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        let request = read_request(chain.clone(), mem);
+        match queue {
+            Queue::Control => {
+                let (response, events) = match request {
+                    Ok(bytes) => {
+                        log::trace!(
+                            "display {}: control request {:02x?}",
+                            self.label,
+                            bytes.get(..4)
+                        );
+                        self.refresh_outputs(&bytes);
+                        self.model.lock().handle_control(mem, &bytes)
+                    }
+                    Err(e) => {
+                        log::debug!("display {}: control chain refused: {e}", self.label);
+                        let err = Response::Err(RespType::ErrUnspec);
+                        (wire::encode_response(None, &err), Vec::new())
+                    }
+                };
+                // The display first: a guest that sees the flush done finds it shown.
+                self.show(events);
+                write_response(chain, mem, &response).unwrap_or_else(|e| {
+                    log::debug!("display {}: response not written: {e}", self.label);
+                    0
+                })
+            }
+            Queue::Cursor => {
+                match request {
+                    Ok(bytes) => {
+                        let events = self.model.lock().handle_cursor(&bytes);
+                        self.show(events);
+                    }
+                    Err(e) => log::debug!("display {}: cursor chain refused: {e}", self.label),
+                }
+                0
+            }
+        }
+    }
+
+    /// Executes every chain the driver made available on `vring`.
+    fn drain(&self, queue: Queue, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self.mem.memory();
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else {
+                return Ok(());
+            };
+            let head = chain.head_index();
+            let used = self.execute(queue, chain, &mem);
+            vring
+                .add_used(head, used)
+                .map_err(|e| io::Error::other(format!("used ring: {e}")))?;
+            if vring.needs_notification().unwrap_or(true) {
+                vring.signal_used_queue()?;
+            }
+        }
+    }
+
+    /// Processes `vring` until it is empty, with notifications suppressed meanwhile when
+    /// EVENT_IDX was negotiated.
+    fn process(&self, queue: Queue, vring: &VringRwLock) -> io::Result<()> {
+        if !self.event_idx.load(Ordering::Relaxed) {
+            return self.drain(queue, vring);
+        }
+        loop {
+            let _ = vring.disable_notification();
+            self.drain(queue, vring)?;
+            match vring.enable_notification() {
+                // More arrived while notifications were off.
+                Ok(true) => continue,
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(io::Error::other(format!("avail ring: {e}"))),
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for VhostGpuDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::debug!("display {}: features {features:#x} acked", self.label);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&self) {
+        if let Err(e) = self.model.lock().reset() {
+            log::warn!("display {}: reset: {e}", self.label);
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let scanouts = self.model.lock().config().max_scanouts;
+        let mut config = [0u8; CONFIG_SIZE];
+        config[8..12].copy_from_slice(&scanouts.to_le_bytes());
+        let start = offset as usize;
+        match start.checked_add(size as usize) {
+            Some(end) if end <= CONFIG_SIZE => config[start..end].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // `self.mem` is the daemon's own, which it updated already.
+        Ok(())
+    }
+
+    /// QEMU starts the device (the guest driver set DRIVER_OK): a fresh device as the guest
+    /// sees it, so what an earlier driver left (resources, scanouts) is destroyed and
+    /// scrubbed.
+    fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> io::Result<()> {
+        self.reset_device();
+        *self.channel.lock() = Some(DisplayChannel::new(gpu_backend));
+        self.channel_failed.store(false, Ordering::Relaxed);
+        log::info!("display {}: QEMU's display channel is set", self.label);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let (queue, vring) = match device_event {
+            CONTROL_QUEUE => (Queue::Control, vrings.first()),
+            CURSOR_QUEUE => (Queue::Cursor, vrings.get(1)),
+            other => return Err(io::Error::other(format!("unknown queue {other}"))),
+        };
+        let vring = vring.ok_or_else(|| io::Error::other("missing vring"))?;
+        if let Err(e) = self.process(queue, vring) {
+            // A ring the guest broke: its display stops answering, nothing else does.
+            log::warn!("display {}: {queue:?} queue stopped: {e}", self.label);
+        }
+        Ok(())
+    }
+}
