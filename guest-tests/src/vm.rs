@@ -105,18 +105,14 @@ impl RunningVm {
         let start = Instant::now();
         loop {
             let serial = self.serial();
-            if let Some(line) = serial
-                .lines()
+            // Only complete lines (a newline follows) count.
+            let found = serial
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
                 .filter_map(|l| l.find(marker).map(|at| &l[at..]))
-                .nth(n)
-            {
-                // A line is complete once a newline follows it.
-                let complete = serial
-                    .find(line)
-                    .is_some_and(|at| serial[at + line.len()..].starts_with(['\n', '\r']));
-                if complete {
-                    return Ok(line.trim_end().to_string());
-                }
+                .nth(n);
+            if let Some(line) = found {
+                return Ok(line.trim_end().to_string());
             }
             if !self.is_running() {
                 return Err(HarnessError::GuestIncomplete {
