@@ -393,6 +393,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     .zip(&functions)
                     .map(|(spec, function)| GuestLayout {
                         socket: spec.socket.as_ref().map(|s| s.display().to_string()),
+                        display: spec.display.as_ref().map(|d| d.display().to_string()),
                         function: FunctionLayout::of(function),
                     })
                     .collect(),

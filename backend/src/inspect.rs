@@ -16,6 +16,9 @@ pub struct GuestLayout {
     /// The socket it is served on (absent for `--slice-size`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// The vhost-user socket of its display, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
     /// The presented function (chip, PCI, slice, BARs, MSI-X, registers).
     #[serde(flatten)]
     pub function: FunctionLayout,
@@ -124,11 +127,16 @@ pub fn write_sliced_table(out: &mut impl Write, layout: &SlicedLayout) -> io::Re
         writeln!(out)?;
         writeln!(
             out,
-            "== guest {i}{}",
+            "== guest {i}{}{}",
             guest
                 .socket
                 .as_deref()
                 .map(|s| format!(" ({s})"))
+                .unwrap_or_default(),
+            guest
+                .display
+                .as_deref()
+                .map(|d| format!(", display {d}"))
                 .unwrap_or_default()
         )?;
         write_function(out, &guest.function)?;

@@ -7,8 +7,9 @@
 //! - [`presentation`]: what a guest sees: power-of-two BARs, the trapped BAR0, PCI config
 //!   space.
 //! - [`vfio_user`]: the vfio-user server QEMU's `vfio-user-pci` connects to.
-//! - [`vhost_user`]: the virtio-gpu 2D device model a vhost-user display will drive (no
-//!   transport yet).
+//! - [`vhost_user`]: a display per guest: a virtio-gpu 2D device served to QEMU's
+//!   `vhost-user-gpu-pci` over vhost-user, its resources in the guest's VRAM slice.
+//! - [`unix_socket`]: binding the transports' listening sockets.
 //! - [`cli`]: the command line behind the `gpu-backend` binary ([`inspect`], [`measure`]);
 //!   [`limits`] raises the fd limit before serving.
 

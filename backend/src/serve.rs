@@ -39,7 +39,7 @@ use crate::presentation::{
     FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
 };
 use crate::slice::{GuestSpec, HandOut, SetupError, SlicedGpu};
-use crate::unix_socket::BindError;
+use crate::unix_socket::{check_bindable, BindError};
 use crate::vfio_user::shutdown::ShutdownError;
 use crate::vfio_user::{
     serve_stream, PeerCred, PeerPolicy, Server, ServerConfig, ServerError, ShutdownSignal,
@@ -426,6 +426,13 @@ pub fn serve_functions(
     check_distinct_paths(&guests)?;
     let sockets: Vec<&Path> = guests.iter().map(|g| g.socket.as_path()).collect();
     options.peers.check_sockets(&sockets)?;
+    // Every path is checked before any socket is created: a bad one starts nothing.
+    for g in &guests {
+        check_bindable(&g.socket).map_err(ServerError::Bind)?;
+        if let Some(display) = &g.display {
+            check_bindable(display).map_err(DisplayError::Bind)?;
+        }
+    }
     let mut jobs = Vec::with_capacity(guests.len());
     for ServedGuest {
         socket,

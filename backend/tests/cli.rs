@@ -336,3 +336,101 @@ fn vfio_bad_devices_exit_2_with_the_reason() {
     let out = gpu_backend(&["inspect", "--vfio", &address, "--profile", "tu102-24g"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn bad_display_arguments_exit_2_and_start_nothing() {
+    let dir = std::env::temp_dir().join(format!("gpu-backend-cli-display-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    let (g0, g1, d0) = (path("g0.sock"), path("g1.sock"), path("d0.sock"));
+    let file = path("precious.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    let live = path("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let keyed = |socket: &str, display: &str| format!("socket={socket},vram=2M,display={display}");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        // A display path that exists and is not a socket, or a live one.
+        (
+            vec![
+                "--socket".into(),
+                g0.clone(),
+                "--display".into(),
+                file.clone(),
+            ],
+            "exists and is not a socket",
+        ),
+        (
+            vec!["--guest".into(), keyed(&g0, &file)],
+            "exists and is not a socket",
+        ),
+        (
+            vec![
+                "--socket".into(),
+                g0.clone(),
+                "--display".into(),
+                live.clone(),
+            ],
+            "in use",
+        ),
+        // A display without a guest.
+        (vec!["--display".into(), d0.clone()], "--socket"),
+        (
+            vec![
+                "--guest".into(),
+                format!("{g0}:2M"),
+                "--display".into(),
+                d0.clone(),
+            ],
+            "cannot be used with",
+        ),
+        (
+            vec!["--guest".into(), format!("vram=2M,display={d0}")],
+            "no `socket=`",
+        ),
+        // Two guests on one display path, or a display on a guest's socket.
+        (
+            vec![
+                "--guest".into(),
+                keyed(&g0, &d0),
+                "--guest".into(),
+                keyed(&g1, &d0),
+            ],
+            "more than one guest",
+        ),
+        (
+            vec![
+                "--guest".into(),
+                keyed(&g0, &d0),
+                "--guest".into(),
+                keyed(&g1, &g0),
+            ],
+            "more than one guest",
+        ),
+        (
+            vec![
+                "--socket".into(),
+                g0.clone(),
+                "--display".into(),
+                g0.clone(),
+            ],
+            "more than one guest",
+        ),
+        (
+            vec!["--guest".into(), format!("socket={g0},vram=2M,screen={d0}")],
+            "unknown key",
+        ),
+    ];
+    for (args, message) in cases {
+        let mut all = vec!["serve", "--profile", "tu102-24g"];
+        all.extend(args.iter().map(String::as_str));
+        let out = gpu_backend(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(message), "{all:?}: {err}");
+        for p in [&g0, &g1, &d0] {
+            assert!(!std::path::Path::new(p).exists(), "{all:?} created {p}");
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -56,6 +56,29 @@ pub const FEATURES: u64 = 1u64 << VIRTIO_F_VERSION_1
 /// two event fields itself), then zeros. QEMU 11.1.3 reads 20 bytes (measured).
 const CONFIG_SIZE: usize = 256;
 
+/// What one connection's device did, for the log and for benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DisplayStats {
+    /// Control-queue requests executed.
+    pub commands: u64,
+    /// Of them, answered with an error.
+    pub errors: u64,
+    /// UPDATE messages sent to QEMU.
+    pub updates: u64,
+    /// Pixel bytes in them.
+    pub update_bytes: u64,
+}
+
+impl std::fmt::Display for DisplayStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} commands ({} refused), {} updates ({} bytes)",
+            self.commands, self.errors, self.updates, self.update_bytes
+        )
+    }
+}
+
 /// One connection's virtio-gpu device.
 pub struct VhostGpuDevice {
     label: String,
@@ -66,6 +89,7 @@ pub struct VhostGpuDevice {
     exit: (EventConsumer, EventNotifier),
     /// A display-channel failure was logged (once per connection).
     channel_failed: AtomicBool,
+    stats: Mutex<DisplayStats>,
 }
 
 /// Which queue a chain came from.
@@ -91,7 +115,13 @@ impl VhostGpuDevice {
             event_idx: AtomicBool::new(false),
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
             channel_failed: AtomicBool::new(false),
+            stats: Mutex::new(DisplayStats::default()),
         })
+    }
+
+    /// What the device did so far.
+    pub fn stats(&self) -> DisplayStats {
+        *self.stats.lock()
     }
 
     /// Wakes the worker threads so they end (the connection is over).
@@ -152,11 +182,20 @@ impl VhostGpuDevice {
         }
     }
 
-    /// Sends display events to QEMU.
-    fn show(&self, events: Vec<DisplayEvent>) {
-        for mut event in events {
-            if self.with_channel(|c| c.send(&mut event)).is_none() {
-                return;
+    /// Sends a display event to QEMU (nothing once the channel failed on this connection).
+    fn show(&self, mut event: DisplayEvent) {
+        if self.channel_failed.load(Ordering::Relaxed) {
+            return;
+        }
+        let update_bytes = match &event {
+            DisplayEvent::Update { pixels, .. } => Some(pixels.len() as u64),
+            _ => None,
+        };
+        if self.with_channel(|c| c.send(&mut event)).is_some() {
+            if let Some(n) = update_bytes {
+                let mut stats = self.stats.lock();
+                stats.updates += 1;
+                stats.update_bytes += n;
             }
         }
     }
@@ -171,7 +210,7 @@ impl VhostGpuDevice {
         let request = read_request(chain.clone(), mem);
         match queue {
             Queue::Control => {
-                let (response, events) = match request {
+                let response = match request {
                     Ok(bytes) => {
                         log::trace!(
                             "display {}: control request {:02x?}",
@@ -179,16 +218,27 @@ impl VhostGpuDevice {
                             bytes.get(..4)
                         );
                         self.refresh_outputs(&bytes);
-                        self.model.lock().handle_control(mem, &bytes)
+                        // Events go out as the model makes them, so what the display must
+                        // show is sent before the response: a guest that sees its flush done
+                        // finds it shown.
+                        self.model
+                            .lock()
+                            .handle_control_with(mem, &bytes, &mut |e| self.show(e))
                     }
                     Err(e) => {
                         log::debug!("display {}: control chain refused: {e}", self.label);
                         let err = Response::Err(RespType::ErrUnspec);
-                        (wire::encode_response(None, &err), Vec::new())
+                        wire::encode_response(None, &err)
                     }
                 };
-                // The display first: a guest that sees the flush done finds it shown.
-                self.show(events);
+                {
+                    let mut stats = self.stats.lock();
+                    stats.commands += 1;
+                    let ok = response.get(..4).is_some_and(|t| {
+                        u32::from_le_bytes([t[0], t[1], t[2], t[3]]) < RespType::ErrUnspec as u32
+                    });
+                    stats.errors += u64::from(!ok);
+                }
                 write_response(chain, mem, &response).unwrap_or_else(|e| {
                     log::debug!("display {}: response not written: {e}", self.label);
                     0
@@ -198,7 +248,7 @@ impl VhostGpuDevice {
                 match request {
                     Ok(bytes) => {
                         let events = self.model.lock().handle_cursor(&bytes);
-                        self.show(events);
+                        events.into_iter().for_each(|e| self.show(e));
                     }
                     Err(e) => log::debug!("display {}: cursor chain refused: {e}", self.label),
                 }

@@ -16,5 +16,5 @@ pub mod gpu;
 pub mod pixels;
 pub mod server;
 
-pub use device::{GpuModel, VhostGpuDevice};
+pub use device::{DisplayStats, GpuModel, VhostGpuDevice};
 pub use server::{DisplayError, DisplayServer};

@@ -155,9 +155,17 @@ impl Display {
             let _ = w.join();
         }
         device.stop_workers();
+        let stats = device.stats();
+        // QEMU going away mid-read is how a connection normally ends.
+        let result = match result {
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(()),
+            other => other,
+        };
         match result {
-            Ok(()) => log::info!("display {}: QEMU disconnected", self.label),
-            Err(e) => log::info!("display {}: connection ended: {e}", self.label),
+            Ok(()) => log::info!("display {}: QEMU disconnected ({stats})", self.label),
+            Err(e) => log::info!("display {}: connection ended: {e} ({stats})", self.label),
         }
         Ok(())
     }

@@ -20,6 +20,11 @@ use super::wire::{
 /// Largest buffer a transfer copies through at once.
 const COPY_CHUNK: u64 = 1 << 20;
 
+/// Most pixel bytes one UPDATE carries: a 1280x800 frame (4,096,000 bytes) fits in one; a
+/// larger flush is sent in tiles, so a guest cannot make the backend hold more than this for
+/// one update whatever size its scanout.
+pub const MAX_UPDATE_BYTES: u64 = 4 << 20;
+
 /// Side of the square cursor image the display protocol carries (64x64 pixels).
 pub const CURSOR_SIZE: u32 = 64;
 
@@ -195,21 +200,29 @@ impl<S: SliceStore> GpuCommandHandler<S> {
         mem: &M,
         bytes: &[u8],
     ) -> (Vec<u8>, Vec<DisplayEvent>) {
+        let mut events = Vec::new();
+        let response = self.handle_control_with(mem, bytes, &mut |e| events.push(e));
+        (response, events)
+    }
+
+    /// Executes one control-queue request, handing each display event to `sink` as soon as
+    /// it is made (a flush of a large scanout is several [`MAX_UPDATE_BYTES`] updates, and
+    /// only one of them is held at a time); returns the response bytes.
+    pub fn handle_control_with<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        bytes: &[u8],
+        sink: &mut dyn FnMut(DisplayEvent),
+    ) -> Vec<u8> {
         let Request { hdr, cmd } = match wire::decode(bytes) {
             Ok(req) => req,
             Err((hdr, e)) => {
                 debug!("virtio-gpu: undecodable control request: {e}");
-                return (
-                    wire::encode_response(hdr.as_ref(), &Response::Err(e.response())),
-                    Vec::new(),
-                );
+                return wire::encode_response(hdr.as_ref(), &Response::Err(e.response()));
             }
         };
-        let mut events = Vec::new();
-        let resp = self
-            .execute(mem, cmd, &mut events)
-            .unwrap_or_else(Response::Err);
-        (wire::encode_response(Some(&hdr), &resp), events)
+        let resp = self.execute(mem, cmd, sink).unwrap_or_else(Response::Err);
+        wire::encode_response(Some(&hdr), &resp)
     }
 
     /// Executes one cursor-queue request. The cursor queue carries no responses (the driver
@@ -252,7 +265,7 @@ impl<S: SliceStore> GpuCommandHandler<S> {
         &mut self,
         mem: &M,
         cmd: Command,
-        events: &mut Vec<DisplayEvent>,
+        events: &mut dyn FnMut(DisplayEvent),
     ) -> CmdResult<Response> {
         match cmd {
             Command::GetDisplayInfo => {
@@ -285,7 +298,7 @@ impl<S: SliceStore> GpuCommandHandler<S> {
                 for (i, s) in self.scanouts.iter_mut().enumerate() {
                     if s.is_some_and(|s| s.resource == resource) {
                         *s = None;
-                        events.push(disabled(i));
+                        events(disabled(i));
                     }
                 }
                 self.table.unref(resource, &mut self.store)?;
@@ -299,7 +312,7 @@ impl<S: SliceStore> GpuCommandHandler<S> {
                 let i = self.check_scanout(scanout)?;
                 if resource.is_null() {
                     self.scanouts[i] = None;
-                    events.push(disabled(i));
+                    events(disabled(i));
                     return Ok(Response::NoData);
                 }
                 let res = self.table.get(resource)?;
@@ -307,7 +320,7 @@ impl<S: SliceStore> GpuCommandHandler<S> {
                     return Err(RespType::ErrInvalidParameter);
                 }
                 self.scanouts[i] = Some(ScanoutState { resource, rect });
-                events.push(DisplayEvent::Scanout {
+                events(DisplayEvent::Scanout {
                     scanout,
                     width: rect.width,
                     height: rect.height,
@@ -344,17 +357,20 @@ impl<S: SliceStore> GpuCommandHandler<S> {
         }
     }
 
+    /// RESOURCE_FLUSH: the flushed area of each scanout showing the resource, as updates of
+    /// at most [`MAX_UPDATE_BYTES`] each (tiles of whole rows where a row fits).
     fn flush(
         &self,
         rect: Rect,
         resource: ResourceId,
-        events: &mut Vec<DisplayEvent>,
+        events: &mut dyn FnMut(DisplayEvent),
     ) -> CmdResult<()> {
         let res = self.table.get(resource)?;
         if !rect.fits_in(res.width, res.height) {
             return Err(RespType::ErrInvalidParameter);
         }
         let bpp = u64::from(Format::BYTES_PER_PIXEL);
+        let max_pixels = (MAX_UPDATE_BYTES / bpp) as u32;
         for (i, s) in self.scanouts.iter().enumerate() {
             let Some(s) = s.filter(|s| s.resource == resource) else {
                 continue;
@@ -362,24 +378,37 @@ impl<S: SliceStore> GpuCommandHandler<S> {
             let Some(area) = rect.intersect(&s.rect) else {
                 continue;
             };
-            let row = u64::from(area.width) * bpp;
-            let mut pixels = vec![0u8; (row * u64::from(area.height)) as usize];
-            for (h, chunk) in pixels.chunks_exact_mut(row as usize).enumerate() {
-                let at = res.offset
-                    + (u64::from(area.y) + h as u64) * res.stride()
-                    + u64::from(area.x) * bpp;
-                self.store.read(at, chunk).map_err(store_err)?;
+            let tile_w = area.width.min(max_pixels);
+            let tile_h = (max_pixels / tile_w).clamp(1, area.height);
+            for ty in (0..area.height).step_by(tile_h as usize) {
+                for tx in (0..area.width).step_by(tile_w as usize) {
+                    // Inside `area`, which lies inside the resource: no overflow.
+                    let tile = Rect::new(
+                        area.x + tx,
+                        area.y + ty,
+                        tile_w.min(area.width - tx),
+                        tile_h.min(area.height - ty),
+                    );
+                    let row = u64::from(tile.width) * bpp;
+                    let mut pixels = vec![0u8; (row * u64::from(tile.height)) as usize];
+                    for (h, chunk) in pixels.chunks_exact_mut(row as usize).enumerate() {
+                        let at = res.offset
+                            + (u64::from(tile.y) + h as u64) * res.stride()
+                            + u64::from(tile.x) * bpp;
+                        self.store.read(at, chunk).map_err(store_err)?;
+                    }
+                    events(DisplayEvent::Update {
+                        scanout: ScanoutId(i as u32),
+                        rect: Rect::new(
+                            tile.x - s.rect.x,
+                            tile.y - s.rect.y,
+                            tile.width,
+                            tile.height,
+                        ),
+                        pixels,
+                    });
+                }
             }
-            events.push(DisplayEvent::Update {
-                scanout: ScanoutId(i as u32),
-                rect: Rect::new(
-                    area.x - s.rect.x,
-                    area.y - s.rect.y,
-                    area.width,
-                    area.height,
-                ),
-                pixels,
-            });
         }
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! The virtio-gpu 2D device model the vhost-user transport will drive.
+//! The virtio-gpu 2D device model the vhost-user transport ([`super::device`]) drives.
 //!
 //! A guest's stock `virtio_gpu` driver talks to it through two virtqueues (control and cursor,
 //! per the virtio 1.2 spec, section 5.7 "GPU Device"). This module turns the request bytes of
@@ -12,11 +12,10 @@
 //! - [`device`]: [`GpuCommandHandler`], which executes commands and reports display events.
 //! - [`edid`]: an EDID generated from an output's size, for outputs the display side gave none.
 //!
-//! Not done yet: the vhost-user daemon (virtqueues, feature negotiation, `GpuBackend` messages,
-//! config-change events on resize), the CLI, 3D/blob commands (answered with `ERR_UNSPEC`),
-//! streaming a flush (an UPDATE event holds its pixels, up to the scanout's size, until the
-//! transport sends it), and scrubbing a resource's bytes at creation (they are scrubbed when freed, so a resource
-//! shows only what the slice held: this guest's own earlier bytes or what the slice started with).
+//! Not done: 3D/blob commands (answered with `ERR_UNSPEC`); streaming a flush (an UPDATE
+//! event holds its pixels, up to the scanout's size, until the transport sends them);
+//! scrubbing a resource's bytes at creation (they are scrubbed when freed, so a resource shows
+//! only what the slice held: this guest's own earlier bytes or what the slice started with).
 
 pub mod backing;
 pub mod device;

@@ -796,3 +796,67 @@ fn two_guests_keep_their_pixels_in_their_own_slices() {
         );
     }
 }
+
+/// A flush larger than one update is sent as tiles of at most `MAX_UPDATE_BYTES`, which
+/// together show every pixel of the flushed area exactly once, at its place.
+#[test]
+fn large_flushes_are_tiled_and_cover_every_pixel_once() {
+    use super::device::MAX_UPDATE_BYTES;
+    use std::sync::Arc;
+
+    for (w, h) in [
+        (2048u32, 1024u32),
+        ((MAX_UPDATE_BYTES / 4) as u32 + 1, 2),
+        (1280, 800),
+    ] {
+        let len = w as usize * h as usize * 4;
+        let store = Arc::new(Mutex::new(VecStore::new(len + 8192, 0)));
+        let mut dev = GpuCommandHandler::new(GpuConfig::default(), Arc::clone(&store));
+        let mem = guest();
+        let ok = |(resp, _): (Vec<u8>, Vec<DisplayEvent>)| {
+            assert_eq!(
+                u32::from_le_bytes(resp[..4].try_into().unwrap()),
+                RespType::OkNoData as u32
+            );
+        };
+        ok(dev.handle_control(&mem, &create(1, w, h)));
+        let offset = dev.resources().iter().next().unwrap().1.offset;
+        // Pixel (x, y) holds y << 24 | x (x < 2^24 here).
+        let bytes: Vec<u8> = (0..h)
+            .flat_map(|y| (0..w).flat_map(move |x| ((y << 24) | x).to_le_bytes()))
+            .collect();
+        store.lock().unwrap().write(offset, &bytes).unwrap();
+        ok(dev.handle_control(&mem, &scanout(Rect::new(0, 0, w, h), 0, 1)));
+        let (resp, events) = dev.handle_control(&mem, &flush(Rect::new(0, 0, w, h), 1));
+        assert_eq!(
+            u32::from_le_bytes(resp[..4].try_into().unwrap()),
+            RespType::OkNoData as u32
+        );
+        let mut seen = vec![false; w as usize * h as usize];
+        let mut updates = 0;
+        for e in events {
+            let DisplayEvent::Update { rect, pixels, .. } = e else {
+                panic!("{e:?}")
+            };
+            updates += 1;
+            assert!(pixels.len() as u64 <= MAX_UPDATE_BYTES, "{rect:?}");
+            assert_eq!(pixels.len(), rect.width as usize * rect.height as usize * 4);
+            for (i, px) in pixels.chunks_exact(4).enumerate() {
+                let (x, y) = (
+                    rect.x + i as u32 % rect.width,
+                    rect.y + i as u32 / rect.width,
+                );
+                assert_eq!(u32::from_le_bytes(px.try_into().unwrap()), (y << 24) | x);
+                let at = y as usize * w as usize + x as usize;
+                assert!(!seen[at], "pixel ({x}, {y}) sent twice");
+                seen[at] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s), "{w}x{h}: a pixel was not sent");
+        let want = (len as u64).div_ceil(MAX_UPDATE_BYTES);
+        assert!(updates as u64 >= want, "{w}x{h}: {updates} updates");
+        if len as u64 <= MAX_UPDATE_BYTES {
+            assert_eq!(updates, 1, "{w}x{h} fits one update");
+        }
+    }
+}
