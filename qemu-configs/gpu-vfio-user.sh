@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Launch a QEMU guest with the GPU served by a running `gpu-backend serve` attached as a
-# vfio-user-pci device. See qemu-configs/README.md for what every argument is for.
+# vfio-user-pci device, and optionally the backend's vhost-user display as a
+# vhost-user-gpu-pci device. See qemu-configs/README.md for what every argument is for.
 #
 # Usage:
 #   qemu-configs/gpu-vfio-user.sh --socket PATH [options] [-- extra QEMU args...]
@@ -23,6 +24,12 @@
 #   --iommu              emulated Intel IOMMU (intel-iommu,caching-mode=on, before the device)
 #                        and intel_iommu=on on the kernel command line: lets the guest bind
 #                        the GPU to its own vfio-pci (nested VFIO, see guest-tests/README.md)
+#   --display PATH       the backend's vhost-user display socket (`serve ... --display PATH`
+#                        or `--guest socket=..,vram=..,display=PATH`): adds
+#                        -chardev socket,id=gpu0,path=PATH -device vhost-user-gpu-pci,chardev=gpu0
+#                        (the guest's virtio_gpu driver binds it; guest RAM is shared already)
+#   --qmp PATH           QMP socket (-qmp unix:PATH,server=on,wait=off), e.g. to take a
+#                        screendump of the display while QEMU runs headless
 #   --qemu BIN           QEMU binary (default: the lab wrapper from install.sh, else PATH)
 #   --dry-run            print the command instead of running it
 #
@@ -47,6 +54,7 @@ die() {
 
 socket="" kernel="" initrd="" disk="" append="console=ttyS0 panic=-1 iomem=relaxed"
 mem=512M smp=2 accel=auto addr=0x5 posted=1 msg_timeout="" hole64="" qemu="" dry_run=0 iommu=0
+display="" qmp=""
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -63,6 +71,8 @@ while [ $# -gt 0 ]; do
         --msg-timeout) msg_timeout="${2:?}"; shift 2 ;;
         --pci-hole64) hole64="${2:?}"; shift 2 ;;
         --iommu) iommu=1; shift ;;
+        --display) display="${2:?--display needs a path}"; shift 2 ;;
+        --qmp) qmp="${2:?--qmp needs a path}"; shift 2 ;;
         --qemu) qemu="${2:?}"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -74,6 +84,9 @@ done
 [ -n "$socket" ] || die "--socket PATH is required (the backend's vfio-user socket)"
 if [ "$dry_run" = 0 ] && [ ! -S "$socket" ]; then
     die "$socket is not a listening unix socket; start 'gpu-backend serve --socket $socket' first"
+fi
+if [ -n "$display" ] && [ "$dry_run" = 0 ] && [ ! -S "$display" ]; then
+    die "$display is not a listening unix socket; start 'gpu-backend serve ... --display $display' first"
 fi
 
 # QEMU and the default kernel from the project's lab, if installed.
@@ -120,6 +133,11 @@ if [ "$iommu" = 1 ]; then
     append="$append intel_iommu=on"
 fi
 args+=(-device "$device")
+if [ -n "$display" ]; then
+    # QEMU option syntax: a comma inside a value is written as two commas.
+    args+=(-chardev "socket,id=gpu0,path=${display//,/,,}" -device vhost-user-gpu-pci,chardev=gpu0)
+fi
+[ -z "$qmp" ] || args+=(-qmp "unix:${qmp//,/,,},server=on,wait=off")
 [ -z "$hole64" ] || args+=(-global "q35-pcihost.pci-hole64-size=$hole64")
 if [ -n "$disk" ]; then
     format=raw

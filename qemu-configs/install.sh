@@ -3,9 +3,11 @@
 #
 #   - QEMU >= 10.1 (Debian trixie-backports `qemu-system-x86`, which has `vfio-user-pci`),
 #     unpacked with `dpkg -x` into a private prefix and run through that prefix's own loader;
-#   - a guest kernel (`vmlinuz`) and, from the matching modules package, the guest kernel's VFIO
-#     modules (vfio, vfio_iommu_type1, irqbypass, vfio-pci-core, vfio-pci; decompressed) for the
-#     nested VFIO tests, which bind the served GPU to the guest's own vfio-pci;
+#   - a guest kernel (`vmlinuz`) and, from the matching modules package, decompressed:
+#     the guest kernel's VFIO modules (vfio, vfio_iommu_type1, irqbypass, vfio-pci-core,
+#     vfio-pci) for the nested VFIO tests, which bind the served GPU to the guest's own
+#     vfio-pci; and its virtio-gpu driver with the modules it needs (drm, drm_kms_helper,
+#     drm_shmem_helper, virtio_dma_buf, drm_client_lib, virtio-gpu) for the display tests;
 #   - `busybox-static` for the guest's userland (its `unxz` also decompresses the modules when
 #     the host has no `xz`).
 #
@@ -21,7 +23,9 @@
 #
 # Outputs (all under the lab directory):
 #   env.sh                      exports QEMU_PREFIX, QEMU_BIN, GUEST_KERNEL, BUSYBOX, QEMU_VERSION,
-#                               GUEST_MODULES (directory of the five uncompressed .ko files)
+#                               GUEST_MODULES (directory of the uncompressed .ko files),
+#                               GUEST_VFIO_MODULES and GUEST_DISPLAY_MODULES (their names, in
+#                               load order: dependencies first, space-separated)
 #   bin/qemu-system-x86_64      wrapper running the prefix's QEMU with its own loader and firmware
 #   installed.stamp             what was installed (package=version lines)
 #
@@ -36,6 +40,8 @@ MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # Bump when the layout of the lab changes so that old caches are rebuilt.
 # 2: the guest kernel's VFIO modules (modules/, GUEST_MODULES in env.sh).
+# (A change of the module lists alone needs no bump: the stamp and modules/.installed record
+# the lists, and a cache whose lists differ is upgraded in place.)
 STAMP_FORMAT=2
 MIN_QEMU_MAJOR=10
 MIN_QEMU_MINOR=1
@@ -46,7 +52,18 @@ KERNEL_DIR="$LAB/kernel"
 BUSYBOX_DIR="$LAB/busybox"
 MODULES_DIR="$LAB/modules"
 # The guest kernel modules the nested VFIO tests load, in load order (dependencies first).
-GUEST_MODULE_NAMES=(vfio vfio_iommu_type1 irqbypass vfio-pci-core vfio-pci)
+VFIO_MODULE_NAMES=(vfio vfio_iommu_type1 irqbypass vfio-pci-core vfio-pci)
+# The virtio-gpu driver and its dependencies, in load order, for the display tests. The list
+# is the closure of virtio-gpu.ko's `depends=` (its .modinfo, what depmod reads; the modules
+# package ships no modules.dep, depmod writes it on install): drm_panel_orientation_quirks and
+# the fbdev core are built into the kernel. The extraction below checks that every module's
+# dependencies come before it in this list.
+DISPLAY_MODULE_NAMES=(drm drm_kms_helper drm_shmem_helper virtio_dma_buf drm_client_lib virtio-gpu)
+GUEST_MODULE_NAMES=("${VFIO_MODULE_NAMES[@]}" "${DISPLAY_MODULE_NAMES[@]}")
+# What the modules directory and the stamp record, so that a cache holding other lists is
+# upgraded.
+MODULE_SET="vfio:${VFIO_MODULE_NAMES[*]};display:${DISPLAY_MODULE_NAMES[*]}"
+MODULE_SET="${MODULE_SET// /,}"
 STAMP="$LAB/installed.stamp"
 WRAPPER="$LAB/bin/qemu-system-x86_64"
 ENV_SH="$LAB/env.sh"
@@ -120,6 +137,8 @@ EOF
         printf 'export GUEST_KERNEL=%q\n' "$kernel_path"
         printf 'export BUSYBOX=%q\n' "$busybox_path"
         printf 'export GUEST_MODULES=%q\n' "$modules_path"
+        printf 'export GUEST_VFIO_MODULES=%q\n' "${VFIO_MODULE_NAMES[*]}"
+        printf 'export GUEST_DISPLAY_MODULES=%q\n' "${DISPLAY_MODULE_NAMES[*]}"
     } >"$tmp"
     mv -f "$tmp" "$ENV_SH"
 }
@@ -166,7 +185,8 @@ stamp_get() {
 # ---------------------------------------------------------------------------------------------
 # Fast path: a complete install of the current format is in place.
 # ---------------------------------------------------------------------------------------------
-if [ "$REFRESH" = 0 ] && [ "$(stamp_get format)" = "$STAMP_FORMAT" ]; then
+if [ "$REFRESH" = 0 ] && [ "$(stamp_get format)" = "$STAMP_FORMAT" ] &&
+    [ "$(stamp_get guest_module_set)" = "$MODULE_SET" ]; then
     kernel_path="$(stamp_get guest_kernel)"
     busybox_path="$(stamp_get busybox)"
     modules_path="$(stamp_get guest_modules)"
@@ -184,6 +204,8 @@ if [ "$REFRESH" = 0 ] && [ "$(stamp_get format)" = "$STAMP_FORMAT" ]; then
         exit 0
     fi
     step "stamp found but files are missing; repairing"
+elif [ "$REFRESH" = 0 ] && [ -f "$STAMP" ]; then
+    step "the cached install predates this script's module lists; upgrading"
 fi
 
 for tool in apt-get apt-cache dpkg-deb flock realpath tar; do
@@ -437,12 +459,29 @@ lab_zstd() {
         "$tools/usr/bin/zstd" "$@"
 }
 
-MODULES_WANT="$MODULES_PKG=$MODULES_VERSION"
+# Die unless every module of the list $2... (uncompressed, in directory $1) has each module its
+# .modinfo `depends=` names earlier in the list (names compare with - and _ alike).
+check_load_order() {
+    local dir="$1" name dep deps seen=" "
+    shift
+    for name in "$@"; do
+        deps="$(tr '\0' '\n' <"$dir/$name.ko" | sed -n 's/^depends=//p' | head -n1)"
+        for dep in ${deps//,/ }; do
+            case "$seen" in
+                *" ${dep//-/_} "*) ;;
+                *) die "$name.ko depends on $dep, which is not loaded before it (list: $*)" ;;
+            esac
+        done
+        seen="$seen${name//-/_} "
+    done
+}
+
+MODULES_WANT="$MODULES_PKG=$MODULES_VERSION $MODULE_SET"
 RELEASE="$(cat "$KERNEL_DIR/.release")"
 if [ "$(cat "$MODULES_DIR/.installed" 2>/dev/null || true)" = "$MODULES_WANT" ] && modules_complete "$MODULES_DIR"; then
     step "guest modules already installed: $MODULES_WANT"
 else
-    step "downloading guest modules $MODULES_WANT (for ${GUEST_MODULE_NAMES[*]})"
+    step "extracting guest modules from $MODULES_PKG=$MODULES_VERSION: ${GUEST_MODULE_NAMES[*]}"
     deb="$(download_one "$MODULES_PKG" "$MODULES_VERSION")"
     tmpx="$LAB/modules.extract.$$"
     rm -rf "$tmpx" "$MODULES_DIR.new"
@@ -460,8 +499,10 @@ else
         decompress_module "$src" "$MODULES_DIR.new/$name.ko"
         # A module only loads into the kernel it was built for: check its vermagic.
         grep -aq "vermagic=$RELEASE " "$MODULES_DIR.new/$name.ko" ||
-            die "$name.ko from $MODULES_WANT was not built for kernel $RELEASE (vermagic)"
+            die "$name.ko from $MODULES_PKG=$MODULES_VERSION was not built for kernel $RELEASE (vermagic)"
     done
+    check_load_order "$MODULES_DIR.new" "${VFIO_MODULE_NAMES[@]}"
+    check_load_order "$MODULES_DIR.new" "${DISPLAY_MODULE_NAMES[@]}"
     echo "$RELEASE" >"$MODULES_DIR.new/.release"
     echo "$MODULES_WANT" >"$MODULES_DIR.new/.installed"
     rm -rf "$MODULES_DIR.old"
@@ -488,6 +529,7 @@ tmp="$STAMP.tmp.$$"
     echo "guest_kernel=$KERNEL_DIR/vmlinuz"
     echo "modules_package=$MODULES_WANT"
     echo "guest_modules=$MODULES_DIR"
+    echo "guest_module_set=$MODULE_SET"
     echo "busybox_package=$BUSYBOX_WANT"
     echo "busybox=$BUSYBOX_DIR/busybox"
     echo "installed_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -1,6 +1,6 @@
 //! Building the binaries a guest run needs: the static guest programs ([`GuestBinary`]: the
-//! probe, and for nested VFIO guests the backend itself, the vfio-user client and the VFIO
-//! bench) and the host's backend.
+//! probe, for nested VFIO guests the backend itself, the vfio-user client and the VFIO bench,
+//! for display guests the framebuffer writer) and the host's backend.
 //!
 //! Each is built at most once per process; the results are cached in statics.
 
@@ -81,15 +81,18 @@ pub enum GuestBinary {
     VfioClient,
     /// `gpu-guest-vfio-bench` (guest-tests): register reads through VFIO mmap vs pread.
     VfioBench,
+    /// `gpu-guest-fb` (guest-tests): draws a known picture into `/dev/fb0`.
+    FbWriter,
 }
 
 impl GuestBinary {
     /// Every guest binary.
-    pub const ALL: [GuestBinary; 4] = [
+    pub const ALL: [GuestBinary; 5] = [
         GuestBinary::Probe,
         GuestBinary::Backend,
         GuestBinary::VfioClient,
         GuestBinary::VfioBench,
+        GuestBinary::FbWriter,
     ];
 
     /// The cargo package and binary name.
@@ -99,6 +102,7 @@ impl GuestBinary {
             GuestBinary::Backend => ("gpu-backend", "gpu-backend"),
             GuestBinary::VfioClient => ("guest-tests", "gpu-guest-vfio-client"),
             GuestBinary::VfioBench => ("guest-tests", "gpu-guest-vfio-bench"),
+            GuestBinary::FbWriter => ("guest-tests", "gpu-guest-fb"),
         }
     }
 
@@ -114,6 +118,7 @@ impl GuestBinary {
             GuestBinary::Backend => "GPU_GUEST_BACKEND_BIN",
             GuestBinary::VfioClient => "GPU_GUEST_VFIO_CLIENT_BIN",
             GuestBinary::VfioBench => "GPU_GUEST_VFIO_BENCH_BIN",
+            GuestBinary::FbWriter => "GPU_GUEST_FB_BIN",
         }
     }
 
@@ -123,6 +128,7 @@ impl GuestBinary {
             GuestBinary::Backend => 1,
             GuestBinary::VfioClient => 2,
             GuestBinary::VfioBench => 3,
+            GuestBinary::FbWriter => 4,
         }
     }
 }
@@ -176,8 +182,8 @@ fn build_static(which: GuestBinary) -> Result<PathBuf> {
 /// The static guest binary `which`: its override variable ([`GuestBinary::env_override`]) or
 /// built (once per process, see [`GuestBinary`]) and checked to be static.
 pub fn guest_binary(which: GuestBinary) -> Result<PathBuf> {
-    static BUILT: [OnceLock<std::result::Result<PathBuf, String>>; 4] =
-        [const { OnceLock::new() }; 4];
+    static BUILT: [OnceLock<std::result::Result<PathBuf, String>>; GuestBinary::ALL.len()] =
+        [const { OnceLock::new() }; GuestBinary::ALL.len()];
     BUILT[which.index()]
         .get_or_init(|| {
             build_static(which).map_err(|e| match e {

@@ -1,6 +1,8 @@
 //! The backend process: `gpu-backend serve --profile <name> --socket <path>` (the GPU whole to
-//! one guest) or `... --guest <path>:<size> ...` (VRAM slices, one socket each), started before
-//! a guest boots and stopped with SIGTERM afterwards.
+//! one guest) or `... --guest <path>:<size> ...` (VRAM slices, one socket each), optionally
+//! with a vhost-user display per guest (`--display <path>`, or
+//! `--guest socket=<path>,vram=<size>,display=<path>`), started before a guest boots and
+//! stopped with SIGTERM afterwards.
 
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
@@ -21,6 +23,8 @@ pub const STOP_WAIT: Duration = Duration::from_secs(10);
 pub struct Backend {
     child: Option<Child>,
     sockets: Vec<PathBuf>,
+    /// The vhost-user display sockets, one per entry of `sockets` that has a display.
+    displays: Vec<PathBuf>,
     socket_dir: PathBuf,
     log: PathBuf,
     profile: String,
@@ -42,7 +46,32 @@ impl Backend {
         log: &Path,
         extra_args: &[String],
     ) -> Result<Backend> {
-        Self::spawn_inner(bin, profile, log, &[], extra_args)
+        Self::spawn_inner(bin, profile, log, &[], false, extra_args)
+    }
+
+    /// Start `bin serve --profile <profile> --socket <sock> --display <display>` (the whole
+    /// GPU and a vhost-user display for its guest) and wait (bounded) for both sockets.
+    /// [`Backend::display_socket`] is the display's socket.
+    pub fn spawn_with_display(bin: &Path, profile: &str, log: &Path) -> Result<Backend> {
+        Self::spawn_inner(bin, profile, log, &[], true, &[])
+    }
+
+    /// [`Backend::spawn_sliced`] with a display per guest: `--guest
+    /// socket=<dir>/<name>.sock,vram=<size>,display=<dir>/<name>.display.sock`.
+    /// [`Backend::display_of`] finds a guest's display socket.
+    pub fn spawn_sliced_with_displays(
+        bin: &Path,
+        profile: &str,
+        log: &Path,
+        guests: &[(&str, u64)],
+    ) -> Result<Backend> {
+        if guests.is_empty() {
+            return Err(HarnessError::Backend {
+                reason: "spawn_sliced_with_displays needs at least one guest".into(),
+                log_tail: String::new(),
+            });
+        }
+        Self::spawn_inner(bin, profile, log, guests, true, &[])
     }
 
     /// Start `bin serve --profile <profile> --guest <dir>/<name>.sock:<size> ...`: one VRAM
@@ -61,7 +90,7 @@ impl Backend {
                 log_tail: String::new(),
             });
         }
-        Self::spawn_inner(bin, profile, log, guests, &[])
+        Self::spawn_inner(bin, profile, log, guests, false, &[])
     }
 
     fn spawn_inner(
@@ -69,6 +98,7 @@ impl Backend {
         profile: &str,
         log: &Path,
         guests: &[(&str, u64)],
+        with_displays: bool,
         extra_args: &[String],
     ) -> Result<Backend> {
         let socket_dir = new_socket_dir()?;
@@ -76,16 +106,32 @@ impl Backend {
         let err = out.try_clone().ctx(|| "duplicating the log file".into())?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve").arg("--profile").arg(profile);
-        let mut sockets = Vec::new();
+        let (mut sockets, mut displays) = (Vec::new(), Vec::new());
         if guests.is_empty() {
             let socket = socket_dir.join("gpu.sock");
             cmd.arg("--socket").arg(&socket);
             sockets.push(socket);
+            if with_displays {
+                let display = socket_dir.join("display.sock");
+                cmd.arg("--display").arg(&display);
+                displays.push(display);
+            }
         }
         for (name, size) in guests {
             let socket = socket_dir.join(format!("{name}.sock"));
-            let mut spec = socket.clone().into_os_string();
-            spec.push(format!(":{size}"));
+            let spec = if with_displays {
+                let display = socket_dir.join(format!("{name}.display.sock"));
+                let mut spec = std::ffi::OsString::from("socket=");
+                spec.push(&socket);
+                spec.push(format!(",vram={size},display="));
+                spec.push(&display);
+                displays.push(display);
+                spec
+            } else {
+                let mut spec = socket.clone().into_os_string();
+                spec.push(format!(":{size}"));
+                spec
+            };
             cmd.arg("--guest").arg(spec);
             sockets.push(socket);
         }
@@ -100,6 +146,7 @@ impl Backend {
         let mut backend = Backend {
             child: Some(child),
             sockets,
+            displays,
             socket_dir,
             log: log.to_path_buf(),
             profile: profile.to_string(),
@@ -114,6 +161,7 @@ impl Backend {
             let missing = self
                 .sockets
                 .iter()
+                .chain(&self.displays)
                 .find(|s| !std::fs::metadata(s).is_ok_and(|m| m.file_type().is_socket()))
                 .cloned();
             let Some(missing) = missing else {
@@ -162,6 +210,22 @@ impl Backend {
     pub fn socket_of(&self, name: &str) -> Option<&Path> {
         let file = format!("{name}.sock");
         self.sockets
+            .iter()
+            .find(|s| s.file_name().is_some_and(|f| f == file.as_str()))
+            .map(PathBuf::as_path)
+    }
+
+    /// The vhost-user display socket QEMU connects to (the first guest's, when sliced); `None`
+    /// if the backend was started without displays.
+    pub fn display_socket(&self) -> Option<&Path> {
+        self.displays.first().map(PathBuf::as_path)
+    }
+
+    /// The display socket of the guest called `name` in
+    /// [`Backend::spawn_sliced_with_displays`].
+    pub fn display_of(&self, name: &str) -> Option<&Path> {
+        let file = format!("{name}.display.sock");
+        self.displays
             .iter()
             .find(|s| s.file_name().is_some_and(|f| f == file.as_str()))
             .map(PathBuf::as_path)

@@ -1,7 +1,9 @@
 //! The tables `gpu-demo` prints: the device and its BARs as a guest sees them (with the real
-//! sizes from the backend's layout), every check in plain words with pass/fail, and a verdict.
+//! sizes from the backend's layout), every check in plain words with pass/fail, the display
+//! guest's screenshot (where its PNG is), and a verdict.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
 use crate::expect::{bar_type, ProfileLayout};
 use crate::guest::GuestRun;
@@ -183,6 +185,21 @@ pub struct Row {
     pub detail: String,
 }
 
+/// What the display guest showed: its picture in QEMU's screenshot, saved as PNG.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DemoDisplay {
+    /// The screenshot, as PNG.
+    pub png: PathBuf,
+    /// Screen width in pixels.
+    pub width: u32,
+    /// Screen height.
+    pub height: u32,
+    /// True if every pixel equals the guest's picture.
+    pub matches: bool,
+    /// The comparison in words (the first mismatching pixel, if any).
+    pub verdict: String,
+}
+
 /// The demo's findings: one or two guests against one backend.
 pub struct DemoReport<'a> {
     /// The profile's layout from `gpu-backend inspect`.
@@ -191,6 +208,8 @@ pub struct DemoReport<'a> {
     pub first: &'a GuestRun,
     /// The second guest, if any (finds the pattern).
     pub second: Option<&'a GuestRun>,
+    /// The display guest's screenshot, if one was taken.
+    pub display: Option<&'a DemoDisplay>,
     /// QEMU version.
     pub qemu_version: &'a str,
     /// Use ANSI colours for pass/fail.
@@ -259,6 +278,25 @@ impl DemoReport<'_> {
                     )
                 } else {
                     format!("failed: {}", failed.join(", "))
+                },
+            });
+        }
+        if let Some(d) = self.display {
+            rows.push(Row {
+                guest: 3,
+                what: "QEMU's screenshot is the picture the guest drew in /dev/fb0".into(),
+                outcome: if d.matches {
+                    Outcome::Pass
+                } else {
+                    Outcome::Fail
+                },
+                detail: if d.matches {
+                    format!(
+                        "{}x{}, every pixel (vhost-user display of the backend)",
+                        d.width, d.height
+                    )
+                } else {
+                    d.verdict.clone()
                 },
             });
         }
@@ -404,9 +442,14 @@ impl DemoReport<'_> {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nChecks{}",
+            "\nChecks{}{}",
             if self.second.is_some() {
                 " (guest 1, then a second guest against the same backend)"
+            } else {
+                ""
+            },
+            if self.display.is_some() {
+                "; guest 3 draws on its display"
             } else {
                 ""
             }
@@ -469,12 +512,20 @@ impl DemoReport<'_> {
         }
     }
 
-    /// Everything: device, BARs, checks, verdict.
+    /// Where the display guest's screenshot is, if there is one.
+    pub fn screenshot_line(&self) -> String {
+        self.display.map_or_else(String::new, |d| {
+            format!("Screenshot of guest 3's display: {}\n", d.png.display())
+        })
+    }
+
+    /// Everything: device, BARs, checks, the screenshot's path, verdict.
     pub fn render(&self) -> String {
         format!(
-            "{}{}\n{}\n",
+            "{}{}\n{}{}\n",
             self.device_table(),
             self.checks_table(),
+            self.screenshot_line(),
             self.verdict()
         )
     }

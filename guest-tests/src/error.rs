@@ -76,6 +76,12 @@ pub enum HarnessError {
     /// The backend's host VRAM could not be found or accessed.
     #[error("host VRAM: {0}")]
     HostVram(#[from] crate::host_vram::HostVramError),
+    /// Talking to QEMU over QMP failed.
+    #[error("QMP: {0}")]
+    Qmp(#[from] crate::qmp::QmpError),
+    /// A screenshot could not be read or saved.
+    #[error("screenshot: {0}")]
+    Screenshot(#[from] crate::screenshot::ScreenshotError),
     /// The backend process could not be started or did not create its socket.
     #[error("backend: {reason}\n--- backend log (tail) ---\n{log_tail}")]
     Backend {

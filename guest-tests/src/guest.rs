@@ -144,6 +144,9 @@ pub fn boot_guest(opts: &GuestOptions) -> Result<GuestRun> {
         memory_mib: opts.memory_mib,
         smp: opts.smp,
         serial_log: run_dir.join("serial.log"),
+        display: None,
+        qmp_socket: None,
+        allow_reboot: false,
         extra_args: opts.extra_qemu_args.clone(),
     };
     let outcome = run_vm(lab, &cfg, opts.timeout)?;
@@ -218,6 +221,32 @@ pub fn with_sliced_backend<T>(
 ) -> Result<T> {
     let dir = new_run_dir(&format!("backend-{profile}-sliced"))?;
     let backend = Backend::spawn_sliced(bin, profile, &dir.join("backend.log"), guests)?;
+    run_then_stop(backend, &dir, f)
+}
+
+/// Start `bin serve --profile <profile> --socket S --display D` (the whole GPU with a
+/// vhost-user display, see [`Backend::spawn_with_display`]), run `f` with it, then stop it.
+pub fn with_display_backend<T>(
+    bin: &Path,
+    profile: &str,
+    f: impl FnOnce(&Backend) -> Result<T>,
+) -> Result<T> {
+    let dir = new_run_dir(&format!("backend-{profile}-display"))?;
+    let backend = Backend::spawn_with_display(bin, profile, &dir.join("backend.log"))?;
+    run_then_stop(backend, &dir, f)
+}
+
+/// [`with_sliced_backend`] with a vhost-user display per guest (see
+/// [`Backend::spawn_sliced_with_displays`]).
+pub fn with_sliced_display_backend<T>(
+    bin: &Path,
+    profile: &str,
+    guests: &[(&str, u64)],
+    f: impl FnOnce(&Backend) -> Result<T>,
+) -> Result<T> {
+    let dir = new_run_dir(&format!("backend-{profile}-displays"))?;
+    let backend =
+        Backend::spawn_sliced_with_displays(bin, profile, &dir.join("backend.log"), guests)?;
     run_then_stop(backend, &dir, f)
 }
 

@@ -7,8 +7,10 @@
 //! that holds it, so it reads and writes host VRAM as the emulated GPU sees it.
 
 use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
 
@@ -127,6 +129,25 @@ impl HostVram {
         out
     }
 
+    /// The host VRAM ranges that hold data (sorted, adjacent ones merged): the pages of the
+    /// memfds that were ever written, found with `lseek(SEEK_DATA/SEEK_HOLE)`; the rest of
+    /// VRAM reads as zeros. Lets a search look at all of a large, sparse VRAM.
+    pub fn data_ranges(&self) -> Result<Vec<Range<u64>>> {
+        let mut out = data_ranges_of(&self.file, &self.path, 0)?;
+        for (start, file, path, _) in &self.slices {
+            out.extend(data_ranges_of(file, path, *start)?);
+        }
+        out.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(out.len());
+        for r in out {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        Ok(merged)
+    }
+
     /// Open a file standing for host VRAM (the memfd's `/proc` link, or any file in tests).
     pub fn open_path(path: PathBuf) -> Result<HostVram> {
         let file = File::options()
@@ -188,6 +209,49 @@ impl HostVram {
         }
         Ok(())
     }
+}
+
+/// `lseek(fd, from, whence)`: `None` when the kernel says there is no more data (ENXIO).
+fn seek(file: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    let from = libc::off_t::try_from(from).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: lseek on an fd `file` owns; it moves only the file offset, which nothing else
+    // here relies on (all reads and writes are positioned).
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from, whence) };
+    if at < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(at as u64))
+}
+
+/// The data ranges of `file`, shifted by `base` (the host VRAM address of its offset 0).
+fn data_ranges_of(file: &File, path: &Path, base: u64) -> Result<Vec<Range<u64>>> {
+    let size = file
+        .metadata()
+        .ctx(|| format!("stat {}", path.display()))?
+        .len();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let Some(start) =
+            seek(file, at, libc::SEEK_DATA).ctx(|| format!("SEEK_DATA in {}", path.display()))?
+        else {
+            break;
+        };
+        let end = seek(file, start, libc::SEEK_HOLE)
+            .ctx(|| format!("SEEK_HOLE in {}", path.display()))?
+            .unwrap_or(size)
+            .min(size);
+        if end <= start {
+            break;
+        }
+        out.push(base + start..base + end);
+        at = end;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -259,5 +323,10 @@ mod tests {
         let all = v.read(0x3FFE, 0x2004).unwrap();
         assert_eq!(&all[..4], &[1, 2, 3, 4]);
         assert_eq!(&all[0x2000..], &[5, 6, 7, 8]);
+        // Written pages: the base memfd's 0x1000 and 0x3000 and 0x6000 pages, the slice's
+        // first and last; contiguous ones merged across the two memfds.
+        v.write(0x80000, &[9]).unwrap();
+        let ranges = v.data_ranges().unwrap();
+        assert_eq!(ranges, [0x1000..0x2000, 0x3000..0x7000, 0x80000..0x81000]);
     }
 }

@@ -17,7 +17,10 @@
 //! `gpu-backend inspect --json`), [`slices`] (a sliced GPU's partition), [`guest`] (the boot
 //! API), [`probe_args`] and [`report`]; for slice isolation: [`host_vram`] (the backend's VRAM
 //! memfd from the host), [`isolation`] (canaries and host-side checks) and [`pattern`] (the
-//! probe's VRAM patterns);
+//! probe's VRAM patterns); for displays: [`display`] (boot a guest with a display, screenshot
+//! and compare), [`display_image`] (its `/init` and image), [`fb_pattern`] (the picture it
+//! draws), [`vm`] (a QEMU the host acts on while it runs), [`qmp`], [`ppm`] and
+//! [`screenshot`] (PPM in, PNG out), [`vram_search`] (a guest's pixels anywhere in host VRAM);
 //! for the programs: [`demo`] (the tables of `gpu-demo`), [`bench`](mod@bench), [`bench_table`],
 //! [`pingpong`], [`stats`] and [`affinity`] (the guest benchmarks of `gpu-guest-bench`).
 
@@ -27,8 +30,11 @@ pub mod backend;
 pub mod bench;
 pub mod bench_table;
 pub mod demo;
+pub mod display;
+pub mod display_image;
 pub mod error;
 pub mod expect;
+pub mod fb_pattern;
 pub mod guest;
 pub mod guest_script;
 pub mod host_vram;
@@ -39,19 +45,24 @@ pub mod nested_checks;
 pub mod paths;
 pub mod pattern;
 pub mod pingpong;
+pub mod ppm;
 pub mod probe_args;
 pub mod qemu;
+pub mod qmp;
 pub mod report;
+pub mod screenshot;
 pub mod slices;
 pub mod stats;
 pub mod vfio_report;
+pub mod vm;
+pub mod vram_search;
 
 pub use backend::Backend;
 pub use error::{HarnessError, Result};
 pub use expect::ProfileLayout;
 pub use guest::{
     boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend, with_backend_bin,
-    with_sliced_backend, GuestOptions, GuestRun,
+    with_display_backend, with_sliced_backend, with_sliced_display_backend, GuestOptions, GuestRun,
 };
 pub use host_vram::HostVram;
 pub use probe_args::ProbeArgs;

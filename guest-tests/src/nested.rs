@@ -241,6 +241,9 @@ pub fn boot_nested(backend: Backend, opts: &NestedOptions) -> Result<NestedRun> 
         memory_mib: opts.memory_mib,
         smp: opts.smp,
         serial_log: run_dir.join("serial.log"),
+        display: None,
+        qmp_socket: None,
+        allow_reboot: false,
         extra_args: Vec::new(),
     };
     let show_backend_log = |backend: &Backend| {

@@ -1,15 +1,16 @@
 //! QEMU: installing it (through `qemu-configs/install.sh`), building its command line, and
-//! running one guest with a timeout.
+//! running one guest with a timeout (to the end: [`run_vm`]; while the host acts on it:
+//! [`crate::vm`]).
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::error::{tail, HarnessError, IoContext, Result};
+use crate::error::{HarnessError, Result};
 use crate::paths::workspace_root;
+use crate::vm::spawn_vm;
 
 /// Guest RAM in MiB (also the size of the shared memfd backend).
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
@@ -34,9 +35,14 @@ pub struct QemuLab {
     pub guest_kernel: PathBuf,
     /// Static busybox.
     pub busybox: PathBuf,
-    /// Directory of the guest kernel's VFIO modules (`vfio.ko`, `vfio_iommu_type1.ko`,
-    /// `irqbypass.ko`, `vfio-pci-core.ko`, `vfio-pci.ko`), uncompressed.
+    /// Directory of the guest kernel's modules, uncompressed: the VFIO modules (`vfio.ko`,
+    /// `vfio_iommu_type1.ko`, `irqbypass.ko`, `vfio-pci-core.ko`, `vfio-pci.ko`) and the
+    /// virtio-gpu driver with its dependencies ([`QemuLab::display_modules`]).
     pub guest_modules: PathBuf,
+    /// The names of the virtio-gpu driver's modules in load order, dependencies first
+    /// (`drm` ... `virtio-gpu`; `GUEST_DISPLAY_MODULES` of `env.sh`); each is
+    /// `<guest_modules>/<name>.ko`.
+    pub display_modules: Vec<String>,
 }
 
 /// Path of the install script.
@@ -66,7 +72,7 @@ fn install() -> Result<QemuLab> {
     // Let bash evaluate env.sh (it uses shell quoting) and print the values NUL-separated.
     let out = Command::new("bash")
         .arg("-c")
-        .arg(r#". "$1" && printf '%s\0' "$QEMU_PREFIX" "$QEMU_BIN" "$QEMU_VERSION" "$GUEST_KERNEL" "$BUSYBOX" "$GUEST_MODULES""#)
+        .arg(r#". "$1" && printf '%s\0' "$QEMU_PREFIX" "$QEMU_BIN" "$QEMU_VERSION" "$GUEST_KERNEL" "$BUSYBOX" "$GUEST_MODULES" "$GUEST_DISPLAY_MODULES""#)
         .arg("bash")
         .arg(&env_sh)
         .output()
@@ -80,7 +86,7 @@ fn install() -> Result<QemuLab> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let v: Vec<&str> = text.split('\0').collect();
-    if v.len() < 6 || v[..6].iter().any(|s| s.is_empty()) {
+    if v.len() < 7 || v[..7].iter().any(|s| s.is_empty()) {
         return Err(err(format!("{} lacks a value: {v:?}", env_sh.display())));
     }
     let lab = QemuLab {
@@ -90,6 +96,7 @@ fn install() -> Result<QemuLab> {
         guest_kernel: v[3].into(),
         busybox: v[4].into(),
         guest_modules: v[5].into(),
+        display_modules: v[6].split_whitespace().map(String::from).collect(),
     };
     for p in [&lab.qemu_bin, &lab.guest_kernel, &lab.busybox] {
         if !p.is_file() {
@@ -99,6 +106,16 @@ fn install() -> Result<QemuLab> {
     if !lab.guest_modules.is_dir() {
         return Err(err(format!(
             "the guest module directory {} does not exist",
+            lab.guest_modules.display()
+        )));
+    }
+    if let Some(m) = lab
+        .display_modules
+        .iter()
+        .find(|m| !lab.guest_modules.join(format!("{m}.ko")).is_file())
+    {
+        return Err(err(format!(
+            "the guest module {m}.ko is not in {}",
             lab.guest_modules.display()
         )));
     }
@@ -146,8 +163,70 @@ pub struct VmConfig {
     pub smp: u32,
     /// File receiving the guest's serial console.
     pub serial_log: PathBuf,
+    /// A display for the guest, if any.
+    pub display: Option<DisplayDevice>,
+    /// QMP socket QEMU listens on (`-qmp unix:PATH,server=on,wait=off`), if any.
+    pub qmp_socket: Option<PathBuf>,
+    /// Let a guest reboot (QEMU resets the machine) instead of exiting (`-no-reboot`).
+    pub allow_reboot: bool,
     /// Additional raw QEMU arguments.
     pub extra_args: Vec<String>,
+}
+
+/// A guest's display device. QEMU runs with `-nographic` (no display window); QMP
+/// `screendump` still writes what the device shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DisplayDevice {
+    /// `vhost-user-gpu-pci`, whose device model is the vhost-user server on this socket
+    /// (`gpu-backend serve ... --display PATH`): `-chardev socket,id=gpu0,path=PATH -device
+    /// vhost-user-gpu-pci,chardev=gpu0`. Needs shared guest RAM (always on here).
+    VhostUser(PathBuf),
+    /// QEMU's own `virtio-gpu-pci`: the same guest driver against QEMU's device model, a
+    /// reference for the guest side of the display tests.
+    QemuVirtioGpu,
+}
+
+/// The chardev id of the vhost-user display socket.
+pub const DISPLAY_CHARDEV: &str = "gpu0";
+
+impl DisplayDevice {
+    /// QEMU arguments adding the device.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            DisplayDevice::VhostUser(socket) => vec![
+                "-chardev".into(),
+                format!(
+                    "socket,id={DISPLAY_CHARDEV},path={}",
+                    socket.to_string_lossy().replace(',', ",,")
+                ),
+                "-device".into(),
+                format!("vhost-user-gpu-pci,chardev={DISPLAY_CHARDEV}"),
+            ],
+            DisplayDevice::QemuVirtioGpu => vec!["-device".into(), "virtio-gpu-pci".into()],
+        }
+    }
+}
+
+impl VmConfig {
+    /// A guest booting `kernel` with `initrd` and command line `append`, its console in
+    /// `serial_log`; no devices, [`DEFAULT_MEMORY_MIB`], [`DEFAULT_SMP`], no reboots.
+    pub fn new(kernel: &Path, initrd: &Path, append: &str, serial_log: &Path) -> VmConfig {
+        VmConfig {
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            append: append.to_string(),
+            vfio_user_socket: None,
+            vfio_user_props: Vec::new(),
+            iommu: false,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            smp: DEFAULT_SMP,
+            serial_log: serial_log.to_path_buf(),
+            display: None,
+            qmp_socket: None,
+            allow_reboot: false,
+            extra_args: Vec::new(),
+        }
+    }
 }
 
 /// Quote `s` as a JSON string.
@@ -198,7 +277,6 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         "-smp",
         &cfg.smp.to_string(),
         "-nographic",
-        "-no-reboot",
         "-nodefaults",
         "-monitor",
         "none",
@@ -216,6 +294,16 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     ] {
         push(s);
     }
+    if !cfg.allow_reboot {
+        push("-no-reboot");
+    }
+    if let Some(qmp) = &cfg.qmp_socket {
+        push("-qmp");
+        push(&format!(
+            "unix:{},server=on,wait=off",
+            qmp.to_string_lossy().replace(',', ",,")
+        ));
+    }
     if cfg.iommu {
         // Before the vfio-user-pci device; without caching-mode QEMU cannot map DMA for it.
         push("-device");
@@ -224,6 +312,9 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     if let Some(sock) = &cfg.vfio_user_socket {
         push("-device");
         push(&vfio_user_device_json(sock, &cfg.vfio_user_props));
+    }
+    if let Some(display) = &cfg.display {
+        a.extend(display.args().into_iter().map(OsString::from));
     }
     a.push("-kernel".into());
     a.push(cfg.kernel.clone().into());
@@ -251,52 +342,7 @@ pub struct VmOutcome {
 /// Run QEMU until it exits or `timeout` passes (then kill it and return [`HarnessError::Timeout`]).
 /// QEMU's stdout/stderr go to `qemu.stdout`/`qemu.stderr` next to the serial log.
 pub fn run_vm(lab: &QemuLab, cfg: &VmConfig, timeout: Duration) -> Result<VmOutcome> {
-    let dir = cfg.serial_log.parent().unwrap_or(Path::new("."));
-    let stdout_path = dir.join("qemu.stdout");
-    let stderr_path = dir.join("qemu.stderr");
-    let args = qemu_args(cfg);
-    let cmdline = std::iter::once(lab.qemu_bin.as_os_str())
-        .chain(args.iter().map(|a| a.as_os_str()))
-        .map(|a| shell_quote(&a.to_string_lossy()))
-        .collect::<Vec<_>>()
-        .join(" ");
-    std::fs::write(dir.join("qemu.cmdline"), format!("{cmdline}\n"))
-        .ctx(|| "writing qemu.cmdline".into())?;
-    let stdout =
-        File::create(&stdout_path).ctx(|| format!("creating {}", stdout_path.display()))?;
-    let stderr =
-        File::create(&stderr_path).ctx(|| format!("creating {}", stderr_path.display()))?;
-    let start = Instant::now();
-    let mut child = Command::new(&lab.qemu_bin)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .ctx(|| format!("starting {}", lab.qemu_bin.display()))?;
-    let read =
-        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-    let status = loop {
-        if let Some(status) = child.try_wait().ctx(|| "waiting for QEMU".into())? {
-            break status;
-        }
-        if start.elapsed() >= timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(HarnessError::Timeout {
-                secs: timeout.as_secs(),
-                stderr: read(&stderr_path),
-                serial_tail: tail(&read(&cfg.serial_log), 40),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    };
-    Ok(VmOutcome {
-        serial: read(&cfg.serial_log),
-        stderr: read(&stderr_path),
-        duration: start.elapsed(),
-        status,
-    })
+    spawn_vm(lab, cfg)?.wait_exit(timeout)
 }
 
 /// Quote a word for a POSIX shell (for the `qemu.cmdline` file users can re-run).
@@ -330,16 +376,14 @@ mod tests {
     #[test]
     fn iommu_comes_before_the_vfio_user_device() {
         let cfg = VmConfig {
-            kernel: "k".into(),
-            initrd: "i".into(),
-            append: String::new(),
             vfio_user_socket: Some("/s".into()),
-            vfio_user_props: Vec::new(),
             iommu: true,
-            memory_mib: 512,
-            smp: 2,
-            serial_log: "/x/serial.log".into(),
-            extra_args: Vec::new(),
+            ..VmConfig::new(
+                Path::new("k"),
+                Path::new("i"),
+                "",
+                Path::new("/x/serial.log"),
+            )
         };
         let args: Vec<String> = qemu_args(&cfg)
             .iter()
@@ -357,5 +401,40 @@ mod tests {
             ..cfg
         });
         assert!(!no_iommu.iter().any(|a| a == INTEL_IOMMU_DEVICE));
+    }
+
+    #[test]
+    fn display_qmp_and_reboot_arguments() {
+        let base = VmConfig::new(Path::new("k"), Path::new("i"), "", Path::new("/x/s.log"));
+        let words = |cfg: &VmConfig| -> Vec<String> {
+            qemu_args(cfg)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let plain = words(&base);
+        assert!(plain.iter().any(|a| a == "-no-reboot"));
+        assert!(!plain.iter().any(|a| a == "-qmp" || a == "-chardev"));
+        let cfg = VmConfig {
+            display: Some(DisplayDevice::VhostUser("/t/a,b.sock".into())),
+            qmp_socket: Some("/t/qmp.sock".into()),
+            allow_reboot: true,
+            ..base.clone()
+        };
+        let a = words(&cfg);
+        assert!(!a.iter().any(|a| a == "-no-reboot"));
+        let after = |flag: &str| {
+            let i = a.iter().position(|w| w == flag).unwrap();
+            a[i + 1].clone()
+        };
+        assert_eq!(after("-qmp"), "unix:/t/qmp.sock,server=on,wait=off");
+        assert_eq!(after("-chardev"), "socket,id=gpu0,path=/t/a,,b.sock");
+        assert!(a.iter().any(|w| w == "vhost-user-gpu-pci,chardev=gpu0"));
+        let own = words(&VmConfig {
+            display: Some(DisplayDevice::QemuVirtioGpu),
+            ..base
+        });
+        assert!(own.iter().any(|w| w == "virtio-gpu-pci"));
+        assert!(!own.iter().any(|w| w == "-chardev"));
     }
 }

@@ -5,12 +5,20 @@
 //! the test harness runs them in parallel; the probe, the initramfs and the backend are built
 //! once per test process.
 
+use std::time::Duration;
+
 use guest_tests::artifacts::backend_binary;
+use guest_tests::display::{
+    start_display_guest, DisplayGuest, DisplayOptions, Drawn, SETTLE_TIMEOUT,
+};
+use guest_tests::fb_pattern::FbPattern;
 use guest_tests::isolation::{canaries_around, plant, verify};
+use guest_tests::qemu::DisplayDevice;
+use guest_tests::vram_search::find_all;
 use guest_tests::{
     boot_guest, boot_guest_with_backend, boot_guest_without_device, with_backend,
-    with_sliced_backend, GuestOptions, HostVram, Outcome, ProbeArgs, ProbeReport, ProfileLayout,
-    SlicedLayout,
+    with_display_backend, with_sliced_backend, with_sliced_display_backend, GuestOptions, HostVram,
+    Outcome, ProbeArgs, ProbeReport, ProfileLayout, SlicedLayout,
 };
 
 /// Assert that every named check ran and passed.
@@ -643,4 +651,213 @@ fn nested_vfio_tu102() {
 #[test]
 fn nested_vfio_gh100() {
     nested_vfio("gh100-80g");
+}
+
+/// How long a rebooting display guest holds each picture: longer than the screenshot retries
+/// ([`REBOOT_SETTLE`]), so the host compares before the guest reboots.
+const REBOOT_HOLD: Duration = Duration::from_secs(12);
+/// The screenshot retries of a rebooting display guest.
+const REBOOT_SETTLE: Duration = Duration::from_secs(8);
+
+/// Wait for the guest's next picture and a screenshot showing it; panic with the first
+/// mismatching pixel (and the logs) otherwise.
+fn expect_picture(guest: &mut DisplayGuest, name: &str, settle: Duration) -> Drawn {
+    let drawn = guest.wait_drawn().unwrap_or_else(|e| panic!("{name}: {e}"));
+    let shot = guest
+        .screenshot_matching(&drawn, name, settle)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    eprintln!("{name}: {drawn:?}\n{name}: {}", shot.verdict());
+    assert!(
+        shot.matches(),
+        "{name}: {}\nlogs: {}",
+        shot.verdict(),
+        guest.run_dir().display()
+    );
+    drawn
+}
+
+/// The profile of the display tests (the smallest VRAM of the profiles).
+const DISPLAY_PROFILE: &str = "tu102-24g";
+/// VRAM of each guest of the sliced display test: room for a 1280x800 resource (4000 KiB).
+const DISPLAY_SLICE: u64 = 64 << 20;
+
+/// A guest drawing on `display` reboots itself after each picture: the first and the second
+/// boot's pictures (different nonces) each show in QEMU's screenshot.
+fn display_survives_reboot(
+    display: DisplayDevice,
+    vfio_user: Option<&std::path::Path>,
+    label: &str,
+) {
+    let mut opts = DisplayOptions::new(display, 1)
+        .rebooting_after(REBOOT_HOLD)
+        .label(label);
+    if let Some(socket) = vfio_user {
+        opts = opts.with_vfio_user(socket);
+    }
+    let mut guest = start_display_guest(&opts).unwrap_or_else(|e| panic!("{e}"));
+    let first = expect_picture(&mut guest, "boot1", REBOOT_SETTLE);
+    let second = expect_picture(&mut guest, "boot2", REBOOT_SETTLE);
+    assert_eq!(
+        (first.width, first.height),
+        (1280, 800),
+        "QEMU's default output"
+    );
+    assert_eq!(first.bpp, 32);
+    assert_ne!(
+        first.pattern, second.pattern,
+        "a new nonce after the reboot"
+    );
+    let serial = guest.serial();
+    assert_eq!(serial.matches("GPUFB reboot").count(), 1, "{serial}");
+    guest.finish().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The guest side of the display tests against QEMU's own virtio-gpu device (the reference
+/// the backend's vhost-user GPU is held to): the guest loads the Debian kernel's virtio-gpu
+/// driver, draws its picture into `/dev/fb0`, QEMU's screenshot shows exactly that picture;
+/// the guest reboots itself, draws a picture with a new nonce, and the screenshot shows the new
+/// one.
+#[test]
+fn display_reference_qemu_virtio_gpu_shows_the_guest_picture_across_a_reboot() {
+    display_survives_reboot(
+        DisplayDevice::QemuVirtioGpu,
+        None,
+        "display-qemu-virtio-gpu",
+    );
+}
+
+/// (a) One guest, the whole emulated GPU and its display from `gpu-backend serve --profile P
+/// --socket S --display D` (QEMU: vfio-user-pci on S, vhost-user-gpu-pci on D): the guest's
+/// stock virtio_gpu driver probes the backend's device, the guest draws its picture into
+/// /dev/fb0, and QEMU's screenshot equals it pixel for pixel.
+#[test]
+fn display_whole_gpu_shows_the_guest_picture() {
+    let bin = backend_binary().unwrap_or_else(|e| panic!("{e}"));
+    with_display_backend(&bin, DISPLAY_PROFILE, |backend| {
+        let display = backend
+            .display_socket()
+            .expect("display socket")
+            .to_path_buf();
+        let opts = DisplayOptions::new(DisplayDevice::VhostUser(display), 0)
+            .with_vfio_user(backend.socket())
+            .label("display-whole");
+        let mut guest = start_display_guest(&opts)?;
+        let drawn = expect_picture(&mut guest, "screen", SETTLE_TIMEOUT);
+        assert_eq!((drawn.width, drawn.height, drawn.bpp), (1280, 800, 32));
+        guest.finish()?;
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Host VRAM needles of a picture: rows 0, the middle and the last, as the framebuffer (and
+/// so the resource) holds them.
+fn picture_rows(d: &Drawn) -> Vec<(u32, Vec<u8>)> {
+    [0, d.height / 2, d.height - 1]
+        .into_iter()
+        .map(|y| (y, d.pattern.xrgb_row(y, d.width)))
+        .collect()
+}
+
+/// (b) Two guests at once on two slices of one backend (`--guest
+/// socket=..,vram=..,display=..` twice), each drawing its own picture (tags 1 and 2, which
+/// differ in every pixel): each screenshot equals its own guest's picture and has no pixel of
+/// the other's; and while both pictures are up, each guest's rows (first, middle, last) are
+/// found in host VRAM inside its own slice, and nowhere else: not in the other guest's slice,
+/// not outside the slices (every written byte of the backend's VRAM memfds is searched, at any
+/// alignment).
+#[test]
+fn display_two_sliced_guests_each_see_only_their_own_picture_kept_in_their_own_slice() {
+    let guests = [("g1", DISPLAY_SLICE), ("g2", DISPLAY_SLICE)];
+    let bin = backend_binary().unwrap_or_else(|e| panic!("{e}"));
+    let layout = SlicedLayout::inspect_with(&bin, DISPLAY_PROFILE, &guests)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let slice = |name: &str| {
+        let g = layout.guest(name).expect("slice");
+        g.start..g.end()
+    };
+    let slices = [slice("g1"), slice("g2")];
+    with_sliced_display_backend(&bin, DISPLAY_PROFILE, &guests, |backend| {
+        // Both guests boot at once.
+        let mut running = Vec::new();
+        for (i, (name, _)) in guests.iter().enumerate() {
+            let display = backend.display_of(name).expect("display socket").to_path_buf();
+            let opts = DisplayOptions::new(DisplayDevice::VhostUser(display), i as u8 + 1)
+                .with_vfio_user(backend.socket_of(name).expect("socket"))
+                .label(&format!("display-{name}"));
+            running.push(start_display_guest(&opts)?);
+        }
+        let mut drawn = Vec::new();
+        for (guest, (name, _)) in running.iter_mut().zip(&guests) {
+            drawn.push(expect_picture(guest, name, SETTLE_TIMEOUT));
+        }
+        assert_ne!(drawn[0].pattern.tag, drawn[1].pattern.tag);
+        for (i, guest) in running.iter_mut().enumerate() {
+            let other: FbPattern = drawn[1 - i].pattern;
+            let (image, path) = guest.screenshot(&format!("check-{i}"))?;
+            let foreign = image.count_equal(|x, y| other.rgb(x, y));
+            assert_eq!(foreign, 0, "{}: pixels of the other guest's picture", path.display());
+        }
+
+        let vram = HostVram::open(backend.pid().expect("backend running"))?;
+        let needles: Vec<(usize, u32, Vec<u8>)> = drawn
+            .iter()
+            .enumerate()
+            .flat_map(|(g, d)| picture_rows(d).into_iter().map(move |(y, r)| (g, y, r)))
+            .collect();
+        let bytes: Vec<Vec<u8>> = needles.iter().map(|n| n.2.clone()).collect();
+        let t = std::time::Instant::now();
+        let data: u64 = vram.data_ranges()?.iter().map(|r| r.end - r.start).sum();
+        let hits = find_all(&vram, &bytes)?;
+        eprintln!(
+            "searched {} MiB of written host VRAM for {} rows in {:.2} s: {} hits",
+            data >> 20,
+            bytes.len(),
+            t.elapsed().as_secs_f64(),
+            hits.len()
+        );
+        for (n, (g, y, row)) in needles.iter().enumerate() {
+            let at: Vec<u64> = hits.iter().filter(|h| h.needle == n).map(|h| h.addr).collect();
+            let own = &slices[*g];
+            let inside = |a: &u64| own.contains(a) && a + row.len() as u64 <= own.end;
+            assert!(
+                at.iter().any(inside),
+                "guest {} row {y} is not in its slice {own:#x?}; found at {at:#x?}",
+                g + 1
+            );
+            let stray: Vec<&u64> = at.iter().filter(|a| !inside(a)).collect();
+            assert!(
+                stray.is_empty(),
+                "guest {} row {y} found outside its slice {own:#x?}: at {stray:#x?} (other slice {:#x?})",
+                g + 1,
+                slices[1 - *g]
+            );
+        }
+        for guest in running {
+            guest.finish()?;
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// (c) The backend's display survives the guest rebooting itself (`reboot -f`; QEMU resets
+/// the machine, the device is reset and the driver probes it again): the second boot's
+/// picture shows, not the first's.
+#[test]
+fn display_survives_the_guest_rebooting() {
+    let bin = backend_binary().unwrap_or_else(|e| panic!("{e}"));
+    with_display_backend(&bin, DISPLAY_PROFILE, |backend| {
+        let display = backend
+            .display_socket()
+            .expect("display socket")
+            .to_path_buf();
+        display_survives_reboot(
+            DisplayDevice::VhostUser(display),
+            Some(backend.socket()),
+            "display-reboot",
+        );
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
 }
