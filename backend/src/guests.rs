@@ -21,10 +21,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::gpu_device::GpuDevice;
+use crate::host_driver::addr::VramAddr;
 use crate::presentation::bar0::TrapStats;
 use crate::presentation::{PresentationError, PresentedFunction};
 use crate::serve::{display_for, ListenOptions};
 use crate::slice::{GuestSlice, GuestSpec, SetupError, SlicedGpu};
+use crate::state::{SavedGuest, SavedState, StateDir, StateError, STATE_VERSION};
 use crate::supervisor::{Job, JobId, Supervisor, SHUTDOWN_GRACE};
 use crate::unix_socket::{check_bindable, BindError};
 use crate::vfio_user::{Server, ServerError};
@@ -69,6 +71,9 @@ pub enum GuestError {
     /// The backend is shutting down.
     #[error("the backend is shutting down")]
     ShuttingDown,
+    /// The state file could not be written; for an add, the guest was not added.
+    #[error("{0}")]
+    State(#[from] StateError),
 }
 
 impl GuestError {
@@ -168,6 +173,7 @@ pub struct GuestManager {
     table: Mutex<Table>,
     supervisor: Supervisor,
     listen: ListenOptions,
+    state: Option<StateDir>,
 }
 
 impl GuestManager {
@@ -182,7 +188,50 @@ impl GuestManager {
             }),
             supervisor,
             listen,
+            state: None,
         }
+    }
+
+    /// Keeps the guest table in `state` from now on (written after every change).
+    pub fn with_state(mut self, state: StateDir) -> GuestManager {
+        self.state = Some(state);
+        self
+    }
+
+    /// Writes the guest table to the state directory, if there is one.
+    fn save(&self, table: &Table) -> Result<(), StateError> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let identity = self.host.identity();
+        let mut guests: Vec<SavedGuest> = table
+            .guests
+            .iter()
+            .map(|g| SavedGuest {
+                socket: g.socket.clone(),
+                display: g.display.clone(),
+                vram_start: g.slice.slice().start().raw(),
+                vram_size: g.slice.slice().size(),
+            })
+            .collect();
+        guests.sort_by_key(|g| g.vram_start);
+        state.save(&SavedState {
+            version: STATE_VERSION,
+            gpu: identity.name.clone(),
+            vram_size: identity.vram_size,
+            guests,
+        })
+    }
+
+    /// Serves a guest of an earlier run again, from the state file: its slice is given
+    /// back where it was, **not scrubbed**.
+    pub fn restore(&self, saved: &SavedGuest) -> Result<GuestInfo, GuestError> {
+        let spec = GuestSpec {
+            socket: Some(saved.socket.clone()),
+            size: saved.vram_size,
+            display: saved.display.clone(),
+        };
+        self.add_with(&spec, Some(VramAddr::new(saved.vram_start)))
     }
 
     /// The GPU the guests share.
@@ -192,6 +241,15 @@ impl GuestManager {
 
     /// Adds and starts serving a guest (see the module docs).
     pub fn add(&self, spec: &GuestSpec) -> Result<GuestInfo, GuestError> {
+        self.add_with(spec, None)
+    }
+
+    /// Adds a guest: at `restore_at`, unscrubbed, or in the lowest free range, scrubbed.
+    fn add_with(
+        &self,
+        spec: &GuestSpec,
+        restore_at: Option<VramAddr>,
+    ) -> Result<GuestInfo, GuestError> {
         let socket = spec.socket.clone().ok_or(GuestError::NoSocket)?;
         if self.supervisor.shutdown().is_triggered() {
             return Err(GuestError::ShuttingDown);
@@ -214,7 +272,10 @@ impl GuestManager {
             }
             check_bindable(path)?;
         }
-        let slice = table.gpu.add_guest(spec.size)?;
+        let slice = match restore_at {
+            Some(start) => table.gpu.restore_guest(start, spec.size)?,
+            None => table.gpu.add_guest(spec.size)?,
+        };
         match self.start(&socket, spec.display.as_deref(), slice.clone()) {
             Ok(guest) => {
                 let info = guest.info();
@@ -229,6 +290,15 @@ impl GuestManager {
                         .unwrap_or_default()
                 );
                 table.guests.push(guest);
+                if let Err(e) = self.save(&table) {
+                    // Not recorded, so not added: a restart would not know it.
+                    if let Some(guest) = table.guests.pop() {
+                        guest.slice.access().revoke();
+                        self.stop_jobs(&guest.jobs);
+                        let _ = table.gpu.remove_guest(&guest.slice);
+                    }
+                    return Err(e.into());
+                }
                 Ok(info)
             }
             Err(e) => {
@@ -330,7 +400,10 @@ impl GuestManager {
             "guest removed: {} (VRAM {slice} scrubbed and free)",
             socket.display()
         );
-        Ok(())
+        self.save(&table).map_err(|e| {
+            log::error!("the guest on {} is removed, but {e}", socket.display());
+            GuestError::State(e)
+        })
     }
 
     /// The GPU, its free VRAM and every guest.
