@@ -106,7 +106,7 @@ pub struct GuestInfo {
     pub vram_start: u64,
     /// Size of its slice.
     pub vram_size: u64,
-    /// Whether a client (its QEMU) is connected to the vfio-user socket.
+    /// Whether a client (its QEMU) is connected to the vfio-user socket or the display.
     pub connected: bool,
     /// Its BAR0 traffic.
     pub traps: TrapStats,
@@ -146,17 +146,28 @@ struct Guest {
     display: Option<PathBuf>,
     slice: GuestSlice,
     device: Arc<GpuDevice>,
+    /// Set while QEMU is connected to the guest's display.
+    display_connected: Option<Arc<std::sync::atomic::AtomicBool>>,
     jobs: Vec<JobId>,
 }
 
 impl Guest {
+    /// Whether its QEMU is connected (to the GPU or the display).
+    fn is_connected(&self) -> bool {
+        self.device.is_connected()
+            || self
+                .display_connected
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     fn info(&self) -> GuestInfo {
         GuestInfo {
             socket: self.socket.display().to_string(),
             display: self.display.as_ref().map(|d| d.display().to_string()),
             vram_start: self.slice.slice().start().raw(),
             vram_size: self.slice.slice().size(),
-            connected: self.device.is_connected(),
+            connected: self.is_connected(),
             traps: self.device.function().trap_stats(),
         }
     }
@@ -325,6 +336,7 @@ impl GuestManager {
         let mut display_server = display
             .map(|d| display_for(d, self.listen.socket_mode, &function))
             .transpose()?;
+        let display_connected = display_server.as_ref().map(|d| d.connected());
         let host = Arc::clone(function.host());
         let device = Arc::new(GpuDevice::new(function));
         let mut jobs = Vec::new();
@@ -356,6 +368,7 @@ impl GuestManager {
             display: display.map(Path::to_path_buf),
             slice,
             device,
+            display_connected,
             jobs,
         })
     }
@@ -383,7 +396,7 @@ impl GuestManager {
             .iter()
             .position(|g| g.socket == socket)
             .ok_or_else(|| GuestError::NotFound(socket.to_path_buf()))?;
-        if table.guests[index].device.is_connected() && !force {
+        if table.guests[index].is_connected() && !force {
             return Err(GuestError::Connected(socket.to_path_buf()));
         }
         let guest = table.guests.remove(index);
