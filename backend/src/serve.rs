@@ -430,7 +430,7 @@ pub(crate) fn display_for(
     function: &PresentedFunction,
 ) -> Result<DisplayServer, DisplayError> {
     let guest = function.guest();
-    let store = SliceVramStore::new(Arc::clone(guest.vram()), guest.slice());
+    let store = SliceVramStore::for_guest(guest);
     let model = GpuCommandHandler::new(GpuConfig::default(), Box::new(store) as Box<_>);
     DisplayServer::bind(path, mode, model)
 }

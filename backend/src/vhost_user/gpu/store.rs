@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 use crate::host_gpu::HostMemory;
-use crate::slice::{HostVram, Slice};
+use crate::slice::{GuestSlice, HostVram, Slice, SliceAccess};
 
 /// Alignment of every allocation (a page, so a resource could later be mapped).
 pub const ALLOC_ALIGN: u64 = 4096;
@@ -163,12 +163,38 @@ impl SliceStore for HostMemoryStore {
 pub struct SliceVramStore {
     vram: Arc<HostVram>,
     range: Slice,
+    /// The guest's access to its slice: once revoked (the guest removed), every access
+    /// fails, whatever a display thread still does.
+    access: Option<Arc<SliceAccess>>,
 }
 
 impl SliceVramStore {
     /// The store over `range` of host VRAM.
     pub fn new(vram: Arc<HostVram>, range: Slice) -> SliceVramStore {
-        SliceVramStore { vram, range }
+        SliceVramStore {
+            vram,
+            range,
+            access: None,
+        }
+    }
+
+    /// The store over a guest's slice, usable only as long as the guest owns it.
+    pub fn for_guest(guest: &GuestSlice) -> SliceVramStore {
+        SliceVramStore {
+            vram: Arc::clone(guest.vram()),
+            range: guest.slice(),
+            access: Some(Arc::clone(guest.access())),
+        }
+    }
+
+    /// Runs `f` if the slice is still the guest's.
+    fn live<R>(&self, f: impl FnOnce() -> Result<R, StoreError>) -> Result<R, StoreError> {
+        match &self.access {
+            None => f(),
+            Some(access) => access.with_live(f).unwrap_or_else(|| {
+                Err(StoreError::Backend("the guest's slice was revoked".into()))
+            }),
+        }
     }
 
     fn at(&self, offset: u64, len: u64) -> Result<crate::host_driver::addr::VramAddr, StoreError> {
@@ -189,23 +215,29 @@ impl SliceStore for SliceVramStore {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let addr = self.at(offset, buf.len() as u64)?;
-        self.vram
-            .read(addr, buf)
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        self.live(|| {
+            self.vram
+                .read(addr, buf)
+                .map_err(|e| StoreError::Backend(e.to_string()))
+        })
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let addr = self.at(offset, data.len() as u64)?;
-        self.vram
-            .write(addr, data)
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        self.live(|| {
+            self.vram
+                .write(addr, data)
+                .map_err(|e| StoreError::Backend(e.to_string()))
+        })
     }
 
     fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
         let addr = self.at(offset, len)?;
-        self.vram
-            .scrub(addr, len)
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        self.live(|| {
+            self.vram
+                .scrub(addr, len)
+                .map_err(|e| StoreError::Backend(e.to_string()))
+        })
     }
 }
 
@@ -387,6 +419,30 @@ mod tests {
         vram.read(start, &mut all).unwrap();
         assert!(all[..2 * ALLOC_ALIGN as usize].iter().all(|b| *b == 0));
         assert_eq!(&all[2 * ALLOC_ALIGN as usize..], &[0xee; 4]);
+    }
+
+    #[test]
+    fn a_removed_guests_store_reaches_nothing() {
+        use crate::host_gpu::emulated::EmulatedHostGpu;
+        use crate::host_gpu::HostGpu;
+        use crate::slice::SlicedGpu;
+
+        let host: Arc<dyn HostGpu> = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let mut gpu = SlicedGpu::new(host).unwrap();
+        let guest = gpu.add_guest(2 << 20).unwrap();
+        let mut s = SliceVramStore::for_guest(&guest);
+        s.write(0x1000, &[7; 8]).unwrap();
+        gpu.remove_guest(&guest).unwrap();
+        // The range is free (and may be another guest's next): a display thread that still
+        // holds the store cannot touch it.
+        assert!(s.write(0x1000, &[9; 8]).is_err());
+        assert!(s.read(0x1000, &mut [0u8; 8]).is_err());
+        assert!(s.scrub(0, 4096).is_err());
+        let mut back = [0u8; 8];
+        gpu.vram()
+            .read(guest.slice().host_addr(0x1000, 8).unwrap(), &mut back)
+            .unwrap();
+        assert_eq!(back, [7; 8], "the write after removal did not land");
     }
 
     #[test]
