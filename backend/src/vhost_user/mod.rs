@@ -8,6 +8,8 @@
 //! - [`channel`]: the display channel to QEMU (SCANOUT, UPDATE, cursor, display info, EDID).
 //! - [`pixels`]: format conversion to the bytes QEMU shows.
 //! - [`server`]: [`DisplayServer`], one guest's display socket, connection after connection.
+//! - `test_frontend` (feature `test-utils`, for tests and benches; not in a shipped build): a
+//!   vhost-user frontend that plays QEMU against a display socket.
 
 pub mod chain;
 pub mod channel;
@@ -15,6 +17,8 @@ pub mod device;
 pub mod gpu;
 pub mod pixels;
 pub mod server;
+#[cfg(feature = "test-utils")]
+pub mod test_frontend;
 
 pub use device::{GpuModel, VhostGpuDevice};
 pub use server::{DisplayError, DisplayServer};
