@@ -92,16 +92,23 @@ pub struct FrontendOptions {
     pub queue_size: u16,
     /// Features to ack (masked with what the backend offers).
     pub features: u64,
+    /// Seal the RAM memfd against resizing, as QEMU does by default.
+    pub seal: bool,
+    /// The region size SET_MEM_TABLE claims (`None`: the RAM's size); a hostile frontend
+    /// claims more than the memfd holds.
+    pub mem_table_size: Option<u64>,
 }
 
 impl Default for FrontendOptions {
-    /// 64 MiB of RAM, a 16 MiB arena, 256-entry queues, QEMU's features.
+    /// 64 MiB of sealed RAM, a 16 MiB arena, 256-entry queues, QEMU's features.
     fn default() -> FrontendOptions {
         FrontendOptions {
             ram_size: 64 << 20,
             arena: 16 << 20,
             queue_size: 256,
             features: QEMU_FEATURES,
+            seal: true,
+            mem_table_size: None,
         }
     }
 }
@@ -149,7 +156,7 @@ impl DisplayFrontend {
         stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let socket = stream.try_clone()?;
         let mut vhost = Frontend::from_stream(stream, 2);
-        let ram = GuestRam::new(options.ram_size, options.arena)?;
+        let ram = GuestRam::new(options.ram_size, options.arena, options.seal)?;
         let queues = [
             SplitQueue::new(CONTROL as u16, options.queue_size)?,
             SplitQueue::new(CURSOR as u16, options.queue_size)?,
@@ -219,7 +226,7 @@ impl DisplayFrontend {
             .set_features(self.options.features & self.offered)?;
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
-            memory_size: self.ram.size(),
+            memory_size: self.options.mem_table_size.unwrap_or(self.ram.size()),
             userspace_addr: self.ram.host_base(),
             mmap_offset: 0,
             mmap_handle: self.ram.fd().as_raw_fd(),

@@ -285,6 +285,14 @@ impl SplitQueue {
         ram.write(self.desc + u64::from(slot) * DESC_SIZE, &desc.bytes())
     }
 
+    /// Takes `n` consecutive descriptor slots (modulo the size) for descriptors written by
+    /// hand; returns the first.
+    pub fn reserve_slots(&mut self, n: u16) -> u16 {
+        let first = self.next_slot;
+        self.next_slot = ((u32::from(first) + u32::from(n)) % u32::from(self.size)) as u16;
+        first
+    }
+
     /// Places `chain` (its buffers in scratch memory, its descriptors in the next free slots
     /// or an indirect table) and makes it available; the device sees it at the next kick.
     pub fn submit(
@@ -396,6 +404,14 @@ impl SplitQueue {
     /// Used entries taken so far.
     pub fn used_seen(&self) -> u16 {
         self.used_seen
+    }
+
+    /// Skips every used entry written so far (after chains whose entries do not matter).
+    pub fn skip_used(&mut self, ram: &GuestRam) -> Result<u16, FrontendError> {
+        let idx = self.used_idx(ram)?;
+        let skipped = idx.wrapping_sub(self.used_seen);
+        self.used_seen = idx;
+        Ok(skipped)
     }
 
     /// The next used entry, if the device wrote one.

@@ -51,8 +51,10 @@ fn round_up(v: u64, align: u64) -> u64 {
 }
 
 impl GuestRam {
-    /// `size` bytes of RAM (sparse until touched) with a scratch arena of `arena` bytes.
-    pub fn new(size: u64, arena: u64) -> Result<GuestRam, FrontendError> {
+    /// `size` bytes of RAM (sparse until touched) with a scratch arena of `arena` bytes;
+    /// `seal`: sealed against resizing as QEMU's `memory-backend-memfd` does by default
+    /// (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`).
+    pub fn new(size: u64, arena: u64, seal: bool) -> Result<GuestRam, FrontendError> {
         let arena_end = QUEUE_AREA
             .checked_add(arena)
             .filter(|&end| end < size)
@@ -62,7 +64,12 @@ impl GuestRam {
         let len = usize::try_from(size)
             .map_err(|_| FrontendError::Layout("guest RAM larger than the address space"))?;
         // SAFETY: memfd_create with a NUL-terminated name; the fd is checked before use.
-        let fd = unsafe { libc::memfd_create(c"test-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"test-guest-ram".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(FrontendError::Io(std::io::Error::last_os_error()));
         }
@@ -70,6 +77,13 @@ impl GuestRam {
         let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
         let file = File::from(memfd.try_clone()?);
         file.set_len(size)?;
+        if seal {
+            let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+            // SAFETY: F_ADD_SEALS with an int argument on a memfd we own.
+            if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+                return Err(FrontendError::Io(std::io::Error::last_os_error()));
+            }
+        }
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
             len,
