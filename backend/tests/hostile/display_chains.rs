@@ -474,6 +474,15 @@ fn display_broken_avail_rings_stop_only_that_display() {
     }
     answers(&mut fa, ANSWER_WITHIN).unwrap();
     rig.good_guest_served(&mut fb, "stale chains replayed");
+
+    // Fifty kicks of a broken ring and more: one warning, not one line per kick.
+    let log = rig.serve.log_text();
+    assert_eq!(
+        log.matches("ring faults of this connection").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("virtio_queue"), "{log}");
 }
 
 /// Shrinks the frontend's (unsealed) guest RAM memfd to `len` bytes.
@@ -516,6 +525,13 @@ fn display_guest_memory_that_can_shrink_or_is_short_is_refused_not_a_sigbus() {
         Err(e) => eprintln!("unsealed guest RAM refused at setup: {e}"),
     }
     rig.good_guest_served(&mut fb, "guest RAM shrunk under the display");
+    assert!(
+        rig.serve
+            .log_text()
+            .contains("not sealed against shrinking"),
+        "the refusal says why:\n{}",
+        rig.serve.log_tail(10)
+    );
 
     // A memory table claiming more than the memfd holds, and a descriptor in the part that
     // does not exist.
@@ -543,6 +559,7 @@ fn display_guest_memory_that_can_shrink_or_is_short_is_refused_not_a_sigbus() {
         Err(e) => eprintln!("a memory table past the memfd refused at setup: {e}"),
     }
     rig.good_guest_served(&mut fb, "a memory table past the end of its memfd");
+    assert!(rig.serve.log_text().contains("is not backed by its file"));
 
     // The display takes a well-behaved QEMU afterwards.
     let mut fa = rig.display(0, FrontendOptions::default());
