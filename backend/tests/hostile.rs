@@ -24,6 +24,10 @@ mod display_rig;
 #[path = "hostile/display_chains.rs"]
 mod display_chains;
 
+/// A display flooded or stalled by its guest or its QEMU stalls no other guest.
+#[path = "hostile/display_stalls.rs"]
+mod display_stalls;
+
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;

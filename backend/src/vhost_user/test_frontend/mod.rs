@@ -32,7 +32,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-pub use qemu_display::{DisplayMsg, FakeQemuDisplay};
+pub use qemu_display::{DisplayHandle, DisplayMsg, FakeQemuDisplay};
 pub use queue::{Chain, Desc, Part, SplitQueue, Submitted, Used};
 pub use ram::GuestRam;
 

@@ -218,8 +218,14 @@ impl FakeQemuDisplay {
 
     /// Stop reading the socket (`true`: a stalled QEMU) or go on.
     pub fn stall(&self, stalled: bool) {
-        self.shared.lock().stalled = stalled;
-        self.shared.changed.notify_all();
+        self.handle().stall(stalled);
+    }
+
+    /// A handle for another thread.
+    pub fn handle(&self) -> DisplayHandle {
+        DisplayHandle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The messages kept so far.
@@ -234,8 +240,7 @@ impl FakeQemuDisplay {
 
     /// Messages received in all (kept or not) and UPDATE bytes received.
     pub fn received(&self) -> (u64, u64) {
-        let state = self.shared.lock();
-        (state.received, state.update_bytes)
+        self.handle().received()
     }
 
     /// Whether the backend closed its end.
@@ -266,6 +271,37 @@ impl FakeQemuDisplay {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+}
+
+/// A handle on a [`FakeQemuDisplay`] usable from another thread (its frontend elsewhere).
+#[derive(Clone)]
+pub struct DisplayHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DisplayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DisplayHandle").finish_non_exhaustive()
+    }
+}
+
+impl DisplayHandle {
+    /// Stop reading the socket (`true`: a stalled QEMU) or go on.
+    pub fn stall(&self, stalled: bool) {
+        self.shared.lock().stalled = stalled;
+        self.shared.changed.notify_all();
+    }
+
+    /// Messages received in all and UPDATE bytes received.
+    pub fn received(&self) -> (u64, u64) {
+        let state = self.shared.lock();
+        (state.received, state.update_bytes)
+    }
+
+    /// Forgets the messages kept so far.
+    pub fn clear(&self) {
+        self.shared.lock().log.clear();
     }
 }
 

@@ -293,8 +293,10 @@ impl SplitQueue {
         first
     }
 
-    /// Places `chain` (its buffers in scratch memory, its descriptors in the next free slots
-    /// or an indirect table) and makes it available; the device sees it at the next kick.
+    /// Places `chain` (its buffers in scratch memory, its descriptors in the next slots, round
+    /// robin, or an indirect table) and makes it available; the device sees it at the next
+    /// kick. Slots are not tracked: a caller keeps at most a table's worth of descriptors
+    /// outstanding, as a driver must.
     pub fn submit(
         &mut self,
         ram: &mut GuestRam,
