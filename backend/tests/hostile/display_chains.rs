@@ -48,17 +48,7 @@ fn place(fe: &mut DisplayFrontend, bytes: &[u8]) -> u64 {
 }
 
 fn desc_bytes(descs: &[Desc]) -> Vec<u8> {
-    descs
-        .iter()
-        .flat_map(|d| {
-            let mut b = [0u8; 16];
-            b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-            b[8..12].copy_from_slice(&d.len.to_le_bytes());
-            b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-            b[14..16].copy_from_slice(&d.next.to_le_bytes());
-            b
-        })
-        .collect()
+    descs.iter().flat_map(Desc::to_bytes).collect()
 }
 
 /// What a case must get back.

@@ -47,7 +47,8 @@ pub struct Desc {
 }
 
 impl Desc {
-    fn bytes(&self) -> [u8; 16] {
+    /// The 16 bytes of the descriptor in a table.
+    pub fn to_bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&self.addr.to_le_bytes());
         b[8..12].copy_from_slice(&self.len.to_le_bytes());
@@ -282,7 +283,7 @@ impl SplitQueue {
     /// Writes descriptor `slot` of the table (any index: a slot past the table lands in the
     /// rings' area, as a driver bug would).
     pub fn write_desc(&self, ram: &GuestRam, slot: u16, desc: Desc) -> Result<(), FrontendError> {
-        ram.write(self.desc + u64::from(slot) * DESC_SIZE, &desc.bytes())
+        ram.write(self.desc + u64::from(slot) * DESC_SIZE, &desc.to_bytes())
     }
 
     /// Takes `n` consecutive descriptor slots (modulo the size) for descriptors written by
@@ -342,7 +343,7 @@ impl SplitQueue {
                     d.next = (i + 1) as u16;
                 }
             }
-            let table: Vec<u8> = descs.iter().flat_map(|d| d.bytes()).collect();
+            let table: Vec<u8> = descs.iter().flat_map(|d| d.to_bytes()).collect();
             let at = ram.scratch(table.len() as u64)?;
             ram.write(at, &table)?;
             let desc = Desc {
