@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use crate::host_driver::addr::GpuVa;
 use crate::host_gpu::HostMemory;
 use crate::slice::{GuestSlice, HostVram, Slice, SliceAccess};
 
@@ -159,10 +160,16 @@ impl SliceStore for HostMemoryStore {
 }
 
 /// A store over a range of host VRAM (a guest's slice, or the part of it set aside for display
-/// resources), reached through the host PRAMIN window.
+/// resources). Bytes move through the guest's window of the host BAR1 when it has one (a
+/// sliced GPU: the GPU MMU translates every access with the page tables of that window, so it
+/// can only reach the slice; on hardware BAR1 is a mapped aperture, far faster than PRAMIN),
+/// else through the host PRAMIN window (a GPU given whole, whose BAR1 is the guest's).
+/// Scrubs go through [`HostVram::scrub`].
 pub struct SliceVramStore {
     vram: Arc<HostVram>,
     range: Slice,
+    /// BAR1 VA of the slice's first byte, if bytes move through BAR1.
+    bar1: Option<GpuVa>,
     /// The guest's access to its slice: once revoked (the guest removed), every access
     /// fails, whatever a display thread still does.
     access: Option<Arc<SliceAccess>>,
@@ -174,17 +181,32 @@ impl SliceVramStore {
         SliceVramStore {
             vram,
             range,
+            bar1: None,
             access: None,
         }
     }
 
-    /// The store over a guest's slice, usable only as long as the guest owns it.
+    /// The store over a guest's slice, usable only as long as the guest owns it, through
+    /// its BAR1 window if it has one.
     pub fn for_guest(guest: &GuestSlice) -> SliceVramStore {
         SliceVramStore {
             vram: Arc::clone(guest.vram()),
             range: guest.slice(),
+            bar1: guest.bar1_window(),
             access: Some(Arc::clone(guest.access())),
         }
+    }
+
+    /// The BAR1 offset of `offset` of the slice (checked against the slice first).
+    fn bar1_at(&self, va: GpuVa, offset: u64, len: u64) -> Result<u64, StoreError> {
+        self.at(offset, len)?;
+        va.offset(offset)
+            .map(GpuVa::raw)
+            .ok_or(StoreError::OutOfRange {
+                offset,
+                len,
+                size: self.range.size(),
+            })
     }
 
     /// Runs `f` if the slice is still the guest's.
@@ -214,21 +236,28 @@ impl SliceStore for SliceVramStore {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let backend = |e: &dyn std::fmt::Display| StoreError::Backend(e.to_string());
+        if let Some(va) = self.bar1 {
+            let at = self.bar1_at(va, offset, buf.len() as u64)?;
+            return self.live(|| self.vram.host().bar1_read(at, buf).map_err(|e| backend(&e)));
+        }
         let addr = self.at(offset, buf.len() as u64)?;
-        self.live(|| {
-            self.vram
-                .read(addr, buf)
-                .map_err(|e| StoreError::Backend(e.to_string()))
-        })
+        self.live(|| self.vram.read(addr, buf).map_err(|e| backend(&e)))
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let backend = |e: &dyn std::fmt::Display| StoreError::Backend(e.to_string());
+        if let Some(va) = self.bar1 {
+            let at = self.bar1_at(va, offset, data.len() as u64)?;
+            return self.live(|| {
+                self.vram
+                    .host()
+                    .bar1_write(at, data)
+                    .map_err(|e| backend(&e))
+            });
+        }
         let addr = self.at(offset, data.len() as u64)?;
-        self.live(|| {
-            self.vram
-                .write(addr, data)
-                .map_err(|e| StoreError::Backend(e.to_string()))
-        })
+        self.live(|| self.vram.write(addr, data).map_err(|e| backend(&e)))
     }
 
     fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
