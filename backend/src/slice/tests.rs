@@ -373,6 +373,43 @@ fn a_removed_guests_memfd_is_not_reused_for_the_next_guest() {
     assert_eq!(buf, [0xB2; 16]);
 }
 
+/// A removed guest's slice handle cannot be presented again: before this was refused, the
+/// stale handle got the memfd of whoever held the range now (the next guest's VRAM, mapped
+/// by the removed guest's QEMU), or carved free VRAM for itself. Found by the churn soak
+/// (`backend/tests/soak/churn`).
+#[test]
+fn a_removed_guests_slice_cannot_be_presented_again() {
+    for name in ["tu102-24g", "gh100-80g"] {
+        let (gpu, host) = emulated(name);
+        let mut sliced = SlicedGpu::new(host).unwrap();
+        let a = sliced.add_guest(4 * MIB).unwrap();
+        drop(PresentedFunction::for_guest(a.clone()).unwrap());
+        sliced.remove_guest(&a).unwrap();
+        // The next guest gets the same range and is presented: its own memfd.
+        let b = sliced.add_guest(4 * MIB).unwrap();
+        assert_eq!(b.slice(), a.slice(), "{name}: first fit reuses the range");
+        let fb = PresentedFunction::for_guest(b.clone()).unwrap();
+        let bar = vram_bar(&fb);
+        fb.region_write(bar, 0x100, &[0xB2; 16]).unwrap();
+        let err = PresentedFunction::for_guest(a.clone())
+            .map(|stale| stale.bar(bar).and_then(|b| b.mappable()).is_some())
+            .expect_err("a removed guest's slice was presented again");
+        assert!(
+            matches!(err, crate::presentation::PresentationError::Removed(s) if s == a.slice()),
+            "{name}: {err}"
+        );
+        assert_eq!(err.errno(), libc::ENODEV);
+        // Removed and not handed out again: still refused, and nothing was carved (the
+        // range's canaries stay).
+        sliced.remove_guest(&b).unwrap();
+        vram_fill(&gpu, b.slice().start().raw(), b.slice().size(), 0x5A);
+        assert!(PresentedFunction::for_guest(b.clone()).is_err(), "{name}");
+        assert!(vram_read(&gpu, b.slice().start().raw(), 4 * MIB as usize)
+            .iter()
+            .all(|&x| x == 0x5A));
+    }
+}
+
 #[test]
 fn sizes_that_do_not_fit_are_bad_requests() {
     let (_gpu, host) = emulated("tu102-24g");
