@@ -28,6 +28,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod churn;
 mod episodes;
 mod guest;
 mod host;
