@@ -3,7 +3,7 @@
 //! garbage, DMA maps, power states, resets, reconnects), and run against the guest with
 //! every byte read checked against its model.
 
-use gpu_backend::presentation::config_space::PM_CAP_OFFSET;
+use gpu_backend::presentation::config_space::{CONFIG_SPACE_SIZE, PM_CAP_OFFSET};
 use gpu_backend::presentation::function::CONFIG_REGION_INDEX;
 use gpu_backend::vfio_user::test_client::ClientError;
 
@@ -58,6 +58,8 @@ pub enum Access {
     DmaUnmap(UnmapRequest),
     /// A PMCSR write (D0, D3hot, or an unsupported state), then a read back.
     Power { value: u16, via: Via },
+    /// A config space write anywhere (PMCSR included, sometimes), then PMCSR read back.
+    Config { at: u64, data: Vec<u8>, via: Via },
     /// Function-level reset.
     Reset { via: Via },
     /// Hang up and connect again.
@@ -74,6 +76,7 @@ impl Access {
             | Access::VramRead { via, .. }
             | Access::VramWrite { via, .. }
             | Access::Power { via, .. }
+            | Access::Config { via, .. }
             | Access::Reset { via } => *via != Via::Direct,
             Access::MappedRead { .. } | Access::MappedWrite { .. } | Access::Reconnect => false,
             Access::WriteMulti { .. } | Access::DmaMap(_) | Access::DmaUnmap(_) => true,
@@ -91,7 +94,7 @@ impl Access {
 }
 
 /// The kinds of operation, for drawing and counting.
-pub const KINDS: [(&str, u32); 17] = [
+pub const KINDS: [(&str, u32); 18] = [
     ("window write", 90),
     ("window read", 30),
     ("aperture read", 140),
@@ -107,6 +110,7 @@ pub const KINDS: [(&str, u32); 17] = [
     ("DMA map", 25),
     ("DMA unmap", 20),
     ("power state", 8),
+    ("config space", 8),
     ("reset", 8),
     ("reconnect", 3),
 ];
@@ -338,6 +342,20 @@ pub fn draw(rng: &mut Rng, kind: &str, guest: &Guest) -> Access {
             },
             via: via(rng, false),
         },
+        "config space" => {
+            let at = match rng.below(8) {
+                0 => PMCSR - rng.below(4),
+                1 => rng.range(256, 4095),
+                2 => 4096 - rng.range(1, 4),
+                _ => rng.below(256),
+            };
+            let n = rng.range(1, 8) as usize;
+            Access::Config {
+                at,
+                data: rng.bytes(n),
+                via: via(rng, false),
+            }
+        }
         "reset" => Access::Reset {
             via: via(rng, false),
         },
@@ -453,6 +471,18 @@ fn check_bar0(m: &GuestModel, marker: u8, at: u64, data: &[u8]) -> Result<(), St
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// PMCSR reads back the power state the model has.
+fn check_power(guest: &mut Guest, via: Via) -> Result<(), String> {
+    let back = read(guest, CONFIG_REGION_INDEX, PMCSR, 2, via)?
+        .map_err(|e| format!("PMCSR read refused with errno {e}"))?;
+    let state = u16::from_le_bytes([back[0], back[1]]) & 3;
+    let want = if guest.model.powered_off { 3 } else { 0 };
+    if state != want {
+        return Err(format!("PMCSR power state {state}, expected {want}"));
     }
     Ok(())
 }
@@ -589,25 +619,29 @@ pub fn run(guest: &mut Guest, access: &Access) -> Result<(), String> {
             }
         }
         Access::Power { value, via } => {
-            let region = CONFIG_REGION_INDEX;
-            let via_w = if *via == Via::Direct {
-                Via::Direct
-            } else {
-                Via::Socket
-            };
-            if let Err(e) = write(guest, region, PMCSR, &value.to_le_bytes(), via_w)? {
+            if let Err(e) = write(
+                guest,
+                CONFIG_REGION_INDEX,
+                PMCSR,
+                &value.to_le_bytes(),
+                *via,
+            )? {
                 return Err(format!("PMCSR write refused with errno {e}"));
             }
             guest.model.write_pmcsr(*value);
-            let back = read(guest, region, PMCSR, 2, via_w)?
-                .map_err(|e| format!("PMCSR read refused with errno {e}"))?;
-            let state = u16::from_le_bytes([back[0], back[1]]) & 3;
-            let want = if guest.model.powered_off { 3 } else { 0 };
-            if state != want {
-                return Err(format!(
-                    "PMCSR power state {state} after writing {value:#x}, expected {want}"
-                ));
+            check_power(guest, *via)?;
+        }
+        Access::Config { at, data, via } => {
+            let got = write(guest, CONFIG_REGION_INDEX, *at, data, *via)?;
+            let inside = at + data.len() as u64 <= CONFIG_SPACE_SIZE as u64;
+            expect_written("config write", got, inside.then_some(data.len()))?;
+            if let Some(&byte) = data
+                .get(PMCSR.wrapping_sub(*at) as usize)
+                .filter(|_| inside)
+            {
+                guest.model.write_pmcsr(u16::from(byte));
             }
+            check_power(guest, *via)?;
         }
         Access::Reset { via } => {
             match via {

@@ -86,6 +86,10 @@ pub struct Tally {
     pub represented: u64,
     /// Distinct slice starts guests got.
     pub starts: std::collections::BTreeSet<u64>,
+    /// Full host checks.
+    pub checks: u64,
+    /// Bytes of host VRAM the host compared.
+    pub bytes_checked: u64,
 }
 
 impl Tally {
@@ -387,6 +391,8 @@ impl World {
         for g in self.stale.drain(..) {
             g.close()?;
         }
+        self.tally.checks = self.host.checks;
+        self.tally.bytes_checked = self.host.bytes_checked;
         Ok(self.tally)
     }
 
