@@ -4,16 +4,17 @@
 //! Each profile's GPU is sliced for up to four guests of 2-8 MiB, with free VRAM between
 //! and after them (`world.rs`). Each guest is what QEMU would hold: its presented function
 //! served over an in-process vfio-user connection, a mapping of its VRAM BAR's memfd and a
-//! sealed memfd of DMA memory (`guest.rs`). The operations (`ops.rs`) are the guest's: window
-//! register values inside, at the edge of and past its slice or garbage; PRAMIN aperture
-//! reads and writes of widths 1/2/4/8, odd lengths and up to 64 KiB at every offset,
-//! straddling the end of the slice and of the aperture; trapped VRAM BAR accesses into and
-//! past the padding; accesses through the mapping; BAR0 anywhere; WRITE_MULTI; DMA
-//! map/unmap of its memfd (a sliced guest's device does no DMA of its own: the maps are
-//! only recorded, and the memfd must come out unchanged); D3hot and back, config space writes; resets;
-//! reconnects. In between, guests are removed (their QEMU keeps function, connection and
-//! mapping, and keeps using them) and added again, often around a blocker so they land on
-//! another range, and removed slices are presented again (refused).
+//! sealed memfd of DMA memory (`guest.rs`). The operations are the guest's (drawn in
+//! `ops.rs`, run and checked in `run.rs`): window register values inside, at the edge of and
+//! past its slice or garbage; PRAMIN aperture reads and writes of widths 1/2/4/8, odd
+//! lengths and up to 64 KiB at every offset, straddling the end of the slice and of the
+//! aperture; trapped VRAM BAR accesses into and past the padding; accesses through the
+//! mapping; BAR0 anywhere; WRITE_MULTI; DMA map/unmap of its memfd (a sliced guest's device
+//! does no DMA of its own: the maps are only recorded, and the memfd must come out
+//! unchanged); D3hot and back; config space writes; resets; reconnects. In between, guests
+//! are removed (their QEMU keeps function, connection and mapping, and keeps using them) and
+//! added again, often around a blocker so they land on another range, and removed slices are
+//! presented again (refused).
 //!
 //! Every byte a guest reads is checked against its model (`model.rs`): its own data where
 //! it owns VRAM, ~0 elsewhere, and never another guest's marker or a canary. The host side
@@ -39,6 +40,7 @@ mod guest;
 mod host;
 mod model;
 mod ops;
+mod run;
 mod world;
 
 use std::collections::VecDeque;

@@ -15,6 +15,7 @@ use super::guest::Guest;
 use super::host::{HostView, Owned};
 use super::model::{FREE_CANARY, MARKERS};
 use super::ops::{self, Access, KINDS};
+use super::run;
 use crate::support::rng::Rng;
 
 /// Guests live at once, at most.
@@ -223,7 +224,7 @@ impl World {
                 }
                 let guest = self.guest_mut(*target).ok_or("no such guest")?;
                 let label = format!("guest #{} ({:?})", guest.number, target);
-                ops::run(guest, access).map_err(|e| format!("{label}: {e}"))
+                run::run(guest, access).map_err(|e| format!("{label}: {e}"))
             }
             Op::Remove { seat } => self.remove(*seat),
             Op::Add {
