@@ -299,33 +299,8 @@ impl Vram {
                 size,
             });
         }
-        let len = usize::try_from(size).map_err(|_| VramError::TooLarge {
-            size,
-            max: usize::MAX as u64,
-        })?;
         let fd = OwnedFd::from(file);
-        // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL), over a file of
-        // exactly `len` bytes that nobody else is given; it does not alias any Rust object.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(VramError::Map {
-                size,
-                source: io::Error::last_os_error(),
-            });
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| VramError::Map {
-            size,
-            source: io::Error::other("mmap returned NULL"),
-        })?;
+        let ptr = map_whole(fd.as_fd(), size)?;
         Ok(Vram {
             fd,
             ptr,
@@ -351,12 +326,8 @@ impl Vram {
                 max: Self::MAX_SIZE,
             });
         }
-        // `size` ≤ 1 TiB, so these conversions cannot fail on a 64-bit host; on a 32-bit
-        // host they fail cleanly.
-        let len = usize::try_from(size).map_err(|_| VramError::TooLarge {
-            size,
-            max: usize::MAX as u64,
-        })?;
+        // `size` ≤ 1 TiB, so this conversion cannot fail on a 64-bit host; on a 32-bit host
+        // it fails cleanly.
         let off_len = libc::off_t::try_from(size).map_err(|_| VramError::TooLarge {
             size,
             max: libc::off_t::MAX as u64,
@@ -383,28 +354,7 @@ impl Vram {
         }
         seal_size(fd.as_fd()).map_err(VramError::Seal)?;
 
-        // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL), over a file of
-        // exactly `len` bytes; it does not alias any Rust object.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(VramError::Map {
-                size,
-                source: io::Error::last_os_error(),
-            });
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| VramError::Map {
-            size,
-            source: io::Error::other("mmap returned NULL"),
-        })?;
+        let ptr = map_whole(fd.as_fd(), size)?;
         Ok(Vram {
             fd,
             ptr,
@@ -749,6 +699,36 @@ impl Vram {
 /// to other processes (QEMU maps it for its guest): sealed, none of them can `ftruncate` it
 /// under our mapping, which would make our next access past the new end fault with SIGBUS.
 /// Punching holes (`fallocate(PUNCH_HOLE | KEEP_SIZE)`, what scrubbing and carving do) and
+
+/// Maps all `size` bytes of `fd` shared, read-write, without reserving swap.
+fn map_whole(fd: BorrowedFd<'_>, size: u64) -> Result<NonNull<u8>, VramError> {
+    let len = usize::try_from(size).map_err(|_| VramError::TooLarge {
+        size,
+        max: usize::MAX as u64,
+    })?;
+    // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL), over a file of exactly
+    // `len` bytes; it does not alias any Rust object.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(VramError::Map {
+            size,
+            source: io::Error::last_os_error(),
+        });
+    }
+    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| VramError::Map {
+        size,
+        source: io::Error::other("mmap returned NULL"),
+    })
+}
 /// new shared writable mappings (`MAP_FIXED` remaps) stay allowed under these seals.
 fn seal_size(fd: BorrowedFd<'_>) -> io::Result<()> {
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;

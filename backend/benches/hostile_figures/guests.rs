@@ -19,6 +19,17 @@ pub const VRAM_BAR: u32 = 1;
 /// MiB.
 pub const MIB: u64 = 1 << 20;
 
+/// The `p` quantile of nanosecond samples, in µs (0 for none).
+pub fn percentile(samples: &[u64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1000.0
+}
+
 /// A running server and its sockets.
 pub struct Served {
     /// The server.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use gpu_backend::vfio_user::test_client::TestClient;
 
-use crate::guests::{Served, APERTURE, BAR0, MIB, VRAM_BAR, WINDOW};
+use crate::guests::{percentile, Served, APERTURE, BAR0, MIB, VRAM_BAR, WINDOW};
 
 /// What A does while B measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,16 +43,6 @@ struct Samples {
     flood: Vec<u64>,
     flood_bytes: u64,
     flood_time: Duration,
-}
-
-fn percentile(samples: &[u64], p: f64) -> f64 {
-    if samples.is_empty() {
-        return 0.0;
-    }
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64 / 1000.0
 }
 
 /// A's flood until `stop`: the bytes moved, the time, and each access's duration.

@@ -14,19 +14,9 @@ use std::time::{Duration, Instant};
 use gpu_backend::control::ControlClient;
 use serde_json::json;
 
-use crate::guests::{Served, BAR0, MIB};
+use crate::guests::{percentile, Served, BAR0, MIB};
 use crate::support::proc_stats::{human, proc_stats};
 use crate::support::serve_process::{ServeProcess, TempDir};
-
-fn percentile(samples: &[u64], p: f64) -> f64 {
-    if samples.is_empty() {
-        return 0.0;
-    }
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64 / 1000.0
-}
 
 /// Guest 0's `samples` BOOT_0 reads while guests 1..n read back to back.
 fn concurrent_round(sockets: &[PathBuf], n: usize, samples: usize) -> Vec<u64> {
