@@ -693,12 +693,20 @@ impl Vram {
     }
 }
 
-/// `fallocate(PUNCH_HOLE | KEEP_SIZE)` of `[off, off + len)` of `fd`; false if refused.
 /// Seals a memfd's size for good (`F_SEAL_SHRINK | F_SEAL_GROW`, then `F_SEAL_SEAL` so no
 /// other seal, `F_SEAL_FUTURE_WRITE` say, can be added later). Every memfd of VRAM is handed
 /// to other processes (QEMU maps it for its guest): sealed, none of them can `ftruncate` it
 /// under our mapping, which would make our next access past the new end fault with SIGBUS.
 /// Punching holes (`fallocate(PUNCH_HOLE | KEEP_SIZE)`, what scrubbing and carving do) and
+/// new shared writable mappings (`MAP_FIXED` remaps) stay allowed under these seals.
+fn seal_size(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS with an int argument on a valid memfd; no memory is involved.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Maps all `size` bytes of `fd` shared, read-write, without reserving swap.
 fn map_whole(fd: BorrowedFd<'_>, size: u64) -> Result<NonNull<u8>, VramError> {
@@ -729,16 +737,8 @@ fn map_whole(fd: BorrowedFd<'_>, size: u64) -> Result<NonNull<u8>, VramError> {
         source: io::Error::other("mmap returned NULL"),
     })
 }
-/// new shared writable mappings (`MAP_FIXED` remaps) stay allowed under these seals.
-fn seal_size(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS with an int argument on a valid memfd; no memory is involved.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
 
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)` of `[off, off + len)` of `fd`; false if refused.
 fn punch(fd: BorrowedFd<'_>, off: libc::off_t, len: libc::off_t) -> bool {
     // SAFETY: plain syscall on a valid fd; no memory is passed.
     let rc = unsafe {
