@@ -4,8 +4,11 @@
 //! ([`check_slice`]), and the ghost pattern a removed guest writes ([`ghost_needles`]), which
 //! must be found nowhere in host VRAM.
 
+use std::ops::Range;
+
 use crate::error::Result;
 use crate::host_vram::HostVram;
+use crate::isolation::{nonzero_outside, Canary};
 use crate::pattern::{soak_bytes, soak_word};
 use crate::report::{Fact, ProbeReport};
 
@@ -49,6 +52,8 @@ pub struct SoakRound {
     pub first_bad: String,
     /// How long the round took, in ms.
     pub ms: u64,
+    /// A verify round the device went away during (its mismatches do not count).
+    pub interrupted: bool,
 }
 
 /// `GPUPROBE soak_lost`: what the guest saw once its device was gone.
@@ -93,6 +98,7 @@ fn round(f: &Fact) -> Option<SoakRound> {
         bad: f.num("bad")?,
         first_bad: f.get("first_bad").unwrap_or("-").to_string(),
         ms: f.num("ms")?,
+        interrupted: f.num("interrupted") == Some(1),
     })
 }
 
@@ -143,6 +149,14 @@ impl SoakReport {
     /// Verify rounds that found every word.
     pub fn clean_verifies(&self) -> usize {
         self.verifies.iter().filter(|r| r.bad == 0).count()
+    }
+
+    /// Verify rounds that missed words while the device was there (what must never happen).
+    pub fn failed_verifies(&self) -> Vec<&SoakRound> {
+        self.verifies
+            .iter()
+            .filter(|r| r.bad > 0 && !r.interrupted)
+            .collect()
     }
 }
 
@@ -236,6 +250,37 @@ pub fn ghost_needles(lost: &SoakLost, layout: &SoakLayout) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// What is wrong outside the guests' slices: every canary of `canaries` must hold its bytes,
+/// and every range of `zero` nothing but zeros and canaries. One line per problem (empty:
+/// all is well).
+pub fn check_outside(
+    vram: &HostVram,
+    canaries: &[Canary],
+    zero: &[(String, Range<u64>)],
+) -> Result<Vec<String>> {
+    let mut bad = Vec::new();
+    for c in canaries {
+        let now = vram.read(c.offset, c.bytes.len())?;
+        if now != c.bytes {
+            bad.push(format!("canary {} at {:#x} changed", c.name, c.offset));
+        }
+    }
+    let allowed: Vec<Range<u64>> = canaries
+        .iter()
+        .map(|c| c.offset..c.offset + c.bytes.len() as u64)
+        .collect();
+    for (what, range) in zero {
+        let (count, first) = nonzero_outside(vram, range.clone(), &allowed)?;
+        if count > 0 {
+            bad.push(format!(
+                "{what} [{:#x}, {:#x}): {count} nonzero bytes, first at {first:#x?}",
+                range.start, range.end
+            ));
+        }
+    }
+    Ok(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,7 +292,8 @@ GPUPROBE soak_kept rounds=1 bar_seed=0xb0050a4 aperture_seed=0x1050a0
 GPUPROBE check name=soak_write result=pass detail=rounds=1 bad=0 seconds=1
 GPUPROBE soak_verify n=0 bad=0 first_bad=- boot0=0x162000a1 ms=300
 GPUPROBE soak_verify n=1 bad=2 first_bad=bar@0x10:got=0x0/want=0x5 boot0=0x162000a1 ms=310
-GPUPROBE soak_lost n=2 boot0=0xffffffff aperture=0xffffffff bar_word0=0x0 ghost_seed=0x60000006800a0ac ghost_bar_bytes=65536 ghost_aperture_bytes=256 ghost_read_back=0x6b
+GPUPROBE soak_verify n=2 bad=9 first_bad=bar@0x0:got=0x0/want=0x5 boot0=0x162000a1 ms=310 interrupted=1
+GPUPROBE soak_lost n=3 boot0=0xffffffff aperture=0xffffffff bar_word0=0x0 ghost_seed=0x60000006800a0ac ghost_bar_bytes=65536 ghost_aperture_bytes=256 ghost_read_back=0x6b
 ";
 
     #[test]
@@ -259,18 +305,33 @@ GPUPROBE soak_lost n=2 boot0=0xffffffff aperture=0xffffffff bar_word0=0x0 ghost_
         assert_eq!(s.rounds.len(), 1);
         let kept = s.kept.unwrap();
         assert_eq!((kept.rounds, kept.bar_seed), (1, 0xb00_50a4));
-        assert_eq!(s.verifies.len(), 2);
+        assert_eq!(s.verifies.len(), 3);
         assert_eq!(s.clean_verifies(), 1);
+        assert_eq!(
+            s.failed_verifies().len(),
+            1,
+            "the interrupted round does not count"
+        );
+        assert!(s.verifies[2].interrupted);
         assert_eq!(s.verifies[1].first_bad, "bar@0x10:got=0x0/want=0x5");
         let lost = s.lost.clone().unwrap();
-        assert_eq!((lost.n, lost.boot0), (2, 0xffff_ffff));
+        assert_eq!((lost.n, lost.boot0), (3, 0xffff_ffff));
         assert_eq!(lost.aperture, "0xffffffff");
-        assert_eq!(layout.kept_word(&kept, 0x2000), soak_word(kept.aperture_seed, 0x2000));
-        assert_eq!(layout.kept_word(&kept, 0x3000), soak_word(kept.bar_seed, 0x3000));
+        assert_eq!(
+            layout.kept_word(&kept, 0x2000),
+            soak_word(kept.aperture_seed, 0x2000)
+        );
+        assert_eq!(
+            layout.kept_word(&kept, 0x3000),
+            soak_word(kept.bar_seed, 0x3000)
+        );
         let needles = ghost_needles(&lost, &layout);
         assert_eq!(needles.len(), 4);
         assert_eq!(needles[0], soak_bytes(lost.ghost_seed, 0, GHOST_NEEDLE));
-        assert_eq!(needles[3], soak_bytes(lost.ghost_seed, 0x2000, GHOST_NEEDLE));
+        assert_eq!(
+            needles[3],
+            soak_bytes(lost.ghost_seed, 0x2000, GHOST_NEEDLE)
+        );
     }
 
     #[test]

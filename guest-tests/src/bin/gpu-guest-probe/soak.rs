@@ -9,7 +9,9 @@
 //! 2. **What stays**: the last round's pattern, announced so the host can check every byte.
 //! 3. **Verify rounds**, `soak_verify` of them (`0`: until the device is lost), `soak_pause_ms`
 //!    apart: BOOT_0, then the whole VRAM through the BARs and the start of each aperture chunk
-//!    through the aperture, against what stays.
+//!    through the aperture, against what stays. A round with mismatches after which BOOT_0
+//!    no longer reads its value was cut short by the device going away (`interrupted=1`) and
+//!    does not count.
 //! 4. **The device lost** (BOOT_0 no longer reads its value: the backend removed the guest):
 //!    the aperture and the first VRAM word are read once more, then a "ghost" pattern is
 //!    written through the VRAM BAR and the aperture, which must reach no VRAM of anybody
@@ -21,7 +23,7 @@
 //! GPUPROBE soak_start slice_size=.. seed=.. write_s=.. chunks=0x2000,0x802000,0xf02000 chunk_len=4096
 //! GPUPROBE soak_round n=.. bar_seed=.. aperture_seed=.. bad=.. first_bad=.. ms=..
 //! GPUPROBE soak_kept rounds=.. bar_seed=.. aperture_seed=..
-//! GPUPROBE soak_verify n=.. bad=.. first_bad=.. boot0=.. ms=..
+//! GPUPROBE soak_verify n=.. bad=.. first_bad=.. boot0=.. ms=.. interrupted=0|1
 //! GPUPROBE soak_lost n=.. boot0=.. aperture=.. bar_word0=.. ghost_seed=.. ghost_bar_bytes=.. ghost_aperture_bytes=.. ghost_read_back=..
 //! ```
 
@@ -91,10 +93,7 @@ impl Plan {
 
     /// The word at guest address `g` once `seeds`' round is done.
     fn kept_word(&self, seeds: Seeds, g: u64) -> u32 {
-        let in_chunk = self
-            .chunks
-            .iter()
-            .any(|&c| (c..c + CHUNK_LEN).contains(&g));
+        let in_chunk = self.chunks.iter().any(|&c| (c..c + CHUNK_LEN).contains(&g));
         soak_word(if in_chunk { seeds.aperture } else { seeds.bar }, g)
     }
 }
@@ -305,10 +304,12 @@ fn list(v: &[u64]) -> String {
 /// Run the soak.
 pub fn run(params: &Params, dev: &PciDevice, bars: &[Bar]) {
     set_current("soak");
-    let (Some(reg), Some(size), Some(boot0)) =
-        (params.window_reg, params.slice_size, params.boot0)
+    let (Some(reg), Some(size), Some(boot0)) = (params.window_reg, params.slice_size, params.boot0)
     else {
-        return fail("soak_write", "gpuprobe.soak needs window_reg, slice_size and boot0");
+        return fail(
+            "soak_write",
+            "gpuprobe.soak needs window_reg, slice_size and boot0",
+        );
     };
     if size < 2 * BLOCK || size % BLOCK != 0 {
         return fail(
@@ -365,7 +366,10 @@ pub fn run(params: &Params, dev: &PciDevice, bars: &[Bar]) {
             kept.bar, kept.aperture
         ),
     );
-    let summary = format!("rounds={rounds} bad={bad} seconds={}", start.elapsed().as_secs());
+    let summary = format!(
+        "rounds={rounds} bad={bad} seconds={}",
+        start.elapsed().as_secs()
+    );
     match first_bad {
         None => pass("soak_write", &summary),
         Some(f) => fail("soak_write", &format!("{summary} first={f}")),
@@ -382,15 +386,24 @@ pub fn run(params: &Params, dev: &PciDevice, bars: &[Bar]) {
             break;
         }
         let t = verify_round(&d, &plan, kept);
+        // A round the device was taken away during does not count: its VRAM went mid-way.
+        let after = d.boot0.read32(0).unwrap_or(u32::MAX);
+        let interrupted = t.bad > 0 && after != boot0;
         fact(
             "soak_verify",
             &format!(
-                "n={n} bad={} first_bad={} boot0={b:#010x} ms={}",
+                "n={n} bad={} first_bad={} boot0={b:#010x} ms={} interrupted={}",
                 t.bad,
                 t.first(),
-                t0.elapsed().as_millis()
+                t0.elapsed().as_millis(),
+                u8::from(interrupted)
             ),
         );
+        if interrupted {
+            lost(&d, &plan, n, after, params.soak_seed);
+            was_lost = true;
+            break;
+        }
         bad += t.bad;
         first_bad = first_bad.or(t.first.clone());
         n += 1;
