@@ -17,6 +17,7 @@
 //! | `persist_seed` | pattern seed | `1` |
 //! | `timeout` | watchdog, seconds | `120` |
 //! | `shell` | `1`: `/init` starts a shell after the probe instead of powering off | off |
+//! | `hotplug` | `1`: `/init` waits for the GPU to be hot-plugged, runs the probe, waits for it to go | off |
 //! | `bench` | `1`: after the checks, run the benchmarks (see `bench`) | off |
 //! | `bench_n` | timed accesses per latency benchmark | `2000` |
 //! | `bench_warmup` | untimed accesses before each latency benchmark | `200` |
@@ -260,8 +261,9 @@ impl Params {
             "soak_write_s" => self.soak_write_s = narrow(num()?, 3600)?,
             "soak_verify" => self.soak_verify = narrow(num()?, 1_000_000)?,
             "soak_pause_ms" => self.soak_pause_ms = narrow(num()?, 60_000)?,
-            // Read by /init (start a shell after the probe), not by the probe.
-            "shell" => {}
+            // Read by /init (a shell after the probe; waiting for a hot-plugged GPU), not by
+            // the probe.
+            "shell" | "hotplug" => {}
             _ => {
                 let idx = key
                     .strip_prefix("bar")
