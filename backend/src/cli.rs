@@ -23,6 +23,7 @@ use crate::serve::{
     ListenOptions, PeerRules, ServeError, ServeOptions,
 };
 use crate::slice::{parse_slice_size, GuestSpec, HandOut, SpecError};
+use crate::state::StateDir;
 use crate::vfio_user::{adopt_connected_fd, ServerConfig};
 
 /// Errors of the command line.
@@ -176,7 +177,7 @@ pub enum Command {
         vfio: Option<String>,
         /// Socket path for QEMU's `vfio-user-pci`: one guest owns the whole GPU (a stale
         /// socket file is replaced).
-        #[arg(long, required_unless_present_any = ["guests", "fd", "control"], conflicts_with_all = ["guests", "control"])]
+        #[arg(long, required_unless_present_any = ["guests", "fd", "control", "state"], conflicts_with_all = ["guests", "control"])]
         socket: Option<PathBuf>,
         /// Serve the one client at the other end of fd N, a connected unix stream socket the
         /// launcher passed (e.g. libvirt): the GPU is whole to it, and the process ends when
@@ -211,6 +212,13 @@ pub enum Command {
         /// the GPU; with no `--guest` the backend starts with no guest.
         #[arg(long, value_name = "PATH", conflicts_with = "fd")]
         control: Option<PathBuf>,
+        /// Keep the guest table in DIR (created if missing) and, for the emulated GPU, VRAM
+        /// in DIR/vram instead of an anonymous memfd: restarted with the same DIR, the
+        /// backend serves the same guests on the same sockets with their VRAM intact,
+        /// scrubbing only slices it hands out anew. Emulated VRAM in a file is never mapped
+        /// into QEMU (every VRAM access is trapped). Slices the GPU.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["fd", "socket"])]
+        state: Option<PathBuf>,
         /// File mode of the socket(s), in octal.
         #[arg(long, default_value = "600", value_parser = parse_mode)]
         socket_mode: u32,
@@ -515,6 +523,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             guests,
             display,
             control,
+            state,
             socket_mode,
             poll_spin_us,
             trap_vram,
@@ -544,8 +553,20 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 serve_connected(host, stream, server_config, peers, trap_vram)?;
                 return Ok(());
             }
-            let (host, _) = open_host(profile, vfio.as_deref())?;
-            if guests.is_empty() {
+            let state = state
+                .as_deref()
+                .map(StateDir::open)
+                .transpose()
+                .map_err(ServeError::from)?;
+            let host: Arc<dyn HostGpu> = match (&state, &vfio) {
+                // Emulated VRAM lives in the state directory, so it outlives the process.
+                (Some(dir), None) => Arc::new(EmulatedHostGpu::with_vram_file(
+                    profile,
+                    Some(&dir.path().join("vram")),
+                )?),
+                _ => open_host(profile, vfio.as_deref())?.0,
+            };
+            if guests.is_empty() && control.is_none() && state.is_none() {
                 let socket = socket.ok_or_else(|| {
                     CliError::Usage("serve needs --socket or at least one --guest".to_owned())
                 })?;
@@ -560,7 +581,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 )?;
                 return Ok(());
             }
-            serve_sliced(host, &guests, control.as_deref(), &listen)?;
+            serve_sliced(host, &guests, control.as_deref(), state, &listen)?;
             Ok(())
         }
         Command::Ctl {

@@ -21,10 +21,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::gpu_device::GpuDevice;
+use crate::host_driver::addr::VramAddr;
 use crate::presentation::bar0::TrapStats;
 use crate::presentation::{PresentationError, PresentedFunction};
 use crate::serve::{display_for, ListenOptions};
 use crate::slice::{GuestSlice, GuestSpec, SetupError, SlicedGpu};
+use crate::state::{SavedGuest, SavedState, StateDir, StateError, STATE_VERSION};
 use crate::supervisor::{Job, JobId, Supervisor, SHUTDOWN_GRACE};
 use crate::unix_socket::{check_bindable, BindError};
 use crate::vfio_user::{Server, ServerError};
@@ -69,6 +71,9 @@ pub enum GuestError {
     /// The backend is shutting down.
     #[error("the backend is shutting down")]
     ShuttingDown,
+    /// The state file could not be written; for an add, the guest was not added.
+    #[error("{0}")]
+    State(#[from] StateError),
 }
 
 impl GuestError {
@@ -101,7 +106,7 @@ pub struct GuestInfo {
     pub vram_start: u64,
     /// Size of its slice.
     pub vram_size: u64,
-    /// Whether a client (its QEMU) is connected to the vfio-user socket.
+    /// Whether a client (its QEMU) is connected to the vfio-user socket or the display.
     pub connected: bool,
     /// Its BAR0 traffic.
     pub traps: TrapStats,
@@ -141,17 +146,28 @@ struct Guest {
     display: Option<PathBuf>,
     slice: GuestSlice,
     device: Arc<GpuDevice>,
+    /// Set while QEMU is connected to the guest's display.
+    display_connected: Option<Arc<std::sync::atomic::AtomicBool>>,
     jobs: Vec<JobId>,
 }
 
 impl Guest {
+    /// Whether its QEMU is connected (to the GPU or the display).
+    fn is_connected(&self) -> bool {
+        self.device.is_connected()
+            || self
+                .display_connected
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     fn info(&self) -> GuestInfo {
         GuestInfo {
             socket: self.socket.display().to_string(),
             display: self.display.as_ref().map(|d| d.display().to_string()),
             vram_start: self.slice.slice().start().raw(),
             vram_size: self.slice.slice().size(),
-            connected: self.device.is_connected(),
+            connected: self.is_connected(),
             traps: self.device.function().trap_stats(),
         }
     }
@@ -168,6 +184,7 @@ pub struct GuestManager {
     table: Mutex<Table>,
     supervisor: Supervisor,
     listen: ListenOptions,
+    state: Option<StateDir>,
 }
 
 impl GuestManager {
@@ -182,7 +199,50 @@ impl GuestManager {
             }),
             supervisor,
             listen,
+            state: None,
         }
+    }
+
+    /// Keeps the guest table in `state` from now on (written after every change).
+    pub fn with_state(mut self, state: StateDir) -> GuestManager {
+        self.state = Some(state);
+        self
+    }
+
+    /// Writes the guest table to the state directory, if there is one.
+    fn save(&self, table: &Table) -> Result<(), StateError> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let identity = self.host.identity();
+        let mut guests: Vec<SavedGuest> = table
+            .guests
+            .iter()
+            .map(|g| SavedGuest {
+                socket: g.socket.clone(),
+                display: g.display.clone(),
+                vram_start: g.slice.slice().start().raw(),
+                vram_size: g.slice.slice().size(),
+            })
+            .collect();
+        guests.sort_by_key(|g| g.vram_start);
+        state.save(&SavedState {
+            version: STATE_VERSION,
+            gpu: identity.name.clone(),
+            vram_size: identity.vram_size,
+            guests,
+        })
+    }
+
+    /// Serves a guest of an earlier run again, from the state file: its slice is given
+    /// back where it was, **not scrubbed**.
+    pub fn restore(&self, saved: &SavedGuest) -> Result<GuestInfo, GuestError> {
+        let spec = GuestSpec {
+            socket: Some(saved.socket.clone()),
+            size: saved.vram_size,
+            display: saved.display.clone(),
+        };
+        self.add_with(&spec, Some(VramAddr::new(saved.vram_start)))
     }
 
     /// The GPU the guests share.
@@ -192,6 +252,15 @@ impl GuestManager {
 
     /// Adds and starts serving a guest (see the module docs).
     pub fn add(&self, spec: &GuestSpec) -> Result<GuestInfo, GuestError> {
+        self.add_with(spec, None)
+    }
+
+    /// Adds a guest: at `restore_at`, unscrubbed, or in the lowest free range, scrubbed.
+    fn add_with(
+        &self,
+        spec: &GuestSpec,
+        restore_at: Option<VramAddr>,
+    ) -> Result<GuestInfo, GuestError> {
         let socket = spec.socket.clone().ok_or(GuestError::NoSocket)?;
         if self.supervisor.shutdown().is_triggered() {
             return Err(GuestError::ShuttingDown);
@@ -214,7 +283,10 @@ impl GuestManager {
             }
             check_bindable(path)?;
         }
-        let slice = table.gpu.add_guest(spec.size)?;
+        let slice = match restore_at {
+            Some(start) => table.gpu.restore_guest(start, spec.size)?,
+            None => table.gpu.add_guest(spec.size)?,
+        };
         match self.start(&socket, spec.display.as_deref(), slice.clone()) {
             Ok(guest) => {
                 let info = guest.info();
@@ -229,6 +301,15 @@ impl GuestManager {
                         .unwrap_or_default()
                 );
                 table.guests.push(guest);
+                if let Err(e) = self.save(&table) {
+                    // Not recorded, so not added: a restart would not know it.
+                    if let Some(guest) = table.guests.pop() {
+                        guest.slice.access().revoke();
+                        self.stop_jobs(&guest.jobs);
+                        let _ = table.gpu.remove_guest(&guest.slice);
+                    }
+                    return Err(e.into());
+                }
                 Ok(info)
             }
             Err(e) => {
@@ -255,6 +336,7 @@ impl GuestManager {
         let mut display_server = display
             .map(|d| display_for(d, self.listen.socket_mode, &function))
             .transpose()?;
+        let display_connected = display_server.as_ref().map(|d| d.connected());
         let host = Arc::clone(function.host());
         let device = Arc::new(GpuDevice::new(function));
         let mut jobs = Vec::new();
@@ -286,6 +368,7 @@ impl GuestManager {
             display: display.map(Path::to_path_buf),
             slice,
             device,
+            display_connected,
             jobs,
         })
     }
@@ -313,7 +396,7 @@ impl GuestManager {
             .iter()
             .position(|g| g.socket == socket)
             .ok_or_else(|| GuestError::NotFound(socket.to_path_buf()))?;
-        if table.guests[index].device.is_connected() && !force {
+        if table.guests[index].is_connected() && !force {
             return Err(GuestError::Connected(socket.to_path_buf()));
         }
         let guest = table.guests.remove(index);
@@ -330,7 +413,10 @@ impl GuestManager {
             "guest removed: {} (VRAM {slice} scrubbed and free)",
             socket.display()
         );
-        Ok(())
+        self.save(&table).map_err(|e| {
+            log::error!("the guest on {} is removed, but {e}", socket.display());
+            GuestError::State(e)
+        })
     }
 
     /// The GPU, its free VRAM and every guest.

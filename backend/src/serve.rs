@@ -36,6 +36,7 @@ use crate::presentation::{
     FunctionLayout, PresentationError, PresentationOptions, PresentedFunction,
 };
 use crate::slice::{GuestSpec, HandOut, SetupError, SlicedGpu};
+use crate::state::{StateDir, StateError};
 use crate::supervisor::{Job, Supervisor};
 use crate::unix_socket::{check_bindable, BindError};
 use crate::vfio_user::shutdown::ShutdownError;
@@ -72,6 +73,12 @@ pub enum ServeError {
     /// A guest could not be added.
     #[error(transparent)]
     Guest(#[from] GuestError),
+    /// The state directory or file is unusable.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A `--guest` names a socket the state file has with another size or display.
+    #[error("--guest {0} differs from the guest the state file has on that socket (remove it through the control socket first)")]
+    StateConflict(PathBuf),
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -118,6 +125,7 @@ impl ServeError {
         match self {
             ServeError::Setup(e) => e.is_bad_request(),
             ServeError::Guest(e) => e.is_bad_request(),
+            ServeError::State(_) | ServeError::StateConflict(_) => true,
             ServeError::Control(ControlError::Bind(
                 BindError::NotASocket(_) | BindError::InUse(_),
             )) => true,
@@ -422,7 +430,7 @@ pub(crate) fn display_for(
     function: &PresentedFunction,
 ) -> Result<DisplayServer, DisplayError> {
     let guest = function.guest();
-    let store = SliceVramStore::new(Arc::clone(guest.vram()), guest.slice());
+    let store = SliceVramStore::for_guest(guest);
     let model = GpuCommandHandler::new(GpuConfig::default(), Box::new(store) as Box<_>);
     DisplayServer::bind(path, mode, model)
 }
@@ -500,10 +508,30 @@ pub fn serve_sliced(
     host: Arc<dyn HostGpu>,
     guests: &[GuestSpec],
     control: Option<&Path>,
+    state: Option<StateDir>,
     listen: &ListenOptions,
 ) -> Result<(), ServeError> {
-    let mut planned = Vec::with_capacity(guests.len());
-    for (i, g) in guests.iter().enumerate() {
+    let identity = host.identity().clone();
+    let saved = match &state {
+        Some(dir) => dir
+            .load(&identity.name, identity.vram_size)?
+            .map(|s| s.guests)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    // A `--guest` the state file already has (same socket, size and display) is served
+    // from the state; one that differs from it is refused.
+    let mut fresh = Vec::new();
+    for g in guests {
+        match saved.iter().find(|s| g.socket.as_ref() == Some(&s.socket)) {
+            Some(s) if s.vram_size == g.size && s.display == g.display => {}
+            Some(s) => return Err(ServeError::StateConflict(s.socket.clone())),
+            None => fresh.push(g.clone()),
+        }
+    }
+    let mut planned = Vec::with_capacity(saved.len() + fresh.len());
+    planned.extend(saved.iter().map(|s| (s.socket.clone(), s.display.clone())));
+    for (i, g) in fresh.iter().enumerate() {
         let socket = g.socket.clone().ok_or(ServeError::NoSocket(i))?;
         planned.push((socket, g.display.clone()));
     }
@@ -530,9 +558,21 @@ pub fn serve_sliced(
     }
     let gpu = SlicedGpu::new(host)?;
     let supervisor = Supervisor::new(ShutdownSignal::new()?);
-    let manager = Arc::new(GuestManager::new(gpu, supervisor.clone(), listen.clone()));
+    let mut manager = GuestManager::new(gpu, supervisor.clone(), listen.clone());
+    if let Some(dir) = state {
+        log::info!(
+            "guest table in {} ({} guest(s) to serve again)",
+            dir.file().display(),
+            saved.len()
+        );
+        manager = manager.with_state(dir);
+    }
+    let manager = Arc::new(manager);
     let started = (|| {
-        for g in guests {
+        for s in &saved {
+            manager.restore(s)?;
+        }
+        for g in &fresh {
             manager.add(g)?;
         }
         if let Some(path) = control {

@@ -12,6 +12,22 @@ use gpu_backend::vfio_user::protocol::{dma_flags, irq_flags};
 use gpu_backend::vfio_user::test_client::{ClientError, TestClient};
 use gpu_backend::vfio_user::Errno;
 
+#[allow(dead_code)]
+#[path = "support/mod.rs"]
+mod support;
+
+/// The display (vhost-user GPU) rig: two guests with displays.
+#[path = "hostile/display_rig.rs"]
+mod display_rig;
+
+/// Hostile chains, rings and guest memory at the display's transport.
+#[path = "hostile/display_chains.rs"]
+mod display_chains;
+
+/// A display flooded or stalled by its guest or its QEMU stalls no other guest.
+#[path = "hostile/display_stalls.rs"]
+mod display_stalls;
+
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;

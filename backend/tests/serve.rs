@@ -965,3 +965,127 @@ fn the_control_socket_answers_malformed_requests_with_errors_and_keeps_serving()
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_restart_with_the_same_state_directory_serves_the_same_guests_with_their_vram() {
+    let dir = temp_socket("state").with_extension("d");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state");
+    let (control, s0, s1, d1) = (
+        dir.join("ctl.sock"),
+        dir.join("g0.sock"),
+        dir.join("g1.sock"),
+        dir.join("d1.sock"),
+    );
+    let args = || {
+        vec![
+            "--guest".to_owned(),
+            format!("{}:4M", s0.display()),
+            "--control".to_owned(),
+            control.display().to_string(),
+            "--state".to_owned(),
+            state.display().to_string(),
+        ]
+    };
+    let mut child = spawn_serve(&args());
+    wait_for_socket(&control, &mut child);
+    let s1_text = s1.display().to_string();
+    ctl_json(
+        &control,
+        &[
+            "add",
+            "--socket",
+            &s1_text,
+            "--vram",
+            "6M",
+            "--display",
+            &d1.display().to_string(),
+        ],
+    );
+    for (socket, byte) in [(&s0, 0xA0u8), (&s1, 0xA1)] {
+        let mut c = TestClient::connect(socket).unwrap();
+        c.version().unwrap();
+        c.region_write(1, 0x3000, &[byte; 64], false).unwrap();
+    }
+    let before = ctl_json(&control, &["list"]);
+    // A crash, not a clean stop: nothing is written on the way out.
+    let status = terminate(&mut child, libc::SIGKILL);
+    assert!(!status.success());
+    for stale in [&control, &s0, &s1, &d1] {
+        assert!(
+            stale.exists(),
+            "a killed backend leaves {} behind",
+            stale.display()
+        );
+    }
+
+    let mut child = spawn_serve(&args());
+    wait_for_socket(&s1, &mut child);
+    wait_until(
+        "the control socket is back",
+        Duration::from_secs(20),
+        || UnixStream::connect(&control).is_ok(),
+    );
+    let after = ctl_json(&control, &["list"]);
+    assert_eq!(
+        after["guests"], before["guests"],
+        "same guests, sockets and slices"
+    );
+    for (socket, byte) in [(&s0, 0xA0u8), (&s1, 0xA1)] {
+        let mut c = TestClient::connect(socket).unwrap();
+        c.version().unwrap();
+        assert!(
+            canary_holds(&mut c, 0x3000, byte),
+            "{} kept its VRAM",
+            socket.display()
+        );
+    }
+    // A removal is recorded too: the next start serves only guest 1.
+    ctl_json(&control, &["remove", "--socket", &s0.display().to_string()]);
+    let status = terminate(&mut child, libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("guests.json")).unwrap()).unwrap();
+    let sockets: Vec<&str> = saved["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["socket"].as_str().unwrap())
+        .collect();
+    assert_eq!(sockets, [s1_text.as_str()]);
+
+    // A --guest that contradicts the state, and a corrupt or future state file: exit 2,
+    // nothing served, the file left as it was.
+    let conflicting = spawn_serve(&[
+        "--guest".into(),
+        format!("{}:8M", s1.display()),
+        "--state".into(),
+        state.display().to_string(),
+    ]);
+    let out = conflicting.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (text, message) in [
+        ("{\"version\": 1,", "corrupt"),
+        ("{\"version\": 7}", "version 7"),
+    ] {
+        std::fs::write(state.join("guests.json"), text).unwrap();
+        let out = spawn_serve(&["--state".into(), state.display().to_string()])
+            .wait_with_output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(message), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(state.join("guests.json")).unwrap(),
+            text
+        );
+        assert!(!s1.exists(), "nothing served");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -71,9 +71,21 @@ impl EmulatedGpu {
     /// ([`ChipProfile::vram_size`] bytes, sparse) and, if the part has an instance-memory
     /// BAR, a memfd of that BAR's size.
     pub fn new(profile: &'static ChipProfile) -> Result<EmulatedGpu, GpuError> {
+        EmulatedGpu::with_vram_file(profile, None)
+    }
+
+    /// [`EmulatedGpu::new`], with VRAM kept in the file at `vram_file` if given
+    /// ([`Vram::open_file`]: it survives the process, and is never shared).
+    pub fn with_vram_file(
+        profile: &'static ChipProfile,
+        vram_file: Option<&std::path::Path>,
+    ) -> Result<EmulatedGpu, GpuError> {
         let size = profile.vram_size();
-        let vram = Vram::new_named(c"gpu-emulation-vram", size)
-            .map_err(|source| GpuError::Vram { size, source })?;
+        let vram = match vram_file {
+            Some(path) => Vram::open_file(path, size),
+            None => Vram::new_named(c"gpu-emulation-vram", size),
+        }
+        .map_err(|source| GpuError::Vram { size, source })?;
         let instance_memory = match profile.instance_bar() {
             Some(bar) => Some(Vram::new_named(c"gpu-emulation-instmem", bar.size).map_err(
                 |source| GpuError::InstanceMemory {

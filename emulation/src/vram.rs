@@ -10,6 +10,7 @@ use std::ffi::CStr;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -148,6 +149,25 @@ pub enum VramError {
         #[source]
         source: io::Error,
     },
+    /// The VRAM file cannot be opened, created or sized.
+    #[error("VRAM file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An existing VRAM file of another size.
+    #[error("VRAM file {path} holds {found:#x} bytes, not the {size:#x} of this GPU")]
+    FileSize {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        found: u64,
+        /// The VRAM size.
+        size: u64,
+    },
     /// An access (or an address computation) that does not lie inside VRAM.
     #[error("VRAM access of {len:#x} bytes at {addr} is outside VRAM of {size:#x} bytes")]
     OutOfBounds {
@@ -180,6 +200,8 @@ pub struct Vram {
     /// Carved ranges, sorted by start. Only `carve`, `fill` and `allocated_bytes` take the
     /// lock; plain accesses go through the mapping and never look at it.
     carves: Mutex<Vec<Carve>>,
+    /// Backed by a regular file ([`Vram::open_file`]): never shared, never carved.
+    file_backed: bool,
 }
 
 /// One range of VRAM backed by its own memfd (see [`Vram::carve`]).
@@ -232,6 +254,90 @@ impl Vram {
     #[cfg(test)]
     pub(crate) fn new_unaligned_for_test(size: u64) -> Result<Vram, VramError> {
         Vram::create(c"gpu-emulation-test", size)
+    }
+
+    /// VRAM of `size` bytes kept in the file at `path` across runs (created sparse, mode
+    /// 0600, if missing; an existing file must hold exactly `size` bytes, which are the
+    /// VRAM). A regular file's size cannot be sealed, and a peer that truncated it would make
+    /// our accesses fault, so a file-backed VRAM is never handed to another process:
+    /// [`Vram::carve`] refuses it and [`Vram::is_file_backed`] tells its owner not to share
+    /// [`Vram::as_fd`].
+    pub fn open_file(path: &Path, size: u64) -> Result<Vram, VramError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if size == 0 {
+            return Err(VramError::ZeroSize);
+        }
+        if size % Self::SIZE_ALIGN != 0 {
+            return Err(VramError::UnalignedSize(size));
+        }
+        if size > Self::MAX_SIZE {
+            return Err(VramError::TooLarge {
+                size,
+                max: Self::MAX_SIZE,
+            });
+        }
+        let file_err = |source| VramError::File {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(file_err)?;
+        let found = file.metadata().map_err(file_err)?.len();
+        if found == 0 {
+            file.set_len(size).map_err(file_err)?;
+        } else if found != size {
+            return Err(VramError::FileSize {
+                path: path.to_path_buf(),
+                found,
+                size,
+            });
+        }
+        let len = usize::try_from(size).map_err(|_| VramError::TooLarge {
+            size,
+            max: usize::MAX as u64,
+        })?;
+        let fd = OwnedFd::from(file);
+        // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL), over a file of
+        // exactly `len` bytes that nobody else is given; it does not alias any Rust object.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(VramError::Map {
+                size,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| VramError::Map {
+            size,
+            source: io::Error::other("mmap returned NULL"),
+        })?;
+        Ok(Vram {
+            fd,
+            ptr,
+            size,
+            carves: Mutex::new(Vec::new()),
+            file_backed: true,
+        })
+    }
+
+    /// Whether the VRAM is kept in a file ([`Vram::open_file`]): then it must not be shared.
+    pub fn is_file_backed(&self) -> bool {
+        self.file_backed
     }
 
     /// Creates the memfd and mapping; `size` alignment is the caller's business.
@@ -304,6 +410,7 @@ impl Vram {
             ptr,
             size,
             carves: Mutex::new(Vec::new()),
+            file_backed: false,
         })
     }
 
@@ -323,6 +430,9 @@ impl Vram {
     /// [`Vram::uncarve`] or as long as the `Vram`.
     pub fn carve(&self, addr: VramAddr, len: u64) -> Result<Arc<OwnedFd>, VramError> {
         let bad = |reason| VramError::BadCarve { addr, len, reason };
+        if self.file_backed {
+            return Err(bad("file-backed VRAM is never shared"));
+        }
         if len == 0 {
             return Err(bad("empty range"));
         }
@@ -759,6 +869,35 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn file_backed_vram_keeps_its_bytes_across_opens_and_is_never_carved() {
+        let path = std::env::temp_dir().join(format!("gpu-emulation-vram-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let v = Vram::open_file(&path, 64 * MIB).unwrap();
+        assert!(v.is_file_backed());
+        v.write(VramAddr::new(3 * MIB), b"kept").unwrap();
+        v.fill(VramAddr::new(8 * MIB), 2 * MIB, 0x5A).unwrap();
+        v.fill(VramAddr::new(8 * MIB), MIB, 0).unwrap(); // hole punch in a regular file
+        assert!(matches!(
+            v.carve(VramAddr::new(0), MIB),
+            Err(VramError::BadCarve { .. })
+        ));
+        drop(v);
+        let v = Vram::open_file(&path, 64 * MIB).unwrap();
+        let mut buf = [0u8; 4];
+        v.read(VramAddr::new(3 * MIB), &mut buf).unwrap();
+        assert_eq!(&buf, b"kept");
+        let mut tail = [0u8; 2];
+        v.read(VramAddr::new(9 * MIB - 1), &mut tail).unwrap();
+        assert_eq!(tail, [0, 0x5A]);
+        drop(v);
+        assert!(matches!(
+            Vram::open_file(&path, 32 * MIB),
+            Err(VramError::FileSize { .. })
+        ));
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn vram_is_send_and_sync() {

@@ -30,7 +30,17 @@ pub struct Served {
 
 impl Served {
     fn start(binary: &Path, mode: &[String], sockets: Vec<PathBuf>, dir: TempDir) -> Served {
-        let mut args: Vec<String> = vec!["--profile".into(), "tu102-24g".into()];
+        Served::start_profile(binary, "tu102-24g", mode, sockets, dir)
+    }
+
+    fn start_profile(
+        binary: &Path,
+        profile: &str,
+        mode: &[String],
+        sockets: Vec<PathBuf>,
+        dir: TempDir,
+    ) -> Served {
+        let mut args: Vec<String> = vec!["--profile".into(), profile.into()];
         args.extend_from_slice(mode);
         let server = ServeProcess::start(binary, &args, sockets.clone(), dir.join("serve.log"));
         Served {
@@ -50,6 +60,11 @@ impl Served {
 
     /// `serve --guest S0:SIZE --guest S1:SIZE ...`: `guests` slices of `size` (e.g. "64M").
     pub fn sliced(binary: &Path, guests: usize, size: &str) -> Served {
+        Served::sliced_profile(binary, "tu102-24g", guests, size)
+    }
+
+    /// [`Served::sliced`] on another emulated profile.
+    pub fn sliced_profile(binary: &Path, profile: &str, guests: usize, size: &str) -> Served {
         let dir = TempDir::new("figures");
         let sockets: Vec<PathBuf> = (0..guests)
             .map(|i| dir.join(&format!("g{i}.sock")))
@@ -58,7 +73,7 @@ impl Served {
             .iter()
             .flat_map(|s| ["--guest".to_string(), format!("{}:{size}", s.display())])
             .collect();
-        Served::start(binary, &mode, sockets, dir)
+        Served::start_profile(binary, profile, &mode, sockets, dir)
     }
 
     /// A negotiated client of `socket`.

@@ -13,7 +13,12 @@
 //!    and mappings at that point (`/proc/<pid>`), and whether the other guest could still map
 //!    DMA, wire an interrupt eventfd and reconnect.
 //!
-//! Run: `cargo bench -p gpu-backend --bench hostile_figures [-- latency|budgets]
+//! 3. `concurrency`, `lifecycle`, `idle` (guests at run time): a guest's trapped register
+//!    read latency with 1, 2 and 4 guests reading at once; adding and removing a guest
+//!    through the control socket against a memset of its VRAM size; resident memory with 1,
+//!    16 and 64 idle guests.
+//!
+//! Run: `cargo bench -p gpu-backend --bench hostile_figures [-- latency|budgets|concurrency|lifecycle|idle]
 //! [--rounds N] [--samples N]`
 
 #[allow(dead_code)]
@@ -23,6 +28,7 @@ mod support;
 mod budgets;
 mod guests;
 mod latency;
+mod runtime;
 
 use std::path::Path;
 
@@ -40,7 +46,9 @@ fn main() {
     let only = |name: &str| {
         let picked: Vec<&String> = args
             .iter()
-            .filter(|a| *a == "latency" || *a == "budgets")
+            .filter(|a| {
+                ["latency", "budgets", "concurrency", "lifecycle", "idle"].contains(&a.as_str())
+            })
             .collect();
         picked.is_empty() || picked.iter().any(|a| *a == name)
     };
@@ -51,5 +59,16 @@ fn main() {
     }
     if only("budgets") {
         budgets::run(binary);
+    }
+    if only("concurrency") {
+        let rounds = arg_value(&args, "--rounds").unwrap_or(5);
+        let samples = arg_value(&args, "--samples").unwrap_or(2000);
+        runtime::concurrency(binary, rounds, samples);
+    }
+    if only("lifecycle") {
+        runtime::lifecycle(binary, arg_value(&args, "--rounds").unwrap_or(3));
+    }
+    if only("idle") {
+        runtime::idle(binary);
     }
 }

@@ -38,7 +38,19 @@ pub struct EmulatedHostGpu {
 impl EmulatedHostGpu {
     /// Powers on an emulated GPU of `profile`.
     pub fn new(profile: &'static ChipProfile) -> Result<Self, EmulatedHostGpuError> {
-        let gpu = Arc::new(EmulatedGpu::new(profile)?);
+        Self::with_vram_file(profile, None)
+    }
+
+    /// [`EmulatedHostGpu::new`], with VRAM kept in the file at `vram_file` if given (`serve
+    /// --state`: it outlives the process). Such VRAM is never handed to QEMU for mapping (a
+    /// regular file cannot be sealed against a peer truncating it): every VRAM access of
+    /// its guests is trapped.
+    pub fn with_vram_file(
+        profile: &'static ChipProfile,
+        vram_file: Option<&std::path::Path>,
+    ) -> Result<Self, EmulatedHostGpuError> {
+        let gpu = Arc::new(EmulatedGpu::with_vram_file(profile, vram_file)?);
+        let shareable = vram_file.is_none();
         let dup = |memory: Option<&Vram>| -> Result<Arc<OwnedFd>, EmulatedHostGpuError> {
             let memory = memory.ok_or_else(|| {
                 EmulatedHostGpuError::DupFd(std::io::Error::from_raw_os_error(libc::ENODEV))
@@ -68,6 +80,7 @@ impl EmulatedHostGpu {
                 which,
                 len: bar.size,
                 fd,
+                shareable,
             };
             memory_bars.push((bar.index, Arc::new(region)));
         }
@@ -178,6 +191,9 @@ impl HostGpu for EmulatedHostGpu {
     /// range that overlaps an earlier, different one gets no mmap source (its accesses are
     /// trapped instead).
     fn vram_mmap_source(&self, addr: HostVramAddr, len: u64) -> Option<MmapSource> {
+        if self.gpu.vram().is_file_backed() {
+            return None;
+        }
         let (start, end) = (addr.raw(), addr.raw().checked_add(len)?);
         if end > self.identity.vram_size {
             return None;
@@ -285,6 +301,8 @@ struct EmulatedBarMemory {
     which: EmulatedMemory,
     len: u64,
     fd: Arc<OwnedFd>,
+    /// The memory may be mapped by a peer (not file-backed VRAM).
+    shareable: bool,
 }
 
 impl EmulatedBarMemory {
@@ -329,7 +347,7 @@ impl HostMemory for EmulatedBarMemory {
     }
 
     fn mmap_source(&self) -> Option<MmapSource> {
-        Some(MmapSource {
+        self.shareable.then(|| MmapSource {
             fd: Arc::clone(&self.fd),
             file_offset: self.which.base(),
         })

@@ -27,7 +27,7 @@ use thiserror::Error;
 
 use crate::host_driver::addr::{GpuVa, VramAddr};
 use crate::host_gpu::{ChipIdentity, HostBar, HostBarRole, HostGpu, MmapSource};
-use crate::slice::{whole_gpu_with, GuestSlice, HandOut, SetupError};
+use crate::slice::{whole_gpu_with, GuestSlice, HandOut, SetupError, Slice};
 
 use super::bar0::{TrapStats, TrappedBar0};
 use super::config_space::{
@@ -84,6 +84,10 @@ pub enum PresentationError {
     /// The region index names no region, or an absent one.
     #[error("no region {0}")]
     NoSuchRegion(u32),
+    /// The guest was removed ([`SlicedGpu::remove_guest`](crate::slice::SlicedGpu::remove_guest)):
+    /// its slice may belong to somebody else now, so it is never presented again.
+    #[error("the guest of slice {0} was removed")]
+    Removed(Slice),
 }
 
 impl PresentationError {
@@ -95,6 +99,7 @@ impl PresentationError {
             PresentationError::Setup(_) => libc::EIO,
             PresentationError::ConfigSpace(e) => e.errno(),
             PresentationError::NoSuchRegion(_) => libc::EINVAL,
+            PresentationError::Removed(_) => libc::ENODEV,
         }
     }
 }
@@ -272,6 +277,10 @@ impl PresentedFunction {
         guest: GuestSlice,
         options: PresentationOptions,
     ) -> Result<Self, PresentationError> {
+        let slice = guest.slice();
+        if guest.access().is_revoked() {
+            return Err(PresentationError::Removed(slice));
+        }
         let host = Arc::clone(guest.host());
         let identity = host.identity().clone();
         let msix = MsixDecl {
@@ -332,10 +341,17 @@ impl PresentedFunction {
                             // The slice's own memory where the host can hand it out by
                             // VRAM address (the emulated GPU's per-slice memfd), else an
                             // export of exactly its BAR1 window (a dma-buf on hardware),
-                            // else nothing: trapped.
-                            let mmap = host
-                                .vram_mmap_source(at, real)
-                                .or_else(|| host.bar1_mmap_source(va.raw(), real));
+                            // else nothing: trapped. Only while the slice is the guest's:
+                            // a removed guest's range may be another guest's now (whose
+                            // memfd this would hand out), and a removal waits until the
+                            // source is made, so it releases it too.
+                            let mmap = guest
+                                .access()
+                                .with_live(|| {
+                                    host.vram_mmap_source(at, real)
+                                        .or_else(|| host.bar1_mmap_source(va.raw(), real))
+                                })
+                                .ok_or(PresentationError::Removed(slice))?;
                             (
                                 GuestVramBacking::Bar1 {
                                     host: Arc::clone(&host),

@@ -373,6 +373,167 @@ fn a_removed_guests_memfd_is_not_reused_for_the_next_guest() {
     assert_eq!(buf, [0xB2; 16]);
 }
 
+/// A removed guest's slice handle cannot be presented again: before this was refused, the
+/// stale handle got the memfd of whoever held the range now (the next guest's VRAM, mapped
+/// by the removed guest's QEMU), or carved free VRAM for itself. Found by the churn soak
+/// (`backend/tests/soak/churn`).
+#[test]
+fn a_removed_guests_slice_cannot_be_presented_again() {
+    for name in ["tu102-24g", "gh100-80g"] {
+        let (gpu, host) = emulated(name);
+        let mut sliced = SlicedGpu::new(host).unwrap();
+        let a = sliced.add_guest(4 * MIB).unwrap();
+        drop(PresentedFunction::for_guest(a.clone()).unwrap());
+        sliced.remove_guest(&a).unwrap();
+        // The next guest gets the same range and is presented: its own memfd.
+        let b = sliced.add_guest(4 * MIB).unwrap();
+        assert_eq!(b.slice(), a.slice(), "{name}: first fit reuses the range");
+        let fb = PresentedFunction::for_guest(b.clone()).unwrap();
+        let bar = vram_bar(&fb);
+        fb.region_write(bar, 0x100, &[0xB2; 16]).unwrap();
+        let err = PresentedFunction::for_guest(a.clone())
+            .map(|stale| stale.bar(bar).and_then(|b| b.mappable()).is_some())
+            .expect_err("a removed guest's slice was presented again");
+        assert!(
+            matches!(err, crate::presentation::PresentationError::Removed(s) if s == a.slice()),
+            "{name}: {err}"
+        );
+        assert_eq!(err.errno(), libc::ENODEV);
+        // Removed and not handed out again: still refused, and nothing was carved (the
+        // range's canaries stay).
+        sliced.remove_guest(&b).unwrap();
+        vram_fill(&gpu, b.slice().start().raw(), b.slice().size(), 0x5A);
+        assert!(PresentedFunction::for_guest(b.clone()).is_err(), "{name}");
+        assert!(vram_read(&gpu, b.slice().start().raw(), 4 * MIB as usize)
+            .iter()
+            .all(|&x| x == 0x5A));
+    }
+}
+
+/// The emulated GPU, except that the first VRAM mmap source asked for once armed waits (up
+/// to [`SlowCarve::WAIT`]) until the test says the guest was removed: a presentation caught
+/// between its check that the guest is live and the making of its memfd.
+struct SlowCarve {
+    inner: EmulatedHostGpu,
+    armed: std::sync::atomic::AtomicBool,
+    entered: std::sync::atomic::AtomicBool,
+    removed: std::sync::atomic::AtomicBool,
+}
+
+impl SlowCarve {
+    const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+}
+
+impl HostGpu for SlowCarve {
+    fn identity(&self) -> &crate::host_gpu::ChipIdentity {
+        self.inner.identity()
+    }
+    fn bar0_read(
+        &self,
+        offset: u64,
+        width: crate::host_gpu::AccessWidth,
+    ) -> Result<u64, crate::host_gpu::HostGpuError> {
+        self.inner.bar0_read(offset, width)
+    }
+    fn bar0_write(
+        &self,
+        offset: u64,
+        width: crate::host_gpu::AccessWidth,
+        value: u64,
+    ) -> Result<(), crate::host_gpu::HostGpuError> {
+        self.inner.bar0_write(offset, width, value)
+    }
+    fn memory_bar(&self, index: u8) -> Option<Arc<dyn crate::host_gpu::HostMemory>> {
+        self.inner.memory_bar(index)
+    }
+    fn reset(&self) -> Result<(), crate::host_gpu::HostGpuError> {
+        self.inner.reset()
+    }
+    fn scrub_vram(&self, addr: VramAddr, len: u64) -> Result<(), crate::host_gpu::HostGpuError> {
+        self.inner.scrub_vram(addr, len)
+    }
+    fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::host_gpu::HostGpuError> {
+        self.inner.bar1_read(offset, buf)
+    }
+    fn bar1_write(&self, offset: u64, data: &[u8]) -> Result<(), crate::host_gpu::HostGpuError> {
+        self.inner.bar1_write(offset, data)
+    }
+    fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<crate::host_gpu::MmapSource> {
+        use std::sync::atomic::Ordering;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.entered.store(true, Ordering::SeqCst);
+            let deadline = std::time::Instant::now() + Self::WAIT;
+            while !self.removed.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        self.inner.vram_mmap_source(addr, len)
+    }
+    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) {
+        self.inner.release_vram_mmap_source(addr, len)
+    }
+    fn dma_alloc(
+        &self,
+        len: u64,
+    ) -> Result<Arc<dyn crate::host_gpu::dma::DmaBuffer>, crate::host_gpu::HostGpuError> {
+        self.inner.dma_alloc(len)
+    }
+}
+
+/// A guest removed while it is being presented: the removal waits until the presentation
+/// has made its memfd, and releases that one too. Before, the removal went first and the
+/// presentation carved the range afterwards, a memfd that stayed connected to the VRAM the
+/// next guest got (and that the next guest was handed too).
+#[test]
+fn a_guest_removed_while_it_is_being_presented_keeps_no_live_memfd() {
+    use std::sync::atomic::Ordering;
+    let gpu = Arc::new(SlowCarve {
+        inner: EmulatedHostGpu::by_name("tu102-24g").unwrap(),
+        armed: false.into(),
+        entered: false.into(),
+        removed: false.into(),
+    });
+    let host: Arc<dyn HostGpu> = gpu.clone();
+    let mut sliced = SlicedGpu::new(host).unwrap();
+    let a = sliced.add_guest(4 * MIB).unwrap();
+    gpu.armed.store(true, Ordering::SeqCst);
+    let presented = std::thread::scope(|s| {
+        let presenter = s.spawn(|| PresentedFunction::for_guest(a.clone()));
+        while !gpu.entered.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // The presentation is making its memfd now.
+        sliced.remove_guest(&a).unwrap();
+        gpu.removed.store(true, Ordering::SeqCst);
+        presenter.join().unwrap()
+    });
+    let start = a.slice().start().raw();
+    vram_fill(&gpu.inner, start, 4 * MIB, 0x5A);
+    let fd_a = presented.ok().map(|f| {
+        let fd = Arc::clone(&f.bar(vram_bar(&f)).unwrap().mappable().unwrap().1.fd);
+        let p = map_shared(&fd, 4 * MIB);
+        // SAFETY: inside the 4 MiB mapping made above, unmapped here.
+        unsafe {
+            std::ptr::write_bytes(p, 0xA1, 4096);
+            libc::munmap(p.cast(), (4 * MIB) as usize);
+        }
+        fd
+    });
+    assert_eq!(
+        vram_read(&gpu.inner, start, 4096),
+        [0x5A; 4096],
+        "the removed guest's memfd still reaches VRAM"
+    );
+    let b = sliced.add_guest(4 * MIB).unwrap();
+    assert_eq!(b.slice(), a.slice());
+    let fb = PresentedFunction::for_guest(b).unwrap();
+    let fd_b = &fb.bar(vram_bar(&fb)).unwrap().mappable().unwrap().1.fd;
+    assert!(
+        fd_a.is_none_or(|fd| !Arc::ptr_eq(&fd, fd_b)),
+        "the next guest got the removed guest's memfd"
+    );
+}
+
 #[test]
 fn sizes_that_do_not_fit_are_bad_requests() {
     let (_gpu, host) = emulated("tu102-24g");

@@ -5,6 +5,12 @@
 //!
 //! The model outlives the connection (it belongs to the guest's display, see
 //! [`super::server`]); the device is made anew for every connection.
+//!
+//! Nothing in the rings is trusted: guest memory is touched only once it cannot shrink under
+//! the mapping ([`super::guest_memory`]); a chain whose head is past the queue is dropped
+//! and the chains behind it are served; an avail index run further ahead than the queue holds
+//! stops that queue until the guest puts it right. Ring faults are logged once per connection
+//! at warning level, then at debug level, so a guest cannot flood the host's log.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +23,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_gpu::VIRTIO_GPU_F_EDID;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -29,6 +35,7 @@ use super::channel::DisplayChannel;
 use super::gpu::device::{DisplayEvent, GpuCommandHandler};
 use super::gpu::store::SliceStore;
 use super::gpu::wire::{self, ctrl, RespType, Response, ScanoutId, HDR_SIZE};
+use super::guest_memory::MemoryCheck;
 
 /// The device model of one guest's display, over the store of its slice.
 pub type GpuModel = GpuCommandHandler<Box<dyn SliceStore>>;
@@ -90,6 +97,10 @@ pub struct VhostGpuDevice {
     /// A display-channel failure was logged (once per connection).
     channel_failed: AtomicBool,
     stats: Mutex<DisplayStats>,
+    /// A fault of the guest's rings was logged at warning level (once per connection).
+    ring_warned: AtomicBool,
+    /// The last guest memory found safe to touch.
+    memory: MemoryCheck,
 }
 
 /// Which queue a chain came from.
@@ -116,6 +127,8 @@ impl VhostGpuDevice {
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
             channel_failed: AtomicBool::new(false),
             stats: Mutex::new(DisplayStats::default()),
+            ring_warned: AtomicBool::new(false),
+            memory: MemoryCheck::default(),
         })
     }
 
@@ -257,42 +270,99 @@ impl VhostGpuDevice {
         }
     }
 
-    /// Executes every chain the driver made available on `vring`.
-    fn drain(&self, queue: Queue, vring: &VringRwLock) -> io::Result<()> {
-        let mem = self.mem.memory();
+    /// Logs a fault of the guest's rings: once per connection at warning level (a guest
+    /// that keeps breaking its ring must not flood the host's log), later ones at debug.
+    fn ring_fault(&self, queue: Queue, what: &str) {
+        if self.ring_warned.swap(true, Ordering::Relaxed) {
+            log::debug!("display {}: {queue:?} queue: {what}", self.label);
+        } else {
+            log::warn!(
+                "display {}: {queue:?} queue: {what} (further ring faults of this connection \
+                 are logged at debug level)",
+                self.label
+            );
+        }
+    }
+
+    /// Executes every chain the driver made available on `vring`, touching guest memory
+    /// only through `mem` (checked). A chain that cannot be returned (its head is past the
+    /// queue, or the used ring is not in guest memory) is dropped and the next one taken;
+    /// an avail ring that is not in guest memory, or whose index ran further ahead than the
+    /// queue holds, ends the drain: the queue is broken until the guest fixes it.
+    fn drain(
+        &self,
+        queue: Queue,
+        vring: &VringRwLock,
+        mem: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+    ) -> Result<(), virtio_queue::Error> {
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            let chain = {
+                let mut state = vring.get_mut();
+                let mut avail = state.get_queue_mut().iter(mem.clone())?;
+                avail.next()
+            };
             let Some(chain) = chain else {
                 return Ok(());
             };
             let head = chain.head_index();
-            let used = self.execute(queue, chain, &mem);
-            vring
-                .add_used(head, used)
-                .map_err(|e| io::Error::other(format!("used ring: {e}")))?;
-            if vring.needs_notification().unwrap_or(true) {
-                vring.signal_used_queue()?;
+            let used = self.execute(queue, chain, mem);
+            let notify = {
+                let mut state = vring.get_mut();
+                let q = state.get_queue_mut();
+                // Checked here: the queue would log every such head at error level.
+                if head >= q.size() {
+                    drop(state);
+                    self.ring_fault(queue, &format!("head {head} is past the queue: dropped"));
+                    continue;
+                }
+                if let Err(e) = q.add_used(&**mem, head, used) {
+                    drop(state);
+                    self.ring_fault(queue, &format!("used ring: {e}"));
+                    continue;
+                }
+                q.needs_notification(&**mem).unwrap_or(true)
+            };
+            if notify {
+                if let Err(e) = vring.signal_used_queue() {
+                    self.ring_fault(queue, &format!("call eventfd: {e}"));
+                }
             }
         }
     }
 
     /// Processes `vring` until it is empty, with notifications suppressed meanwhile when
-    /// EVENT_IDX was negotiated.
-    fn process(&self, queue: Queue, vring: &VringRwLock) -> io::Result<()> {
-        if !self.event_idx.load(Ordering::Relaxed) {
-            return self.drain(queue, vring);
+    /// EVENT_IDX was negotiated. Guest memory QEMU could shrink under the mapping is not
+    /// touched (see [`super::guest_memory`]).
+    fn process(&self, queue: Queue, vring: &VringRwLock) {
+        let mem = self.mem.memory();
+        if let Err(e) = self.memory.check(&mem) {
+            self.ring_fault(queue, &format!("not served: {e}"));
+            return;
         }
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
-            let _ = vring.disable_notification();
-            self.drain(queue, vring)?;
-            match vring.enable_notification() {
+            if event_idx {
+                let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
+            }
+            let drained = self.drain(queue, vring, &mem);
+            let more = if event_idx {
+                vring.get_mut().get_queue_mut().enable_notification(&*mem)
+            } else {
+                Ok(false)
+            };
+            if let Err(e) = drained {
+                // Not retried until the next kick: the ring stays as the guest left it.
+                self.ring_fault(queue, &format!("avail ring: {e}"));
+                return;
+            }
+            match more {
                 // More arrived while notifications were off.
                 Ok(true) => continue,
-                Ok(false) => return Ok(()),
-                Err(e) => return Err(io::Error::other(format!("avail ring: {e}"))),
+                Ok(false) => return,
+                Err(e) => {
+                    self.ring_fault(queue, &format!("avail ring: {e}"));
+                    return;
+                }
             }
         }
     }
@@ -343,9 +413,14 @@ impl VhostUserBackend for VhostGpuDevice {
         }
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        // `self.mem` is the daemon's own, which it updated already.
-        Ok(())
+    /// `self.mem` is the daemon's own, which it updated already. Memory that QEMU could
+    /// shrink under the mapping (SIGBUS for the whole backend) is refused: the error ends the
+    /// connection, and the queues never touch it meanwhile ([`Self::process`] checks too).
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.memory.check(&mem.memory()).map_err(|e| {
+            log::error!("display {}: {e}: QEMU's connection is refused", self.label);
+            io::Error::other(e)
+        })
     }
 
     /// QEMU starts the device (the guest driver set DRIVER_OK): a fresh device as the guest
@@ -379,10 +454,8 @@ impl VhostUserBackend for VhostGpuDevice {
             other => return Err(io::Error::other(format!("unknown queue {other}"))),
         };
         let vring = vring.ok_or_else(|| io::Error::other("missing vring"))?;
-        if let Err(e) = self.process(queue, vring) {
-            // A ring the guest broke: its display stops answering, nothing else does.
-            log::warn!("display {}: {queue:?} queue stopped: {e}", self.label);
-        }
+        // A ring the guest broke stops only its own display's queue.
+        self.process(queue, vring);
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -54,6 +55,7 @@ pub struct DisplayServer {
     listener: UnixListener,
     socket_file: Option<SocketFile>,
     model: Arc<Mutex<GpuModel>>,
+    connected: Arc<AtomicBool>,
 }
 
 impl DisplayServer {
@@ -66,7 +68,13 @@ impl DisplayServer {
             listener,
             socket_file: Some(socket_file),
             model: Arc::new(Mutex::new(model)),
+            connected: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Set while QEMU is connected to the display.
+    pub fn connected(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.connected)
     }
 
     /// The guest's display model (its resources and scanouts).
@@ -88,10 +96,15 @@ impl DisplayServer {
             listener,
             socket_file,
             model,
+            connected,
         } = self;
         // Removed when serving ends, if not taken.
         let _socket_file = socket_file;
-        let display = Display { label, model };
+        let display = Display {
+            label,
+            model,
+            connected,
+        };
         let listener_fd = listener.as_raw_fd();
         let mut listener = Listener::from(listener);
         loop {
@@ -117,6 +130,7 @@ impl DisplayServer {
 struct Display {
     label: String,
     model: Arc<Mutex<GpuModel>>,
+    connected: Arc<AtomicBool>,
 }
 
 impl Display {
@@ -138,6 +152,7 @@ impl Display {
             .start(listener)
             .map_err(|e| DisplayError::Setup(e.to_string()))?;
         log::info!("display {}: QEMU connected", self.label);
+        self.connected.store(true, Ordering::Release);
         // Ends the connection when `stop` fires; itself ended through `ended`.
         let ended =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DisplayError::Setup(e.to_string()))?;
@@ -150,6 +165,7 @@ impl Display {
             _ => None,
         };
         let result = daemon.wait();
+        self.connected.store(false, Ordering::Release);
         let _ = ended.write(1);
         if let Some(w) = watcher {
             let _ = w.join();

@@ -1,4 +1,9 @@
-//! A bounded, seeded hostile-client soak against the real `gpu-backend serve` binary.
+//! Two seeded soaks: a bounded hostile-client soak against the real `gpu-backend serve`
+//! binary (this file), and the churn soak in process (`churn/`: random hostile operations
+//! over every slice of a sliced GPU with guests removed and added again, a million with
+//! `GPU_BACKEND_SOAK_OPS=1000000`; see its module docs).
+//!
+//! The hostile-client soak:
 //!
 //! One emulated TU102 is sliced for two guests: B's slice first, then A's, then free VRAM.
 //! A hostile client on A runs seeded episodes of misbehaviour over every message type
@@ -28,6 +33,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod churn;
 mod episodes;
 mod guest;
 mod host;

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use crate::host_driver::addr::GpuVa;
 use crate::host_gpu::HostMemory;
-use crate::slice::{HostVram, Slice};
+use crate::slice::{GuestSlice, HostVram, Slice, SliceAccess};
 
 /// Alignment of every allocation (a page, so a resource could later be mapped).
 pub const ALLOC_ALIGN: u64 = 4096;
@@ -159,16 +160,63 @@ impl SliceStore for HostMemoryStore {
 }
 
 /// A store over a range of host VRAM (a guest's slice, or the part of it set aside for display
-/// resources), reached through the host PRAMIN window.
+/// resources). Bytes move through the guest's window of the host BAR1 when it has one (a
+/// sliced GPU: the GPU MMU translates every access with the page tables of that window, so it
+/// can only reach the slice; on hardware BAR1 is a mapped aperture, far faster than PRAMIN),
+/// else through the host PRAMIN window (a GPU given whole, whose BAR1 is the guest's).
+/// Scrubs go through [`HostVram::scrub`].
 pub struct SliceVramStore {
     vram: Arc<HostVram>,
     range: Slice,
+    /// BAR1 VA of the slice's first byte, if bytes move through BAR1.
+    bar1: Option<GpuVa>,
+    /// The guest's access to its slice: once revoked (the guest removed), every access
+    /// fails, whatever a display thread still does.
+    access: Option<Arc<SliceAccess>>,
 }
 
 impl SliceVramStore {
     /// The store over `range` of host VRAM.
     pub fn new(vram: Arc<HostVram>, range: Slice) -> SliceVramStore {
-        SliceVramStore { vram, range }
+        SliceVramStore {
+            vram,
+            range,
+            bar1: None,
+            access: None,
+        }
+    }
+
+    /// The store over a guest's slice, usable only as long as the guest owns it, through
+    /// its BAR1 window if it has one.
+    pub fn for_guest(guest: &GuestSlice) -> SliceVramStore {
+        SliceVramStore {
+            vram: Arc::clone(guest.vram()),
+            range: guest.slice(),
+            bar1: guest.bar1_window(),
+            access: Some(Arc::clone(guest.access())),
+        }
+    }
+
+    /// The BAR1 offset of `offset` of the slice (checked against the slice first).
+    fn bar1_at(&self, va: GpuVa, offset: u64, len: u64) -> Result<u64, StoreError> {
+        self.at(offset, len)?;
+        va.offset(offset)
+            .map(GpuVa::raw)
+            .ok_or(StoreError::OutOfRange {
+                offset,
+                len,
+                size: self.range.size(),
+            })
+    }
+
+    /// Runs `f` if the slice is still the guest's.
+    fn live<R>(&self, f: impl FnOnce() -> Result<R, StoreError>) -> Result<R, StoreError> {
+        match &self.access {
+            None => f(),
+            Some(access) => access.with_live(f).unwrap_or_else(|| {
+                Err(StoreError::Backend("the guest's slice was revoked".into()))
+            }),
+        }
     }
 
     fn at(&self, offset: u64, len: u64) -> Result<crate::host_driver::addr::VramAddr, StoreError> {
@@ -188,24 +236,37 @@ impl SliceStore for SliceVramStore {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let backend = |e: &dyn std::fmt::Display| StoreError::Backend(e.to_string());
+        if let Some(va) = self.bar1 {
+            let at = self.bar1_at(va, offset, buf.len() as u64)?;
+            return self.live(|| self.vram.host().bar1_read(at, buf).map_err(|e| backend(&e)));
+        }
         let addr = self.at(offset, buf.len() as u64)?;
-        self.vram
-            .read(addr, buf)
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        self.live(|| self.vram.read(addr, buf).map_err(|e| backend(&e)))
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let backend = |e: &dyn std::fmt::Display| StoreError::Backend(e.to_string());
+        if let Some(va) = self.bar1 {
+            let at = self.bar1_at(va, offset, data.len() as u64)?;
+            return self.live(|| {
+                self.vram
+                    .host()
+                    .bar1_write(at, data)
+                    .map_err(|e| backend(&e))
+            });
+        }
         let addr = self.at(offset, data.len() as u64)?;
-        self.vram
-            .write(addr, data)
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        self.live(|| self.vram.write(addr, data).map_err(|e| backend(&e)))
     }
 
     fn scrub(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
         let addr = self.at(offset, len)?;
-        self.vram
-            .scrub(addr, len)
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        self.live(|| {
+            self.vram
+                .scrub(addr, len)
+                .map_err(|e| StoreError::Backend(e.to_string()))
+        })
     }
 }
 
@@ -387,6 +448,30 @@ mod tests {
         vram.read(start, &mut all).unwrap();
         assert!(all[..2 * ALLOC_ALIGN as usize].iter().all(|b| *b == 0));
         assert_eq!(&all[2 * ALLOC_ALIGN as usize..], &[0xee; 4]);
+    }
+
+    #[test]
+    fn a_removed_guests_store_reaches_nothing() {
+        use crate::host_gpu::emulated::EmulatedHostGpu;
+        use crate::host_gpu::HostGpu;
+        use crate::slice::SlicedGpu;
+
+        let host: Arc<dyn HostGpu> = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let mut gpu = SlicedGpu::new(host).unwrap();
+        let guest = gpu.add_guest(2 << 20).unwrap();
+        let mut s = SliceVramStore::for_guest(&guest);
+        s.write(0x1000, &[7; 8]).unwrap();
+        gpu.remove_guest(&guest).unwrap();
+        // The range is free (and may be another guest's next): a display thread that still
+        // holds the store cannot touch it.
+        assert!(s.write(0x1000, &[9; 8]).is_err());
+        assert!(s.read(0x1000, &mut [0u8; 8]).is_err());
+        assert!(s.scrub(0, 4096).is_err());
+        let mut back = [0u8; 8];
+        gpu.vram()
+            .read(guest.slice().host_addr(0x1000, 8).unwrap(), &mut back)
+            .unwrap();
+        assert_eq!(back, [7; 8], "the write after removal did not land");
     }
 
     #[test]
