@@ -135,8 +135,10 @@ pub const HOTPLUG_MARK: &str = "GPUHOTPLUG";
 ///
 /// With [`HOTPLUG_PARAM`], `/init` prints `GPUHOTPLUG ready`, waits (at most 120 s) until a
 /// function of vendor 0x10de is on the PCI bus (`GPUHOTPLUG appeared after_ms=..`; the kernel
-/// found it through the hot-plug event, nothing rescans), runs the probe without powering
-/// off (`GPUHOTPLUG probe_rc=..`), then waits (at most 120 s) until the function is gone
+/// found it through the hot-plug event, nothing rescans), enables its memory decoding through
+/// sysfs as a driver would (`GPUHOTPLUG enabled bdf=..`; firmware enabled the functions present
+/// at boot, nobody enables a hot-plugged one), runs the probe without powering off
+/// (`GPUHOTPLUG probe_rc=..`), then waits (at most 120 s) until the function is gone
 /// (`GPUHOTPLUG gone after_ms=..` or `GPUHOTPLUG still_there`) and powers off.
 pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -149,6 +151,12 @@ if /bin/busybox grep -q 'gpuprobe.hotplug=1' /proc/cmdline; then
     while ! has_gpu && [ $i -lt 1200 ]; do /bin/busybox sleep 0.1; i=$((i + 1)); done
     if has_gpu; then
         echo "GPUHOTPLUG appeared after_ms=$((i * 100))"
+        # No driver enables a hot-plugged function's memory decoding: do what one would.
+        for d in /sys/bus/pci/devices/*; do
+            if /bin/busybox grep -q 0x10de $d/vendor; then
+                echo 1 >$d/enable && echo "GPUHOTPLUG enabled bdf=${d##*/}"
+            fi
+        done
         /bin/gpu-guest-probe --no-poweroff
         echo "GPUHOTPLUG probe_rc=$?"
         i=0

@@ -1245,18 +1245,20 @@ fn check_slice_now(vram: &HostVram, start: u64, soak: &guest_tests::soak::SoakRe
 }
 
 /// The bridge windows a `pcie-root-port` must reserve for `layout`'s function to be
-/// hot-plugged behind it (the firmware sizes an empty port's windows at boot): its
-/// non-prefetchable BARs' and its 64-bit prefetchable BARs' sizes, each sum rounded up to a
-/// power of two (at least 2 MiB).
+/// hot-plugged behind it (the firmware sizes an empty port's windows at boot, aligned to
+/// 1 MiB only): twice its non-prefetchable and twice its prefetchable BARs' sizes, each sum
+/// rounded up to a power of two, so a window holds them at their natural alignment wherever
+/// it starts. (Reserving exactly the sum, 16 MiB for a 16 MiB BAR, left the BARs unassigned:
+/// "can't assign; no space".)
 fn root_port_reserves(layout: &guest_tests::ProfileLayout) -> (u64, u64) {
     let sum = |pref: bool| {
-        layout
+        2 * layout
             .bars
             .iter()
             .filter(|b| b.prefetchable == pref)
             .map(|b| b.presented_size)
             .sum::<u64>()
-            .max(2 << 20)
+            .max(1 << 20)
             .next_power_of_two()
     };
     (sum(false), sum(true))
