@@ -63,6 +63,7 @@ impl DisplayOptions {
                 tag,
                 hold: Duration::from_secs(120),
                 after: AfterHold::PowerOff,
+                loop_secs: 0,
             },
             draw_timeout: DRAW_TIMEOUT,
             label: format!("display-{tag}"),
@@ -86,6 +87,45 @@ impl DisplayOptions {
     pub fn label(mut self, label: &str) -> Self {
         self.label = label.into();
         self
+    }
+
+    /// After the picture, write whole frames for `secs` seconds (the frame-rate figure; see
+    /// [`DisplayGuest::wait_loop`]), then hold for `hold` and power off.
+    pub fn looping(mut self, secs: u64, hold: Duration) -> Self {
+        self.params.loop_secs = secs;
+        self.params.hold = hold;
+        self.params.after = AfterHold::PowerOff;
+        self
+    }
+}
+
+/// What the guest reported writing in its loop (its `GPUFB loop` line).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameLoop {
+    /// Whole frames written.
+    pub frames: u64,
+    /// How long, in ms.
+    pub ms: u64,
+}
+
+impl FrameLoop {
+    /// Parse a `GPUFB loop frames=.. ms=.. ...` line.
+    pub fn parse(line: &str) -> Option<FrameLoop> {
+        let rest = line.split_once(&format!("{MARK} loop "))?.1;
+        let field = |key: &str| {
+            rest.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+                .and_then(crate::report::parse_u64)
+        };
+        Some(FrameLoop {
+            frames: field("frames")?,
+            ms: field("ms")?.max(1),
+        })
+    }
+
+    /// Frames per second written.
+    pub fn fps(&self) -> f64 {
+        self.frames as f64 * 1000.0 / self.ms as f64
     }
 }
 
@@ -249,6 +289,30 @@ impl DisplayGuest {
         })
     }
 
+    /// Wait for the `GPUFB loop` line of the first boot (within the draw time limit plus the
+    /// loop's own length).
+    pub fn wait_loop(&mut self, loop_secs: u64) -> Result<FrameLoop> {
+        let timeout = self.draw_timeout + Duration::from_secs(loop_secs);
+        let line = self
+            .vm
+            .wait_for_line(&format!("{MARK} loop "), 0, timeout)?;
+        FrameLoop::parse(&line).ok_or_else(|| HarnessError::GuestIncomplete {
+            what: format!("an unreadable loop line `{line}`"),
+            serial_tail: crate::error::tail(&self.vm.serial(), 20),
+        })
+    }
+
+    /// Wait (at most `timeout`) for QEMU to exit after the guest powered off; remove the run
+    /// directory unless `GUEST_TESTS_KEEP=1`.
+    pub fn wait_poweroff(self, timeout: Duration) -> Result<VmOutcome> {
+        let run_dir = self.run_dir.clone();
+        let outcome = self.vm.wait_exit(timeout)?;
+        if !keep_runs() {
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
+        Ok(outcome)
+    }
+
     /// Take QEMU's screenshot into `<run dir>/<name>.ppm` and read it.
     pub fn screenshot(&mut self, name: &str) -> Result<(RgbImage, PathBuf)> {
         let path = self.run_dir.join(format!("{name}.ppm"));
@@ -332,5 +396,10 @@ mod tests {
                 .is_none()
         );
         assert!(Drawn::parse("GPUFB error no fb").is_none());
+        let l = FrameLoop::parse("[ 9.2] GPUFB loop frames=400 ms=20000 fps=20.0 mib_per_s=78.1")
+            .unwrap();
+        assert_eq!((l.frames, l.ms), (400, 20000));
+        assert!((l.fps() - 20.0).abs() < 1e-9);
+        assert!(FrameLoop::parse("GPUFB loop frames=x ms=1").is_none());
     }
 }

@@ -19,7 +19,8 @@
 //! memfd from the host), [`isolation`] (canaries and host-side checks) and [`pattern`] (the
 //! probe's VRAM patterns); for displays: [`display`] (boot a guest with a display, screenshot
 //! and compare), [`display_image`] (its `/init` and image), [`fb_pattern`] (the picture it
-//! draws), [`vm`] (a QEMU the host acts on while it runs), [`qmp`], [`ppm`] and
+//! draws), [`frame_rate`] (the frame rate a guest gets writing its framebuffer), [`vm`] (a
+//! QEMU the host acts on while it runs), [`qmp`], [`ppm`] and
 //! [`screenshot`] (PPM in, PNG out), [`vram_search`] (a guest's pixels anywhere in host VRAM);
 //! for guests added and removed while the backend runs: [`control`] (`gpu-backend ctl`),
 //! [`live`] (a probe guest the host acts on while it runs) and [`soak`] (the probe's soak,
@@ -39,6 +40,7 @@ pub mod display_image;
 pub mod error;
 pub mod expect;
 pub mod fb_pattern;
+pub mod frame_rate;
 pub mod guest;
 pub mod guest_script;
 pub mod host_vram;
