@@ -49,6 +49,8 @@ pub struct DisplayOptions {
     pub params: DisplayParams,
     /// Limit of each boot until its picture is drawn.
     pub draw_timeout: Duration,
+    /// Guest vCPUs.
+    pub smp: u32,
     /// Name of the run directory.
     pub label: String,
 }
@@ -66,6 +68,7 @@ impl DisplayOptions {
                 loop_secs: 0,
             },
             draw_timeout: DRAW_TIMEOUT,
+            smp: crate::qemu::DEFAULT_SMP,
             label: format!("display-{tag}"),
         }
     }
@@ -86,6 +89,12 @@ impl DisplayOptions {
     /// Name the run directory.
     pub fn label(mut self, label: &str) -> Self {
         self.label = label.into();
+        self
+    }
+
+    /// Number of guest vCPUs.
+    pub fn smp(mut self, vcpus: u32) -> Self {
+        self.smp = vcpus.max(1);
         self
     }
 
@@ -254,6 +263,7 @@ pub fn start_display_guest(opts: &DisplayOptions) -> Result<DisplayGuest> {
     cfg.display = Some(opts.display.clone());
     cfg.qmp_socket = Some(socket_dir.join("qmp.sock"));
     cfg.allow_reboot = opts.params.after == AfterHold::Reboot;
+    cfg.smp = opts.smp;
     let vm = spawn_vm(lab, &cfg)?;
     Ok(DisplayGuest {
         vm,

@@ -6,7 +6,8 @@
 //! cargo run --release -p guest-tests --bin gpu-display-bench [-- --secs 20 --runs 2]
 //! ```
 //!
-//! Each run boots two display guests at once (TCG, `-smp 2` each, on the same host CPUs):
+//! Each run boots two display guests at once (TCG, `--smp` vCPUs each, default 1, on the same
+//! host CPUs):
 //! one with `gpu-backend serve --socket S --display D` (release build; QEMU's
 //! `vhost-user-gpu-pci` on D, the GPU on S), one with `virtio-gpu-pci`. Both draw their
 //! picture, then write whole frames for `--secs` seconds (`gpu-guest-fb --loop-secs`) and
@@ -24,12 +25,13 @@ use guest_tests::frame_rate::{connection_stats, FrameRateReport, FrameRateRun};
 use guest_tests::qemu::DisplayDevice;
 
 const USAGE: &str = "\
-usage: gpu-display-bench [--secs N] [--runs R] [--profile NAME] [--debug-backend]
+usage: gpu-display-bench [--secs N] [--runs R] [--smp N] [--profile NAME] [--debug-backend]
 
 Boots a display guest on the backend's vhost-user GPU and one on QEMU's virtio-gpu-pci at the
 same time; both write whole frames to /dev/fb0 for N seconds (default 20). Prints frames per
 second written by each, their ratio, and the updates per second the backend sent QEMU.
-R runs (default 2); profile default tu102-24g; release backend unless --debug-backend.";
+R runs (default 2); --smp vCPUs per guest (default 1: the guest's damage worker shares the
+writer's vCPU); profile default tu102-24g; release backend unless --debug-backend.";
 
 /// How long a guest holds its last frame after the loop before powering off.
 const HOLD: Duration = Duration::from_secs(1);
@@ -41,6 +43,7 @@ const LOG_WAIT: Duration = Duration::from_secs(10);
 struct Args {
     secs: u64,
     runs: usize,
+    smp: u32,
     profile: String,
     build: BuildProfile,
 }
@@ -49,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         secs: 20,
         runs: 2,
+        smp: 1,
         profile: "tu102-24g".into(),
         build: BuildProfile::Release,
     };
@@ -63,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => return Err(String::new()),
             "--secs" => a.secs = num("--secs", value("--secs")?)?.clamp(1, 600),
             "--runs" => a.runs = num("--runs", value("--runs")?)?.clamp(1, 20) as usize,
+            "--smp" => a.smp = num("--smp", value("--smp")?)?.clamp(1, 8) as u32,
             "--profile" => a.profile = value("--profile")?,
             "--debug-backend" => a.build = BuildProfile::Debug,
             other => return Err(format!("unknown argument `{other}`")),
@@ -151,6 +156,7 @@ fn run(args: &Args) -> Result<FrameRateReport, String> {
         DisplayOptions::new(DisplayDevice::VhostUser(display.clone()), tag)
             .with_vfio_user(backend.socket())
             .looping(secs, HOLD)
+            .smp(args.smp)
             .label(label)
     };
     let mut runs = Vec::new();
@@ -162,6 +168,7 @@ fn run(args: &Args) -> Result<FrameRateReport, String> {
         let q = start_display_guest(
             &DisplayOptions::new(DisplayDevice::QemuVirtioGpu, 2)
                 .looping(args.secs, HOLD)
+                .smp(args.smp)
                 .label("fps-virtio-gpu"),
         )
         .map_err(|e| e.to_string())?;
@@ -197,8 +204,8 @@ fn run(args: &Args) -> Result<FrameRateReport, String> {
         frame_bytes,
         loop_secs: args.secs,
         command: format!(
-            "cargo run --release -p guest-tests --bin gpu-display-bench -- --secs {} --runs {} --profile {}",
-            args.secs, args.runs, args.profile
+            "cargo run --release -p guest-tests --bin gpu-display-bench -- --secs {} --runs {} --smp {} --profile {}",
+            args.secs, args.runs, args.smp, args.profile
         ),
     })
 }
