@@ -5,6 +5,7 @@
 #
 # Usage:
 #   qemu-configs/gpu-vfio-user.sh --socket PATH [options] [-- extra QEMU args...]
+#   qemu-configs/gpu-vfio-user.sh --hotplug-port ID --qmp PATH [options]   (GPU hot-plugged later)
 #
 # Guest (one of):
 #   --kernel FILE        kernel to boot directly (default: the lab's $GUEST_KERNEL if installed)
@@ -30,6 +31,10 @@
 #                        (the guest's virtio_gpu driver binds it; guest RAM is shared already)
 #   --qmp PATH           QMP socket (-qmp unix:PATH,server=on,wait=off), e.g. to take a
 #                        screendump of the display while QEMU runs headless
+#   --hotplug-port ID    an empty pcie-root-port called ID to hot-plug the GPU into later with
+#                        QMP device_add (README section 5); --socket becomes optional
+#   --port-reserve M,P   bridge windows the port reserves: M non-prefetchable, P 64-bit
+#                        prefetchable (default 64M,64M: twice a 16 MiB BAR0 and a 32 MiB slice)
 #   --qemu BIN           QEMU binary (default: the lab wrapper from install.sh, else PATH)
 #   --dry-run            print the command instead of running it
 #
@@ -54,7 +59,7 @@ die() {
 
 socket="" kernel="" initrd="" disk="" append="console=ttyS0 panic=-1 iomem=relaxed"
 mem=512M smp=2 accel=auto addr=0x5 posted=1 msg_timeout="" hole64="" qemu="" dry_run=0 iommu=0
-display="" qmp=""
+display="" qmp="" hotplug_port="" port_reserve="64M,64M"
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -73,6 +78,8 @@ while [ $# -gt 0 ]; do
         --iommu) iommu=1; shift ;;
         --display) display="${2:?--display needs a path}"; shift 2 ;;
         --qmp) qmp="${2:?--qmp needs a path}"; shift 2 ;;
+        --hotplug-port) hotplug_port="${2:?--hotplug-port needs an id}"; shift 2 ;;
+        --port-reserve) port_reserve="${2:?--port-reserve needs M,P}"; shift 2 ;;
         --qemu) qemu="${2:?}"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -81,8 +88,13 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-[ -n "$socket" ] || die "--socket PATH is required (the backend's vfio-user socket)"
-if [ "$dry_run" = 0 ] && [ ! -S "$socket" ]; then
+[ -n "$socket" ] || [ -n "$hotplug_port" ] ||
+    die "--socket PATH is required (the backend's vfio-user socket), or --hotplug-port ID"
+case "$port_reserve" in
+    *,*) ;;
+    *) die "--port-reserve takes NONPREF,PREF64 (e.g. 64M,64M)" ;;
+esac
+if [ -n "$socket" ] && [ "$dry_run" = 0 ] && [ ! -S "$socket" ]; then
     die "$socket is not a listening unix socket; start 'gpu-backend serve --socket $socket' first"
 fi
 if [ -n "$display" ] && [ "$dry_run" = 0 ] && [ ! -S "$display" ]; then
@@ -132,7 +144,11 @@ if [ "$iommu" = 1 ]; then
     args+=(-device intel-iommu,caching-mode=on)
     append="$append intel_iommu=on"
 fi
-args+=(-device "$device")
+[ -z "$socket" ] || args+=(-device "$device")
+if [ -n "$hotplug_port" ]; then
+    # An empty port's windows are sized by the firmware at boot: reserve room for the GPU.
+    args+=(-device "pcie-root-port,id=$hotplug_port,chassis=1,slot=1,mem-reserve=${port_reserve%%,*},pref64-reserve=${port_reserve#*,}")
+fi
 if [ -n "$display" ]; then
     # QEMU option syntax: a comma inside a value is written as two commas.
     args+=(-chardev "socket,id=gpu0,path=${display//,/,,}" -device vhost-user-gpu-pci,chardev=gpu0)

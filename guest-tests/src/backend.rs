@@ -1,8 +1,9 @@
 //! The backend process: `gpu-backend serve --profile <name> --socket <path>` (the GPU whole to
 //! one guest) or `... --guest <path>:<size> ...` (VRAM slices, one socket each), optionally
 //! with a vhost-user display per guest (`--display <path>`, or
-//! `--guest socket=<path>,vram=<size>,display=<path>`), started before a guest boots and
-//! stopped with SIGTERM afterwards.
+//! `--guest socket=<path>,vram=<size>,display=<path>`), optionally with a control socket
+//! (`--control <path>`, through which guests are added and removed while it runs: see
+//! [`crate::control`]), started before a guest boots and stopped with SIGTERM afterwards.
 
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
@@ -25,6 +26,8 @@ pub struct Backend {
     sockets: Vec<PathBuf>,
     /// The vhost-user display sockets, one per entry of `sockets` that has a display.
     displays: Vec<PathBuf>,
+    /// The control socket, if started with one.
+    control: Option<PathBuf>,
     socket_dir: PathBuf,
     log: PathBuf,
     profile: String,
@@ -46,14 +49,28 @@ impl Backend {
         log: &Path,
         extra_args: &[String],
     ) -> Result<Backend> {
-        Self::spawn_inner(bin, profile, log, &[], false, extra_args)
+        Self::spawn_inner(bin, profile, log, &[], false, extra_args, false)
+    }
+
+    /// Start `bin serve --profile <profile> --control <dir>/control.sock` with the guests of
+    /// `guests` given by `--guest <dir>/<name>.sock:<size>` (none: the backend starts without
+    /// guests); return once the control socket and every guest socket exist.
+    /// [`Backend::control_socket`] is the control socket, [`Backend::path_of`] names the
+    /// sockets of guests added later.
+    pub fn spawn_with_control(
+        bin: &Path,
+        profile: &str,
+        log: &Path,
+        guests: &[(&str, u64)],
+    ) -> Result<Backend> {
+        Self::spawn_inner(bin, profile, log, guests, false, &[], true)
     }
 
     /// Start `bin serve --profile <profile> --socket <sock> --display <display>` (the whole
     /// GPU and a vhost-user display for its guest) and wait (bounded) for both sockets.
     /// [`Backend::display_socket`] is the display's socket.
     pub fn spawn_with_display(bin: &Path, profile: &str, log: &Path) -> Result<Backend> {
-        Self::spawn_inner(bin, profile, log, &[], true, &[])
+        Self::spawn_inner(bin, profile, log, &[], true, &[], false)
     }
 
     /// [`Backend::spawn_sliced`] with a display per guest: `--guest
@@ -71,7 +88,7 @@ impl Backend {
                 log_tail: String::new(),
             });
         }
-        Self::spawn_inner(bin, profile, log, guests, true, &[])
+        Self::spawn_inner(bin, profile, log, guests, true, &[], false)
     }
 
     /// Start `bin serve --profile <profile> --guest <dir>/<name>.sock:<size> ...`: one VRAM
@@ -90,7 +107,7 @@ impl Backend {
                 log_tail: String::new(),
             });
         }
-        Self::spawn_inner(bin, profile, log, guests, false, &[])
+        Self::spawn_inner(bin, profile, log, guests, false, &[], false)
     }
 
     fn spawn_inner(
@@ -100,6 +117,7 @@ impl Backend {
         guests: &[(&str, u64)],
         with_displays: bool,
         extra_args: &[String],
+        with_control: bool,
     ) -> Result<Backend> {
         let socket_dir = new_socket_dir()?;
         let out = File::create(log).ctx(|| format!("creating {}", log.display()))?;
@@ -107,7 +125,11 @@ impl Backend {
         let mut cmd = Command::new(bin);
         cmd.arg("serve").arg("--profile").arg(profile);
         let (mut sockets, mut displays) = (Vec::new(), Vec::new());
-        if guests.is_empty() {
+        let control = with_control.then(|| socket_dir.join("control.sock"));
+        if let Some(path) = &control {
+            cmd.arg("--control").arg(path);
+        }
+        if guests.is_empty() && !with_control {
             let socket = socket_dir.join("gpu.sock");
             cmd.arg("--socket").arg(&socket);
             sockets.push(socket);
@@ -147,6 +169,7 @@ impl Backend {
             child: Some(child),
             sockets,
             displays,
+            control,
             socket_dir,
             log: log.to_path_buf(),
             profile: profile.to_string(),
@@ -162,6 +185,7 @@ impl Backend {
                 .sockets
                 .iter()
                 .chain(&self.displays)
+                .chain(&self.control)
                 .find(|s| !std::fs::metadata(s).is_ok_and(|m| m.file_type().is_socket()))
                 .cloned();
             let Some(missing) = missing else {
@@ -213,6 +237,17 @@ impl Backend {
             .iter()
             .find(|s| s.file_name().is_some_and(|f| f == file.as_str()))
             .map(PathBuf::as_path)
+    }
+
+    /// The control socket (`None` unless started by [`Backend::spawn_with_control`]).
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.control.as_deref()
+    }
+
+    /// `<socket dir>/<name>.sock`: where a guest called `name` is served (the name
+    /// [`Backend::socket_of`] finds), for guests added through the control socket.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.socket_dir.join(format!("{name}.sock"))
     }
 
     /// The vhost-user display socket QEMU connects to (the first guest's, when sliced); `None`

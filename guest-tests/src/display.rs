@@ -49,6 +49,8 @@ pub struct DisplayOptions {
     pub params: DisplayParams,
     /// Limit of each boot until its picture is drawn.
     pub draw_timeout: Duration,
+    /// Guest vCPUs.
+    pub smp: u32,
     /// Name of the run directory.
     pub label: String,
 }
@@ -63,8 +65,10 @@ impl DisplayOptions {
                 tag,
                 hold: Duration::from_secs(120),
                 after: AfterHold::PowerOff,
+                loop_secs: 0,
             },
             draw_timeout: DRAW_TIMEOUT,
+            smp: crate::qemu::DEFAULT_SMP,
             label: format!("display-{tag}"),
         }
     }
@@ -86,6 +90,51 @@ impl DisplayOptions {
     pub fn label(mut self, label: &str) -> Self {
         self.label = label.into();
         self
+    }
+
+    /// Number of guest vCPUs.
+    pub fn smp(mut self, vcpus: u32) -> Self {
+        self.smp = vcpus.max(1);
+        self
+    }
+
+    /// After the picture, write whole frames for `secs` seconds (the frame-rate figure; see
+    /// [`DisplayGuest::wait_loop`]), then hold for `hold` and power off.
+    pub fn looping(mut self, secs: u64, hold: Duration) -> Self {
+        self.params.loop_secs = secs;
+        self.params.hold = hold;
+        self.params.after = AfterHold::PowerOff;
+        self
+    }
+}
+
+/// What the guest reported writing in its loop (its `GPUFB loop` line).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameLoop {
+    /// Whole frames written.
+    pub frames: u64,
+    /// How long, in ms.
+    pub ms: u64,
+}
+
+impl FrameLoop {
+    /// Parse a `GPUFB loop frames=.. ms=.. ...` line.
+    pub fn parse(line: &str) -> Option<FrameLoop> {
+        let rest = line.split_once(&format!("{MARK} loop "))?.1;
+        let field = |key: &str| {
+            rest.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+                .and_then(crate::report::parse_u64)
+        };
+        Some(FrameLoop {
+            frames: field("frames")?,
+            ms: field("ms")?.max(1),
+        })
+    }
+
+    /// Frames per second written.
+    pub fn fps(&self) -> f64 {
+        self.frames as f64 * 1000.0 / self.ms as f64
     }
 }
 
@@ -214,6 +263,7 @@ pub fn start_display_guest(opts: &DisplayOptions) -> Result<DisplayGuest> {
     cfg.display = Some(opts.display.clone());
     cfg.qmp_socket = Some(socket_dir.join("qmp.sock"));
     cfg.allow_reboot = opts.params.after == AfterHold::Reboot;
+    cfg.smp = opts.smp;
     let vm = spawn_vm(lab, &cfg)?;
     Ok(DisplayGuest {
         vm,
@@ -247,6 +297,30 @@ impl DisplayGuest {
             what: format!("an unreadable ready line `{line}`"),
             serial_tail: crate::error::tail(&self.vm.serial(), 20),
         })
+    }
+
+    /// Wait for the `GPUFB loop` line of the first boot (within the draw time limit plus the
+    /// loop's own length).
+    pub fn wait_loop(&mut self, loop_secs: u64) -> Result<FrameLoop> {
+        let timeout = self.draw_timeout + Duration::from_secs(loop_secs);
+        let line = self
+            .vm
+            .wait_for_line(&format!("{MARK} loop "), 0, timeout)?;
+        FrameLoop::parse(&line).ok_or_else(|| HarnessError::GuestIncomplete {
+            what: format!("an unreadable loop line `{line}`"),
+            serial_tail: crate::error::tail(&self.vm.serial(), 20),
+        })
+    }
+
+    /// Wait (at most `timeout`) for QEMU to exit after the guest powered off; remove the run
+    /// directory unless `GUEST_TESTS_KEEP=1`.
+    pub fn wait_poweroff(self, timeout: Duration) -> Result<VmOutcome> {
+        let run_dir = self.run_dir.clone();
+        let outcome = self.vm.wait_exit(timeout)?;
+        if !keep_runs() {
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
+        Ok(outcome)
     }
 
     /// Take QEMU's screenshot into `<run dir>/<name>.ppm` and read it.
@@ -332,5 +406,10 @@ mod tests {
                 .is_none()
         );
         assert!(Drawn::parse("GPUFB error no fb").is_none());
+        let l = FrameLoop::parse("[ 9.2] GPUFB loop frames=400 ms=20000 fps=20.0 mib_per_s=78.1")
+            .unwrap();
+        assert_eq!((l.frames, l.ms), (400, 20000));
+        assert!((l.fps() - 20.0).abs() < 1e-9);
+        assert!(FrameLoop::parse("GPUFB loop frames=x ms=1").is_none());
     }
 }

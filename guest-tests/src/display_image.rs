@@ -1,6 +1,7 @@
 //! The display guest's image: busybox, the static `gpu-guest-fb`, the guest kernel's
 //! virtio-gpu driver modules and an `/init` that loads them in order, waits for `/dev/fb0`,
-//! keeps the framebuffer console off the screen, draws the picture of guest `gpufb.tag` and
+//! keeps the framebuffer console off the screen, draws the picture of guest `gpufb.tag`
+//! (with `gpufb.loop=N`, then writes whole frames for N seconds: the frame-rate figure) and
 //! then holds it for `gpufb.hold` seconds before powering off or rebooting (`gpufb.after`).
 //!
 //! Console lines of the guest (besides the kernel's):
@@ -9,6 +10,7 @@
 //! GPUFB module <name> loaded
 //! GPUFB fb0 after <ms> ms: <virtual_size> stride <stride> bpp <bits_per_pixel>
 //! GPUFB ready tag=.. nonce=.. width=.. height=.. stride=.. bpp=.. ms=..   (from gpu-guest-fb)
+//! GPUFB loop frames=.. ms=.. fps=.. mib_per_s=..                        (gpufb.loop=N)
 //! GPUFB error <what>                      (then the guest powers off)
 //! GPUFB reboot | GPUFB poweroff
 //! ```
@@ -54,19 +56,22 @@ pub struct DisplayParams {
     pub hold: Duration,
     /// Power off or reboot after the hold.
     pub after: AfterHold,
+    /// Seconds of whole frames written after the picture (0: none).
+    pub loop_secs: u64,
 }
 
 impl DisplayParams {
     /// The kernel command line.
     pub fn kernel_args(&self) -> String {
         format!(
-            "{DISPLAY_KERNEL_ARGS} gpufb.tag={} gpufb.hold={} gpufb.after={}",
+            "{DISPLAY_KERNEL_ARGS} gpufb.tag={} gpufb.hold={} gpufb.after={} gpufb.loop={}",
             self.tag & 3,
             self.hold.as_secs().max(1),
             match self.after {
                 AfterHold::PowerOff => "poweroff",
                 AfterHold::Reboot => "reboot",
-            }
+            },
+            self.loop_secs
         )
     }
 }
@@ -88,6 +93,7 @@ M=@MARK@
 arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^gpufb\.$1=//p" | head -n1; }
 TAG=$(arg tag)
 HOLD=$(arg hold)
+LOOP=$(arg loop)
 AFTER=$(arg after)
 fail() {
     echo "$M error $*"
@@ -108,7 +114,7 @@ echo "$M fb0 after $(($(awk '{ printf "%d", $1 * 1000 }' /proc/uptime) - t0)) ms
 for v in /sys/class/vtconsole/vtcon*; do
     grep -q 'frame buffer' $v/name && echo 0 >$v/bind
 done
-gpu-guest-fb --tag "${TAG:-0}" || fail "gpu-guest-fb failed"
+gpu-guest-fb --tag "${TAG:-0}" --loop-secs "${LOOP:-0}" || fail "gpu-guest-fb failed"
 sleep "${HOLD:-60}"
 if [ "$AFTER" = reboot ]; then
     echo "$M reboot"
@@ -203,12 +209,14 @@ mod tests {
             tag: 5,
             hold: Duration::from_millis(10),
             after: AfterHold::Reboot,
+            loop_secs: 7,
         };
         let args = p.kernel_args();
         assert!(
-            args.ends_with("gpufb.tag=1 gpufb.hold=1 gpufb.after=reboot"),
+            args.ends_with("gpufb.tag=1 gpufb.hold=1 gpufb.after=reboot gpufb.loop=7"),
             "{args}"
         );
+        assert!(init.contains(r#"--loop-secs "${LOOP:-0}""#), "{init}");
         assert!(args.starts_with(DISPLAY_KERNEL_ARGS));
     }
 }

@@ -82,6 +82,9 @@ pub enum HarnessError {
     /// A screenshot could not be read or saved.
     #[error("screenshot: {0}")]
     Screenshot(#[from] crate::screenshot::ScreenshotError),
+    /// `gpu-backend ctl` failed or was refused.
+    #[error("control socket: {0}")]
+    Control(#[from] crate::control::CtlError),
     /// The backend process could not be started or did not create its socket.
     #[error("backend: {reason}\n--- backend log (tail) ---\n{log_tail}")]
     Backend {

@@ -127,28 +127,8 @@ pub fn guest_initramfs() -> Result<PathBuf> {
 /// printed `GPUPROBE done`. Failed checks are *not* errors: inspect the report.
 pub fn boot_guest(opts: &GuestOptions) -> Result<GuestRun> {
     let lab = QemuLab::get()?;
-    let initrd = guest_initramfs()?;
     let run_dir = new_run_dir(&opts.label)?;
-    let mut append = format!("{BASE_KERNEL_ARGS} {}", opts.probe.kernel_args());
-    if !opts.extra_kernel_args.is_empty() {
-        append.push(' ');
-        append.push_str(&opts.extra_kernel_args);
-    }
-    let cfg = VmConfig {
-        kernel: lab.guest_kernel.clone(),
-        initrd,
-        append: append.trim_end().to_string(),
-        vfio_user_socket: opts.vfio_user_socket.clone(),
-        vfio_user_props: opts.vfio_user_props.clone(),
-        iommu: false,
-        memory_mib: opts.memory_mib,
-        smp: opts.smp,
-        serial_log: run_dir.join("serial.log"),
-        display: None,
-        qmp_socket: None,
-        allow_reboot: false,
-        extra_args: opts.extra_qemu_args.clone(),
-    };
+    let cfg = probe_vm_config(lab, opts, &run_dir)?;
     let outcome = run_vm(lab, &cfg, opts.timeout)?;
     if !outcome.status.success() {
         return Err(HarnessError::QemuFailed {
@@ -172,6 +152,32 @@ pub fn boot_guest(opts: &GuestOptions) -> Result<GuestRun> {
         qemu_stderr: outcome.stderr,
         boot_time: outcome.duration,
         run_dir,
+    })
+}
+
+/// The QEMU configuration of a probe guest for `opts`, its serial log in `run_dir` (no QMP
+/// socket, no reboots).
+pub fn probe_vm_config(lab: &QemuLab, opts: &GuestOptions, run_dir: &Path) -> Result<VmConfig> {
+    let initrd = guest_initramfs()?;
+    let mut append = format!("{BASE_KERNEL_ARGS} {}", opts.probe.kernel_args());
+    if !opts.extra_kernel_args.is_empty() {
+        append.push(' ');
+        append.push_str(&opts.extra_kernel_args);
+    }
+    Ok(VmConfig {
+        kernel: lab.guest_kernel.clone(),
+        initrd,
+        append: append.trim_end().to_string(),
+        vfio_user_socket: opts.vfio_user_socket.clone(),
+        vfio_user_props: opts.vfio_user_props.clone(),
+        iommu: false,
+        memory_mib: opts.memory_mib,
+        smp: opts.smp,
+        serial_log: run_dir.join("serial.log"),
+        display: None,
+        qmp_socket: None,
+        allow_reboot: false,
+        extra_args: opts.extra_qemu_args.clone(),
     })
 }
 

@@ -123,12 +123,51 @@ pub const BUSYBOX_APPLETS: &[&str] = &[
 /// powering off (interactive use, e.g. from `qemu-configs/gpu-vfio-user.sh`).
 pub const SHELL_PARAM: &str = "gpuprobe.shell=1";
 
+/// Kernel command-line word that makes `/init` wait for the GPU to be hot-plugged before the
+/// probe runs, and for it to be unplugged afterwards (see [`INIT_SCRIPT`]).
+pub const HOTPLUG_PARAM: &str = "gpuprobe.hotplug=1";
+
+/// The marker of `/init`'s own lines in hot-plug mode.
+pub const HOTPLUG_MARK: &str = "GPUHOTPLUG";
+
 /// The `/init` script of the guest image. The probe powers the machine off itself; the lines
 /// after it only run if it died without doing so.
+///
+/// With [`HOTPLUG_PARAM`], `/init` prints `GPUHOTPLUG ready`, waits (at most 120 s) until a
+/// function of vendor 0x10de is on the PCI bus (`GPUHOTPLUG appeared after_ms=..`; the kernel
+/// found it through the hot-plug event, nothing rescans), enables its memory decoding through
+/// sysfs as a driver would (`GPUHOTPLUG enabled bdf=..`; firmware enabled the functions present
+/// at boot, nobody enables a hot-plugged one), runs the probe without powering off
+/// (`GPUHOTPLUG probe_rc=..`), then waits (at most 120 s) until the function is gone
+/// (`GPUHOTPLUG gone after_ms=..` or `GPUHOTPLUG still_there`) and powers off.
 pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox mount -t devtmpfs devtmpfs /dev
+if /bin/busybox grep -q 'gpuprobe.hotplug=1' /proc/cmdline; then
+    has_gpu() { /bin/busybox grep -q 0x10de /sys/bus/pci/devices/*/vendor 2>/dev/null; }
+    echo "GPUHOTPLUG ready"
+    i=0
+    while ! has_gpu && [ $i -lt 1200 ]; do /bin/busybox sleep 0.1; i=$((i + 1)); done
+    if has_gpu; then
+        echo "GPUHOTPLUG appeared after_ms=$((i * 100))"
+        # No driver enables a hot-plugged function's memory decoding: do what one would.
+        for d in /sys/bus/pci/devices/*; do
+            if /bin/busybox grep -q 0x10de $d/vendor; then
+                echo 1 >$d/enable && echo "GPUHOTPLUG enabled bdf=${d##*/}"
+            fi
+        done
+        /bin/gpu-guest-probe --no-poweroff
+        echo "GPUHOTPLUG probe_rc=$?"
+        i=0
+        while has_gpu && [ $i -lt 1200 ]; do /bin/busybox sleep 0.1; i=$((i + 1)); done
+        if has_gpu; then echo "GPUHOTPLUG still_there"; else echo "GPUHOTPLUG gone after_ms=$((i * 100))"; fi
+    else
+        echo "GPUHOTPLUG never_appeared"
+    fi
+    /bin/busybox sync
+    /bin/busybox poweroff -f
+fi
 if /bin/busybox grep -q 'gpuprobe.shell=1' /proc/cmdline; then
     /bin/gpu-guest-probe --no-poweroff
     echo "gpu-guest-probe exited with status $?; starting a shell (poweroff -f to quit)"
@@ -262,6 +301,10 @@ mod tests {
                 .unwrap_or_else(|| panic!("{n} missing"))
         };
         assert_eq!(find("init").2, INIT_SCRIPT.as_bytes());
+        // The words the harness relies on are the ones the script uses.
+        for word in [HOTPLUG_PARAM, SHELL_PARAM, &format!("{HOTPLUG_MARK} ready")] {
+            assert!(INIT_SCRIPT.contains(word), "{word}");
+        }
         assert_eq!(find("bin/gpu-guest-probe").2, b"PROBE");
         assert_eq!(find("bin/devmem").2, b"busybox");
         let gz = gzip(&data).unwrap();

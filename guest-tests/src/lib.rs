@@ -19,8 +19,12 @@
 //! memfd from the host), [`isolation`] (canaries and host-side checks) and [`pattern`] (the
 //! probe's VRAM patterns); for displays: [`display`] (boot a guest with a display, screenshot
 //! and compare), [`display_image`] (its `/init` and image), [`fb_pattern`] (the picture it
-//! draws), [`vm`] (a QEMU the host acts on while it runs), [`qmp`], [`ppm`] and
+//! draws), [`frame_rate`] (the frame rate a guest gets writing its framebuffer), [`vm`] (a
+//! QEMU the host acts on while it runs), [`qmp`], [`ppm`] and
 //! [`screenshot`] (PPM in, PNG out), [`vram_search`] (a guest's pixels anywhere in host VRAM);
+//! for guests added and removed while the backend runs: [`control`] (`gpu-backend ctl`),
+//! [`live`] (a probe guest the host acts on while it runs) and [`soak`] (the probe's soak,
+//! checked in host VRAM);
 //! for the programs: [`demo`] (the tables of `gpu-demo`), [`bench`](mod@bench), [`bench_table`],
 //! [`pingpong`], [`stats`] and [`affinity`] (the guest benchmarks of `gpu-guest-bench`).
 
@@ -29,17 +33,20 @@ pub mod artifacts;
 pub mod backend;
 pub mod bench;
 pub mod bench_table;
+pub mod control;
 pub mod demo;
 pub mod display;
 pub mod display_image;
 pub mod error;
 pub mod expect;
 pub mod fb_pattern;
+pub mod frame_rate;
 pub mod guest;
 pub mod guest_script;
 pub mod host_vram;
 pub mod initramfs;
 pub mod isolation;
+pub mod live;
 pub mod nested;
 pub mod nested_checks;
 pub mod paths;
@@ -52,6 +59,7 @@ pub mod qmp;
 pub mod report;
 pub mod screenshot;
 pub mod slices;
+pub mod soak;
 pub mod stats;
 pub mod vfio_report;
 pub mod vm;

@@ -35,6 +35,29 @@ pub fn vram_bytes(seed: u64, guest_addr: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The soak's word of `seed` at guest VRAM address `guest_addr` (rounded down to 4 bytes): a
+/// multiplicative hash of the word index xor the seed's low half, cheap enough for a TCG guest
+/// to fill and check a whole VRAM BAR with in a second. Like [`vram_word`], never 0 and never
+/// all-ones. Two seeds whose folded halves (`seed ^ seed >> 32`, low 32 bits) differ in
+/// some bit from 1 to 30 give different words at every address below 16 GiB.
+pub fn soak_word(seed: u64, guest_addr: u64) -> u32 {
+    let index = (guest_addr / 4) as u32;
+    let w = (index.wrapping_mul(0x9e37_79b1) ^ (seed as u32) ^ ((seed >> 32) as u32)) | 1;
+    if w == u32::MAX {
+        0x7fff_ffff
+    } else {
+        w
+    }
+}
+
+/// The bytes of `seed`'s soak pattern for guest VRAM `[guest_addr, guest_addr + len)`;
+/// `guest_addr` and `len` multiples of 4.
+pub fn soak_bytes(seed: u64, guest_addr: u64, len: usize) -> Vec<u8> {
+    (0..len as u64 / 4)
+        .flat_map(|i| soak_word(seed, guest_addr + 4 * i).to_le_bytes())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +77,18 @@ mod tests {
             let w = vram_word(3, 4 * a);
             w != 0 && w != u32::MAX
         }));
+    }
+
+    #[test]
+    fn soak_words_depend_on_seed_and_address() {
+        assert_eq!(soak_word(5, 0x1002), soak_word(5, 0x1000));
+        assert_ne!(soak_word(5, 0x1000), soak_word(5, 0x1004));
+        let (a, b) = (0x1234_5678_0000_0001, 0x1234_5678_0000_0003);
+        assert!((0..4096u64).all(|i| soak_word(a, 4 * i) != soak_word(b, 4 * i)));
+        assert!((0..4096u64).all(|i| {
+            let w = soak_word(9, 4 * i);
+            w != 0 && w != u32::MAX
+        }));
+        assert_eq!(soak_bytes(9, 8, 4), soak_word(9, 8).to_le_bytes());
     }
 }

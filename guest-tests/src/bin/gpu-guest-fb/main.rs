@@ -4,8 +4,16 @@
 //!
 //! ```text
 //! GPUFB ready tag=1 nonce=0x3a7c width=1280 height=800 stride=5120 bpp=32 ms=41
+//! GPUFB loop frames=412 ms=20013 fps=20.6 mib_per_s=80.4      (with --loop-secs)
 //! GPUFB error <what went wrong>          (exit status 1)
 //! ```
+//!
+//! With `--loop-secs N` it then writes whole frames to `/dev/fb0` for N seconds, one `pwrite`
+//! of the full frame each, alternating between its picture and the picture of the next nonce
+//! (both prepared before the clock starts), and reports how many it wrote: the frame rate a
+//! guest gets writing the framebuffer in a loop. The display sees fewer: each `write` marks its
+//! rows damaged and queues the DRM fbdev emulation's damage worker, which sends the device one
+//! transfer and flush for all the damage collected since it last ran.
 //!
 //! The geometry comes from sysfs (`virtual_size`, `stride`, `bits_per_pixel` of
 //! `/sys/class/graphics/fb0`); only 32 bits per pixel (XRGB8888, what the DRM fbdev emulation
@@ -13,7 +21,7 @@
 //! draws a picture the host can tell from the first one's.
 //!
 //! ```text
-//! gpu-guest-fb [--tag N] [--nonce N] [--fb /dev/fb0] [--sysfs /sys/class/graphics/fb0]
+//! gpu-guest-fb [--tag N] [--nonce N] [--loop-secs N] [--fb /dev/fb0] [--sysfs /sys/class/graphics/fb0]
 //! ```
 //!
 //! Build it static like `gpu-guest-probe` (see `guest_tests::artifacts::GuestBinary`).
@@ -25,7 +33,7 @@ mod pattern;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pattern::{FbPattern, BYTES_PER_PIXEL, MAX_UNIQUE};
 
@@ -33,6 +41,7 @@ use pattern::{FbPattern, BYTES_PER_PIXEL, MAX_UNIQUE};
 struct Args {
     tag: u8,
     nonce: Option<u16>,
+    loop_secs: u64,
     fb: PathBuf,
     sysfs: PathBuf,
 }
@@ -41,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         tag: 0,
         nonce: None,
+        loop_secs: 0,
         fb: "/dev/fb0".into(),
         sysfs: "/sys/class/graphics/fb0".into(),
     };
@@ -50,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--tag" => a.tag = parse_num(&value()?)?,
             "--nonce" => a.nonce = Some(parse_num(&value()?)?),
+            "--loop-secs" => a.loop_secs = parse_num(&value()?)?,
             "--fb" => a.fb = value()?.into(),
             "--sysfs" => a.sysfs = value()?.into(),
             other => return Err(format!("unknown argument `{other}`")),
@@ -137,7 +148,39 @@ fn draw(fb: &File, g: &Geometry, p: &FbPattern) -> Result<(), String> {
     fb.sync_all().map_err(|e| format!("fsync: {e}"))
 }
 
-fn run(args: &Args) -> Result<String, String> {
+/// The whole frame of `p` as the framebuffer holds it (`height` rows `stride` apart).
+fn frame(g: &Geometry, p: &FbPattern) -> Vec<u8> {
+    let mut f = vec![0u8; g.stride as usize * g.height as usize];
+    for y in 0..g.height {
+        let row = p.xrgb_row(y, g.width);
+        let at = y as usize * g.stride as usize;
+        f[at..at + row.len()].copy_from_slice(&row);
+    }
+    f
+}
+
+/// Write whole frames, alternating `frames`, for `secs` seconds; the `GPUFB loop` line.
+fn write_loop(fb: &File, frames: &[Vec<u8>; 2], secs: u64) -> Result<String, String> {
+    let start = Instant::now();
+    let until = Duration::from_secs(secs);
+    let mut n: u64 = 0;
+    while start.elapsed() < until {
+        fb.write_all_at(&frames[(n % 2) as usize], 0)
+            .map_err(|e| format!("writing frame {n}: {e}"))?;
+        n += 1;
+    }
+    fb.sync_all().map_err(|e| format!("fsync: {e}"))?;
+    let s = start.elapsed().as_secs_f64();
+    let bytes = n as f64 * frames[0].len() as f64;
+    Ok(format!(
+        "GPUFB loop frames={n} ms={} fps={:.1} mib_per_s={:.1}",
+        start.elapsed().as_millis(),
+        n as f64 / s,
+        bytes / s / f64::from(1 << 20)
+    ))
+}
+
+fn run(args: &Args) -> Result<(), String> {
     let start = Instant::now();
     let g = geometry(&args.sysfs)?;
     let nonce = match args.nonce {
@@ -151,7 +194,7 @@ fn run(args: &Args) -> Result<String, String> {
         .open(&args.fb)
         .map_err(|e| format!("opening {}: {e}", args.fb.display()))?;
     draw(&fb, &g, &p)?;
-    Ok(format!(
+    println!(
         "GPUFB ready tag={} nonce={:#06x} width={} height={} stride={} bpp={} ms={}",
         p.tag,
         p.nonce,
@@ -160,16 +203,18 @@ fn run(args: &Args) -> Result<String, String> {
         g.stride,
         g.bpp,
         start.elapsed().as_millis()
-    ))
+    );
+    if args.loop_secs > 0 {
+        let other = FbPattern::new(args.tag, nonce.wrapping_add(1));
+        let frames = [frame(&g, &p), frame(&g, &other)];
+        println!("{}", write_loop(&fb, &frames, args.loop_secs)?);
+    }
+    Ok(())
 }
 
 fn main() {
-    let result = parse_args().and_then(|a| run(&a));
-    match result {
-        Ok(line) => println!("{line}"),
-        Err(e) => {
-            println!("GPUFB error {e}");
-            std::process::exit(1);
-        }
+    if let Err(e) = parse_args().and_then(|a| run(&a)) {
+        println!("GPUFB error {e}");
+        std::process::exit(1);
     }
 }

@@ -54,6 +54,9 @@ pub fn run(params: &Params) {
     if params.window {
         crate::window::run(params, &dev, &bars);
     }
+    if params.soak {
+        crate::soak::run(params, &dev, &bars);
+    }
     if params.bench {
         crate::bench::run(params, &dev, &bars, &devices);
     }

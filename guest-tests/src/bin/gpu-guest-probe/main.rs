@@ -24,6 +24,7 @@ mod params;
 #[path = "../../pattern.rs"]
 mod pattern;
 mod pci;
+mod soak;
 mod sys;
 mod window;
 

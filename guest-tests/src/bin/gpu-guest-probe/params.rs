@@ -17,6 +17,7 @@
 //! | `persist_seed` | pattern seed | `1` |
 //! | `timeout` | watchdog, seconds | `120` |
 //! | `shell` | `1`: `/init` starts a shell after the probe instead of powering off | off |
+//! | `hotplug` | `1`: `/init` waits for the GPU to be hot-plugged, runs the probe, waits for it to go | off |
 //! | `bench` | `1`: after the checks, run the benchmarks (see `bench`) | off |
 //! | `bench_n` | timed accesses per latency benchmark | `2000` |
 //! | `bench_warmup` | untimed accesses before each latency benchmark | `200` |
@@ -34,6 +35,11 @@
 //! | `slice_size` | bytes of VRAM the guest owns (the window's reach) | none |
 //! | `vram_map` | which BAR shows which guest VRAM: `BAR:OFFSET:LEN[,BAR:OFFSET:LEN...]` | `vram_bar` at 0 |
 //! | `window_seed` | seed of the patterns the window checks write | `0x77696e` |
+//! | `soak` | `1`: after the checks, the soak (see `soak`): write rounds, then verify rounds | off |
+//! | `soak_seed` | seed of the soak's patterns | `0x50a4` |
+//! | `soak_write_s` | seconds of write rounds (at least one round) | `5` |
+//! | `soak_verify` | verify rounds after the write rounds (`0`: until the device is lost) | `0` |
+//! | `soak_pause_ms` | pause between two verify rounds | `200` |
 //!
 //! Numbers are decimal or `0x` hexadecimal; sizes also accept `K`, `M`, `G`, `T` suffixes (binary).
 
@@ -111,6 +117,16 @@ pub struct Params {
     pub vram_map: Vec<(usize, u64, u64)>,
     /// Seed of the window checks' patterns.
     pub window_seed: u64,
+    /// Run the soak.
+    pub soak: bool,
+    /// Seed of the soak's patterns.
+    pub soak_seed: u64,
+    /// Seconds of soak write rounds.
+    pub soak_write_s: u64,
+    /// Soak verify rounds (0: until the device is lost).
+    pub soak_verify: u64,
+    /// Pause between two soak verify rounds, in ms.
+    pub soak_pause_ms: u64,
     /// Parameters that could not be understood (reported as a failed check).
     pub errors: Vec<String>,
 }
@@ -148,6 +164,11 @@ impl Default for Params {
             slice_size: None,
             vram_map: Vec::new(),
             window_seed: 0x77_696e,
+            soak: false,
+            soak_seed: 0x50a4,
+            soak_write_s: 5,
+            soak_verify: 0,
+            soak_pause_ms: 200,
             errors: Vec::new(),
         }
     }
@@ -235,8 +256,14 @@ impl Params {
             "slice_size" => self.slice_size = Some(num()?),
             "vram_map" => self.vram_map = parse_vram_map(value)?,
             "window_seed" => self.window_seed = num()?,
-            // Read by /init (start a shell after the probe), not by the probe.
-            "shell" => {}
+            "soak" => self.soak = narrow(num()?, 1)? == 1,
+            "soak_seed" => self.soak_seed = num()?,
+            "soak_write_s" => self.soak_write_s = narrow(num()?, 3600)?,
+            "soak_verify" => self.soak_verify = narrow(num()?, 1_000_000)?,
+            "soak_pause_ms" => self.soak_pause_ms = narrow(num()?, 60_000)?,
+            // Read by /init (a shell after the probe; waiting for a hot-plugged GPU), not by
+            // the probe.
+            "shell" | "hotplug" => {}
             _ => {
                 let idx = key
                     .strip_prefix("bar")
@@ -323,6 +350,25 @@ mod tests {
         for bad in ["4:0", "9:0:1M", "1:0:0", "1:x:1", "1:0:1:2"] {
             assert!(parse_vram_map(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn soak_parameters() {
+        let p = Params::from_cmdline(
+            "gpuprobe.soak=1 gpuprobe.soak_seed=0xab gpuprobe.soak_write_s=3 \
+             gpuprobe.soak_verify=7 gpuprobe.soak_pause_ms=50",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(p.soak);
+        assert_eq!(
+            (p.soak_seed, p.soak_write_s, p.soak_verify, p.soak_pause_ms),
+            (0xab, 3, 7, 50)
+        );
+        let d = Params::from_cmdline("");
+        assert!(!d.soak);
+        assert_eq!((d.soak_write_s, d.soak_verify), (5, 0));
+        let bad = Params::from_cmdline("gpuprobe.soak=2 gpuprobe.soak_pause_ms=99999999");
+        assert_eq!(bad.errors.len(), 2, "{:?}", bad.errors);
     }
 
     #[test]

@@ -166,7 +166,7 @@ pub fn run(params: &Params, dev: &PciDevice, bars: &[Bar]) {
 }
 
 /// Window bases (bytes): 0, the middle and the last MiB, at least 1 MiB apart.
-fn bases(size: u64) -> Vec<u64> {
+pub(crate) fn bases(size: u64) -> Vec<u64> {
     let mut out = vec![0];
     for b in [
         (size / 2) & !(STEP - 1),
