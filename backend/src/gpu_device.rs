@@ -183,9 +183,16 @@ impl VfioUserDevice for GpuDevice {
     }
 
     fn client_disconnected(&self) {
+        let guest = self.function.guest();
+        let what = if guest.access().is_revoked() {
+            "the guest was removed, its slice is being scrubbed"
+        } else {
+            "device state and VRAM kept"
+        };
         log::info!(
-            "client disconnected from {}; device state and VRAM kept",
-            self.function.identity().name
+            "client disconnected from {} slice {}; {what}",
+            self.function.identity().name,
+            guest.slice()
         );
         *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
         // Every map was taken back as it was removed; make sure nothing outlives the client.
