@@ -557,7 +557,7 @@ pub fn serve_sliced(
         check_bindable(control).map_err(|e| ServeError::Control(e.into()))?;
     }
     let gpu = SlicedGpu::new(host)?;
-    let supervisor = Supervisor::new(ShutdownSignal::new()?);
+    let supervisor = Supervisor::new(ShutdownSignal::new()?)?;
     let mut manager = GuestManager::new(gpu, supervisor.clone(), listen.clone());
     if let Some(dir) = state {
         log::info!(
@@ -598,7 +598,7 @@ pub fn serve_sliced(
 
 /// Runs `jobs` under a new [`Supervisor`] until it returns.
 fn supervise(jobs: Vec<Job>, shutdown: ShutdownSignal) -> Result<(), ServeError> {
-    let supervisor = Supervisor::new(shutdown);
+    let supervisor = Supervisor::new(shutdown)?;
     for job in jobs {
         if let Err(e) = supervisor.spawn(job) {
             supervisor.shutdown().trigger();

@@ -84,12 +84,23 @@ enum Outcome {
 
 struct Inner {
     shutdown: ShutdownSignal,
+    /// The SIGTERM/SIGINT handler thread, installed before any job runs.
+    signals: Mutex<Option<(signal_hook::iterator::Handle, thread::JoinHandle<()>)>>,
     tx: Mutex<mpsc::Sender<Ended>>,
     rx: Mutex<Option<mpsc::Receiver<Ended>>>,
     jobs: Mutex<BTreeMap<JobId, Running>>,
     next: AtomicU64,
     hosts: Mutex<Vec<Arc<dyn HostGpu>>>,
     lost: AtomicBool,
+}
+
+impl Drop for Inner {
+    /// A supervisor dropped without running gives SIGTERM/SIGINT back.
+    fn drop(&mut self) {
+        if let Some((handle, _thread)) = self.signals.get_mut().take() {
+            handle.close();
+        }
+    }
 }
 
 /// Runs and watches the servers of one `serve` (cheap to clone: a handle).
@@ -99,12 +110,27 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// A supervisor with no jobs, ending everything when `shutdown` fires.
-    pub fn new(shutdown: ShutdownSignal) -> Supervisor {
+    /// A supervisor with no jobs, ending everything when `shutdown` fires. SIGTERM and SIGINT
+    /// fire it from now on (before any job starts, so a signal is never the default
+    /// action's).
+    pub fn new(shutdown: ShutdownSignal) -> Result<Supervisor, ServeError> {
         let (tx, rx) = mpsc::channel();
-        Supervisor {
+        let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
+        let signal_handle = signals.handle();
+        let on_signal = shutdown.clone();
+        let signal_thread = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    log::info!("signal {signal} received: shutting down");
+                    on_signal.trigger();
+                }
+            })
+            .map_err(ServeError::Signals)?;
+        Ok(Supervisor {
             inner: Arc::new(Inner {
                 shutdown,
+                signals: Mutex::new(Some((signal_handle, signal_thread))),
                 tx: Mutex::new(tx),
                 rx: Mutex::new(Some(rx)),
                 jobs: Mutex::new(BTreeMap::new()),
@@ -112,7 +138,7 @@ impl Supervisor {
                 hosts: Mutex::new(Vec::new()),
                 lost: AtomicBool::new(false),
             }),
-        }
+        })
     }
 
     /// The signal that ends everything.
@@ -203,18 +229,6 @@ impl Supervisor {
             self.inner.rx.lock().take().ok_or_else(|| {
                 ServeError::Thread(std::io::Error::other("supervisor already ran"))
             })?;
-        let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
-        let signal_handle = signals.handle();
-        let on_signal = self.inner.shutdown.clone();
-        let signal_thread = thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Some(signal) = signals.forever().next() {
-                    log::info!("signal {signal} received: shutting down");
-                    on_signal.trigger();
-                }
-            })
-            .map_err(ServeError::Signals)?;
         // The watchdog ends on its own once shutdown fires; it is not waited for.
         let _watchdog = self.spawn_watchdog()?;
 
@@ -258,8 +272,10 @@ impl Supervisor {
                 }
             }
         }
-        signal_handle.close();
-        let _ = signal_thread.join();
+        if let Some((handle, thread)) = self.inner.signals.lock().take() {
+            handle.close();
+            let _ = thread.join();
+        }
         log::info!("stopped");
         match outcome {
             Outcome::Lost => Err(ServeError::DeviceLost),

@@ -568,11 +568,18 @@ fn spawn_with_fd(theirs: &impl AsRawFd, args: &[&str]) -> Child {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec and
-    // touches nothing but fd 3 (it clears close-on-exec on the copy).
+    // SAFETY: dup2 and fcntl are async-signal-safe; they run in the child between fork and
+    // exec and touch nothing but fd 3. dup2 clears close-on-exec on the copy; when the socket
+    // already is fd 3, dup2 does nothing and close-on-exec is cleared by hand (else the child
+    // would exec without it).
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(raw, 3) < 0 {
+            let rc = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
