@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -89,6 +89,8 @@ struct Inner {
     tx: Mutex<mpsc::Sender<Ended>>,
     rx: Mutex<Option<mpsc::Receiver<Ended>>>,
     jobs: Mutex<BTreeMap<JobId, Running>>,
+    /// Notified whenever a job leaves `jobs`.
+    job_ended: Condvar,
     next: AtomicU64,
     hosts: Mutex<Vec<Arc<dyn HostGpu>>>,
     lost: AtomicBool,
@@ -134,6 +136,7 @@ impl Supervisor {
                 tx: Mutex::new(tx),
                 rx: Mutex::new(Some(rx)),
                 jobs: Mutex::new(BTreeMap::new()),
+                job_ended: Condvar::new(),
                 next: AtomicU64::new(0),
                 hosts: Mutex::new(Vec::new()),
                 lost: AtomicBool::new(false),
@@ -200,15 +203,13 @@ impl Supervisor {
     /// Waits up to `timeout` for a job to end; `true` if it did (or was never known).
     pub fn wait_ended(&self, id: JobId, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        loop {
-            if !self.inner.jobs.lock().contains_key(&id) {
-                return true;
+        let mut jobs = self.inner.jobs.lock();
+        while jobs.contains_key(&id) {
+            if self.inner.job_ended.wait_until(&mut jobs, deadline).timed_out() {
+                return !jobs.contains_key(&id);
             }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(5));
         }
+        true
     }
 
     /// Forgets a job that did not end in time: its thread is left behind, its socket file
@@ -292,6 +293,7 @@ impl Supervisor {
         let (job, live) = {
             let mut jobs = self.inner.jobs.lock();
             let job = jobs.remove(&ended.id);
+            self.inner.job_ended.notify_all();
             (job, jobs.len())
         };
         // An abandoned job that ended after all.
