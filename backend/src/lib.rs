@@ -9,7 +9,8 @@
 //! - [`vfio_user`]: the vfio-user server QEMU's `vfio-user-pci` connects to.
 //! - [`vhost_user`]: a display per guest: a virtio-gpu 2D device served to QEMU's
 //!   `vhost-user-gpu-pci` over vhost-user, its resources in the guest's VRAM slice.
-//! - [`unix_socket`]: binding the transports' listening sockets.
+//! - [`unix_socket`]: binding the transports' listening sockets; [`shared_memory`]: when a
+//!   peer's memory may be mapped.
 //! - [`cli`]: the command line behind the `gpu-backend` binary ([`inspect`], [`measure`]);
 //!   [`limits`] raises the fd limit before serving.
 
@@ -26,6 +27,7 @@ pub mod limits;
 pub mod measure;
 pub mod presentation;
 pub mod serve;
+pub mod shared_memory;
 pub mod slice;
 pub mod state;
 pub mod supervisor;

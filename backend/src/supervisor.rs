@@ -205,7 +205,12 @@ impl Supervisor {
         let deadline = Instant::now() + timeout;
         let mut jobs = self.inner.jobs.lock();
         while jobs.contains_key(&id) {
-            if self.inner.job_ended.wait_until(&mut jobs, deadline).timed_out() {
+            if self
+                .inner
+                .job_ended
+                .wait_until(&mut jobs, deadline)
+                .timed_out()
+            {
                 return !jobs.contains_key(&id);
             }
         }

@@ -63,11 +63,13 @@
 mod mapping;
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use vm_memory::{Bytes, MemoryRegionAddress};
+
+use crate::shared_memory::FdSafety;
 
 use super::budget::{Account, Reservation, Resources};
 use super::device::Errno;
@@ -284,49 +286,16 @@ fn refused(req: &DmaMapRequest, e: &super::budget::BudgetError) {
 }
 
 /// Check an fd-backed map `[offset, offset + size)` of `fd` against the file (`EINVAL` if a
-/// regular file is too short for it) and return the file's seals (`F_GET_SEALS`; 0 for files
-/// that do not support sealing). Only a file with `F_SEAL_SHRINK` may be mapped.
-///
-/// The seals are read before the size: seals are never removed, so once `F_SEAL_SHRINK` is
-/// seen the size read afterwards can only grow.
-fn check_fd(fd: &OwnedFd, offset: u64, size: u64) -> Result<libc::c_int, Errno> {
-    // SAFETY: F_GET_SEALS takes no argument and only reads the seals of a valid fd.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    // Files without sealing support (EINVAL) have no seals.
-    let seals = seals.max(0);
-    // SAFETY: stat is plain data; all-zero is a valid value for fstat to overwrite.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid fd and a pointer to a local stat buffer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(Errno::from_io(&std::io::Error::last_os_error()));
-    }
+/// regular file is too short for it) and return what decides whether it may be mapped
+/// ([`FdSafety::is_sealed`]; the seals are read before the size).
+fn check_fd(fd: &OwnedFd, offset: u64, size: u64) -> Result<FdSafety, Errno> {
+    let safety = FdSafety::of(fd.as_fd()).map_err(|e| Errno::from_io(&e))?;
     // Only regular files (memfd, tmpfs, hugetlbfs, disk files) have a meaningful size; other
     // fds (a device-dax char device, say) cannot be sealed, so they are never mapped.
-    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-        let end = offset.checked_add(size).ok_or(Errno::EINVAL)?;
-        if end > u64::try_from(st.st_size).unwrap_or(0) {
-            return Err(Errno::EINVAL);
-        }
+    if safety.holds(offset, size) == Some(false) {
+        return Err(Errno::EINVAL);
     }
-    Ok(seals)
-}
-
-/// `HUGETLBFS_MAGIC` of linux/magic.h.
-const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-
-/// Whether `fd` is a hugetlbfs file (an `MFD_HUGETLB` memfd, say). On hugetlbfs the shrink
-/// seal is not enough: `fallocate(PUNCH_HOLE)` still frees pages (and their reservation), and
-/// touching the hole once the huge-page pool is empty is SIGBUS. Such a file is mapped only
-/// if it is also sealed against writes (which forbids punching holes). An fd whose file
-/// system cannot be told counts as hugetlbfs (the safe answer).
-fn is_hugetlbfs(fd: &OwnedFd) -> bool {
-    // SAFETY: statfs is plain data; all-zero is a valid value for fstatfs to overwrite.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid fd and a pointer to a local statfs buffer.
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 {
-        return true;
-    }
-    fs.f_type as i64 == HUGETLBFS_MAGIC
+    Ok(safety)
 }
 
 /// `mmap()` `len` bytes of `fd` at `req.offset` with the map's protection; closes `fd`.
@@ -440,9 +409,8 @@ impl DmaSpace {
                 return Err(Errno::EINVAL);
             }
             let len = usize::try_from(req.size).map_err(|_| Errno::EINVAL)?;
-            let seals = check_fd(&fd, req.offset, req.size)?;
-            let sealed = seals & libc::F_SEAL_SHRINK != 0
-                && (seals & libc::F_SEAL_WRITE != 0 || !is_hugetlbfs(&fd));
+            let safety = check_fd(&fd, req.offset, req.size)?;
+            let (seals, sealed) = (safety.seals, safety.is_sealed());
             let mapped = sealed && self.map_fds;
             log::debug!(
                 "vfio-user: DMA map [{:#x}, +{:#x}): fd seals {seals:#x}, {}",
@@ -655,23 +623,7 @@ impl DmaSpace {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hugetlbfs_files_are_told_apart() {
-        // SAFETY: memfd_create with a valid name; the result is checked.
-        let plain = unsafe { libc::memfd_create(c"plain".as_ptr(), 0) };
-        assert!(plain >= 0);
-        // SAFETY: a fresh fd we own.
-        let plain = unsafe { OwnedFd::from_raw_fd(plain) };
-        assert!(!is_hugetlbfs(&plain));
-        // SAFETY: as above; without a huge-page pool the kernel may still create the file.
-        let huge = unsafe { libc::memfd_create(c"huge".as_ptr(), libc::MFD_HUGETLB) };
-        if huge >= 0 {
-            // SAFETY: a fresh fd we own.
-            let huge = unsafe { OwnedFd::from_raw_fd(huge) };
-            assert!(is_hugetlbfs(&huge));
-        }
-    }
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
 
     /// A memfd of `size` bytes with `seals` added (`F_ADD_SEALS`, none if 0).
     fn memfd_with_seals(size: u64, seals: libc::c_int) -> OwnedFd {

@@ -6,8 +6,8 @@
 //! the file after handing it over. So the display touches guest memory only if every region's
 //! file is sealed against shrinking (`F_SEAL_SHRINK`, plus `F_SEAL_WRITE` on hugetlbfs, where
 //! punching a hole is SIGBUS once the pool is empty) and, checked after the seals, holds the
-//! whole region: the same rule as the vfio-user side's DMA maps (see
-//! [`crate::vfio_user::dma`]). QEMU's `memory-backend-memfd` seals its memfd so by default
+//! whole region: the same rule as the vfio-user side's DMA maps, in one place
+//! ([`crate::shared_memory`]). QEMU's `memory-backend-memfd` seals its memfd so by default
 //! (`seal=on`); memory QEMU could shrink (`memory-backend-file`, `seal=off`) is refused with
 //! an error saying so.
 //!
@@ -17,14 +17,13 @@
 //! the check holds the memory it found safe, so those mappings stay and their addresses
 //! cannot be reused by another mapping meanwhile.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
+
+use crate::shared_memory::FdSafety;
 
 use parking_lot::Mutex;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-
-/// `HUGETLBFS_MAGIC` of linux/magic.h.
-const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
 /// Why guest memory is not touched.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -83,37 +82,26 @@ fn check_region(
     file: &std::fs::File,
     offset: u64,
 ) -> Result<(), GuestMemoryError> {
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GET_SEALS takes no argument and only reads the seals of a valid fd.
-    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) }.max(0);
-    if seals & libc::F_SEAL_SHRINK == 0 {
-        return Err(GuestMemoryError::NotSealed { gpa, seals });
-    }
-    // SAFETY: statfs is plain data; all-zero is a valid value for fstatfs to overwrite.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid fd and a pointer to a local statfs buffer.
-    let hugetlbfs =
-        unsafe { libc::fstatfs(fd, &mut fs) } != 0 || fs.f_type as i64 == HUGETLBFS_MAGIC;
-    if hugetlbfs && seals & libc::F_SEAL_WRITE == 0 {
-        return Err(GuestMemoryError::HugetlbfsUnsealed { gpa });
-    }
-    // After the seals: the size read now can only grow.
-    let meta = file.metadata().map_err(|e| GuestMemoryError::Unreadable {
+    let safety = FdSafety::of(file.as_fd()).map_err(|e| GuestMemoryError::Unreadable {
         gpa,
         reason: e.to_string(),
     })?;
-    let file_size = if meta.file_type().is_file() {
-        meta.len()
-    } else {
-        0
-    };
-    match offset.checked_add(len) {
-        Some(end) if end <= file_size => Ok(()),
+    if safety.seals & libc::F_SEAL_SHRINK == 0 {
+        return Err(GuestMemoryError::NotSealed {
+            gpa,
+            seals: safety.seals,
+        });
+    }
+    if !safety.is_sealed() {
+        return Err(GuestMemoryError::HugetlbfsUnsealed { gpa });
+    }
+    match safety.holds(offset, len) {
+        Some(true) => Ok(()),
         _ => Err(GuestMemoryError::NotBacked {
             gpa,
             len,
             offset,
-            file_size,
+            file_size: safety.size.unwrap_or(0),
         }),
     }
 }
