@@ -9,7 +9,7 @@
 //! # No fds held, budgets
 //!
 //! The fd that comes with a map is closed before `DMA_MAP` is answered: once mapped, the
-//! mapping keeps the memory ([`mapping::FdMapping`]); a map reached over the socket needs no fd.
+//! mapping keeps the memory (`mapping::FdMapping`); a map reached over the socket needs no fd.
 //! So a client cannot use up the process's fds with DMA maps. What it can use up instead is
 //! charged to the connection's [`Account`]: one DMA map per map (`ENOSPC` past the budget),
 //! and for an mmapped map its bytes of address space and one mapping (`ENOMEM`); see
@@ -55,7 +55,7 @@
 //!
 //! # Gates: a map's memory outside the table
 //!
-//! Every map has a [`MapGate`] through which a device reaches that one map directly
+//! Every map has a `MapGate` through which a device reaches that one map directly
 //! ([`ClientDmaMap`](super::ClientDmaMap)), without the table lock. Removing a map revokes
 //! its gate first: the revocation waits for copies in flight through the gate, after which
 //! the gate reaches nothing (and no longer keeps the mapping alive).

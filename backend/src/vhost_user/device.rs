@@ -415,7 +415,7 @@ impl VhostUserBackend for VhostGpuDevice {
 
     /// `self.mem` is the daemon's own, which it updated already. Memory that QEMU could
     /// shrink under the mapping (SIGBUS for the whole backend) is refused: the error ends the
-    /// connection, and the queues never touch it meanwhile ([`Self::process`] checks too).
+    /// connection, and the queues never touch it meanwhile (`process` checks too).
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         self.memory.check(&mem.memory()).map_err(|e| {
             log::error!("display {}: {e}: QEMU's connection is refused", self.label);
