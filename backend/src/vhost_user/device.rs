@@ -97,6 +97,13 @@ pub struct VhostGpuDevice {
     /// A display-channel failure was logged (once per connection).
     channel_failed: AtomicBool,
     stats: Mutex<DisplayStats>,
+    /// Scanouts of the model (fixed), so the config space is answered without its lock.
+    num_scanouts: u32,
+    /// QEMU restarted the device: the model is reset on the vring thread before the next
+    /// request. Nothing on QEMU's request thread takes the model lock, which the vring thread
+    /// holds while it sends to QEMU: QEMU waits for some replies (GET_CONFIG) holding the lock
+    /// its display-channel reader needs.
+    reset_pending: AtomicBool,
     /// A fault of the guest's rings was logged at warning level (once per connection).
     ring_warned: AtomicBool,
     /// The last guest memory found safe to touch.
@@ -118,6 +125,7 @@ impl VhostGpuDevice {
         model: Arc<Mutex<GpuModel>>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<VhostGpuDevice> {
+        let num_scanouts = model.lock().config().max_scanouts;
         Ok(VhostGpuDevice {
             label,
             model,
@@ -127,6 +135,8 @@ impl VhostGpuDevice {
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
             channel_failed: AtomicBool::new(false),
             stats: Mutex::new(DisplayStats::default()),
+            num_scanouts,
+            reset_pending: AtomicBool::new(false),
             ring_warned: AtomicBool::new(false),
             memory: MemoryCheck::default(),
         })
@@ -334,6 +344,11 @@ impl VhostGpuDevice {
     /// EVENT_IDX was negotiated. Guest memory QEMU could shrink under the mapping is not
     /// touched (see [`super::guest_memory`]).
     fn process(&self, queue: Queue, vring: &VringRwLock) {
+        if self.reset_pending.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.model.lock().reset() {
+                log::warn!("display {}: reset: {e}", self.label);
+            }
+        }
         let mem = self.mem.memory();
         if let Err(e) = self.memory.check(&mem) {
             self.ring_fault(queue, &format!("not served: {e}"));
@@ -393,9 +408,7 @@ impl VhostUserBackend for VhostGpuDevice {
     }
 
     fn reset_device(&self) {
-        if let Err(e) = self.model.lock().reset() {
-            log::warn!("display {}: reset: {e}", self.label);
-        }
+        self.reset_pending.store(true, Ordering::Release);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -403,9 +416,8 @@ impl VhostUserBackend for VhostGpuDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let scanouts = self.model.lock().config().max_scanouts;
         let mut config = [0u8; CONFIG_SIZE];
-        config[8..12].copy_from_slice(&scanouts.to_le_bytes());
+        config[8..12].copy_from_slice(&self.num_scanouts.to_le_bytes());
         let start = offset as usize;
         match start.checked_add(size as usize) {
             Some(end) if end <= CONFIG_SIZE => config[start..end].to_vec(),
