@@ -512,13 +512,15 @@ pub fn serve_sliced(
     listen: &ListenOptions,
 ) -> Result<(), ServeError> {
     let identity = host.identity().clone();
-    let saved = match &state {
-        Some(dir) => dir
-            .load(&identity.name, identity.vram_size)?
-            .map(|s| s.guests)
-            .unwrap_or_default(),
-        None => Vec::new(),
+    let original = match &state {
+        Some(dir) => dir.load(&identity.name, identity.vram_size)?,
+        None => None,
     };
+    let saved = original
+        .as_ref()
+        .map(|s| s.guests.clone())
+        .unwrap_or_default();
+    let state_dir = state.clone();
     // A `--guest` the state file already has (same socket, size and display) is served
     // from the state; one that differs from it is refused.
     let mut fresh = Vec::new();
@@ -591,6 +593,12 @@ pub fn serve_sliced(
     if let Err(e) = started {
         supervisor.shutdown().trigger();
         let _ = supervisor.run();
+        // A start that failed changes nothing: the table is put back as it was.
+        if let Some(dir) = &state_dir {
+            if let Err(undo) = dir.put_back(original.as_ref()) {
+                log::error!("putting the state file back: {undo}");
+            }
+        }
         return Err(e);
     }
     supervisor.run()

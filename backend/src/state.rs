@@ -190,6 +190,20 @@ impl StateDir {
         Ok(Some(state))
     }
 
+    /// Puts the table back as it was before a failed start: `original`, or no file at all.
+    pub fn put_back(&self, original: Option<&SavedState>) -> Result<(), StateError> {
+        match original {
+            Some(state) => self.save(state),
+            None => match fs::remove_file(self.file()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StateError::Io {
+                    path: self.file(),
+                    source: e,
+                }),
+                _ => Ok(()),
+            },
+        }
+    }
+
     /// Writes `state` atomically (see the module docs).
     pub fn save(&self, state: &SavedState) -> Result<(), StateError> {
         let path = self.file();
