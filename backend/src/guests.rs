@@ -266,6 +266,10 @@ impl GuestManager {
             return Err(GuestError::ShuttingDown);
         }
         let mut table = self.table.lock();
+        // Again under the lock: an add queued behind a long one must not outlive a shutdown.
+        if self.supervisor.shutdown().is_triggered() {
+            return Err(GuestError::ShuttingDown);
+        }
         let mut paths = vec![socket.as_path()];
         if let Some(display) = &spec.display {
             if display == &socket {

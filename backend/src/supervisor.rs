@@ -160,17 +160,24 @@ impl Supervisor {
                 hosts.push(Arc::clone(&job.host));
             }
         }
-        self.inner.jobs.lock().insert(
-            id,
-            Running {
-                label: job.label.clone(),
-                _socket_file: job.socket_file,
-                stop: stop.clone(),
-                retiring: false,
-            },
-        );
-        if self.inner.shutdown.is_triggered() {
-            stop.trigger();
+        {
+            let mut jobs = self.inner.jobs.lock();
+            // Checked under the lock the shutdown path empties: a job is either refused
+            // here or stopped (and its socket file removed) by `run`.
+            if self.inner.shutdown.is_triggered() {
+                return Err(ServeError::Thread(std::io::Error::other(
+                    "the backend is shutting down",
+                )));
+            }
+            jobs.insert(
+                id,
+                Running {
+                    label: job.label.clone(),
+                    _socket_file: job.socket_file,
+                    stop: stop.clone(),
+                    retiring: false,
+                },
+            );
         }
         let tx = self.inner.tx.lock().clone();
         let run = job.run;

@@ -119,16 +119,26 @@ impl ControlServer {
             let spawned = thread::Builder::new()
                 .name("control-client".into())
                 .spawn(move || {
+                    // The slot is given back however the client thread ends.
+                    let _slot = Slot(&live_here);
                     if let Err(e) = serve_client(stream, &manager, &stop) {
                         log::debug!("control client: {e}");
                     }
-                    live_here.fetch_sub(1, Ordering::AcqRel);
                 });
             if let Err(e) = spawned {
                 live.fetch_sub(1, Ordering::AcqRel);
                 log::warn!("control socket: cannot start a client thread: {e}");
             }
         }
+    }
+}
+
+/// One of the [`MAX_CLIENTS`] client slots, given back when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -152,20 +152,22 @@ impl Display {
             .start(listener)
             .map_err(|e| DisplayError::Setup(e.to_string()))?;
         log::info!("display {}: QEMU connected", self.label);
-        self.connected.store(true, Ordering::Release);
+        let _connected = Connected::set(&self.connected);
         // Ends the connection when `stop` fires; itself ended through `ended`.
         let ended =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DisplayError::Setup(e.to_string()))?;
         let watcher = match (daemon.shutdown_handle(), ended.try_clone(), stop.clone()) {
-            (Some(handle), Ok(ended), stop) => Some(thread::spawn(move || {
-                if wait_for_either(stop.fd(), ended.as_raw_fd()) {
-                    handle.shutdown();
-                }
-            })),
+            (Some(handle), Ok(ended), stop) => thread::Builder::new()
+                .name("display-stop".into())
+                .spawn(move || {
+                    if wait_for_either(stop.fd(), ended.as_raw_fd()) {
+                        handle.shutdown();
+                    }
+                })
+                .ok(),
             _ => None,
         };
         let result = daemon.wait();
-        self.connected.store(false, Ordering::Release);
         let _ = ended.write(1);
         if let Some(w) = watcher {
             let _ = w.join();
@@ -184,6 +186,22 @@ impl Display {
             Err(e) => log::info!("display {}: connection ended: {e} ({stats})", self.label),
         }
         Ok(())
+    }
+}
+
+/// Set while a connection is served; cleared however serving it ends.
+struct Connected<'a>(&'a AtomicBool);
+
+impl<'a> Connected<'a> {
+    fn set(flag: &'a AtomicBool) -> Connected<'a> {
+        flag.store(true, Ordering::Release);
+        Connected(flag)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
