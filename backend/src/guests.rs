@@ -32,7 +32,8 @@ use crate::unix_socket::{check_bindable, BindError};
 use crate::vfio_user::{Server, ServerError};
 use crate::vhost_user::DisplayError;
 
-/// Errors of adding or removing a guest. Nothing changed when one is returned.
+/// Errors of adding or removing a guest. Nothing changed when one is returned, except for
+/// [`GuestError::RemovedNotSaved`] (the guest is removed, the state file is stale).
 #[derive(Debug, Error)]
 pub enum GuestError {
     /// The path is already a guest's socket or display.
@@ -71,9 +72,19 @@ pub enum GuestError {
     /// The backend is shutting down.
     #[error("the backend is shutting down")]
     ShuttingDown,
-    /// The state file could not be written; for an add, the guest was not added.
+    /// The state file could not be written; the guest was not added.
     #[error("{0}")]
     State(#[from] StateError),
+    /// The guest was removed, but the state file could not be written: a restart would
+    /// serve it again (on a scrubbed slice).
+    #[error("the guest on {socket} is removed, but the state file was not written: {source}")]
+    RemovedNotSaved {
+        /// The guest's socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
 }
 
 impl GuestError {
@@ -412,14 +423,23 @@ impl GuestManager {
             // Released anyway: the next guest of the range is scrubbed when it gets it.
             log::error!("scrubbing the slice of {}: {e}", socket.display());
         }
-        table.gpu.remove_guest(&guest.slice)?;
-        log::info!(
-            "guest removed: {} (VRAM {slice} scrubbed and free)",
-            socket.display()
-        );
-        self.save(&table).map_err(|e| {
-            log::error!("the guest on {} is removed, but {e}", socket.display());
-            GuestError::State(e)
+        match table.gpu.remove_guest(&guest.slice) {
+            Ok(()) => log::info!(
+                "guest removed: {} (VRAM {slice} scrubbed and free)",
+                socket.display()
+            ),
+            // The guest is gone either way; its slice is kept out of use.
+            Err(e) => log::error!(
+                "guest removed: {}, but VRAM {slice} stays out of use: {e}",
+                socket.display()
+            ),
+        }
+        self.save(&table).map_err(|source| {
+            log::error!("the guest on {} is removed, but {source}", socket.display());
+            GuestError::RemovedNotSaved {
+                socket: socket.to_path_buf(),
+                source,
+            }
         })
     }
 

@@ -94,7 +94,7 @@ impl HostGpu for LendingHost {
     fn vram_mmap_source(&self, addr: VramAddr, len: u64) -> Option<MmapSource> {
         self.inner.vram_mmap_source(addr, len)
     }
-    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) {
+    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError> {
         self.inner.release_vram_mmap_source(addr, len)
     }
     fn dma_alloc(&self, len: u64) -> Result<Arc<dyn DmaBuffer>, HostGpuError> {

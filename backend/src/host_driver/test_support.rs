@@ -115,7 +115,7 @@ impl HostGpu for StuckRegister {
         self.inner.vram_mmap_source(addr, len)
     }
 
-    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) {
+    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError> {
         self.inner.release_vram_mmap_source(addr, len)
     }
 

@@ -220,23 +220,29 @@ impl HostGpu for EmulatedHostGpu {
     /// Uncarves every cached range overlapping `[addr, addr + len)` and forgets it: the
     /// next [`HostGpu::vram_mmap_source`] of the range carves a fresh memfd, and the old
     /// one (which a removed guest's QEMU may still map) is no longer VRAM. A range whose
-    /// uncarve fails stays carved in the VRAM, so it can be carved again by nobody: later
-    /// requests for it get no mmap source (trapped access) instead of the old memfd.
-    fn release_vram_mmap_source(&self, addr: HostVramAddr, len: u64) {
+    /// uncarve fails stays backed by the old memfd, which its old peer may still map: that
+    /// is an error, and the caller must never hand the range out again.
+    fn release_vram_mmap_source(&self, addr: HostVramAddr, len: u64) -> Result<(), HostGpuError> {
         let end = addr.raw().saturating_add(len);
         let mut carves = self.carves.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut failed = None;
         carves.retain(|&(start, carve_len, _)| {
             if start >= end || start + carve_len <= addr.raw() {
                 return true;
             }
             if let Err(e) = self.gpu.vram().uncarve(VramAddr::new(start), carve_len) {
-                log::warn!(
-                    "VRAM {start:#x} + {carve_len:#x} stays carved and cannot be mapped \
-                     directly again: {e}"
+                log::error!(
+                    "VRAM {start:#x} + {carve_len:#x} cannot be disconnected from its old \
+                     memfd: {e}"
                 );
+                failed = Some(e);
             }
             false
         });
+        match failed {
+            Some(e) => Err(HostGpuError::Io(std::io::Error::other(e.to_string()))),
+            None => Ok(()),
+        }
     }
 
     fn dma_alloc(&self, len: u64) -> Result<Arc<dyn super::dma::DmaBuffer>, HostGpuError> {

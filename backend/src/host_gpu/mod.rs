@@ -215,9 +215,11 @@ pub trait HostGpu: Send + Sync {
     /// overlapping `[addr, addr + len)` (called when a guest's slice is taken back), so the
     /// next request for the range gets a fresh source and whoever still maps an old one no
     /// longer reaches device memory through it. The default does nothing (a host that hands
-    /// out no sources).
-    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) {
+    /// out no sources). An error means a source could not be disconnected: whoever maps it
+    /// may still reach the range, which must then never be handed to anybody else.
+    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) -> Result<(), HostGpuError> {
         let _ = (addr, len);
+        Ok(())
     }
     /// Allocates `len` bytes (a multiple of 4 KiB) of zero-filled host memory the GPU
     /// reaches by DMA (the GSP's shared queue block and boot arguments; the GSP itself is

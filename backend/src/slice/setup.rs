@@ -11,7 +11,7 @@ use super::bar1::Bar1Error;
 use super::host_vram::{HostVram, HostVramError};
 use super::partition::{PartitionError, Slice, VramPartition};
 use crate::host_driver::addr::{GpuVa, VramAddr};
-use crate::host_gpu::HostGpu;
+use crate::host_gpu::{HostGpu, HostGpuError};
 
 /// Errors of giving VRAM to guests.
 #[derive(Debug, Error)]
@@ -22,7 +22,16 @@ pub enum SetupError {
     /// Host VRAM access (PRAMIN, BAR1 tables) failed.
     #[error(transparent)]
     HostVram(#[from] HostVramError),
-    /// Scrubbing the slice failed.
+    /// A removed guest's slice could not be cut off from what its peer maps (kept assigned).
+    #[error("{slice} cannot be cut off from the memory its removed guest may still map; it is kept out of use: {source}")]
+    Quarantined {
+        /// The slice.
+        slice: Slice,
+        /// Why.
+        #[source]
+        source: HostGpuError,
+    },
+    /// Scrubbing a slice failed.
     #[error("scrubbing {slice} failed: {source}")]
     Scrub {
         /// The slice.
@@ -323,10 +332,18 @@ impl SlicedGpu {
         guest.access.revoke();
         self.vram.unmap_bar1_window(va)?;
         // The slice's memfd (which the guest's QEMU may still map) is disconnected before
-        // anybody else can get the slice.
-        self.host()
+        // anybody else can get the slice; a slice whose memfd cannot be disconnected stays
+        // assigned for good (quarantined), since its old peer may still reach it.
+        let released = self
+            .host()
             .release_vram_mmap_source(guest.slice.start(), guest.slice.size());
         self.guests.remove(&guest.id);
+        if let Err(source) = released {
+            return Err(SetupError::Quarantined {
+                slice: guest.slice,
+                source,
+            });
+        }
         self.partition.release(guest.slice)?;
         Ok(())
     }

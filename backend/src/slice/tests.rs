@@ -418,6 +418,8 @@ struct SlowCarve {
     armed: std::sync::atomic::AtomicBool,
     entered: std::sync::atomic::AtomicBool,
     removed: std::sync::atomic::AtomicBool,
+    /// Releasing an mmap source fails (an uncarve the kernel refused).
+    fail_release: std::sync::atomic::AtomicBool,
 }
 
 impl SlowCarve {
@@ -469,7 +471,16 @@ impl HostGpu for SlowCarve {
         }
         self.inner.vram_mmap_source(addr, len)
     }
-    fn release_vram_mmap_source(&self, addr: VramAddr, len: u64) {
+    fn release_vram_mmap_source(
+        &self,
+        addr: VramAddr,
+        len: u64,
+    ) -> Result<(), crate::host_gpu::HostGpuError> {
+        if self.fail_release.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::host_gpu::HostGpuError::Io(
+                std::io::Error::from_raw_os_error(libc::ENOMEM),
+            ));
+        }
         self.inner.release_vram_mmap_source(addr, len)
     }
     fn dma_alloc(
@@ -492,6 +503,7 @@ fn a_guest_removed_while_it_is_being_presented_keeps_no_live_memfd() {
         armed: false.into(),
         entered: false.into(),
         removed: false.into(),
+        fail_release: false.into(),
     });
     let host: Arc<dyn HostGpu> = gpu.clone();
     let mut sliced = SlicedGpu::new(host).unwrap();
@@ -531,6 +543,41 @@ fn a_guest_removed_while_it_is_being_presented_keeps_no_live_memfd() {
     assert!(
         fd_a.is_none_or(|fd| !Arc::ptr_eq(&fd, fd_b)),
         "the next guest got the removed guest's memfd"
+    );
+}
+
+#[test]
+fn a_slice_whose_memfd_cannot_be_cut_off_is_never_handed_out_again() {
+    use std::sync::atomic::Ordering;
+    let gpu = Arc::new(SlowCarve {
+        inner: EmulatedHostGpu::by_name("tu102-24g").unwrap(),
+        armed: false.into(),
+        entered: false.into(),
+        removed: false.into(),
+        fail_release: false.into(),
+    });
+    let host: Arc<dyn HostGpu> = gpu.clone();
+    let mut sliced = SlicedGpu::new(host).unwrap();
+    let a = sliced.add_guest(4 * MIB).unwrap();
+    let free = sliced.partition().free_bytes();
+    gpu.fail_release.store(true, Ordering::SeqCst);
+    let err = sliced.remove_guest(&a).unwrap_err();
+    assert!(
+        matches!(err, SetupError::Quarantined { slice, .. } if slice == a.slice()),
+        "{err}"
+    );
+    assert!(
+        a.access().is_revoked(),
+        "cut off from its old guest all the same"
+    );
+    assert_eq!(sliced.partition().free_bytes(), free, "kept out of use");
+    gpu.fail_release.store(false, Ordering::SeqCst);
+    let b = sliced.add_guest(4 * MIB).unwrap();
+    assert!(
+        !b.slice().overlaps(&a.slice()),
+        "{} got {}",
+        b.slice(),
+        a.slice()
     );
 }
 
