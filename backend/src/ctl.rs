@@ -21,16 +21,24 @@ pub fn run(control: &Path, json_out: bool, action: CtlAction) -> Result<(), CliE
             vram,
             display,
         } => {
-            let mut args = json!({"socket": socket, "vram": vram});
+            let mut args = json!({"socket": wire_path(socket)?, "vram": vram});
             if let Some(d) = display {
-                args["display"] = json!(d);
+                args["display"] = json!(wire_path(d)?);
             }
             ("add", Some(args))
         }
-        CtlAction::Remove { socket, force } => {
-            ("remove", Some(json!({"socket": socket, "force": force})))
-        }
-        CtlAction::Stats { socket } => ("stats", socket.as_ref().map(|s| json!({ "socket": s }))),
+        CtlAction::Remove { socket, force } => (
+            "remove",
+            Some(json!({"socket": wire_path(socket)?, "force": force})),
+        ),
+        CtlAction::Stats { socket } => (
+            "stats",
+            socket
+                .as_deref()
+                .map(wire_path)
+                .transpose()?
+                .map(|s| json!({ "socket": s })),
+        ),
     };
     let answer = client.execute(command, arguments)?;
     let mut out = std::io::stdout().lock();
@@ -68,6 +76,17 @@ pub fn run(control: &Path, json_out: bool, action: CtlAction) -> Result<(), CliE
         CtlAction::Stats { .. } => write_stats(&mut out, &answer)?,
     }
     Ok(())
+}
+
+/// A path as the protocol carries it: absolute (the backend's working directory is not
+/// ours) and UTF-8 (JSON strings are).
+fn wire_path(path: &Path) -> Result<String, CliError> {
+    let absolute = std::path::absolute(path)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    absolute
+        .to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| CliError::Usage(format!("{} is not UTF-8", path.display())))
 }
 
 fn write_report(out: &mut impl Write, r: &GpuReport) -> std::io::Result<()> {

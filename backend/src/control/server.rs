@@ -281,8 +281,13 @@ fn execute(manager: &GuestManager, request: &Request) -> Result<Value, Failure> 
                 Size::Text(t) => parse_slice_size(t),
             }
             .map_err(|e| (ErrorClass::InvalidParameter, format!("vram: {e}")))?;
-            if a.socket.is_empty() || a.display.as_deref() == Some("") {
-                return Err((ErrorClass::InvalidParameter, "empty path".to_owned()));
+            // Relative paths would be the backend's working directory's, not the caller's.
+            let relative = |p: &str| !Path::new(p).is_absolute();
+            if relative(&a.socket) || a.display.as_deref().is_some_and(relative) {
+                return Err((
+                    ErrorClass::InvalidParameter,
+                    "socket and display paths must be absolute".to_owned(),
+                ));
             }
             let spec = GuestSpec {
                 socket: Some(PathBuf::from(&a.socket)),
