@@ -3,8 +3,10 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 /// Errors of binding a listening socket.
@@ -85,11 +87,58 @@ fn stale_or_absent(path: &Path) -> Result<bool, BindError> {
     if !meta.file_type().is_socket() {
         return Err(BindError::NotASocket(path.to_path_buf()));
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(BindError::InUse(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
+    match probe(path) {
+        Ok(true) => Err(BindError::InUse(path.to_path_buf())),
+        Ok(false) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(bind_err(e)),
+    }
+}
+
+/// Whether a server listens at the socket `path` (`false`: the connection was refused, the
+/// socket is stale). The connect does not block: a listener whose backlog is full answers
+/// EAGAIN at once, and counts as live.
+fn probe(path: &Path) -> io::Result<bool> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: a valid socket and a pointer to a sockaddr_un of `len` bytes on our stack.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN | libc::EINPROGRESS) => Ok(true),
+        Some(libc::ECONNREFUSED) => Ok(false),
+        _ => Err(e),
     }
 }
 
@@ -129,4 +178,75 @@ pub fn bind_listener(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile
         }
     })?;
     Ok((listener, socket_file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn temp(name: &str) -> PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("gpu-backend-unix-{name}-{}", std::process::id()));
+        let _ = fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn absent_stale_live_and_foreign_paths() {
+        let path = temp("kinds");
+        assert!(check_bindable(&path).is_ok(), "absent");
+        let live = UnixListener::bind(&path).unwrap();
+        assert!(matches!(check_bindable(&path), Err(BindError::InUse(_))));
+        drop(live);
+        assert!(check_bindable(&path).is_ok(), "stale");
+        let (listener, file) = bind_listener(&path, 0o600).unwrap();
+        assert!(matches!(check_bindable(&path), Err(BindError::InUse(_))));
+        drop((listener, file));
+        assert!(!path.exists(), "removed with its SocketFile");
+        fs::write(&path, b"x").unwrap();
+        assert!(matches!(
+            check_bindable(&path),
+            Err(BindError::NotASocket(_))
+        ));
+        let _ = fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_listener_with_a_full_backlog_is_live_and_the_probe_does_not_block() {
+        let path = temp("backlog");
+        let _listener = UnixListener::bind(&path).unwrap();
+        // Fill the backlog with connections nobody accepts.
+        let mut held = Vec::new();
+        for _ in 0..4096 {
+            // SAFETY: plain socket(2); checked.
+            let raw =
+                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+            assert!(raw >= 0);
+            // SAFETY: fresh fd, owned here.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+            let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (d, &s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+                *d = s as libc::c_char;
+            }
+            // SAFETY: valid socket and address.
+            let rc = unsafe {
+                libc::connect(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                break; // EAGAIN: the backlog is full
+            }
+            held.push(fd);
+        }
+        let started = Instant::now();
+        assert!(matches!(check_bindable(&path), Err(BindError::InUse(_))));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let _ = fs::remove_file(&path);
+    }
 }
