@@ -68,8 +68,8 @@ struct Ended {
 /// A job still running.
 struct Running {
     label: String,
-    /// Dropped (the file removed) when the job ends.
-    _socket_file: Option<SocketFile>,
+    /// Removed when the job ends, before anyone waiting for the end hears of it.
+    socket_file: Option<SocketFile>,
     stop: ShutdownSignal,
     /// Its end is expected (the guest was removed).
     retiring: bool,
@@ -173,7 +173,7 @@ impl Supervisor {
                 id,
                 Running {
                     label: job.label.clone(),
-                    _socket_file: job.socket_file,
+                    socket_file: job.socket_file,
                     stop: stop.clone(),
                     retiring: false,
                 },
@@ -304,7 +304,11 @@ impl Supervisor {
     fn on_end(&self, ended: Ended, stopping: bool) -> usize {
         let (job, live) = {
             let mut jobs = self.inner.jobs.lock();
-            let job = jobs.remove(&ended.id);
+            let mut job = jobs.remove(&ended.id);
+            // The socket file goes first: whoever waits for the end finds it gone.
+            if let Some(job) = job.as_mut() {
+                job.socket_file.take();
+            }
             self.inner.job_ended.notify_all();
             (job, jobs.len())
         };
