@@ -24,12 +24,12 @@ use crate::gpu_device::GpuDevice;
 use crate::host_driver::addr::VramAddr;
 use crate::presentation::bar0::TrapStats;
 use crate::presentation::{PresentationError, PresentedFunction};
-use crate::serve::{display_for, ListenOptions};
+use crate::serve::{guest_servers, GuestServers, ListenOptions};
 use crate::slice::{GuestSlice, GuestSpec, SetupError, SlicedGpu};
 use crate::state::{SavedGuest, SavedState, StateDir, StateError, STATE_VERSION};
-use crate::supervisor::{Job, JobId, Supervisor, SHUTDOWN_GRACE};
+use crate::supervisor::{JobId, Supervisor, SHUTDOWN_GRACE};
 use crate::unix_socket::{check_bindable, BindError};
-use crate::vfio_user::{Server, ServerError};
+use crate::vfio_user::ServerError;
 use crate::vhost_user::DisplayError;
 
 /// Errors of adding or removing a guest. Nothing changed when one is returned, except for
@@ -344,33 +344,11 @@ impl GuestManager {
         slice: GuestSlice,
     ) -> Result<Guest, GuestError> {
         let function = PresentedFunction::for_guest(slice.clone())?;
-        let peers = self.listen.peers.for_socket(socket);
-        let mut server = Server::bind(socket, self.listen.socket_mode)?
-            .with_config(self.listen.server_config)
-            .with_peers(peers.clone());
-        let mut display_server = display
-            .map(|d| display_for(d, self.listen.socket_mode, &function))
-            .transpose()?;
-        let display_connected = display_server.as_ref().map(|d| d.connected());
-        let host = Arc::clone(function.host());
-        let device = Arc::new(GpuDevice::new(function));
-        let mut jobs = Vec::new();
-        let served = Arc::clone(&device);
-        let started = self.supervisor.spawn(Job {
-            label: socket.display().to_string(),
-            socket_file: server.take_socket_file(),
-            host: Arc::clone(&host),
-            run: Box::new(move |stop| server.serve(served, stop).map_err(Into::into)),
-        });
-        jobs.push(started.map_err(|e| GuestError::Start(e.to_string()))?);
-        if let (Some(path), Some(mut d)) = (display, display_server.take()) {
-            let started = self.supervisor.spawn(Job {
-                label: format!("display {}", path.display()),
-                socket_file: d.take_socket_file(),
-                host,
-                run: Box::new(move |stop| d.serve(stop).map_err(Into::into)),
-            });
-            match started {
+        let servers: GuestServers =
+            guest_servers::<GuestError>(socket, display, function, &self.listen)?;
+        let mut jobs = Vec::with_capacity(servers.jobs.len());
+        for job in servers.jobs {
+            match self.supervisor.spawn(job) {
                 Ok(id) => jobs.push(id),
                 Err(e) => {
                     self.stop_jobs(&jobs);
@@ -378,6 +356,7 @@ impl GuestManager {
                 }
             }
         }
+        let (device, display_connected) = (servers.device, servers.display_connected);
         Ok(Guest {
             socket: socket.to_path_buf(),
             display: display.map(Path::to_path_buf),

@@ -394,15 +394,6 @@ pub struct ServedGuest {
     pub function: PresentedFunction,
 }
 
-/// Checks no socket path is given twice, to guests or displays.
-fn check_distinct_paths(guests: &[ServedGuest]) -> Result<(), ServeError> {
-    let planned: Vec<(PathBuf, Option<PathBuf>)> = guests
-        .iter()
-        .map(|g| (g.socket.clone(), g.display.clone()))
-        .collect();
-    check_distinct(&planned)
-}
-
 /// Checks no path of `(socket, display)` pairs is given twice.
 fn check_distinct(planned: &[(PathBuf, Option<PathBuf>)]) -> Result<(), ServeError> {
     for (i, (socket, _)) in planned.iter().enumerate() {
@@ -423,16 +414,95 @@ fn check_distinct(planned: &[(PathBuf, Option<PathBuf>)]) -> Result<(), ServeErr
     Ok(())
 }
 
-/// The display of `function`'s guest: a virtio-gpu whose resources live in its VRAM slice.
-pub(crate) fn display_for(
-    path: &Path,
-    mode: u32,
-    function: &PresentedFunction,
-) -> Result<DisplayServer, DisplayError> {
-    let guest = function.guest();
-    let store = SliceVramStore::for_guest(guest);
-    let model = GpuCommandHandler::new(GpuConfig::default(), Box::new(store) as Box<_>);
-    DisplayServer::bind(path, mode, model)
+/// Checks `(socket, display)` paths before any socket is created, so a bad one starts
+/// nothing: none given twice, the per-socket allow rules name only these sockets (unless
+/// `rules_may_name_others`: guests added later through the control socket), each bindable.
+fn check_paths(
+    planned: &[(PathBuf, Option<PathBuf>)],
+    peers: &PeerRules,
+    rules_may_name_others: bool,
+) -> Result<(), ServeError> {
+    check_distinct(planned)?;
+    if !rules_may_name_others {
+        let sockets: Vec<&Path> = planned.iter().map(|(s, _)| s.as_path()).collect();
+        peers.check_sockets(&sockets)?;
+    }
+    for (socket, display) in planned {
+        check_bindable(socket).map_err(ServerError::Bind)?;
+        if let Some(display) = display {
+            check_bindable(display).map_err(DisplayError::Bind)?;
+        }
+    }
+    Ok(())
+}
+
+/// A guest's servers, bound and ready to run: its vfio-user server and, if it has one, its
+/// display (a virtio-gpu whose resources live in its VRAM slice).
+pub(crate) struct GuestServers {
+    /// The device the vfio-user server serves.
+    pub device: Arc<GpuDevice>,
+    /// Set while QEMU is connected to the display.
+    pub display_connected: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The vfio-user server's job, then the display's.
+    pub jobs: Vec<Job>,
+}
+
+/// Binds `function`'s socket and its display (if `display`), as `options` says.
+pub(crate) fn guest_servers<E: From<ServerError> + From<DisplayError>>(
+    socket: &Path,
+    display: Option<&Path>,
+    function: PresentedFunction,
+    options: &ListenOptions,
+) -> Result<GuestServers, E> {
+    let peers = options.peers.for_socket(socket);
+    let mut server = Server::bind(socket, options.socket_mode)?
+        .with_config(options.server_config)
+        .with_peers(peers.clone());
+    log::info!(
+        "serving {} slice {} on {} (mode {:o}; {})",
+        function.identity().name,
+        function.guest().slice(),
+        socket.display(),
+        options.socket_mode,
+        peers
+    );
+    let mut jobs = Vec::with_capacity(2);
+    let mut display_connected = None;
+    if let Some(path) = display {
+        let store = SliceVramStore::for_guest(function.guest());
+        let model = GpuCommandHandler::new(GpuConfig::default(), Box::new(store) as Box<_>);
+        let mut display = DisplayServer::bind(path, options.socket_mode, model)?;
+        log::info!(
+            "display of {} on {} (mode {:o}): resources in its slice {}",
+            socket.display(),
+            path.display(),
+            options.socket_mode,
+            function.guest().slice()
+        );
+        display_connected = Some(display.connected());
+        jobs.push(Job {
+            label: format!("display {}", path.display()),
+            socket_file: display.take_socket_file(),
+            host: Arc::clone(function.host()),
+            run: Box::new(move |stop| display.serve(stop).map_err(Into::into)),
+        });
+    }
+    let device = Arc::new(GpuDevice::new(function));
+    let served = Arc::clone(&device);
+    jobs.insert(
+        0,
+        Job {
+            label: socket.display().to_string(),
+            socket_file: server.take_socket_file(),
+            host: Arc::clone(device.function().host()),
+            run: Box::new(move |stop| server.serve(served, stop).map_err(Into::into)),
+        },
+    );
+    Ok(GuestServers {
+        device,
+        display_connected,
+        jobs,
+    })
 }
 
 /// Serves each guest's function on its socket, and its display if it has one, each server
@@ -443,17 +513,12 @@ pub fn serve_functions(
     guests: Vec<ServedGuest>,
     options: &ListenOptions,
 ) -> Result<(), ServeError> {
-    check_distinct_paths(&guests)?;
-    let sockets: Vec<&Path> = guests.iter().map(|g| g.socket.as_path()).collect();
-    options.peers.check_sockets(&sockets)?;
-    // Every path is checked before any socket is created: a bad one starts nothing.
-    for g in &guests {
-        check_bindable(&g.socket).map_err(ServerError::Bind)?;
-        if let Some(display) = &g.display {
-            check_bindable(display).map_err(DisplayError::Bind)?;
-        }
-    }
-    let mut jobs = Vec::with_capacity(guests.len());
+    let planned: Vec<(PathBuf, Option<PathBuf>)> = guests
+        .iter()
+        .map(|g| (g.socket.clone(), g.display.clone()))
+        .collect();
+    check_paths(&planned, &options.peers, false)?;
+    let mut jobs = Vec::with_capacity(2 * guests.len());
     for ServedGuest {
         socket,
         display,
@@ -461,41 +526,9 @@ pub fn serve_functions(
     } in guests
     {
         log_layout(&FunctionLayout::of(&function));
-        let peers = options.peers.for_socket(&socket);
-        let mut server = Server::bind(&socket, options.socket_mode)?
-            .with_config(options.server_config)
-            .with_peers(peers.clone());
-        log::info!(
-            "serving {} slice {} on {} (mode {:o}; {})",
-            function.identity().name,
-            function.guest().slice(),
-            socket.display(),
-            options.socket_mode,
-            peers
-        );
-        if let Some(path) = display {
-            let mut display = display_for(&path, options.socket_mode, &function)?;
-            log::info!(
-                "display of {} on {} (mode {:o}): resources in its slice {}",
-                socket.display(),
-                path.display(),
-                options.socket_mode,
-                function.guest().slice()
-            );
-            jobs.push(Job {
-                label: format!("display {}", path.display()),
-                socket_file: display.take_socket_file(),
-                host: Arc::clone(function.host()),
-                run: Box::new(move |stop| display.serve(stop).map_err(Into::into)),
-            });
-        }
-        let device = Arc::new(GpuDevice::new(function));
-        jobs.push(Job {
-            label: socket.display().to_string(),
-            socket_file: server.take_socket_file(),
-            host: Arc::clone(device.function().host()),
-            run: Box::new(move |stop| server.serve(device, stop).map_err(Into::into)),
-        });
+        let servers: GuestServers =
+            guest_servers::<ServeError>(&socket, display.as_deref(), function, options)?;
+        jobs.extend(servers.jobs);
     }
     supervise(jobs, ShutdownSignal::new()?)
 }
@@ -537,18 +570,8 @@ pub fn serve_sliced(
         let socket = g.socket.clone().ok_or(ServeError::NoSocket(i))?;
         planned.push((socket, g.display.clone()));
     }
-    check_distinct(&planned)?;
-    if control.is_none() {
-        // With a control socket, rules may name guests added later.
-        let sockets: Vec<&Path> = planned.iter().map(|(s, _)| s.as_path()).collect();
-        listen.peers.check_sockets(&sockets)?;
-    }
-    for (socket, display) in &planned {
-        check_bindable(socket).map_err(ServerError::Bind)?;
-        if let Some(display) = display {
-            check_bindable(display).map_err(DisplayError::Bind)?;
-        }
-    }
+    // With a control socket, rules may name guests added later.
+    check_paths(&planned, &listen.peers, control.is_some())?;
     if let Some(control) = control {
         if planned
             .iter()

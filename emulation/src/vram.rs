@@ -264,18 +264,10 @@ impl Vram {
     /// [`Vram::as_fd`].
     pub fn open_file(path: &Path, size: u64) -> Result<Vram, VramError> {
         use std::os::unix::fs::OpenOptionsExt;
-        if size == 0 {
-            return Err(VramError::ZeroSize);
-        }
         if size % Self::SIZE_ALIGN != 0 {
             return Err(VramError::UnalignedSize(size));
         }
-        if size > Self::MAX_SIZE {
-            return Err(VramError::TooLarge {
-                size,
-                max: Self::MAX_SIZE,
-            });
-        }
+        Self::check_size(size)?;
         let file_err = |source| VramError::File {
             path: path.to_path_buf(),
             source,
@@ -299,14 +291,32 @@ impl Vram {
                 size,
             });
         }
-        let fd = OwnedFd::from(file);
+        Vram::map(OwnedFd::from(file), size, true)
+    }
+
+    /// Non-zero and at most [`Vram::MAX_SIZE`].
+    fn check_size(size: u64) -> Result<(), VramError> {
+        if size == 0 {
+            return Err(VramError::ZeroSize);
+        }
+        if size > Self::MAX_SIZE {
+            return Err(VramError::TooLarge {
+                size,
+                max: Self::MAX_SIZE,
+            });
+        }
+        Ok(())
+    }
+
+    /// The VRAM over all `size` bytes of `fd`, mapped whole.
+    fn map(fd: OwnedFd, size: u64, file_backed: bool) -> Result<Vram, VramError> {
         let ptr = map_whole(fd.as_fd(), size)?;
         Ok(Vram {
             fd,
             ptr,
             size,
             carves: Mutex::new(Vec::new()),
-            file_backed: true,
+            file_backed,
         })
     }
 
@@ -317,15 +327,7 @@ impl Vram {
 
     /// Creates the memfd and mapping; `size` alignment is the caller's business.
     fn create(name: &CStr, size: u64) -> Result<Vram, VramError> {
-        if size == 0 {
-            return Err(VramError::ZeroSize);
-        }
-        if size > Self::MAX_SIZE {
-            return Err(VramError::TooLarge {
-                size,
-                max: Self::MAX_SIZE,
-            });
-        }
+        Self::check_size(size)?;
         // `size` ≤ 1 TiB, so this conversion cannot fail on a 64-bit host; on a 32-bit host
         // it fails cleanly.
         let off_len = libc::off_t::try_from(size).map_err(|_| VramError::TooLarge {
@@ -353,15 +355,7 @@ impl Vram {
             });
         }
         seal_size(fd.as_fd()).map_err(VramError::Seal)?;
-
-        let ptr = map_whole(fd.as_fd(), size)?;
-        Ok(Vram {
-            fd,
-            ptr,
-            size,
-            carves: Mutex::new(Vec::new()),
-            file_backed: false,
-        })
+        Vram::map(fd, size, false)
     }
 
     /// Moves `[addr, addr + len)` to a memfd of its own and returns that memfd (file offset

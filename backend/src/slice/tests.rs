@@ -424,6 +424,17 @@ struct SlowCarve {
 
 impl SlowCarve {
     const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
+    /// An emulated TU102, disarmed.
+    fn tu102() -> SlowCarve {
+        SlowCarve {
+            inner: EmulatedHostGpu::by_name("tu102-24g").unwrap(),
+            armed: false.into(),
+            entered: false.into(),
+            removed: false.into(),
+            fail_release: false.into(),
+        }
+    }
 }
 
 impl HostGpu for SlowCarve {
@@ -498,13 +509,7 @@ impl HostGpu for SlowCarve {
 #[test]
 fn a_guest_removed_while_it_is_being_presented_keeps_no_live_memfd() {
     use std::sync::atomic::Ordering;
-    let gpu = Arc::new(SlowCarve {
-        inner: EmulatedHostGpu::by_name("tu102-24g").unwrap(),
-        armed: false.into(),
-        entered: false.into(),
-        removed: false.into(),
-        fail_release: false.into(),
-    });
+    let gpu = Arc::new(SlowCarve::tu102());
     let host: Arc<dyn HostGpu> = gpu.clone();
     let mut sliced = SlicedGpu::new(host).unwrap();
     let a = sliced.add_guest(4 * MIB).unwrap();
@@ -549,13 +554,7 @@ fn a_guest_removed_while_it_is_being_presented_keeps_no_live_memfd() {
 #[test]
 fn a_slice_whose_memfd_cannot_be_cut_off_is_never_handed_out_again() {
     use std::sync::atomic::Ordering;
-    let gpu = Arc::new(SlowCarve {
-        inner: EmulatedHostGpu::by_name("tu102-24g").unwrap(),
-        armed: false.into(),
-        entered: false.into(),
-        removed: false.into(),
-        fail_release: false.into(),
-    });
+    let gpu = Arc::new(SlowCarve::tu102());
     let host: Arc<dyn HostGpu> = gpu.clone();
     let mut sliced = SlicedGpu::new(host).unwrap();
     let a = sliced.add_guest(4 * MIB).unwrap();
