@@ -82,12 +82,7 @@ impl Backend {
         log: &Path,
         guests: &[(&str, u64)],
     ) -> Result<Backend> {
-        if guests.is_empty() {
-            return Err(HarnessError::Backend {
-                reason: "spawn_sliced_with_displays needs at least one guest".into(),
-                log_tail: String::new(),
-            });
-        }
+        needs_guests("spawn_sliced_with_displays", guests)?;
         Self::spawn_inner(bin, profile, log, guests, true, &[], false)
     }
 
@@ -101,12 +96,7 @@ impl Backend {
         log: &Path,
         guests: &[(&str, u64)],
     ) -> Result<Backend> {
-        if guests.is_empty() {
-            return Err(HarnessError::Backend {
-                reason: "spawn_sliced needs at least one guest".into(),
-                log_tail: String::new(),
-            });
-        }
+        needs_guests("spawn_sliced", guests)?;
         Self::spawn_inner(bin, profile, log, guests, false, &[], false)
     }
 
@@ -316,4 +306,15 @@ impl Drop for Backend {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.socket_dir);
     }
+}
+
+/// Refuses a sliced start with no guest (`what` names the caller): it would serve nothing.
+fn needs_guests(what: &str, guests: &[(&str, u64)]) -> Result<()> {
+    if guests.is_empty() {
+        return Err(HarnessError::Backend {
+            reason: format!("{what} needs at least one guest"),
+            log_tail: String::new(),
+        });
+    }
+    Ok(())
 }
