@@ -232,6 +232,11 @@ pub enum Command {
         /// virtual mode (e.g. a nested gpu-backend slicing the GPU); mapped VRAM is physical.
         #[arg(long, conflicts_with = "guests")]
         trap_vram: bool,
+        /// Whole-GPU mode: present the GPU without its MSI-X capability (INTx only), so
+        /// QEMU can hot-unplug it: QEMU 11.1.3 aborts on `device_del` of a `vfio-user-pci`
+        /// with MSI-X. Sliced guests take `msix=off` in `--guest` instead.
+        #[arg(long, conflicts_with = "guests")]
+        no_msix: bool,
     },
     /// Talk to a running backend's control socket (`serve --control PATH`): list, add and
     /// remove guests, show their statistics. Errors exit 2 with the backend's message.
@@ -265,6 +270,10 @@ pub enum CtlAction {
         /// Its display's vhost-user socket.
         #[arg(long)]
         display: Option<PathBuf>,
+        /// Present it without MSI-X (INTx only), so QEMU 11.1.3 can hot-unplug it with
+        /// `device_del` (it aborts unplugging a `vfio-user-pci` that has MSI-X).
+        #[arg(long)]
+        no_msix: bool,
     },
     /// Remove a guest: refused while its QEMU is connected unless `--force`, which revokes
     /// its slice first (its function then reads ~0), disconnects it, scrubs and frees the
@@ -527,7 +536,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             socket_mode,
             poll_spin_us,
             trap_vram,
+            no_msix,
         } => {
+            let presentation = PresentationOptions {
+                trap_vram,
+                without_msix: no_msix,
+                ..PresentationOptions::default()
+            };
             // Before the budgets are sized from it (ServerConfig::default).
             match crate::limits::raise_fd_limit() {
                 Ok(fds) => log::debug!("fd limit {fds}"),
@@ -550,7 +565,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 let stream = unsafe { adopt_connected_fd(fd) }.map_err(ServeError::from)?;
                 let (host, _) = open_host(profile, vfio.as_deref())?;
                 let peers = listen.peers.for_any_socket();
-                serve_connected(host, stream, server_config, peers, trap_vram)?;
+                serve_connected(host, stream, server_config, peers, presentation)?;
                 return Ok(());
             }
             let state = state
@@ -576,7 +591,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         socket,
                         display,
                         listen,
-                        trap_vram,
+                        presentation,
                     },
                 )?;
                 return Ok(());

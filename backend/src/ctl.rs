@@ -20,10 +20,14 @@ pub fn run(control: &Path, json_out: bool, action: CtlAction) -> Result<(), CliE
             socket,
             vram,
             display,
+            no_msix,
         } => {
             let mut args = json!({"socket": wire_path(socket)?, "vram": vram});
             if let Some(d) = display {
                 args["display"] = json!(wire_path(d)?);
+            }
+            if *no_msix {
+                args["msix"] = json!(false);
             }
             ("add", Some(args))
         }
@@ -59,7 +63,7 @@ pub fn run(control: &Path, json_out: bool, action: CtlAction) -> Result<(), CliE
             let guest: GuestInfo = serde_json::from_value(answer).map_err(decode_err)?;
             writeln!(
                 out,
-                "added {}: VRAM [{:#x}, {:#x}) ({}){}",
+                "added {}: VRAM [{:#x}, {:#x}) ({}){}{}",
                 guest.socket,
                 guest.vram_start,
                 guest.vram_start + guest.vram_size,
@@ -67,7 +71,8 @@ pub fn run(control: &Path, json_out: bool, action: CtlAction) -> Result<(), CliE
                 guest
                     .display
                     .map(|d| format!(", display {d}"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if guest.msix { "" } else { ", no MSI-X" }
             )?;
         }
         CtlAction::Remove { socket, .. } => {

@@ -144,7 +144,10 @@ impl VfioUserDevice for GpuDevice {
     }
 
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        let msix_vectors = u32::from(self.function.msix().vectors);
+        let msix_vectors = self
+            .function
+            .msix()
+            .map_or(0, |msix| u32::from(msix.vectors));
         let (count, maskable, automasked, noresize) = match index {
             irq_index::INTX => (1, true, true, false),
             irq_index::MSI => (1, false, false, true),

@@ -23,7 +23,7 @@ use thiserror::Error;
 use crate::gpu_device::GpuDevice;
 use crate::host_driver::addr::VramAddr;
 use crate::presentation::bar0::TrapStats;
-use crate::presentation::{PresentationError, PresentedFunction};
+use crate::presentation::{PresentationError, PresentationOptions, PresentedFunction};
 use crate::serve::{guest_servers, GuestServers, ListenOptions};
 use crate::slice::{GuestSlice, GuestSpec, SetupError, SlicedGpu};
 use crate::state::{SavedGuest, SavedState, StateDir, StateError, STATE_VERSION};
@@ -119,6 +119,8 @@ pub struct GuestInfo {
     pub vram_size: u64,
     /// Whether a client (its QEMU) is connected to the vfio-user socket or the display.
     pub connected: bool,
+    /// Whether its function offers MSI-X (without it, QEMU can hot-unplug it).
+    pub msix: bool,
     /// Its BAR0 traffic.
     pub traps: TrapStats,
 }
@@ -163,6 +165,11 @@ struct Guest {
 }
 
 impl Guest {
+    /// Whether its function offers MSI-X.
+    fn has_msix(&self) -> bool {
+        self.device.function().msix().is_some()
+    }
+
     /// Whether its QEMU is connected (to the GPU or the display).
     fn is_connected(&self) -> bool {
         self.device.is_connected()
@@ -179,6 +186,7 @@ impl Guest {
             vram_start: self.slice.slice().start().raw(),
             vram_size: self.slice.slice().size(),
             connected: self.is_connected(),
+            msix: self.has_msix(),
             traps: self.device.function().trap_stats(),
         }
     }
@@ -232,6 +240,7 @@ impl GuestManager {
             .map(|g| SavedGuest {
                 socket: g.socket.clone(),
                 display: g.display.clone(),
+                no_msix: !g.has_msix(),
                 vram_start: g.slice.slice().start().raw(),
                 vram_size: g.slice.slice().size(),
             })
@@ -252,6 +261,7 @@ impl GuestManager {
             socket: Some(saved.socket.clone()),
             size: saved.vram_size,
             display: saved.display.clone(),
+            without_msix: saved.no_msix,
         };
         self.add_with(&spec, Some(VramAddr::new(saved.vram_start)))
     }
@@ -302,7 +312,16 @@ impl GuestManager {
             Some(start) => table.gpu.restore_guest(start, spec.size)?,
             None => table.gpu.add_guest(spec.size)?,
         };
-        match self.start(&socket, spec.display.as_deref(), slice.clone()) {
+        let presentation = PresentationOptions {
+            without_msix: spec.without_msix,
+            ..PresentationOptions::default()
+        };
+        match self.start(
+            &socket,
+            spec.display.as_deref(),
+            slice.clone(),
+            presentation,
+        ) {
             Ok(guest) => {
                 let info = guest.info();
                 log::info!(
@@ -342,8 +361,9 @@ impl GuestManager {
         socket: &Path,
         display: Option<&Path>,
         slice: GuestSlice,
+        presentation: PresentationOptions,
     ) -> Result<Guest, GuestError> {
-        let function = PresentedFunction::for_guest(slice.clone())?;
+        let function = PresentedFunction::for_guest_with(slice.clone(), presentation)?;
         let servers: GuestServers =
             guest_servers::<GuestError>(socket, display, function, &self.listen)?;
         let mut jobs = Vec::with_capacity(servers.jobs.len());

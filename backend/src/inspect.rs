@@ -241,14 +241,13 @@ fn write_function(out: &mut impl Write, layout: &FunctionLayout) -> io::Result<(
         }
     }
     writeln!(out)?;
-    writeln!(
-        out,
-        "MSI-X     {} vectors, table BAR{} +{:#x}, PBA BAR{} +{:#x}",
-        layout.msix.vectors,
-        layout.msix.table_bar,
-        layout.msix.table_offset,
-        layout.msix.pba_bar,
-        layout.msix.pba_offset
-    )?;
+    match &layout.msix {
+        Some(msix) => writeln!(
+            out,
+            "MSI-X     {} vectors, table BAR{} +{:#x}, PBA BAR{} +{:#x}",
+            msix.vectors, msix.table_bar, msix.table_offset, msix.pba_bar, msix.pba_offset
+        )?,
+        None => writeln!(out, "MSI-X     none (INTx only)")?,
+    }
     Ok(())
 }

@@ -280,18 +280,17 @@ pub struct ServeOptions {
     pub display: Option<PathBuf>,
     /// Socket mode, connection limits, who may connect.
     pub listen: ListenOptions,
-    /// Offer no VRAM BAR for mmap: every VRAM access is trapped, so a guest that switches
-    /// BAR1 to virtual mode gets its accesses translated (see
-    /// [`PresentationOptions::trap_vram`]).
-    pub trap_vram: bool,
+    /// How the GPU is presented: VRAM trapped or mapped, MSI-X or not (the VRAM is always
+    /// scrubbed first: [`HandOut::Scrubbed`]).
+    pub presentation: PresentationOptions,
 }
 
 /// Serves `host` whole to one guest on `options.socket` until SIGTERM or SIGINT; the socket
 /// file is removed on the way out.
 pub fn serve(host: Arc<dyn HostGpu>, options: &ServeOptions) -> Result<(), ServeError> {
     let presentation = PresentationOptions {
-        trap_vram: options.trap_vram,
         handout: HandOut::Scrubbed,
+        ..options.presentation
     };
     let function = PresentedFunction::new_with(host, presentation)?;
     serve_functions(
@@ -312,7 +311,7 @@ pub fn serve_connected(
     stream: std::os::unix::net::UnixStream,
     server_config: ServerConfig,
     peers: &PeerPolicy,
-    trap_vram: bool,
+    presentation: PresentationOptions,
 ) -> Result<(), ServeError> {
     if !peers.is_open() {
         let peer = PeerCred::of(&stream).map_err(ServerError::Connection)?;
@@ -324,8 +323,8 @@ pub fn serve_connected(
         }
     }
     let presentation = PresentationOptions {
-        trap_vram,
         handout: HandOut::Scrubbed,
+        ..presentation
     };
     let function = PresentedFunction::new_with(host, presentation)?;
     log_layout(&FunctionLayout::of(&function));
@@ -379,7 +378,11 @@ pub fn present_guests_with(
     let mut functions = Vec::with_capacity(guests.len());
     for g in guests {
         let guest = gpu.add_guest(g.size)?;
-        functions.push(PresentedFunction::for_guest(guest)?);
+        let presentation = PresentationOptions {
+            without_msix: g.without_msix,
+            ..PresentationOptions::default()
+        };
+        functions.push(PresentedFunction::for_guest_with(guest, presentation)?);
     }
     Ok((gpu, functions))
 }

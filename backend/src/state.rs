@@ -86,6 +86,9 @@ pub struct SavedGuest {
     /// Its display socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<PathBuf>,
+    /// Presented without MSI-X (`msix=off`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_msix: bool,
     /// First byte of its slice.
     pub vram_start: u64,
     /// Size of its slice.
@@ -251,12 +254,22 @@ mod tests {
             version: STATE_VERSION,
             gpu: "tu102-24g".into(),
             vram_size: 24 << 30,
-            guests: vec![SavedGuest {
-                socket: "/run/g0.sock".into(),
-                display: Some("/run/d0.sock".into()),
-                vram_start: 0,
-                vram_size: 2 << 20,
-            }],
+            guests: vec![
+                SavedGuest {
+                    socket: "/run/g0.sock".into(),
+                    display: Some("/run/d0.sock".into()),
+                    no_msix: false,
+                    vram_start: 0,
+                    vram_size: 2 << 20,
+                },
+                SavedGuest {
+                    socket: "/run/g1.sock".into(),
+                    display: None,
+                    no_msix: true,
+                    vram_start: 2 << 20,
+                    vram_size: 2 << 20,
+                },
+            ],
         }
     }
 

@@ -158,6 +158,13 @@ impl Ctl {
         self.run(&add_args(socket, vram))?.decode()
     }
 
+    /// `add --socket <socket> --vram <vram> --no-msix`: a guest QEMU can hot-unplug.
+    pub fn add_without_msix(&self, socket: &Path, vram: u64) -> Result<GuestInfo, CtlError> {
+        let mut args = add_args(socket, vram);
+        args.push("--no-msix".into());
+        self.run(&args)?.decode()
+    }
+
     /// `remove --socket <socket> [--force]`; an error if the backend refused.
     pub fn remove(&self, socket: &Path, force: bool) -> Result<CtlRun, CtlError> {
         self.run(&remove_args(socket, force))?.ok()

@@ -73,6 +73,14 @@ pub struct AddArgs {
     /// The display socket to create, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
+    /// Offer MSI-X (the default). `false` presents the function with INTx only, which QEMU
+    /// 11.1.3 needs to hot-unplug it without aborting.
+    #[serde(default = "offer_msix")]
+    pub msix: bool,
+}
+
+fn offer_msix() -> bool {
+    true
 }
 
 /// A size as the protocol carries it.

@@ -293,6 +293,7 @@ fn execute(manager: &GuestManager, request: &Request) -> Result<Value, Failure> 
                 socket: Some(PathBuf::from(&a.socket)),
                 size,
                 display: a.display.as_ref().map(PathBuf::from),
+                without_msix: !a.msix,
             };
             let info = manager.add(&spec).map_err(guest_failure)?;
             encode(serde_json::to_value(info))

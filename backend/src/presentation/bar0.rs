@@ -137,7 +137,7 @@ pub struct TrappedBar0 {
     map: RegisterMap,
     window: GuestWindow,
     aperture: GuestAperture,
-    msix: MsixRegion,
+    msix: Option<MsixRegion>,
     counters: Counters,
 }
 
@@ -151,9 +151,10 @@ impl std::fmt::Debug for TrappedBar0 {
 }
 
 impl TrappedBar0 {
-    /// BAR0 of `len` bytes for `guest`, with MSI-X storage as `msix` declares it: the
-    /// whole-GPU register mode for a guest given the whole GPU, the sliced one otherwise.
-    pub fn new(guest: &GuestSlice, len: u64, msix: &MsixDecl) -> TrappedBar0 {
+    /// BAR0 of `len` bytes for `guest`, with MSI-X storage as `msix` declares it (none:
+    /// its offsets are hidden registers): the whole-GPU register mode for a guest given
+    /// the whole GPU, the sliced one otherwise.
+    pub fn new(guest: &GuestSlice, len: u64, msix: Option<&MsixDecl>) -> TrappedBar0 {
         let host = Arc::clone(guest.host());
         let generation = host.identity().generation;
         let mode = if guest.is_whole_gpu() {
@@ -167,7 +168,7 @@ impl TrappedBar0 {
             map: RegisterMap::new(generation, mode),
             window: GuestWindow::new(generation),
             aperture: GuestAperture::new(guest.clone()),
-            msix: MsixRegion::new(msix),
+            msix: msix.map(MsixRegion::new),
             counters: Counters::default(),
         }
     }
@@ -191,7 +192,14 @@ impl TrappedBar0 {
     /// masked. The host GPU is not touched.
     pub fn reset(&self) {
         self.window.reset();
-        self.msix.reset();
+        if let Some(msix) = &self.msix {
+            msix.reset();
+        }
+    }
+
+    /// The MSI-X storage, if the function has MSI-X and `at..at+n` lies in its table or PBA.
+    fn msix_covering(&self, at: u64, n: usize) -> Option<&MsixRegion> {
+        self.msix.as_ref().filter(|msix| msix.covers(at, n))
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<(), BackingError> {
@@ -253,10 +261,10 @@ impl TrappedBar0 {
             }
             Treatment::Emulated(Emulated::WindowRegister) => self.window.read(at - dword, width),
             Treatment::Emulated(Emulated::MsixTable | Emulated::MsixPba)
-                if self.msix.covers(at, n) =>
+                if let Some(msix) = self.msix_covering(at, n) =>
             {
                 let mut bytes = [0u8; 8];
-                self.msix.read(at, &mut bytes[..n]);
+                msix.read(at, &mut bytes[..n]);
                 u64::from_le_bytes(bytes)
             }
             Treatment::Emulated(Emulated::PraminAperture) => {
@@ -281,9 +289,9 @@ impl TrappedBar0 {
                 self.window.write(at - dword, width, value);
             }
             Treatment::Emulated(Emulated::MsixTable | Emulated::MsixPba)
-                if self.msix.covers(at, n) =>
+                if let Some(msix) = self.msix_covering(at, n) =>
             {
-                self.msix.write(at, &value.to_le_bytes()[..n]);
+                msix.write(at, &value.to_le_bytes()[..n]);
             }
             Treatment::Emulated(Emulated::PraminAperture) => {
                 self.write_aperture(at, &value.to_le_bytes()[..n])?;

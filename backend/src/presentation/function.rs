@@ -115,6 +115,12 @@ pub struct PresentationOptions {
     /// Whether the whole GPU's VRAM is scrubbed before it is presented
     /// ([`HandOut::Unscrubbed`] only to describe the layout, as `inspect` does).
     pub handout: HandOut,
+    /// Offer no MSI-X capability: the guest has INTx (and the MSI interrupt type) only, and
+    /// BAR0's MSI-X table and PBA read as hidden registers. QEMU 11.1.3 aborts when it
+    /// finalizes a hot-unplugged `vfio-user-pci` that has MSI-X (its vfio-user PBA
+    /// teardown removes a memory region that was already taken down), so a guest meant to
+    /// be unplugged with `device_del` is presented without it.
+    pub without_msix: bool,
 }
 
 /// What a presented BAR is backed by.
@@ -233,7 +239,7 @@ impl PresentedBar {
 pub struct PresentedFunction {
     guest: GuestSlice,
     bars: Vec<PresentedBar>,
-    msix: MsixDecl,
+    msix: Option<MsixDecl>,
     options: PresentationOptions,
     config: Mutex<ConfigSpace>,
     /// PMCSR says D3hot (kept in step with `config` under its lock; read lock-free on the
@@ -283,13 +289,13 @@ impl PresentedFunction {
         }
         let host = Arc::clone(guest.host());
         let identity = host.identity().clone();
-        let msix = MsixDecl {
+        let msix = (!options.without_msix).then_some(MsixDecl {
             vectors: MSIX_VECTORS,
             table_bar: 0,
             table_offset: MSIX_TABLE_OFFSET,
             pba_bar: 0,
             pba_offset: MSIX_PBA_OFFSET,
-        };
+        });
         let mut bars = Vec::with_capacity(identity.bars.len());
         for bar in &identity.bars {
             let bar_error = |source| PresentationError::Bar {
@@ -299,7 +305,7 @@ impl PresentedFunction {
             let (content, host_vram) = match bar.role {
                 HostBarRole::Registers => (
                     BarContent::Registers(Box::new(
-                        PaddedBar::new(TrappedBar0::new(&guest, bar.size, &msix))
+                        PaddedBar::new(TrappedBar0::new(&guest, bar.size, msix.as_ref()))
                             .map_err(bar_error)?,
                     )),
                     None,
@@ -470,8 +476,8 @@ impl PresentedFunction {
         self.bars.iter().find(|bar| u32::from(bar.index) == index)
     }
 
-    /// The MSI-X capability as declared.
-    pub fn msix(&self) -> MsixDecl {
+    /// The MSI-X capability as declared (`None`: presented without MSI-X).
+    pub fn msix(&self) -> Option<MsixDecl> {
         self.msix
     }
 
@@ -561,7 +567,11 @@ impl PresentedFunction {
     }
 }
 
-fn config_spec(identity: &ChipIdentity, bars: &[PresentedBar], msix: MsixDecl) -> ConfigSpaceSpec {
+fn config_spec(
+    identity: &ChipIdentity,
+    bars: &[PresentedBar],
+    msix: Option<MsixDecl>,
+) -> ConfigSpaceSpec {
     let mut decls: [Option<BarDecl>; BAR_COUNT] = [None; BAR_COUNT];
     for bar in bars {
         if let Some(slot) = decls.get_mut(usize::from(bar.index)) {
@@ -584,7 +594,7 @@ fn config_spec(identity: &ChipIdentity, bars: &[PresentedBar], msix: MsixDecl) -
         class_code: identity.pci.class_code,
         revision: identity.pci.revision,
         bars: decls,
-        msix: Some(msix),
+        msix,
         interrupt_pin: 1,
     }
 }
@@ -854,6 +864,59 @@ mod tests {
         assert_eq!(dword, [0; 4], "hidden");
         let stats = guest.trap_stats();
         assert_eq!((stats.passed_writes, stats.dropped_writes), (0, 2));
+    }
+
+    /// The capability IDs of `function`'s config space, in list order.
+    fn capability_ids(function: &PresentedFunction) -> Vec<u8> {
+        let mut ids = Vec::new();
+        let mut at = [0u8; 1];
+        function
+            .region_read(CONFIG_REGION_INDEX, 0x34, &mut at)
+            .unwrap();
+        let mut next = at[0];
+        while next != 0 && ids.len() < 48 {
+            let mut header = [0u8; 2];
+            function
+                .region_read(CONFIG_REGION_INDEX, u64::from(next), &mut header)
+                .unwrap();
+            ids.push(header[0]);
+            next = header[1];
+        }
+        ids
+    }
+
+    /// `without_msix` (what a hot-unpluggable guest is given): no MSI-X capability, and
+    /// BAR0's MSI-X table reads as a hidden register (0, writes dropped) instead of
+    /// table storage; with MSI-X the table keeps what is written.
+    #[test]
+    fn without_msix_offers_no_capability_and_hides_the_table() {
+        let host: Arc<dyn HostGpu> = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let mut sliced = crate::slice::SlicedGpu::new(Arc::clone(&host)).unwrap();
+        let options = PresentationOptions {
+            without_msix: true,
+            ..PresentationOptions::default()
+        };
+        let bare = PresentedFunction::for_guest_with(sliced.add_guest(64 << 20).unwrap(), options)
+            .unwrap();
+        let full = PresentedFunction::for_guest(sliced.add_guest(64 << 20).unwrap()).unwrap();
+        assert!(bare.msix().is_none());
+        assert_eq!(capability_ids(&bare), [0x01, 0x10], "PM, PCIe");
+        assert_eq!(capability_ids(&full), [0x01, 0x10, 0x11], "PM, PCIe, MSI-X");
+        let table = u64::from(MSIX_TABLE_OFFSET);
+        let data = 0x4321u32.to_le_bytes();
+        let mut back = [0u8; 4];
+        for function in [&bare, &full] {
+            function.region_write(0, table + 8, &data).unwrap();
+            function.region_read(0, table + 8, &mut back).unwrap();
+            let expected = if function.msix().is_some() {
+                data
+            } else {
+                [0; 4]
+            };
+            assert_eq!(back, expected);
+        }
+        assert_eq!(bare.trap_stats().dropped_writes, 1);
+        assert_eq!(full.trap_stats().dropped_writes, 0);
     }
 
     /// A guest given the whole GPU that puts BAR1 in virtual mode (what a nested

@@ -20,8 +20,8 @@ pub struct FunctionLayout {
     pub slice: SliceLayout,
     /// Presented BARs, by slot.
     pub bars: Vec<BarLayout>,
-    /// MSI-X capability.
-    pub msix: MsixLayout,
+    /// MSI-X capability (`None`: presented without MSI-X).
+    pub msix: Option<MsixLayout>,
     /// The register table of the generation and mode (what BAR0 passes, emulates, hides).
     pub registers: Vec<RegisterLayout>,
     /// What an offset the table does not name gets: `hidden` (a sliced guest) or
@@ -208,13 +208,13 @@ impl FunctionLayout {
                     note: r.note.to_owned(),
                 })
                 .collect(),
-            msix: MsixLayout {
+            msix: msix.map(|msix| MsixLayout {
                 vectors: msix.vectors,
                 table_bar: msix.table_bar,
                 table_offset: msix.table_offset,
                 pba_bar: msix.pba_bar,
                 pba_offset: msix.pba_offset,
-            },
+            }),
         }
     }
 

@@ -30,8 +30,8 @@ pub enum SpecError {
     /// An empty socket path.
     #[error("`{0}` names no socket path")]
     EmptySocket(String),
-    /// A `key=value` guest with a key that is not `socket`, `vram` or `display`.
-    #[error("unknown key `{key}` in `{text}` (expected socket=SOCKET,vram=SIZE[,display=PATH])")]
+    /// A `key=value` guest with a key that is not `socket`, `vram`, `display` or `msix`.
+    #[error("unknown key `{key}` in `{text}` (expected socket=SOCKET,vram=SIZE[,display=PATH][,msix=on|off])")]
     UnknownKey {
         /// The key.
         key: String,
@@ -46,8 +46,18 @@ pub enum SpecError {
         /// The whole value.
         text: String,
     },
+    /// An on/off key with another value.
+    #[error("`{key}={value}`: expected `{key}=on` or `{key}=off`")]
+    BadSwitch {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+    },
     /// A `key=value` guest without a required key.
-    #[error("`{text}` has no `{key}=` (expected socket=SOCKET,vram=SIZE[,display=PATH])")]
+    #[error(
+        "`{text}` has no `{key}=` (expected socket=SOCKET,vram=SIZE[,display=PATH][,msix=on|off])"
+    )]
     MissingKey {
         /// The key.
         key: &'static str,
@@ -102,6 +112,9 @@ pub struct GuestSpec {
     pub size: u64,
     /// The vhost-user socket of the guest's display (`vhost-user-gpu-pci`), if it has one.
     pub display: Option<PathBuf>,
+    /// Present the guest's function without MSI-X (`msix=off`), so QEMU can hot-unplug it
+    /// (see [`PresentationOptions::without_msix`](crate::presentation::PresentationOptions)).
+    pub without_msix: bool,
 }
 
 impl GuestSpec {
@@ -111,6 +124,7 @@ impl GuestSpec {
             socket: None,
             size,
             display: None,
+            without_msix: false,
         }
     }
 }
@@ -119,10 +133,10 @@ impl FromStr for GuestSpec {
     type Err = SpecError;
 
     /// `SOCKET:SIZE` (the size follows the last colon, so socket paths may contain colons),
-    /// or `socket=SOCKET,vram=SIZE[,display=PATH]` (keys in any order; paths without
-    /// commas).
+    /// or `socket=SOCKET,vram=SIZE[,display=PATH][,msix=on|off]` (keys in any order; paths
+    /// without commas).
     fn from_str(text: &str) -> Result<GuestSpec, SpecError> {
-        const KEYS: [&str; 3] = ["socket=", "vram=", "display="];
+        const KEYS: [&str; 4] = ["socket=", "vram=", "display=", "msix="];
         if KEYS.iter().any(|k| text.starts_with(k)) {
             return parse_keyed(text);
         }
@@ -136,19 +150,21 @@ impl FromStr for GuestSpec {
             socket: Some(PathBuf::from(socket)),
             size: parse_slice_size(size)?,
             display: None,
+            without_msix: false,
         })
     }
 }
 
-/// `socket=SOCKET,vram=SIZE[,display=PATH]`.
+/// `socket=SOCKET,vram=SIZE[,display=PATH][,msix=on|off]`.
 fn parse_keyed(text: &str) -> Result<GuestSpec, SpecError> {
-    let (mut socket, mut size, mut display) = (None, None, None);
+    let (mut socket, mut size, mut display, mut msix) = (None, None, None, None);
     for part in text.split(',') {
         let (key, value) = part.split_once('=').unwrap_or((part, ""));
         let slot_taken = match key {
             "socket" => socket.replace(value).is_some(),
             "vram" => size.replace(value).is_some(),
             "display" => display.replace(value).is_some(),
+            "msix" => msix.replace(value).is_some(),
             _ => {
                 return Err(SpecError::UnknownKey {
                     key: key.to_owned(),
@@ -175,10 +191,21 @@ fn parse_keyed(text: &str) -> Result<GuestSpec, SpecError> {
     if display.is_some_and(str::is_empty) {
         return Err(SpecError::EmptySocket(text.to_owned()));
     }
+    let without_msix = match msix {
+        None | Some("on") => false,
+        Some("off") => true,
+        Some(other) => {
+            return Err(SpecError::BadSwitch {
+                key: "msix",
+                value: other.to_owned(),
+            })
+        }
+    };
     Ok(GuestSpec {
         socket: Some(PathBuf::from(socket)),
         size: parse_slice_size(size)?,
         display: display.map(PathBuf::from),
+        without_msix,
     })
 }
 
@@ -188,10 +215,13 @@ impl fmt::Display for GuestSpec {
             Some(socket) => write!(f, "{}:{:#x}", socket.display(), self.size)?,
             None => write!(f, "{:#x}", self.size)?,
         }
-        match &self.display {
-            Some(display) => write!(f, " (display {})", display.display()),
-            None => Ok(()),
+        if let Some(display) = &self.display {
+            write!(f, " (display {})", display.display())?;
         }
+        if self.without_msix {
+            write!(f, " (no MSI-X)")?;
+        }
+        Ok(())
     }
 }
 
@@ -264,7 +294,18 @@ mod tests {
         let g: GuestSpec = "vram=2M,socket=/a:b".parse().unwrap();
         assert_eq!((g.size, g.display), (2 << 20, None));
         assert_eq!(g.socket.unwrap().to_str(), Some("/a:b"));
+        assert!(!g.without_msix, "MSI-X unless asked otherwise");
+        let g: GuestSpec = "msix=off,socket=/s,vram=2M".parse().unwrap();
+        assert!(g.without_msix);
+        assert!(g.to_string().ends_with("(no MSI-X)"), "{g}");
+        let g: GuestSpec = "socket=/s,vram=2M,msix=on".parse().unwrap();
+        assert!(!g.without_msix);
         for (bad, what) in [
+            (
+                "socket=/s,vram=2M,msix=no",
+                "expected `msix=on` or `msix=off`",
+            ),
+            ("socket=/s,vram=2M,msix=off,msix=on", "twice"),
             ("socket=/s,vram=2M,gpu=1", "unknown key"),
             ("socket=/s,vram=2M,vram=4M", "twice"),
             ("socket=/s,display=/d", "no `vram=`"),
