@@ -419,6 +419,20 @@ fn bad_display_arguments_exit_2_and_start_nothing() {
             vec!["--guest".into(), format!("socket={g0},vram=2M,screen={d0}")],
             "unknown key",
         ),
+        (
+            vec!["--guest".into(), format!("socket={g0},vram=2M,msix=no")],
+            "expected `msix=on` or `msix=off`",
+        ),
+        (
+            vec![
+                "--socket".into(),
+                g0.clone(),
+                "--guest".into(),
+                format!("{g1}:2M"),
+                "--no-msix".into(),
+            ],
+            "cannot be used with",
+        ),
     ];
     for (args, message) in cases {
         let mut all = vec!["serve", "--profile", "tu102-24g"];

@@ -1008,6 +1008,7 @@ fn a_restart_with_the_same_state_directory_serves_the_same_guests_with_their_vra
             "6M",
             "--display",
             &d1.display().to_string(),
+            "--no-msix",
         ],
     );
     for (socket, byte) in [(&s0, 0xA0u8), (&s1, 0xA1)] {
@@ -1016,6 +1017,13 @@ fn a_restart_with_the_same_state_directory_serves_the_same_guests_with_their_vra
         c.region_write(1, 0x3000, &[byte; 64], false).unwrap();
     }
     let before = ctl_json(&control, &["list"]);
+    let msix: Vec<bool> = before["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["msix"].as_bool().unwrap())
+        .collect();
+    assert_eq!(msix, [true, false], "guest 1 was added with --no-msix");
     // A crash, not a clean stop: nothing is written on the way out.
     let status = terminate(&mut child, libc::SIGKILL);
     assert!(!status.success());
@@ -1039,12 +1047,19 @@ fn a_restart_with_the_same_state_directory_serves_the_same_guests_with_their_vra
         after["guests"], before["guests"],
         "same guests, sockets and slices"
     );
-    for (socket, byte) in [(&s0, 0xA0u8), (&s1, 0xA1)] {
+    for (socket, byte, vectors) in [(&s0, 0xA0u8, 1..u32::MAX), (&s1, 0xA1, 0..1)] {
         let mut c = TestClient::connect(socket).unwrap();
         c.version().unwrap();
         assert!(
             canary_holds(&mut c, 0x3000, byte),
             "{} kept its VRAM",
+            socket.display()
+        );
+        // Restored as it was presented: guest 1 still without MSI-X vectors.
+        let msix = c.irq_info(2).unwrap();
+        assert!(
+            vectors.contains(&msix.count),
+            "{}: {msix:?}",
             socket.display()
         );
     }
