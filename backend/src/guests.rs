@@ -119,7 +119,9 @@ pub struct GuestInfo {
     pub vram_size: u64,
     /// Whether a client (its QEMU) is connected to the vfio-user socket or the display.
     pub connected: bool,
-    /// Whether its function offers MSI-X (without it, QEMU can hot-unplug it).
+    /// Whether its function offers MSI-X (without it, QEMU can hot-unplug it). An answer
+    /// without the field comes from a backend that always offered it.
+    #[serde(default = "crate::control::protocol::offer_msix")]
     pub msix: bool,
     /// Its BAR0 traffic.
     pub traps: TrapStats,

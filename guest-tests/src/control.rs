@@ -218,7 +218,7 @@ mod tests {
             "dropped_writes":0,"window_writes":0,"aperture_bytes_read":0,
             "aperture_bytes_written":0,"aperture_bytes_refused":0,"hidden_offsets":[]}}"#;
         let g: GuestInfo = run(Some(0), info).decode().unwrap();
-        assert_eq!((g.vram_size, g.connected), (2 << 20, false));
+        assert_eq!((g.vram_size, g.connected, g.msix), (2 << 20, false, true));
         match run(Some(2), info).decode::<GuestInfo>() {
             Err(CtlError::Refused { code, stderr, .. }) => {
                 assert_eq!((code, stderr.as_str()), (Some(2), "gpu-backend: error: no"))

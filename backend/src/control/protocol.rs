@@ -79,7 +79,8 @@ pub struct AddArgs {
     pub msix: bool,
 }
 
-fn offer_msix() -> bool {
+/// MSI-X is offered unless asked otherwise.
+pub(crate) fn offer_msix() -> bool {
     true
 }
 
