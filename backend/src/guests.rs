@@ -416,7 +416,11 @@ impl GuestManager {
             return Err(GuestError::Connected(socket.to_path_buf()));
         }
         let guest = table.guests.remove(index);
-        // First of all: from here the old function reads ~0 and drops writes.
+        // First of all: from here the old function reads ~0 and drops writes, and its
+        // QEMU's mapping of the slice no longer reaches it. The range is not handed out
+        // again before it is scrubbed below: the table stays locked.
+        let removed = table.gpu.remove_guest(&guest.slice);
+        // Whatever that said, the old function reaches nothing any more.
         guest.slice.access().revoke();
         self.stop_jobs(&guest.jobs);
         let slice = guest.slice.slice();
@@ -424,7 +428,7 @@ impl GuestManager {
             // Released anyway: the next guest of the range is scrubbed when it gets it.
             log::error!("scrubbing the slice of {}: {e}", socket.display());
         }
-        match table.gpu.remove_guest(&guest.slice) {
+        match removed {
             Ok(()) => log::info!(
                 "guest removed: {} (VRAM {slice} scrubbed and free)",
                 socket.display()

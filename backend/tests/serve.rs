@@ -250,6 +250,15 @@ fn stderr_of(child: &mut Child) -> String {
     text
 }
 
+/// Waits (at most 5 s) until a new client on `socket` gets its VERSION answered.
+fn wait_until_served(socket: &Path) {
+    wait_until("the next client is served", Duration::from_secs(5), || {
+        // Kept until the answer is in: dropping it sooner would hang up first.
+        let mut client = TestClient::connect(socket).unwrap();
+        client.version().is_ok()
+    });
+}
+
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !done() {
@@ -380,14 +389,7 @@ fn refusals_of_a_second_client_are_logged_once_per_episode() {
         assert!(refused(&socket), "a second client was served");
     }
     drop(first);
-    let mut next = None;
-    wait_until("the next client is served", Duration::from_secs(5), || {
-        let mut c = TestClient::connect(&socket).unwrap();
-        let ok = c.version().is_ok();
-        next = Some(c);
-        ok
-    });
-    drop(next);
+    wait_until_served(&socket);
     let status = terminate(&mut child, libc::SIGTERM);
     assert!(status.success(), "{status}");
     let log = stderr_of(&mut child);
@@ -429,14 +431,7 @@ fn a_client_that_stops_reading_is_dropped_after_the_5_s_message_timeout() {
     );
     drop(client);
     // The server is fine: the next client is served.
-    let mut next = None;
-    wait_until("the next client is served", Duration::from_secs(5), || {
-        let mut c = TestClient::connect(&socket).unwrap();
-        let ok = c.version().is_ok();
-        next = Some(c);
-        ok
-    });
-    drop(next);
+    wait_until_served(&socket);
     assert!(terminate(&mut child, libc::SIGTERM).success());
     let log = stderr_of(&mut child);
     assert!(log.contains("timed out"), "{log}");

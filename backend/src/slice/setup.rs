@@ -90,7 +90,17 @@ impl SliceAccess {
 
     /// Revokes access for good, after every access in flight has finished.
     pub(crate) fn revoke(&self) {
-        *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = true;
+        self.revoke_with(|| ());
+    }
+
+    /// Revokes access for good and runs `last` at that moment, with no access in flight
+    /// and none let in until it returns: whoever sees the slice revoked sees what `last`
+    /// did done.
+    pub(crate) fn revoke_with<R>(&self, last: impl FnOnce() -> R) -> R {
+        let mut revoked = self.revoked.write().unwrap_or_else(PoisonError::into_inner);
+        let result = last();
+        *revoked = true;
+        result
     }
 }
 
@@ -328,15 +338,16 @@ impl SlicedGpu {
             .filter(|_| live)
             .ok_or(SetupError::NotAGuest(guest.slice))?;
         // First of all, so that nothing of the guest still presented (its aperture, its
-        // trapped VRAM BAR) reaches the slice once somebody else may get it.
-        guest.access.revoke();
-        self.vram.unmap_bar1_window(va)?;
-        // The slice's memfd (which the guest's QEMU may still map) is disconnected before
-        // anybody else can get the slice; a slice whose memfd cannot be disconnected stays
+        // trapped VRAM BAR) reaches the slice once somebody else may get it; in the same
+        // step the slice's memfd (which the guest's QEMU may still map) is disconnected, so
+        // a guest that sees its function revoked (BOOT_0 reads ~0) no longer sees its VRAM
+        // through the mapping either. A slice whose memfd cannot be disconnected stays
         // assigned for good (quarantined), since its old peer may still reach it.
-        let released = self
-            .host()
-            .release_vram_mmap_source(guest.slice.start(), guest.slice.size());
+        let released = guest.access.revoke_with(|| {
+            self.host()
+                .release_vram_mmap_source(guest.slice.start(), guest.slice.size())
+        });
+        self.vram.unmap_bar1_window(va)?;
         self.guests.remove(&guest.id);
         if let Err(source) = released {
             return Err(SetupError::Quarantined {

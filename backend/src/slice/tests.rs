@@ -373,6 +373,51 @@ fn a_removed_guests_memfd_is_not_reused_for_the_next_guest() {
     assert_eq!(buf, [0xB2; 16]);
 }
 
+/// A guest that sees its function revoked (as its driver does: BOOT_0 reads ~0) no longer
+/// sees its VRAM through its QEMU's mapping of the slice's memfd either: the memfd is cut
+/// off in the same step as the revocation. Before, a guest could read its old VRAM through
+/// the mapping for as long as its servers took to stop (seen once in the QEMU e2e test).
+#[test]
+fn a_guest_that_sees_itself_revoked_sees_no_vram_through_its_mapping() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for round in 0..20 {
+        let (_gpu, host) = emulated("tu102-24g");
+        let mut sliced = SlicedGpu::new(host).unwrap();
+        let a = sliced.add_guest(4 * MIB).unwrap();
+        let fa = PresentedFunction::for_guest(a.clone()).unwrap();
+        let bar = vram_bar(&fa);
+        let fd = Arc::clone(&fa.bar(bar).unwrap().mappable().unwrap().1.fd);
+        let mapped = map_shared(&fd, 4 * MIB) as usize;
+        fa.region_write(bar, 0, &[0xA5; 4096]).unwrap();
+        let started = AtomicBool::new(false);
+        let access = Arc::clone(a.access());
+        std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let p = mapped as *const u8;
+                loop {
+                    started.store(true, Ordering::Release);
+                    if access.with_live(|| ()).is_none() {
+                        // SAFETY: inside the 4 MiB mapping made above (unmapped below,
+                        // after this thread ended).
+                        return unsafe { std::ptr::read_volatile(p) };
+                    }
+                }
+            });
+            while !started.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            sliced.remove_guest(&a).unwrap();
+            let seen = watcher.join().unwrap();
+            assert_eq!(
+                seen, 0,
+                "round {round}: VRAM seen through the mapping after revocation"
+            );
+        });
+        // SAFETY: the mapping made above; nothing uses it any more.
+        unsafe { libc::munmap(mapped as *mut libc::c_void, (4 * MIB) as usize) };
+    }
+}
+
 /// A removed guest's slice handle cannot be presented again: before this was refused, the
 /// stale handle got the memfd of whoever held the range now (the next guest's VRAM, mapped
 /// by the removed guest's QEMU), or carved free VRAM for itself. Found by the churn soak

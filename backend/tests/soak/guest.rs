@@ -4,7 +4,7 @@
 //! checks now and then that it can still map DMA, use an interrupt eventfd and reconnect.
 //! Any error, mismatch or refusal is a failure.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use gpu_backend::vfio_user::protocol::{dma_flags, irq_flags};
 use gpu_backend::vfio_user::test_client::TestClient;
 
 use crate::episodes::{APERTURE, APERTURE_SIZE, BAR0, SLICE, VRAM_BAR, WINDOW};
+use crate::mapping::Mapping;
 use crate::support::fds;
 use crate::support::rng::{pattern, pattern_mismatch, Rng};
 
@@ -52,64 +53,11 @@ pub struct GuestReport {
     pub failure: Option<String>,
 }
 
-/// A shared mapping of B's VRAM BAR fd.
-struct Mapped {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapped {
-    fn new(fd: &OwnedFd, offset: u64, len: usize) -> Result<Mapped, String> {
-        // SAFETY: a fresh shared mapping of a sealed memfd (it cannot shrink under us); it is
-        // only accessed through `bytes`/`bytes_mut` and unmapped on drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap of B's VRAM BAR: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(Mapped {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` bytes and lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above; `&mut self` makes this the only view from this process.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value.
-unsafe impl Send for Mapped {}
-
 /// Guest B.
 pub struct WellBehaved {
     socket: PathBuf,
     client: TestClient,
-    vram: Mapped,
+    vram: Mapping,
     seed: u64,
     rng: Rng,
     ram: OwnedFd,
@@ -135,7 +83,7 @@ impl WellBehaved {
         if info.size != SLICE {
             return Err(format!("B's VRAM BAR is {:#x} bytes", info.size));
         }
-        let vram = Mapped::new(&fd, info.offset, SLICE as usize)?;
+        let vram = Mapping::new(&fd, info.offset, SLICE)?;
         let mut guest = WellBehaved {
             socket,
             client,
@@ -154,13 +102,15 @@ impl WellBehaved {
     /// through the trapped VRAM BAR and the aperture; then the whole slice must match.
     fn plant(&mut self) -> Result<(), String> {
         let seed = self.seed;
-        pattern(seed, 0, self.vram.bytes_mut());
+        let mut all = vec![0u8; SLICE as usize];
+        pattern(seed, 0, &mut all);
         let spots: Vec<u64> = (0..TRAPPED_SPOTS)
             .map(|_| self.rng.below(SLICE / 4096) * 4096)
             .collect();
         for &spot in &spots {
-            self.vram.bytes_mut()[spot as usize..spot as usize + 4096].fill(0);
+            all[spot as usize..spot as usize + 4096].fill(0);
         }
+        self.vram.write(0, &all);
         let mut chunk = [0u8; 4096];
         for (i, &spot) in spots.iter().enumerate() {
             pattern(seed, spot, &mut chunk);
@@ -198,7 +148,9 @@ impl WellBehaved {
         self.report.full_checks += 1;
         let seed = self.seed;
         self.report.bytes_checked += SLICE;
-        match pattern_mismatch(seed, 0, self.vram.bytes()) {
+        let mut all = vec![0u8; SLICE as usize];
+        self.vram.read(0, &mut all);
+        match pattern_mismatch(seed, 0, &all) {
             None => Ok(()),
             Some(bad) => Err(format!("B's VRAM at {bad:#x} is wrong ({when}, mapping)")),
         }

@@ -38,6 +38,7 @@ mod episodes;
 mod guest;
 mod host;
 mod hostile;
+mod mapping;
 mod payloads;
 mod resources;
 

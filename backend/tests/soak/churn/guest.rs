@@ -6,7 +6,6 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -18,74 +17,10 @@ use gpu_backend::slice::GuestSlice;
 use gpu_backend::vfio_user::test_client::{ClientError, TestClient};
 use gpu_backend::vfio_user::{serve_stream, ServerConfig, VfioUserDevice};
 
+use crate::mapping::Mapping;
+
 use super::dma::GuestDma;
 use super::model::{GuestModel, WindowLayout};
-
-/// A shared mapping of a VRAM BAR's memfd, as QEMU maps the BAR's sparse area.
-pub struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    /// Maps `len` bytes of `fd` from `offset`, shared and writable.
-    pub fn new(fd: &OwnedFd, offset: u64, len: u64) -> Result<Mapping, String> {
-        use std::os::fd::AsRawFd;
-        let len = usize::try_from(len).map_err(|e| e.to_string())?;
-        // SAFETY: a fresh shared mapping chosen by the kernel (address NULL); it aliases no
-        // Rust object and is only reached through raw pointers below, within `len`.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!(
-                "mapping the VRAM BAR fd: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let ptr = NonNull::new(p.cast()).ok_or("mmap returned NULL")?;
-        Ok(Mapping { ptr, len })
-    }
-
-    fn check(&self, o: u64, n: usize) -> usize {
-        let o = o as usize;
-        assert!(o + n <= self.len, "mapped access past the mapping");
-        o
-    }
-
-    /// Copies `buf.len()` bytes at `o` out of the mapping.
-    pub fn read(&self, o: u64, buf: &mut [u8]) {
-        let o = self.check(o, buf.len());
-        // SAFETY: `[o, o + len)` lies inside the live mapping (checked); `buf` is a distinct
-        // Rust buffer. Other writers of the shared memory can only change the bytes read.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(o), buf.as_mut_ptr(), buf.len())
-        };
-    }
-
-    /// Copies `data` into the mapping at `o`.
-    pub fn write(&self, o: u64, data: &[u8]) {
-        let o = self.check(o, data.len());
-        // SAFETY: as in `read`; the mapping is writable.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(o), data.len())
-        };
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
 
 /// An in-process vfio-user connection to a guest's device: the client end and the thread
 /// serving the other end.
