@@ -202,6 +202,39 @@ fn serve_trap_vram_offers_no_vram_bar_for_mmap() {
     assert!(terminate(&mut child, libc::SIGTERM).success());
 }
 
+/// The capability IDs in the config space (region 7) a client reads, in list order.
+fn capability_ids(client: &mut TestClient) -> Vec<u8> {
+    let mut ids = Vec::new();
+    let mut next = client.region_read(7, 0x34, 1).unwrap()[0];
+    while next != 0 && ids.len() < 48 {
+        let header = client.region_read(7, u64::from(next), 2).unwrap();
+        ids.push(header[0]);
+        next = header[1];
+    }
+    ids
+}
+
+#[test]
+fn serve_no_msix_presents_the_whole_gpu_without_msix() {
+    const MSIX_IRQ_INDEX: u32 = 2;
+    const MSIX_CAP_ID: u8 = 0x11;
+    for (extra, msix) in [(None, true), (Some("--no-msix"), false)] {
+        let socket = temp_socket("no-msix.sock");
+        let mut args = vec!["--socket".to_owned(), socket.display().to_string()];
+        args.extend(extra.map(str::to_owned));
+        let mut child = spawn_serve(&args);
+        wait_for_socket(&socket, &mut child);
+        let mut client = TestClient::connect(&socket).unwrap();
+        client.version().unwrap();
+        let ids = capability_ids(&mut client);
+        assert_eq!(ids.contains(&MSIX_CAP_ID), msix, "{extra:?}: {ids:x?}");
+        let vectors = client.irq_info(MSIX_IRQ_INDEX).unwrap().count;
+        assert_eq!(vectors > 0, msix, "{extra:?}: {vectors} MSI-X vectors");
+        drop(client);
+        assert!(terminate(&mut child, libc::SIGTERM).success());
+    }
+}
+
 // ---- Hostile or failing peers: one guest's trouble stays that guest's ----
 
 use std::io::Read;
