@@ -116,17 +116,19 @@ fn write_report(out: &mut impl Write, r: &GpuReport) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:<32} {:<30} {:>10}  {:<9}  display",
-        "socket", "VRAM", "size", "connected"
+        "{:<32} {:<30} {:>10}  {:<9}  {:<5}  display",
+        "socket", "VRAM", "size", "connected", "MSI-X"
     )?;
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
     for g in &r.guests {
         writeln!(
             out,
-            "{:<32} {:<30} {:>10}  {:<9}  {}",
+            "{:<32} {:<30} {:>10}  {:<9}  {:<5}  {}",
             g.socket,
             format!("[{:#x}, {:#x})", g.vram_start, g.vram_start + g.vram_size),
             human_size(g.vram_size),
-            if g.connected { "yes" } else { "no" },
+            yes_no(g.connected),
+            yes_no(g.msix),
             g.display.as_deref().unwrap_or("-")
         )?;
     }
@@ -171,4 +173,83 @@ fn write_stats(out: &mut impl Write, answer: &Value) -> std::io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guests::FreeRange;
+
+    fn guest(socket: &str, start: u64, msix: bool, display: Option<&str>) -> GuestInfo {
+        GuestInfo {
+            socket: socket.to_owned(),
+            display: display.map(str::to_owned),
+            vram_start: start,
+            vram_size: 4 << 20,
+            connected: start == 0,
+            msix,
+            traps: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_list_table_has_a_row_per_guest() {
+        let report = GpuReport {
+            name: "tu102-24g".into(),
+            description: "TU102".into(),
+            vram_size: 24 << 30,
+            guest_area_end: 16 << 20,
+            free_bytes: 8 << 20,
+            free_ranges: vec![FreeRange {
+                start: 8 << 20,
+                size: 8 << 20,
+            }],
+            guests: vec![
+                guest("/run/g0.sock", 0, true, Some("/run/d0.sock")),
+                guest("/run/g1.sock", 4 << 20, false, None),
+            ],
+        };
+        let mut out = Vec::new();
+        write_report(&mut out, &report).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .filter(|l| l.starts_with("/run/"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                [
+                    "/run/g0.sock",
+                    "[0x0,",
+                    "0x400000)",
+                    "4",
+                    "MiB",
+                    "yes",
+                    "yes",
+                    "/run/d0.sock"
+                ],
+                [
+                    "/run/g1.sock",
+                    "[0x400000,",
+                    "0x800000)",
+                    "4",
+                    "MiB",
+                    "no",
+                    "no",
+                    "-"
+                ],
+            ],
+            "{text}"
+        );
+        assert!(text.contains("free [0x800000, 0x1000000) 8 MiB"), "{text}");
+        let empty = GpuReport {
+            guests: Vec::new(),
+            ..report
+        };
+        let mut out = Vec::new();
+        write_report(&mut out, &empty).unwrap();
+        assert!(String::from_utf8(out).unwrap().ends_with("(no guests)\n"));
+    }
 }
