@@ -11,12 +11,15 @@
 //!   is revoked first (the old function reads ~0 and drops writes from that moment), the
 //!   guest's servers are stopped (its QEMU is disconnected), the slice is scrubbed and
 //!   returned to the free VRAM.
+//! - Adds and removals are carried out one at a time. `list` and `stats` never wait for
+//!   them: they read a copy of the table made after every change (on hardware a scrub
+//!   runs through PRAMIN and takes minutes per GiB).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -25,7 +28,7 @@ use crate::host_driver::addr::VramAddr;
 use crate::presentation::bar0::TrapStats;
 use crate::presentation::{PresentationError, PresentationOptions, PresentedFunction};
 use crate::serve::{guest_servers, GuestServers, ListenOptions};
-use crate::slice::{GuestSlice, GuestSpec, SetupError, SlicedGpu};
+use crate::slice::{GuestSlice, GuestSpec, SetupError, Slice, SlicedGpu};
 use crate::state::{SavedGuest, SavedState, StateDir, StateError, STATE_VERSION};
 use crate::supervisor::{JobId, Supervisor, SHUTDOWN_GRACE};
 use crate::unix_socket::{check_bindable, BindError};
@@ -196,13 +199,38 @@ impl Guest {
 
 struct Table {
     gpu: SlicedGpu,
-    guests: Vec<Guest>,
+    guests: Vec<Arc<Guest>>,
+}
+
+/// What `list` and `stats` read: the guests and the VRAM the table had after its last
+/// change.
+struct Listing {
+    guests: Vec<Arc<Guest>>,
+    /// Slices out of the free VRAM (the guests', and any kept out of use), lowest first.
+    assigned: Vec<Slice>,
+    vram_size: u64,
+    guest_area_end: u64,
+    free_bytes: u64,
+}
+
+impl Listing {
+    fn of(table: &Table) -> Listing {
+        let partition = table.gpu.partition();
+        Listing {
+            guests: table.guests.clone(),
+            assigned: partition.assigned().collect(),
+            vram_size: partition.vram_size(),
+            guest_area_end: partition.guest_area_end(),
+            free_bytes: partition.free_bytes(),
+        }
+    }
 }
 
 /// The guests of one sliced GPU (see the module docs). Operations are serialized.
 pub struct GuestManager {
     host: Arc<dyn crate::host_gpu::HostGpu>,
     table: Mutex<Table>,
+    listing: RwLock<Listing>,
     supervisor: Supervisor,
     listen: ListenOptions,
     state: Option<StateDir>,
@@ -212,12 +240,14 @@ impl GuestManager {
     /// Manages guests of `gpu`, their servers run by `supervisor`, listening as `listen`
     /// says.
     pub fn new(gpu: SlicedGpu, supervisor: Supervisor, listen: ListenOptions) -> GuestManager {
+        let table = Table {
+            gpu,
+            guests: Vec::new(),
+        };
         GuestManager {
-            host: Arc::clone(gpu.host()),
-            table: Mutex::new(Table {
-                gpu,
-                guests: Vec::new(),
-            }),
+            host: Arc::clone(table.gpu.host()),
+            listing: RwLock::new(Listing::of(&table)),
+            table: Mutex::new(table),
             supervisor,
             listen,
             state: None,
@@ -228,6 +258,11 @@ impl GuestManager {
     pub fn with_state(mut self, state: StateDir) -> GuestManager {
         self.state = Some(state);
         self
+    }
+
+    /// Makes `table` what `list` and `stats` show.
+    fn publish(&self, table: &Table) {
+        *self.listing.write() = Listing::of(table);
     }
 
     /// Writes the guest table to the state directory, if there is one.
@@ -336,7 +371,7 @@ impl GuestManager {
                         .map(|d| format!(", display {}", d.display()))
                         .unwrap_or_default()
                 );
-                table.guests.push(guest);
+                table.guests.push(Arc::new(guest));
                 if let Err(e) = self.save(&table) {
                     // Not recorded, so not added: a restart would not know it.
                     if let Some(guest) = table.guests.pop() {
@@ -346,6 +381,7 @@ impl GuestManager {
                     }
                     return Err(e.into());
                 }
+                self.publish(&table);
                 Ok(info)
             }
             Err(e) => {
@@ -422,6 +458,7 @@ impl GuestManager {
         let removed = table.gpu.remove_guest(&guest.slice);
         // Whatever that said, the old function reaches nothing any more.
         guest.slice.access().revoke();
+        self.publish(&table);
         self.stop_jobs(&guest.jobs);
         let slice = guest.slice.slice();
         if let Err(e) = guest.slice.vram().scrub(slice.start(), slice.size()) {
@@ -439,6 +476,7 @@ impl GuestManager {
                 socket.display()
             ),
         }
+        self.publish(&table);
         self.save(&table).map_err(|source| {
             log::error!("the guest on {} is removed, but {source}", socket.display());
             GuestError::RemovedNotSaved {
@@ -448,14 +486,14 @@ impl GuestManager {
         })
     }
 
-    /// The GPU, its free VRAM and every guest.
+    /// The GPU, its free VRAM and every guest, as of the last change (never waits for an
+    /// add or a removal in progress).
     pub fn report(&self) -> GpuReport {
-        let table = self.table.lock();
-        let partition = table.gpu.partition();
-        let identity = table.gpu.host().identity();
+        let listing = self.listing.read();
+        let identity = self.host.identity();
         let mut free_ranges = Vec::new();
         let mut cursor = 0u64;
-        for slice in partition.assigned() {
+        for slice in &listing.assigned {
             if slice.start().raw() > cursor {
                 free_ranges.push(FreeRange {
                     start: cursor,
@@ -464,22 +502,89 @@ impl GuestManager {
             }
             cursor = slice.end();
         }
-        if partition.guest_area_end() > cursor {
+        if listing.guest_area_end > cursor {
             free_ranges.push(FreeRange {
                 start: cursor,
-                size: partition.guest_area_end() - cursor,
+                size: listing.guest_area_end - cursor,
             });
         }
-        let mut guests: Vec<GuestInfo> = table.guests.iter().map(Guest::info).collect();
+        let mut guests: Vec<GuestInfo> = listing.guests.iter().map(|g| g.info()).collect();
         guests.sort_by_key(|g| g.vram_start);
         GpuReport {
             name: identity.name.clone(),
             description: identity.description.clone(),
-            vram_size: partition.vram_size(),
-            guest_area_end: partition.guest_area_end(),
-            free_bytes: partition.free_bytes(),
+            vram_size: listing.vram_size,
+            guest_area_end: listing.guest_area_end,
+            free_bytes: listing.free_bytes,
             free_ranges,
             guests,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::host_gpu::HostGpu;
+    use crate::slice::tests::SlowHost;
+    use crate::vfio_user::ShutdownSignal;
+
+    /// A scrub takes this long here, as a PRAMIN scrub of a few MiB does on hardware.
+    const SCRUB: Duration = Duration::from_millis(1000);
+
+    /// `list` answers at once while an add or a removal scrubs (which on hardware takes
+    /// minutes per GiB): it shows the table as of the last change.
+    #[test]
+    fn list_does_not_wait_for_an_add_or_a_removal_in_progress() {
+        let host = Arc::new(SlowHost::tu102());
+        let gpu = SlicedGpu::new(Arc::clone(&host) as Arc<dyn HostGpu>).unwrap();
+        host.scrub_ms
+            .store(SCRUB.as_millis() as u64, Ordering::SeqCst);
+        let supervisor = Supervisor::new(ShutdownSignal::new().unwrap()).unwrap();
+        let manager = GuestManager::new(gpu, supervisor.clone(), ListenOptions::default());
+        let dir = std::env::temp_dir().join(format!("gpu-backend-guests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("g0.sock");
+        let spec = GuestSpec {
+            socket: Some(socket.clone()),
+            ..GuestSpec::unnamed(4 << 20)
+        };
+        let quick = |what: &str| {
+            let asked = Instant::now();
+            let report = manager.report();
+            let took = asked.elapsed();
+            assert!(took < SCRUB / 3, "list during {what} took {took:?}");
+            report
+        };
+        std::thread::scope(|s| {
+            let adding = s.spawn(|| manager.add(&spec));
+            std::thread::sleep(SCRUB / 5);
+            assert!(!adding.is_finished(), "the add should still be scrubbing");
+            let during = quick("an add");
+            assert!(during.guests.is_empty(), "{:?}", during.guests);
+            let added = adding.join().unwrap().unwrap();
+            let after = quick("nothing");
+            assert_eq!(after.guests.len(), 1);
+            assert_eq!(after.free_bytes + added.vram_size, during.free_bytes);
+
+            let removing = s.spawn(|| manager.remove(&socket, false));
+            std::thread::sleep(SCRUB / 5);
+            assert!(
+                !removing.is_finished(),
+                "the removal should still be scrubbing"
+            );
+            let during = quick("a removal");
+            assert!(during.guests.is_empty(), "listed while being removed");
+            removing.join().unwrap().unwrap();
+            assert_eq!(
+                quick("nothing").free_bytes,
+                after.free_bytes + added.vram_size
+            );
+        });
+        supervisor.shutdown().trigger();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -18,7 +18,7 @@ pub mod setup;
 pub mod spec;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use bar1::{Bar1Error, Bar1Space, BAR1_GUARD};
 pub use host_vram::{HostVram, HostVramError};

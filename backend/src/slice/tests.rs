@@ -456,33 +456,37 @@ fn a_removed_guests_slice_cannot_be_presented_again() {
 }
 
 /// The emulated GPU, except that the first VRAM mmap source asked for once armed waits (up
-/// to [`SlowCarve::WAIT`]) until the test says the guest was removed: a presentation caught
-/// between its check that the guest is live and the making of its memfd.
-struct SlowCarve {
+/// to [`SlowHost::WAIT`]) until the test says the guest was removed: a presentation caught
+/// between its check that the guest is live and the making of its memfd; and that scrubs
+/// take [`SlowHost::scrub_ms`] each, as on hardware.
+pub(crate) struct SlowHost {
     inner: EmulatedHostGpu,
     armed: std::sync::atomic::AtomicBool,
     entered: std::sync::atomic::AtomicBool,
     removed: std::sync::atomic::AtomicBool,
     /// Releasing an mmap source fails (an uncarve the kernel refused).
     fail_release: std::sync::atomic::AtomicBool,
+    /// How long each scrub takes, in milliseconds.
+    pub(crate) scrub_ms: std::sync::atomic::AtomicU64,
 }
 
-impl SlowCarve {
+impl SlowHost {
     const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
-    /// An emulated TU102, disarmed.
-    fn tu102() -> SlowCarve {
-        SlowCarve {
+    /// An emulated TU102, disarmed, scrubbing at once.
+    pub(crate) fn tu102() -> SlowHost {
+        SlowHost {
             inner: EmulatedHostGpu::by_name("tu102-24g").unwrap(),
             armed: false.into(),
             entered: false.into(),
             removed: false.into(),
             fail_release: false.into(),
+            scrub_ms: 0.into(),
         }
     }
 }
 
-impl HostGpu for SlowCarve {
+impl HostGpu for SlowHost {
     fn identity(&self) -> &crate::host_gpu::ChipIdentity {
         self.inner.identity()
     }
@@ -508,6 +512,8 @@ impl HostGpu for SlowCarve {
         self.inner.reset()
     }
     fn scrub_vram(&self, addr: VramAddr, len: u64) -> Result<(), crate::host_gpu::HostGpuError> {
+        let ms = self.scrub_ms.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(ms));
         self.inner.scrub_vram(addr, len)
     }
     fn bar1_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::host_gpu::HostGpuError> {
@@ -554,7 +560,7 @@ impl HostGpu for SlowCarve {
 #[test]
 fn a_guest_removed_while_it_is_being_presented_keeps_no_live_memfd() {
     use std::sync::atomic::Ordering;
-    let gpu = Arc::new(SlowCarve::tu102());
+    let gpu = Arc::new(SlowHost::tu102());
     let host: Arc<dyn HostGpu> = gpu.clone();
     let mut sliced = SlicedGpu::new(host).unwrap();
     let a = sliced.add_guest(4 * MIB).unwrap();
@@ -599,7 +605,7 @@ fn a_guest_removed_while_it_is_being_presented_keeps_no_live_memfd() {
 #[test]
 fn a_slice_whose_memfd_cannot_be_cut_off_is_never_handed_out_again() {
     use std::sync::atomic::Ordering;
-    let gpu = Arc::new(SlowCarve::tu102());
+    let gpu = Arc::new(SlowHost::tu102());
     let host: Arc<dyn HostGpu> = gpu.clone();
     let mut sliced = SlicedGpu::new(host).unwrap();
     let a = sliced.add_guest(4 * MIB).unwrap();
