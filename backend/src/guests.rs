@@ -45,6 +45,9 @@ pub enum GuestError {
     /// The guest's socket and display are the same path.
     #[error("the socket and the display of a guest must differ ({0})")]
     SamePath(PathBuf),
+    /// A socket path inside the state directory (saving the table could replace it).
+    #[error("{0} is inside the state directory; put sockets elsewhere")]
+    InStateDir(PathBuf),
     /// A socket path cannot be bound (exists and is not a socket, a live socket, ...).
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -99,6 +102,7 @@ impl GuestError {
             | GuestError::Display(DisplayError::Bind(_)) => true,
             GuestError::PathInUse(_)
             | GuestError::SamePath(_)
+            | GuestError::InStateDir(_)
             | GuestError::Bind(_)
             | GuestError::NoSocket
             | GuestError::NotFound(_)
@@ -336,6 +340,13 @@ impl GuestManager {
             paths.push(display);
         }
         for path in &paths {
+            if self
+                .state
+                .as_ref()
+                .is_some_and(|s| is_inside(path, s.path()))
+            {
+                return Err(GuestError::InStateDir(path.to_path_buf()));
+            }
             let used = table
                 .guests
                 .iter()
@@ -372,12 +383,19 @@ impl GuestManager {
                         .unwrap_or_default()
                 );
                 table.guests.push(Arc::new(guest));
-                if let Err(e) = self.save(&table) {
-                    // Not recorded, so not added: a restart would not know it.
+                // A guest restored from the state file is in it already; saving after each
+                // restore would leave a file that lacks the guests not restored yet.
+                let saved = match restore_at {
+                    Some(_) => Ok(()),
+                    None => self.save(&table),
+                };
+                if let Err(e) = saved {
+                    // Not recorded, so not added: a restart would not know it. Its QEMU may
+                    // have written already, so it is taken down like a removed guest.
                     if let Some(guest) = table.guests.pop() {
-                        guest.slice.access().revoke();
-                        self.stop_jobs(&guest.jobs);
-                        let _ = table.gpu.remove_guest(&guest.slice);
+                        if let Err(undo) = self.take_down(&mut table, &guest) {
+                            log::error!("undoing the guest on {}: {undo}", socket.display());
+                        }
                     }
                     return Err(e.into());
                 }
@@ -452,20 +470,9 @@ impl GuestManager {
             return Err(GuestError::Connected(socket.to_path_buf()));
         }
         let guest = table.guests.remove(index);
-        // First of all: from here the old function reads ~0 and drops writes, and its
-        // QEMU's mapping of the slice no longer reaches it. The range is not handed out
-        // again before it is scrubbed below: the table stays locked.
-        let removed = table.gpu.remove_guest(&guest.slice);
-        // Whatever that said, the old function reaches nothing any more.
-        guest.slice.access().revoke();
         self.publish(&table);
-        self.stop_jobs(&guest.jobs);
         let slice = guest.slice.slice();
-        if let Err(e) = guest.slice.vram().scrub(slice.start(), slice.size()) {
-            // Released anyway: the next guest of the range is scrubbed when it gets it.
-            log::error!("scrubbing the slice of {}: {e}", socket.display());
-        }
-        match removed {
+        match self.take_down(&mut table, &guest) {
             Ok(()) => log::info!(
                 "guest removed: {} (VRAM {slice} scrubbed and free)",
                 socket.display()
@@ -484,6 +491,24 @@ impl GuestManager {
                 source,
             }
         })
+    }
+
+    /// Takes `guest` (no longer in the table) down: first of all its function reads ~0 and
+    /// drops writes from now on, and its QEMU's mapping of the slice no longer reaches it;
+    /// then its servers are stopped and its slice scrubbed. The range is not handed out
+    /// again before it is scrubbed: the table stays locked. An error means the slice could
+    /// not be taken back and stays out of use.
+    fn take_down(&self, table: &mut Table, guest: &Guest) -> Result<(), SetupError> {
+        let removed = table.gpu.remove_guest(&guest.slice);
+        // Whatever that said, the old function reaches nothing any more.
+        guest.slice.access().revoke();
+        self.stop_jobs(&guest.jobs);
+        let slice = guest.slice.slice();
+        if let Err(e) = guest.slice.vram().scrub(slice.start(), slice.size()) {
+            // Released anyway: the next guest of the range is scrubbed when it gets it.
+            log::error!("scrubbing the slice of {}: {e}", guest.socket.display());
+        }
+        removed
     }
 
     /// The GPU, its free VRAM and every guest, as of the last change (never waits for an
@@ -520,6 +545,17 @@ impl GuestManager {
             guests,
         }
     }
+}
+
+/// Whether `path` names something in `dir` or below (by their real directories, where
+/// they exist).
+fn is_inside(path: &Path, dir: &Path) -> bool {
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => real(p),
+        _ => real(Path::new(".")),
+    };
+    parent.starts_with(real(dir))
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ pub enum ServeError {
     /// The state directory or file is unusable.
     #[error(transparent)]
     State(#[from] StateError),
-    /// A `--guest` names a socket the state file has with another size or display.
+    /// A `--guest` names a socket the state file has with another size, display or MSI-X.
     #[error("--guest {0} differs from the guest the state file has on that socket (remove it through the control socket first)")]
     StateConflict(PathBuf),
     /// The control socket could not be set up.
@@ -399,18 +399,15 @@ pub struct ServedGuest {
 
 /// Checks no path of `(socket, display)` pairs is given twice.
 fn check_distinct(planned: &[(PathBuf, Option<PathBuf>)]) -> Result<(), ServeError> {
-    for (i, (socket, _)) in planned.iter().enumerate() {
-        if planned[..i].iter().any(|(o, _)| o == socket) {
+    let mut sockets = std::collections::HashSet::with_capacity(planned.len());
+    for (socket, _) in planned {
+        if !sockets.insert(socket) {
             return Err(ServeError::DuplicateSocket(socket.clone()));
         }
     }
-    for (i, (_, display)) in planned.iter().enumerate() {
-        let Some(display) = display else { continue };
-        let taken = planned.iter().any(|(o, _)| o == display)
-            || planned[..i]
-                .iter()
-                .any(|(_, o)| o.as_ref() == Some(display));
-        if taken {
+    let mut displays = std::collections::HashSet::new();
+    for display in planned.iter().filter_map(|(_, d)| d.as_ref()) {
+        if sockets.contains(display) || !displays.insert(display) {
             return Err(ServeError::DisplayTaken(display.clone()));
         }
     }
@@ -557,12 +554,15 @@ pub fn serve_sliced(
         .map(|s| s.guests.clone())
         .unwrap_or_default();
     let state_dir = state.clone();
-    // A `--guest` the state file already has (same socket, size and display) is served
-    // from the state; one that differs from it is refused.
+    // A `--guest` the state file already has (same socket, size, display and MSI-X) is
+    // served from the state; one that differs from it is refused.
     let mut fresh = Vec::new();
     for g in guests {
         match saved.iter().find(|s| g.socket.as_ref() == Some(&s.socket)) {
-            Some(s) if s.vram_size == g.size && s.display == g.display => {}
+            Some(s)
+                if s.vram_size == g.size
+                    && s.display == g.display
+                    && s.no_msix == g.without_msix => {}
             Some(s) => return Err(ServeError::StateConflict(s.socket.clone())),
             None => fresh.push(g.clone()),
         }

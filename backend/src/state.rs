@@ -133,7 +133,9 @@ impl StateDir {
             .create(dir)
             .map_err(dir_err)?;
         let probe = dir.join(format!(".probe-{}", std::process::id()));
-        File::create(&probe).map_err(dir_err)?;
+        // Never through a link somebody planted under the predictable name.
+        let _ = fs::remove_file(&probe);
+        exclusive_file(&probe).map_err(dir_err)?;
         fs::remove_file(&probe).map_err(dir_err)?;
         Ok(StateDir {
             dir: dir.to_path_buf(),
@@ -154,21 +156,37 @@ impl StateDir {
     /// `gpu`/`vram_size` is refused.
     pub fn load(&self, gpu: &str, vram_size: u64) -> Result<Option<SavedState>, StateError> {
         let path = self.file();
-        let file = match File::open(&path) {
+        // Non-blocking, so a FIFO planted under the name cannot hang the start; only a
+        // regular file is read.
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
+        let corrupt = |reason: String| StateError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let is_file = file
+            .metadata()
+            .map_err(|source| StateError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .is_file();
+        if !is_file {
+            return Err(corrupt("not a regular file".to_owned()));
+        }
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_STATE_BYTES), &mut text)
             .map_err(|source| StateError::Io {
             path: path.clone(),
             source,
         })?;
-        let corrupt = |reason: String| StateError::Corrupt {
-            path: path.clone(),
-            reason,
-        };
         let version: VersionOnly =
             serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
         if version.version > STATE_VERSION {
@@ -181,6 +199,15 @@ impl StateDir {
             return Err(corrupt(format!("unknown version {}", version.version)));
         }
         let state: SavedState = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        // Every guest has at least 2 MiB of its own: more guests than that are a forged file
+        // (which would otherwise cost minutes of checks and thousands of threads).
+        let most = vram_size / (2 << 20);
+        if state.guests.len() as u64 > most {
+            return Err(corrupt(format!(
+                "{} guests, more than {most} slices of 2 MiB fit in the GPU",
+                state.guests.len()
+            )));
+        }
         if state.gpu != gpu || state.vram_size != vram_size {
             return Err(StateError::OtherGpu {
                 path,
@@ -219,12 +246,10 @@ impl StateDir {
         };
         let text = serde_json::to_string_pretty(state).map_err(|e| io(std::io::Error::other(e)))?;
         let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            // A leftover of a crashed run, or something planted under the name: gone, and
+            // the file made anew (never opened through a link).
+            let _ = fs::remove_file(&tmp);
+            let mut f = exclusive_file(&tmp)?;
             f.write_all(text.as_bytes())?;
             f.write_all(b"\n")?;
             f.sync_all()?;
@@ -236,6 +261,17 @@ impl StateDir {
         }
         written.map_err(io)
     }
+}
+
+/// Creates `path` (mode 0600) for writing; fails if anything, a symbolic link included,
+/// already has the name.
+fn exclusive_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 #[cfg(test)]
@@ -285,6 +321,46 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, [STATE_FILE], "no temporary file left");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Names somebody planted in the directory: a FIFO as the state file does not hang the
+    /// start, and a link under the temporary file's predictable name is not written
+    /// through; a forged file with more guests than the GPU holds is refused.
+    #[test]
+    fn planted_files_neither_hang_nor_redirect_the_backend() {
+        let dir = temp_dir("planted");
+        let state = StateDir::open(&dir).unwrap();
+        let fifo =
+            std::ffi::CString::new(state.file().into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = state.load("tu102-24g", 24 << 30).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        fs::remove_file(state.file()).unwrap();
+
+        let victim = dir.join("victim");
+        fs::write(&victim, b"keep me").unwrap();
+        let tmp = dir.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        state.save(&sample()).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(state.load("tu102-24g", 24 << 30).unwrap(), Some(sample()));
+
+        let mut forged = sample();
+        forged.vram_size = 4 << 20;
+        forged.guests = (0..3)
+            .map(|i| SavedGuest {
+                socket: format!("/run/f{i}.sock").into(),
+                display: None,
+                no_msix: false,
+                vram_start: 0,
+                vram_size: 2 << 20,
+            })
+            .collect();
+        state.save(&forged).unwrap();
+        let e = state.load("tu102-24g", 4 << 20).unwrap_err().to_string();
+        assert!(e.contains("more than 2 slices"), "{e}");
         let _ = fs::remove_dir_all(&dir);
     }
 

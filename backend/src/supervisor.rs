@@ -114,7 +114,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// A supervisor with no jobs, ending everything when `shutdown` fires. SIGTERM and SIGINT
     /// fire it from now on (before any job starts, so a signal is never the default
-    /// action's).
+    /// action's); a second one exits the process at once.
     pub fn new(shutdown: ShutdownSignal) -> Result<Supervisor, ServeError> {
         let (tx, rx) = mpsc::channel();
         let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
@@ -123,9 +123,17 @@ impl Supervisor {
         let signal_thread = thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if let Some(signal) = signals.forever().next() {
+                let mut received = signals.forever();
+                if let Some(signal) = received.next() {
                     log::info!("signal {signal} received: shutting down");
                     on_signal.trigger();
+                }
+                // A second one while the first is being carried out (a start scrubbing a
+                // large slice on hardware takes minutes) ends the process at once; stale
+                // socket files left behind are replaced by the next start.
+                if let Some(signal) = received.next() {
+                    log::warn!("signal {signal} received again: exiting at once");
+                    std::process::exit(128 + signal);
                 }
             })
             .map_err(ServeError::Signals)?;

@@ -66,11 +66,25 @@ impl Drop for SocketFile {
     }
 }
 
-/// Checks `path` could be bound: absent, or a stale socket (its server is gone: `connect()`
-/// is refused). A live socket or anything that is not a socket is an error; nothing is
-/// changed.
+/// Checks `path` could be bound: short enough for a socket address, and absent or a stale
+/// socket (its server is gone: `connect()` is refused). A live socket or anything that is
+/// not a socket is an error; nothing is changed.
 pub fn check_bindable(path: &Path) -> Result<(), BindError> {
+    if !fits_socket_address(path) {
+        return Err(BindError::Bind {
+            path: path.to_path_buf(),
+            source: io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+        });
+    }
     stale_or_absent(path).map(|_| ())
+}
+
+/// Whether `path` fits a `sockaddr_un` (non-empty, no NUL, shorter than `sun_path`).
+fn fits_socket_address(path: &Path) -> bool {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    !bytes.is_empty() && bytes.len() < addr.sun_path.len() && !bytes.contains(&0)
 }
 
 /// `Ok(true)`: a stale socket is at `path`; `Ok(false)`: nothing is.
@@ -99,12 +113,12 @@ fn stale_or_absent(path: &Path) -> Result<bool, BindError> {
 /// socket is stale). The connect does not block: a listener whose backlog is full answers
 /// EAGAIN at once, and counts as live.
 fn probe(path: &Path) -> io::Result<bool> {
+    if !fits_socket_address(path) {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
-    }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = src as libc::c_char;
@@ -210,6 +224,15 @@ mod tests {
             Err(BindError::NotASocket(_))
         ));
         let _ = fs::remove_file(&path);
+        // Too long for a socket address: refused before anything is done (an add would
+        // otherwise scrub the slice first and fail only at bind).
+        let long = std::env::temp_dir().join("s".repeat(120));
+        match check_bindable(&long) {
+            Err(BindError::Bind { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENAMETOOLONG))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1052,6 +1052,13 @@ fn a_restart_with_the_same_state_directory_serves_the_same_guests_with_their_vra
         .map(|g| g["msix"].as_bool().unwrap())
         .collect();
     assert_eq!(msix, [true, false], "guest 1 was added with --no-msix");
+    // A socket in the state directory could be replaced by the saved table: refused.
+    let inside = state.join("guests.json").display().to_string();
+    ctl_refused(
+        &control,
+        &["add", "--socket", &inside, "--vram", "2M"],
+        "inside the state directory",
+    );
     // A crash, not a clean stop: nothing is written on the way out.
     let status = terminate(&mut child, libc::SIGKILL);
     assert!(!status.success());
@@ -1063,6 +1070,8 @@ fn a_restart_with_the_same_state_directory_serves_the_same_guests_with_their_vra
         );
     }
 
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let file_before = inode(&state.join("guests.json"));
     let mut child = spawn_serve(&args());
     wait_for_socket(&s1, &mut child);
     wait_until(
@@ -1070,6 +1079,9 @@ fn a_restart_with_the_same_state_directory_serves_the_same_guests_with_their_vra
         Duration::from_secs(20),
         || UnixStream::connect(&control).is_ok(),
     );
+    // Restoring rewrites nothing (a rewrite after each restored guest would leave a file
+    // without the guests not restored yet, if the start were cut short).
+    assert_eq!(inode(&state.join("guests.json")), file_before);
     let after = ctl_json(&control, &["list"]);
     assert_eq!(
         after["guests"], before["guests"],
@@ -1107,19 +1119,25 @@ fn a_restart_with_the_same_state_directory_serves_the_same_guests_with_their_vra
 
     // A --guest that contradicts the state, and a corrupt or future state file: exit 2,
     // nothing served, the file left as it was.
-    let conflicting = spawn_serve(&[
-        "--guest".into(),
+    // (Guest 1 is 6M, with a display, without MSI-X: another size, or MSI-X, contradicts.)
+    for guest in [
         format!("{}:8M", s1.display()),
-        "--state".into(),
-        state.display().to_string(),
-    ]);
-    let out = conflicting.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        format!("socket={},vram=6M,display={}", s1.display(), d1.display()),
+    ] {
+        let conflicting = spawn_serve(&[
+            "--guest".into(),
+            guest.clone(),
+            "--state".into(),
+            state.display().to_string(),
+        ]);
+        let out = conflicting.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{guest}: {err}");
+        assert!(
+            err.contains("differs from the guest the state file has"),
+            "{guest}: {err}"
+        );
+    }
     for (text, message) in [
         ("{\"version\": 1,", "corrupt"),
         ("{\"version\": 7}", "version 7"),

@@ -512,7 +512,7 @@ impl PresentedFunction {
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
-        let read = if self.powered_off.load(Ordering::SeqCst) {
+        let read = if self.is_cut_off() {
             bar.read_powered_off(offset, buf)
         } else {
             bar.read(offset, buf)
@@ -521,6 +521,13 @@ impl PresentedFunction {
             index: bar.index,
             source,
         })
+    }
+
+    /// Whether the BARs read ~0 and drop writes: the function is in D3hot, or its guest was
+    /// removed (then its registers too read ~0, not the host's values; its VRAM is cut off
+    /// by the slice's own checks).
+    fn is_cut_off(&self) -> bool {
+        self.powered_off.load(Ordering::SeqCst) || self.guest.access().is_revoked()
     }
 
     /// Writes to VFIO region `index`; returns the number of bytes consumed.
@@ -539,7 +546,7 @@ impl PresentedFunction {
         let bar = self
             .bar(index)
             .ok_or(PresentationError::NoSuchRegion(index))?;
-        let written = if self.powered_off.load(Ordering::SeqCst) {
+        let written = if self.is_cut_off() {
             bar.write_powered_off(offset, data)
         } else {
             bar.write(offset, data)

@@ -156,7 +156,8 @@ impl GuestModel {
     /// The expected byte of a BAR0 read at `a`, where the model knows it (the window
     /// register and the aperture; other registers pass or hide host state).
     pub fn bar0_byte(&self, a: u64) -> Option<u8> {
-        if self.powered_off {
+        // A removed guest's registers read ~0 too, not the host's.
+        if self.powered_off || !self.live {
             return Some(ONES);
         }
         let w = self.layout.offset;
@@ -174,7 +175,7 @@ impl GuestModel {
 
     /// A BAR0 write of `data` at `at` (already clipped to BAR0).
     pub fn write_bar0(&mut self, at: u64, data: &[u8]) {
-        if self.powered_off {
+        if self.powered_off || !self.live {
             return;
         }
         let w = self.layout.offset;
