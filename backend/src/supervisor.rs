@@ -94,6 +94,8 @@ struct Inner {
     next: AtomicU64,
     hosts: Mutex<Vec<Arc<dyn HostGpu>>>,
     lost: AtomicBool,
+    /// Servers that failed before [`Supervisor::run`] took over their ends.
+    failed_before_run: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -148,6 +150,7 @@ impl Supervisor {
                 next: AtomicU64::new(0),
                 hosts: Mutex::new(Vec::new()),
                 lost: AtomicBool::new(false),
+                failed_before_run: AtomicU64::new(0),
             }),
         })
     }
@@ -217,19 +220,39 @@ impl Supervisor {
 
     /// Waits up to `timeout` for a job to end; `true` if it did (or was never known).
     pub fn wait_ended(&self, id: JobId, timeout: Duration) -> bool {
+        /// How often ends are collected here while `run` does not collect them yet.
+        const COLLECT_PERIOD: Duration = Duration::from_millis(20);
         let deadline = Instant::now() + timeout;
-        let mut jobs = self.inner.jobs.lock();
-        while jobs.contains_key(&id) {
-            if self
+        loop {
+            self.collect_ends_before_run();
+            let mut jobs = self.inner.jobs.lock();
+            if !jobs.contains_key(&id) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let _ = self
                 .inner
                 .job_ended
-                .wait_until(&mut jobs, deadline)
-                .timed_out()
-            {
-                return !jobs.contains_key(&id);
-            }
+                .wait_until(&mut jobs, deadline.min(now + COLLECT_PERIOD));
         }
-        true
+    }
+
+    /// Before [`Supervisor::run`] takes the jobs' ends over (a start that fails half-way
+    /// stops the guests it started), they are collected here, failures counted for `run`.
+    fn collect_ends_before_run(&self) {
+        let ends: Vec<Ended> = match self.inner.rx.lock().as_ref() {
+            Some(rx) => rx.try_iter().collect(),
+            None => return,
+        };
+        for ended in ends {
+            let failed = self.on_end(ended, false) as u64;
+            self.inner
+                .failed_before_run
+                .fetch_add(failed, Ordering::Relaxed);
+        }
     }
 
     /// Forgets a job that did not end in time: its thread is left behind, its socket file
@@ -253,7 +276,7 @@ impl Supervisor {
         // The watchdog ends on its own once shutdown fires; it is not waited for.
         let _watchdog = self.spawn_watchdog()?;
 
-        let mut failed = 0usize;
+        let mut failed = self.inner.failed_before_run.load(Ordering::Relaxed) as usize;
         let outcome = loop {
             if self.inner.shutdown.is_triggered() {
                 break if self.inner.lost.load(Ordering::Acquire) {
@@ -365,5 +388,52 @@ impl Supervisor {
                 }
             })
             .map_err(ServeError::Thread)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host_gpu::emulated::EmulatedHostGpu;
+
+    /// A job that serves until told to stop, then ends as `result` says.
+    fn job(host: &Arc<dyn HostGpu>, result: Result<(), String>) -> Job {
+        Job {
+            label: "test".into(),
+            socket_file: None,
+            host: Arc::clone(host),
+            run: Box::new(move |stop| {
+                while !stop.is_triggered() {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                result.map_err(Into::into)
+            }),
+        }
+    }
+
+    /// Before `run` (a start that fails half-way stops what it started), a retired job's
+    /// end is heard at once, not after the whole timeout; a failure then still counts.
+    #[test]
+    fn ends_before_run_are_heard_and_failures_still_count() {
+        let host: Arc<dyn HostGpu> = Arc::new(EmulatedHostGpu::by_name("tu102-24g").unwrap());
+        let supervisor = Supervisor::new(ShutdownSignal::new().unwrap()).unwrap();
+        let retired = supervisor.spawn(job(&host, Ok(()))).unwrap();
+        supervisor.retire(retired);
+        let asked = Instant::now();
+        assert!(supervisor.wait_ended(retired, Duration::from_secs(5)));
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+
+        let failing = supervisor.spawn(job(&host, Err("broken".into()))).unwrap();
+        supervisor.inner.jobs.lock()[&failing].stop.trigger();
+        assert!(supervisor.wait_ended(failing, Duration::from_secs(5)));
+        assert_eq!(
+            supervisor.inner.failed_before_run.load(Ordering::Relaxed),
+            1
+        );
+        supervisor.shutdown().trigger();
     }
 }

@@ -10,9 +10,14 @@ use thiserror::Error;
 
 use super::protocol::{Answer, ErrorBody, Greeting, Request, MAX_LINE};
 
-/// How long an answer may take (adding a guest scrubs its slice: minutes per GiB on
-/// hardware).
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long the greeting and the answer to a query (`list`, `stats`, which never wait for
+/// adds or removals) may take. An add or a removal is waited for as long as it takes: it
+/// scrubs VRAM, minutes per GiB on hardware (interrupting the wait leaves the backend
+/// carrying it out).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Commands whose answer waits for a scrub.
+const SCRUBBING_COMMANDS: [&str; 2] = ["add", "remove"];
 
 /// Errors of the control client.
 #[derive(Debug, Error)]
@@ -82,6 +87,8 @@ impl ControlClient {
         };
         let text =
             serde_json::to_string(&request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let timeout = (!SCRUBBING_COMMANDS.contains(&command)).then_some(ANSWER_TIMEOUT);
+        self.reader.get_ref().set_read_timeout(timeout)?;
         writeln!(self.writer, "{text}")?;
         let line = read_line(&mut self.reader)?;
         match serde_json::from_str::<Answer>(&line) {
