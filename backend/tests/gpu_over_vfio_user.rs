@@ -1,7 +1,7 @@
 //! The emulated GPU served over vfio-user, driven by the project's protocol test client over
 //! a socketpair: what QEMU would see, without QEMU.
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,6 +14,11 @@ use gpu_backend::vfio_user::protocol::irq_flags;
 use gpu_backend::vfio_user::test_client::TestClient;
 use gpu_backend::vfio_user::{serve_stream, ConnectionStats, ServerConfig, ServerError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+#[allow(dead_code)]
+#[path = "support/mod.rs"]
+mod support;
+use support::mapping::Mapping;
 
 const GIB: u64 = 1 << 30;
 
@@ -39,24 +44,6 @@ fn disconnect(client: TestClient, server: ServerThread) {
     server.join().unwrap().unwrap();
 }
 
-/// Maps `len` bytes of `fd` at `offset`, shared.
-fn map(fd: &OwnedFd, offset: u64, len: usize) -> *mut u8 {
-    // SAFETY: a fresh shared mapping of a file we hold; the result is checked below and only
-    // accessed through raw pointers within `len`.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED);
-    ptr.cast()
-}
-
 #[test]
 fn vram_written_through_the_mapping_reads_back_over_the_socket_and_padding_is_ff() {
     let device = gpu("gh200-96g");
@@ -69,18 +56,16 @@ fn vram_written_through_the_mapping_reads_back_over_the_socket_and_padding_is_ff
     assert_eq!(info.size, 128 * GIB);
     let fd = fd.expect("VRAM fd passed with the region info");
     // Write through the mapping at the very end of the real memory.
-    let page = 4096usize;
-    let at = 95 * GIB - page as u64;
-    let ptr = map(&fd, info.offset + at, page);
-    // SAFETY: within the page just mapped.
-    unsafe { std::ptr::write_volatile(ptr.add(page - 4).cast::<u32>(), 0x1234_5678) };
+    let page = 4096u64;
+    let at = 95 * GIB - page;
+    let mapping = Mapping::new(&fd, info.offset + at, page).unwrap();
+    mapping.write(page - 4, &0x1234_5678u32.to_le_bytes());
     let data = client.region_read(4, 95 * GIB - 4, 8).unwrap();
     assert_eq!(data, [0x78, 0x56, 0x34, 0x12, 0xFF, 0xFF, 0xFF, 0xFF]);
     // A padding write succeeds and is dropped.
     client.region_write(4, 100 * GIB, &[0; 4], false).unwrap();
     assert_eq!(client.region_read(4, 100 * GIB, 4).unwrap(), [0xFF; 4]);
-    // SAFETY: unmapping what was mapped above.
-    unsafe { libc::munmap(ptr.cast(), page) };
+    drop(mapping);
     disconnect(client, server);
 }
 

@@ -13,8 +13,8 @@ use gpu_backend::vfio_user::protocol::{dma_flags, irq_flags};
 use gpu_backend::vfio_user::test_client::TestClient;
 
 use crate::episodes::{APERTURE, APERTURE_SIZE, BAR0, SLICE, VRAM_BAR, WINDOW};
-use crate::mapping::Mapping;
 use crate::support::fds;
+use crate::support::mapping::Mapping;
 use crate::support::rng::{pattern, pattern_mismatch, Rng};
 
 /// BOOT_0 of the TU102.

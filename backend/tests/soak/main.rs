@@ -38,7 +38,6 @@ mod episodes;
 mod guest;
 mod host;
 mod hostile;
-mod mapping;
 mod payloads;
 mod resources;
 

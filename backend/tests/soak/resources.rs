@@ -12,6 +12,7 @@ use gpu_backend::vfio_user::protocol::{
 use crate::hostile::{Answer, Hostile, BIG_MEMFD, SMALL_MEMFD};
 use crate::payloads::{edgy_u32, edgy_u64};
 use crate::support::fds;
+use crate::support::mapping::Mapping;
 
 /// MSI-X: the interrupt type with 16 vectors.
 const MSIX: u32 = 2;
@@ -458,29 +459,15 @@ impl Hostile {
         if len == 0 {
             return;
         }
-        // SAFETY: a fresh shared mapping of `len` bytes, within the file's size, used only
-        // below and unmapped at once.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
+        let Ok(mapping) = Mapping::new(fd, 0, len as u64) else {
             return;
-        }
-        let at = self.rng.below(len as u64) as usize;
+        };
+        let at = self.rng.below(len as u64);
         let byte = self.rng.next_u32() as u8;
-        // SAFETY: `at < len`, inside the mapping made above.
-        unsafe {
-            ptr.cast::<u8>().add(at).write_volatile(byte);
-            std::hint::black_box(ptr.cast::<u8>().add(len - 1).read_volatile());
-            libc::munmap(ptr, len);
-        }
+        mapping.write(at, &[byte]);
+        let mut last = [0u8];
+        mapping.read(len as u64 - 1, &mut last);
+        std::hint::black_box(last);
     }
 
     pub(crate) fn region_fds(&mut self) {

@@ -17,7 +17,7 @@ use gpu_backend::slice::GuestSlice;
 use gpu_backend::vfio_user::test_client::{ClientError, TestClient};
 use gpu_backend::vfio_user::{serve_stream, ServerConfig, VfioUserDevice};
 
-use crate::mapping::Mapping;
+use crate::support::mapping::Mapping;
 
 use super::dma::GuestDma;
 use super::model::{GuestModel, WindowLayout};

@@ -1,5 +1,5 @@
-//! A shared mapping of a VRAM BAR's memfd, as QEMU maps the BAR's sparse area; the guests
-//! of both soaks reach their mapped VRAM through it.
+//! A shared mapping of a VRAM BAR's memfd, as QEMU maps the BAR's sparse area: how the test
+//! guests reach their mapped VRAM.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
