@@ -11,9 +11,11 @@
 //!   is revoked first (the old function reads ~0 and drops writes from that moment), the
 //!   guest's servers are stopped (its QEMU is disconnected), the slice is scrubbed and
 //!   returned to the free VRAM.
-//! - Adds and removals are carried out one at a time. `list` and `stats` never wait for
-//!   them: they read a copy of the table made after every change (on hardware a scrub
-//!   runs through PRAMIN and takes minutes per GiB).
+//! - A scrub (on hardware it runs through PRAMIN and takes minutes per GiB) holds no lock:
+//!   the range being scrubbed is out of the free VRAM and a guest being added holds its
+//!   paths, while other adds and removals go on. `list` and `stats` never wait: they read a
+//!   copy of the table made after every change (a range being scrubbed shows as taken,
+//!   with no guest on it).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -204,6 +206,8 @@ impl Guest {
 struct Table {
     gpu: SlicedGpu,
     guests: Vec<Arc<Guest>>,
+    /// The socket and display paths of guests being added (their range being scrubbed).
+    pending: Vec<PathBuf>,
 }
 
 /// What `list` and `stats` read: the guests and the VRAM the table had after its last
@@ -247,6 +251,7 @@ impl GuestManager {
         let table = Table {
             gpu,
             guests: Vec::new(),
+            pending: Vec::new(),
         };
         GuestManager {
             host: Arc::clone(table.gpu.host()),
@@ -317,59 +322,114 @@ impl GuestManager {
         self.add_with(spec, None)
     }
 
-    /// Adds a guest: at `restore_at`, unscrubbed, or in the lowest free range, scrubbed.
+    /// Adds a guest: at `restore_at`, unscrubbed, or in the lowest free range, scrubbed. The
+    /// range is scrubbed without the table lock (on hardware that takes minutes per GiB), so
+    /// other adds and removals go on meanwhile; the guest's paths are held for it.
     fn add_with(
         &self,
         spec: &GuestSpec,
         restore_at: Option<VramAddr>,
     ) -> Result<GuestInfo, GuestError> {
         let socket = spec.socket.clone().ok_or(GuestError::NoSocket)?;
-        if self.supervisor.shutdown().is_triggered() {
-            return Err(GuestError::ShuttingDown);
-        }
-        let mut table = self.table.lock();
-        // Again under the lock: an add queued behind a long one must not outlive a shutdown.
-        if self.supervisor.shutdown().is_triggered() {
-            return Err(GuestError::ShuttingDown);
-        }
-        let mut paths = vec![socket.as_path()];
+        let mut paths = vec![socket.clone()];
         if let Some(display) = &spec.display {
             if display == &socket {
                 return Err(GuestError::SamePath(socket));
             }
-            paths.push(display);
+            paths.push(display.clone());
         }
-        for path in &paths {
+        let (reserved, vram, handout) = {
+            let mut table = self.lock_unless_shutting_down()?;
+            self.check_new_paths(&table, &paths)?;
+            if let Some(start) = restore_at {
+                let slice = table.gpu.restore_guest(start, spec.size)?;
+                return self.start_added(&mut table, spec, &socket, slice, restore_at);
+            }
+            let reserved = table.gpu.reserve(spec.size)?;
+            table.pending.extend(paths.iter().cloned());
+            // `list` shows the range taken (no guest on it yet) while it is scrubbed.
+            self.publish(&table);
+            (reserved, Arc::clone(table.gpu.vram()), table.gpu.handout())
+        };
+        let scrubbed = SlicedGpu::scrub_reserved(&vram, reserved, handout);
+        let mut table = self.table.lock();
+        table.pending.retain(|p| !paths.contains(p));
+        let handed = match scrubbed {
+            Err(e) => Err(GuestError::from(e)),
+            // Not started once shutdown began.
+            Ok(()) if self.supervisor.shutdown().is_triggered() => Err(GuestError::ShuttingDown),
+            Ok(()) => Ok(()),
+        };
+        if let Err(e) = handed {
+            if let Err(undo) = table.gpu.release_range(reserved) {
+                log::error!("giving back {reserved}: {undo}");
+            }
+            self.publish(&table);
+            return Err(e);
+        }
+        let slice = match table.gpu.hand_out_reserved(reserved) {
+            Ok(slice) => slice,
+            Err(e) => {
+                // The range is free again.
+                self.publish(&table);
+                return Err(e.into());
+            }
+        };
+        self.start_added(&mut table, spec, &socket, slice, restore_at)
+    }
+
+    /// The table, unless the backend is shutting down (checked again under the lock: an add
+    /// queued behind a long one must not outlive a shutdown).
+    fn lock_unless_shutting_down(&self) -> Result<parking_lot::MutexGuard<'_, Table>, GuestError> {
+        if self.supervisor.shutdown().is_triggered() {
+            return Err(GuestError::ShuttingDown);
+        }
+        let table = self.table.lock();
+        if self.supervisor.shutdown().is_triggered() {
+            return Err(GuestError::ShuttingDown);
+        }
+        Ok(table)
+    }
+
+    /// Checks the paths of a new guest: outside the state directory, used by no guest (nor
+    /// one being added), and bindable.
+    fn check_new_paths(&self, table: &Table, paths: &[PathBuf]) -> Result<(), GuestError> {
+        for path in paths {
             if self
                 .state
                 .as_ref()
                 .is_some_and(|s| is_inside(path, s.path()))
             {
-                return Err(GuestError::InStateDir(path.to_path_buf()));
+                return Err(GuestError::InStateDir(path.clone()));
             }
-            let used = table
-                .guests
-                .iter()
-                .any(|g| g.socket == *path || g.display.as_deref() == Some(path));
+            let used = table.pending.contains(path)
+                || table
+                    .guests
+                    .iter()
+                    .any(|g| g.socket == *path || g.display.as_ref() == Some(path));
             if used {
-                return Err(GuestError::PathInUse(path.to_path_buf()));
+                return Err(GuestError::PathInUse(path.clone()));
             }
             check_bindable(path)?;
         }
-        let slice = match restore_at {
-            Some(start) => table.gpu.restore_guest(start, spec.size)?,
-            None => table.gpu.add_guest(spec.size)?,
-        };
+        Ok(())
+    }
+
+    /// Starts serving a guest just given `slice` and records it; on failure the slice is
+    /// taken back.
+    fn start_added(
+        &self,
+        table: &mut Table,
+        spec: &GuestSpec,
+        socket: &Path,
+        slice: GuestSlice,
+        restore_at: Option<VramAddr>,
+    ) -> Result<GuestInfo, GuestError> {
         let presentation = PresentationOptions {
             without_msix: spec.without_msix,
             ..PresentationOptions::default()
         };
-        match self.start(
-            &socket,
-            spec.display.as_deref(),
-            slice.clone(),
-            presentation,
-        ) {
+        match self.start(socket, spec.display.as_deref(), slice.clone(), presentation) {
             Ok(guest) => {
                 let info = guest.info();
                 log::info!(
@@ -387,25 +447,27 @@ impl GuestManager {
                 // restore would leave a file that lacks the guests not restored yet.
                 let saved = match restore_at {
                     Some(_) => Ok(()),
-                    None => self.save(&table),
+                    None => self.save(table),
                 };
                 if let Err(e) = saved {
                     // Not recorded, so not added: a restart would not know it. Its QEMU may
                     // have written already, so it is taken down like a removed guest.
                     if let Some(guest) = table.guests.pop() {
-                        if let Err(undo) = self.take_down(&mut table, &guest) {
+                        if let Err(undo) = self.take_down(table, &guest) {
                             log::error!("undoing the guest on {}: {undo}", socket.display());
                         }
                     }
+                    self.publish(table);
                     return Err(e.into());
                 }
-                self.publish(&table);
+                self.publish(table);
                 Ok(info)
             }
             Err(e) => {
                 if let Err(undo) = table.gpu.remove_guest(&slice) {
                     log::error!("undoing the guest on {}: {undo}", socket.display());
                 }
+                self.publish(table);
                 Err(e)
             }
         }
@@ -458,21 +520,39 @@ impl GuestManager {
         }
     }
 
-    /// Removes the guest served on `socket` (see the module docs).
+    /// Removes the guest served on `socket` (see the module docs). Its servers are stopped
+    /// and its slice scrubbed without the table lock (on hardware that takes minutes per
+    /// GiB); the range is free again once scrubbed.
     pub fn remove(&self, socket: &Path, force: bool) -> Result<(), GuestError> {
-        let mut table = self.table.lock();
-        let index = table
-            .guests
-            .iter()
-            .position(|g| g.socket == socket)
-            .ok_or_else(|| GuestError::NotFound(socket.to_path_buf()))?;
-        if table.guests[index].is_connected() && !force {
-            return Err(GuestError::Connected(socket.to_path_buf()));
-        }
-        let guest = table.guests.remove(index);
-        self.publish(&table);
+        let (guest, taken, saved) = {
+            let mut table = self.table.lock();
+            let index = table
+                .guests
+                .iter()
+                .position(|g| g.socket == socket)
+                .ok_or_else(|| GuestError::NotFound(socket.to_path_buf()))?;
+            if table.guests[index].is_connected() && !force {
+                return Err(GuestError::Connected(socket.to_path_buf()));
+            }
+            let guest = table.guests.remove(index);
+            // First of all: from here the old function reads ~0 and drops writes, and its
+            // QEMU's mapping of the slice no longer reaches it. The range stays out of the
+            // free VRAM until it is scrubbed.
+            let taken = table.gpu.take_back_guest(&guest.slice);
+            // Whatever that said, the old function reaches nothing any more.
+            guest.slice.access().revoke();
+            self.publish(&table);
+            let saved = self.save(&table);
+            (guest, taken, saved)
+        };
+        self.stop_jobs(&guest.jobs);
         let slice = guest.slice.slice();
-        match self.take_down(&mut table, &guest) {
+        if let Err(e) = guest.slice.vram().scrub(slice.start(), slice.size()) {
+            // Released anyway: the next guest of the range is scrubbed when it gets it.
+            log::error!("scrubbing the slice of {}: {e}", socket.display());
+        }
+        let mut table = self.table.lock();
+        match taken.and_then(|range| table.gpu.release_range(range)) {
             Ok(()) => log::info!(
                 "guest removed: {} (VRAM {slice} scrubbed and free)",
                 socket.display()
@@ -484,7 +564,7 @@ impl GuestManager {
             ),
         }
         self.publish(&table);
-        self.save(&table).map_err(|source| {
+        saved.map_err(|source| {
             log::error!("the guest on {} is removed, but {source}", socket.display());
             GuestError::RemovedNotSaved {
                 socket: socket.to_path_buf(),
@@ -570,11 +650,14 @@ mod tests {
 
     /// A scrub takes this long here, as a PRAMIN scrub of a few MiB does on hardware.
     const SCRUB: Duration = Duration::from_millis(1000);
+    /// Each guest's VRAM.
+    const SIZE: u64 = 4 << 20;
 
     /// `list` answers at once while an add or a removal scrubs (which on hardware takes
-    /// minutes per GiB): it shows the table as of the last change.
+    /// minutes per GiB): it shows the table as of the last change, the range being scrubbed
+    /// taken. Scrubs hold no lock: two adds scrub side by side.
     #[test]
-    fn list_does_not_wait_for_an_add_or_a_removal_in_progress() {
+    fn scrubs_hold_up_neither_list_nor_other_adds() {
         let host = Arc::new(SlowHost::tu102());
         let gpu = SlicedGpu::new(Arc::clone(&host) as Arc<dyn HostGpu>).unwrap();
         host.scrub_ms
@@ -586,7 +669,7 @@ mod tests {
         let socket = dir.join("g0.sock");
         let spec = GuestSpec {
             socket: Some(socket.clone()),
-            ..GuestSpec::unnamed(4 << 20)
+            ..GuestSpec::unnamed(SIZE)
         };
         let quick = |what: &str| {
             let asked = Instant::now();
@@ -595,16 +678,20 @@ mod tests {
             assert!(took < SCRUB / 3, "list during {what} took {took:?}");
             report
         };
+        let before = manager.report();
         std::thread::scope(|s| {
             let adding = s.spawn(|| manager.add(&spec));
             std::thread::sleep(SCRUB / 5);
             assert!(!adding.is_finished(), "the add should still be scrubbing");
             let during = quick("an add");
             assert!(during.guests.is_empty(), "{:?}", during.guests);
+            assert_eq!(during.free_bytes, before.free_bytes - SIZE, "range taken");
+            // The same paths are held for the guest being added.
+            assert!(matches!(manager.add(&spec), Err(GuestError::PathInUse(_))));
             let added = adding.join().unwrap().unwrap();
             let after = quick("nothing");
             assert_eq!(after.guests.len(), 1);
-            assert_eq!(after.free_bytes + added.vram_size, during.free_bytes);
+            assert_eq!(after.free_bytes, before.free_bytes - added.vram_size);
 
             let removing = s.spawn(|| manager.remove(&socket, false));
             std::thread::sleep(SCRUB / 5);
@@ -614,12 +701,36 @@ mod tests {
             );
             let during = quick("a removal");
             assert!(during.guests.is_empty(), "listed while being removed");
-            removing.join().unwrap().unwrap();
             assert_eq!(
-                quick("nothing").free_bytes,
-                after.free_bytes + added.vram_size
+                during.free_bytes, after.free_bytes,
+                "not free before it is scrubbed"
             );
+            removing.join().unwrap().unwrap();
+            assert_eq!(quick("nothing").free_bytes, before.free_bytes);
         });
+
+        // Two adds scrub side by side: together they take about one scrub, not two.
+        let started = Instant::now();
+        let specs: Vec<GuestSpec> = ["g1.sock", "g2.sock"]
+            .iter()
+            .map(|name| GuestSpec {
+                socket: Some(dir.join(name)),
+                ..GuestSpec::unnamed(SIZE)
+            })
+            .collect();
+        std::thread::scope(|s| {
+            let adds: Vec<_> = specs.iter().map(|g| s.spawn(|| manager.add(g))).collect();
+            for add in adds {
+                add.join().unwrap().unwrap();
+            }
+        });
+        let took = started.elapsed();
+        assert!(took < SCRUB * 3 / 2, "two adds took {took:?}");
+        assert_eq!(manager.report().guests.len(), 2);
+        host.scrub_ms.store(0, Ordering::SeqCst);
+        for g in &specs {
+            manager.remove(g.socket.as_deref().unwrap(), false).unwrap();
+        }
         supervisor.shutdown().trigger();
         let _ = std::fs::remove_dir_all(dir);
     }

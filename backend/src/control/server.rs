@@ -1,6 +1,6 @@
 //! [`ControlServer`]: the control socket of a running backend (`serve --control PATH`, mode
 //! 0600). Each client gets the greeting, then one answer per request line
-//! ([`super::protocol`]); requests go to the [`GuestManager`] one at a time. At most
+//! ([`super::protocol`]); requests go to the [`GuestManager`] (see there how they overlap). At most
 //! [`MAX_CLIENTS`] clients are served at once (a further one gets an error line and is
 //! closed); a line longer than [`MAX_LINE`] ends its connection after an error answer.
 

@@ -286,8 +286,43 @@ impl SlicedGpu {
     /// Hands the lowest free `size` bytes to a new guest: the slice is scrubbed, then mapped
     /// into BAR1. On failure nothing stays assigned.
     pub fn add_guest(&mut self, size: u64) -> Result<GuestSlice, SetupError> {
-        let slice = self.partition.assign(size)?;
+        let slice = self.reserve(size)?;
         self.hand_out(slice, self.handout)
+    }
+
+    /// Takes the lowest free `size` bytes out of the free VRAM for a guest to come, without
+    /// scrubbing them: the caller scrubs the range ([`SlicedGpu::scrub_reserved`]) where it
+    /// holds no lock, then hands it out ([`SlicedGpu::hand_out_reserved`]) or gives it
+    /// back ([`SlicedGpu::release_range`]).
+    pub fn reserve(&mut self, size: u64) -> Result<Slice, SetupError> {
+        Ok(self.partition.assign(size)?)
+    }
+
+    /// Scrubs a range from [`SlicedGpu::reserve`] as the GPU hands slices out (not at all
+    /// with [`HandOut::Unscrubbed`]), through `vram` (this GPU's [`SlicedGpu::vram`]).
+    pub fn scrub_reserved(
+        vram: &HostVram,
+        slice: Slice,
+        handout: HandOut,
+    ) -> Result<(), SetupError> {
+        scrub(vram, slice, handout)
+    }
+
+    /// How slices are handed out ([`SlicedGpu::set_handout`]).
+    pub fn handout(&self) -> HandOut {
+        self.handout
+    }
+
+    /// Hands a range from [`SlicedGpu::reserve`], already scrubbed, to a new guest (mapped
+    /// into BAR1). On failure the range is free again.
+    pub fn hand_out_reserved(&mut self, slice: Slice) -> Result<GuestSlice, SetupError> {
+        self.hand_out(slice, HandOut::Unscrubbed)
+    }
+
+    /// Returns a range from [`SlicedGpu::reserve`] or [`SlicedGpu::take_back_guest`] to the
+    /// free VRAM.
+    pub fn release_range(&mut self, slice: Slice) -> Result<(), SetupError> {
+        Ok(self.partition.release(slice)?)
     }
 
     /// Gives a guest that already owns `[start, start + size)` (a guest of an earlier run
@@ -331,6 +366,14 @@ impl SlicedGpu {
     /// one) and the slice returns to the free area (it is scrubbed again before the next
     /// guest gets it).
     pub fn remove_guest(&mut self, guest: &GuestSlice) -> Result<(), SetupError> {
+        let slice = self.take_back_guest(guest)?;
+        self.release_range(slice)
+    }
+
+    /// [`SlicedGpu::remove_guest`] except that the range stays out of the free VRAM until
+    /// [`SlicedGpu::release_range`] (the caller scrubs it first, holding no lock). Returns
+    /// the range; [`SetupError::Quarantined`] if it must stay out of use for good.
+    pub fn take_back_guest(&mut self, guest: &GuestSlice) -> Result<Slice, SetupError> {
         let live = Arc::ptr_eq(&guest.vram, &self.vram)
             && self.guests.get(&guest.id) == Some(&guest.slice);
         let va = guest
@@ -355,7 +398,6 @@ impl SlicedGpu {
                 source,
             });
         }
-        self.partition.release(guest.slice)?;
-        Ok(())
+        Ok(guest.slice)
     }
 }
