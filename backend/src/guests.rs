@@ -47,6 +47,9 @@ pub enum GuestError {
     /// The guest's socket and display are the same path.
     #[error("the socket and the display of a guest must differ ({0})")]
     SamePath(PathBuf),
+    /// The guest on that socket is being added or removed right now.
+    #[error("the guest on {0} is being added or removed; try again when that is done")]
+    InProgress(PathBuf),
     /// A socket path inside the state directory (saving the table could replace it).
     #[error("{0} is inside the state directory; put sockets elsewhere")]
     InStateDir(PathBuf),
@@ -526,6 +529,9 @@ impl GuestManager {
     pub fn remove(&self, socket: &Path, force: bool) -> Result<(), GuestError> {
         let (guest, taken, saved) = {
             let mut table = self.table.lock();
+            if table.pending.iter().any(|p| p == socket) {
+                return Err(GuestError::InProgress(socket.to_path_buf()));
+            }
             let index = table
                 .guests
                 .iter()
@@ -535,9 +541,12 @@ impl GuestManager {
                 return Err(GuestError::Connected(socket.to_path_buf()));
             }
             let guest = table.guests.remove(index);
+            // Its paths stay taken until its servers have stopped.
+            table.pending.push(guest.socket.clone());
+            table.pending.extend(guest.display.clone());
             // First of all: from here the old function reads ~0 and drops writes, and its
-            // QEMU's mapping of the slice no longer reaches it. The range stays out of the
-            // free VRAM until it is scrubbed.
+            // QEMU's mapping of the slice no longer reaches it. The range (and its BAR1
+            // window) stay out of use until the servers are stopped and it is scrubbed.
             let taken = table.gpu.take_back_guest(&guest.slice);
             // Whatever that said, the old function reaches nothing any more.
             guest.slice.access().revoke();
@@ -552,7 +561,10 @@ impl GuestManager {
             log::error!("scrubbing the slice of {}: {e}", socket.display());
         }
         let mut table = self.table.lock();
-        match taken.and_then(|range| table.gpu.release_range(range)) {
+        table
+            .pending
+            .retain(|p| *p != guest.socket && Some(p) != guest.display.as_ref());
+        match taken.and_then(|taken| table.gpu.release_taken(taken)) {
             Ok(()) => log::info!(
                 "guest removed: {} (VRAM {slice} scrubbed and free)",
                 socket.display()
@@ -686,8 +698,13 @@ mod tests {
             let during = quick("an add");
             assert!(during.guests.is_empty(), "{:?}", during.guests);
             assert_eq!(during.free_bytes, before.free_bytes - SIZE, "range taken");
-            // The same paths are held for the guest being added.
+            // The same paths are held for the guest being added, which cannot be removed
+            // before it is there.
             assert!(matches!(manager.add(&spec), Err(GuestError::PathInUse(_))));
+            assert!(matches!(
+                manager.remove(&socket, true),
+                Err(GuestError::InProgress(_))
+            ));
             let added = adding.join().unwrap().unwrap();
             let after = quick("nothing");
             assert_eq!(after.guests.len(), 1);
@@ -705,6 +722,8 @@ mod tests {
                 during.free_bytes, after.free_bytes,
                 "not free before it is scrubbed"
             );
+            // Its paths stay taken until its servers have stopped.
+            assert!(matches!(manager.add(&spec), Err(GuestError::PathInUse(_))));
             removing.join().unwrap().unwrap();
             assert_eq!(quick("nothing").free_bytes, before.free_bytes);
         });

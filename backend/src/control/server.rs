@@ -253,7 +253,7 @@ fn required<T: serde::de::DeserializeOwned>(request: &Request) -> Result<T, Fail
 fn guest_failure(e: GuestError) -> Failure {
     let class = match &e {
         GuestError::NotFound(_) => ErrorClass::NotFound,
-        GuestError::Connected(_) => ErrorClass::Busy,
+        GuestError::Connected(_) | GuestError::InProgress(_) => ErrorClass::Busy,
         _ if e.is_bad_request() => ErrorClass::InvalidParameter,
         _ => ErrorClass::GenericError,
     };

@@ -26,6 +26,6 @@ pub use partition::{
     PartitionError, Slice, VramPartition, VramRange, HOST_RESERVED_SIZE, SLICE_ALIGN,
 };
 pub use setup::{
-    whole_gpu, whole_gpu_with, GuestSlice, HandOut, SetupError, SliceAccess, SlicedGpu,
+    whole_gpu, whole_gpu_with, GuestSlice, HandOut, SetupError, SliceAccess, SlicedGpu, TakenBack,
 };
 pub use spec::{parse_size, parse_slice_size, GuestSpec, SpecError};

@@ -163,6 +163,22 @@ impl GuestSlice {
     }
 }
 
+/// A removed guest's range and BAR1 window, out of use until
+/// [`SlicedGpu::release_taken`] (see [`SlicedGpu::take_back_guest`]).
+#[derive(Debug)]
+#[must_use = "the range stays out of use until it is released"]
+pub struct TakenBack {
+    slice: Slice,
+    va: GpuVa,
+}
+
+impl TakenBack {
+    /// The range.
+    pub fn slice(&self) -> Slice {
+        self.slice
+    }
+}
+
 /// Whether VRAM is scrubbed when it is handed to a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HandOut {
@@ -319,10 +335,16 @@ impl SlicedGpu {
         self.hand_out(slice, HandOut::Unscrubbed)
     }
 
-    /// Returns a range from [`SlicedGpu::reserve`] or [`SlicedGpu::take_back_guest`] to the
-    /// free VRAM.
+    /// Returns a range from [`SlicedGpu::reserve`] to the free VRAM.
     pub fn release_range(&mut self, slice: Slice) -> Result<(), SetupError> {
         Ok(self.partition.release(slice)?)
+    }
+
+    /// Frees what [`SlicedGpu::take_back_guest`] kept: the BAR1 window is unmapped (its VA
+    /// free for another guest only now) and the range returns to the free VRAM.
+    pub fn release_taken(&mut self, taken: TakenBack) -> Result<(), SetupError> {
+        self.vram.unmap_bar1_window(taken.va)?;
+        self.release_range(taken.slice)
     }
 
     /// Gives a guest that already owns `[start, start + size)` (a guest of an earlier run
@@ -366,14 +388,17 @@ impl SlicedGpu {
     /// one) and the slice returns to the free area (it is scrubbed again before the next
     /// guest gets it).
     pub fn remove_guest(&mut self, guest: &GuestSlice) -> Result<(), SetupError> {
-        let slice = self.take_back_guest(guest)?;
-        self.release_range(slice)
+        let taken = self.take_back_guest(guest)?;
+        self.release_taken(taken)
     }
 
-    /// [`SlicedGpu::remove_guest`] except that the range stays out of the free VRAM until
-    /// [`SlicedGpu::release_range`] (the caller scrubs it first, holding no lock). Returns
-    /// the range; [`SetupError::Quarantined`] if it must stay out of use for good.
-    pub fn take_back_guest(&mut self, guest: &GuestSlice) -> Result<Slice, SetupError> {
+    /// [`SlicedGpu::remove_guest`] except that the range stays out of the free VRAM, and its
+    /// BAR1 window mapped and its VA reserved, until [`SlicedGpu::release_taken`]: the
+    /// caller stops the guest's servers and scrubs the range first, holding no lock, and
+    /// until its QEMU is gone (which may still map the window on hardware, see
+    /// `docs/vfio.md`) no other guest may get that VA. [`SetupError::Quarantined`] if the
+    /// range (and its window) must stay out of use for good.
+    pub fn take_back_guest(&mut self, guest: &GuestSlice) -> Result<TakenBack, SetupError> {
         let live = Arc::ptr_eq(&guest.vram, &self.vram)
             && self.guests.get(&guest.id) == Some(&guest.slice);
         let va = guest
@@ -390,7 +415,6 @@ impl SlicedGpu {
             self.host()
                 .release_vram_mmap_source(guest.slice.start(), guest.slice.size())
         });
-        self.vram.unmap_bar1_window(va)?;
         self.guests.remove(&guest.id);
         if let Err(source) = released {
             return Err(SetupError::Quarantined {
@@ -398,6 +422,9 @@ impl SlicedGpu {
                 source,
             });
         }
-        Ok(guest.slice)
+        Ok(TakenBack {
+            slice: guest.slice,
+            va,
+        })
     }
 }

@@ -1248,3 +1248,42 @@ fn the_partition_is_bounded_by_the_usable_region_the_gsp_reports() {
     assert!(partition.guest_area_end() < usable);
     assert!(gpu.emulated().gsp().state().is_some_and(|s| s.init_done));
 }
+
+/// A guest taken back but not yet released keeps its range and its BAR1 window's VA out of
+/// use: its QEMU may still map that window (a dma-buf on hardware) until its servers have
+/// stopped, so no guest added meanwhile may get either. Released, both are free again.
+#[test]
+fn a_guest_taken_back_keeps_its_range_and_window_until_released() {
+    let (_gpu, host) = emulated("tu102-24g");
+    let mut sliced = SlicedGpu::new(host).unwrap();
+    let a = sliced.add_guest(4 * MIB).unwrap();
+    let a_va = a.bar1_window().unwrap();
+    let taken = sliced.take_back_guest(&a).unwrap();
+    assert!(a.access().is_revoked());
+    assert_eq!(taken.slice(), a.slice());
+    let b = sliced.add_guest(4 * MIB).unwrap();
+    assert_ne!(b.slice(), a.slice(), "the range is still out of use");
+    assert_ne!(
+        b.bar1_window(),
+        Some(a_va),
+        "the window's VA is still out of use"
+    );
+    assert!(sliced
+        .vram()
+        .bar1_windows()
+        .iter()
+        .any(|&(va, slice)| va == a_va && slice == a.slice()));
+    sliced.release_taken(taken).unwrap();
+    assert!(sliced
+        .vram()
+        .bar1_windows()
+        .iter()
+        .all(|&(va, _)| va != a_va));
+    let c = sliced.add_guest(4 * MIB).unwrap();
+    assert_eq!(
+        c.slice(),
+        a.slice(),
+        "first fit reuses the range once released"
+    );
+    assert_eq!(c.bar1_window(), Some(a_va), "and the window's VA");
+}
