@@ -138,14 +138,10 @@ pub fn init_script(modules: &[String]) -> String {
 /// driver modules of `lab`.
 pub fn display_archive(lab: &QemuLab, fb_writer: &Path) -> Result<Vec<u8>> {
     let read = |p: &Path| std::fs::read(p).ctx(|| format!("reading {}", p.display()));
-    let mut a = CpioArchive::new();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "lib", MODULE_DIR] {
-        a.dir(d, 0o755);
-    }
-    a.char_dev("dev/console", 0o600, 5, 1)
-        .char_dev("dev/null", 0o666, 1, 3)
-        .char_dev("dev/ttyS0", 0o600, 4, 64);
-    a.file("bin/busybox", 0o755, &read(&lab.busybox)?);
+    let mut a = CpioArchive::with_busybox(
+        &["bin", "dev", "proc", "sys", "tmp", "lib", MODULE_DIR],
+        &read(&lab.busybox)?,
+    );
     a.symlink("bin/sh", "busybox");
     a.file("bin/gpu-guest-fb", 0o755, &read(fb_writer)?);
     if lab.display_modules.is_empty() {

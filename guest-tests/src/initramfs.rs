@@ -36,6 +36,21 @@ impl CpioArchive {
         }
     }
 
+    /// The start every guest image shares: the directories `dirs` (mode 0755), the console,
+    /// `/dev/null` and the serial port's device nodes, and the static `busybox` as
+    /// `/bin/busybox`.
+    pub fn with_busybox(dirs: &[&str], busybox: &[u8]) -> Self {
+        let mut a = CpioArchive::new();
+        for d in dirs {
+            a.dir(d, 0o755);
+        }
+        a.char_dev("dev/console", 0o600, 5, 1)
+            .char_dev("dev/null", 0o666, 1, 3)
+            .char_dev("dev/ttyS0", 0o600, 4, 64)
+            .file("bin/busybox", 0o755, busybox);
+        a
+    }
+
     fn pad4(&mut self) {
         while self.data.len() % 4 != 0 {
             self.data.push(0);
@@ -184,15 +199,8 @@ echo "GPUPROBE done pass=0 fail=1 skip=0"
 
 /// Build the guest image archive (uncompressed cpio) from a static busybox and the probe.
 pub fn guest_archive(busybox: &[u8], probe: &[u8]) -> Vec<u8> {
-    let mut a = CpioArchive::new();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "root"] {
-        a.dir(d, 0o755);
-    }
-    a.char_dev("dev/console", 0o600, 5, 1)
-        .char_dev("dev/null", 0o666, 1, 3)
-        .char_dev("dev/ttyS0", 0o600, 4, 64)
-        .char_dev("dev/mem", 0o640, 1, 1);
-    a.file("bin/busybox", 0o755, busybox);
+    let mut a = CpioArchive::with_busybox(&["bin", "dev", "proc", "sys", "tmp", "root"], busybox);
+    a.char_dev("dev/mem", 0o640, 1, 1);
     for applet in BUSYBOX_APPLETS {
         a.symlink(&format!("bin/{applet}"), "busybox");
     }

@@ -130,16 +130,12 @@ pub fn spawn_outer_backend(profile: &str, args: &[String], label: &str) -> Resul
 /// The files of the nested image that do not depend on the commands.
 fn base_archive(lab: &QemuLab) -> Result<Vec<u8>> {
     let read = |p: &Path| std::fs::read(p).ctx(|| format!("reading {}", p.display()));
-    let mut a = CpioArchive::new();
-    for d in [
-        "bin", "dev", "proc", "sys", "tmp", "root", "lib", MODULE_DIR,
-    ] {
-        a.dir(d, 0o755);
-    }
-    a.char_dev("dev/console", 0o600, 5, 1)
-        .char_dev("dev/null", 0o666, 1, 3)
-        .char_dev("dev/ttyS0", 0o600, 4, 64);
-    a.file("bin/busybox", 0o755, &read(&lab.busybox)?);
+    let mut a = CpioArchive::with_busybox(
+        &[
+            "bin", "dev", "proc", "sys", "tmp", "root", "lib", MODULE_DIR,
+        ],
+        &read(&lab.busybox)?,
+    );
     a.symlink("bin/sh", "busybox");
     for which in [
         GuestBinary::Backend,

@@ -19,20 +19,29 @@ pub fn pattern_word(seed: u64, index: u64) -> u32 {
 /// Never 0 and never all-ones, so it can be told apart from untouched VRAM and from the 0xFF
 /// bytes of a dropped access.
 pub fn vram_word(seed: u64, guest_addr: u64) -> u32 {
-    let w = pattern_word(seed, guest_addr / 4) | 1;
-    if w == u32::MAX {
-        0x7fff_ffff
-    } else {
-        w
+    neither_zero_nor_ones(pattern_word(seed, guest_addr / 4))
+}
+
+/// `w` with bit 0 set, and all-ones made `0x7fff_ffff`: a word no dropped or refused access
+/// can be mistaken for.
+fn neither_zero_nor_ones(w: u32) -> u32 {
+    match w | 1 {
+        u32::MAX => 0x7fff_ffff,
+        w => w,
     }
+}
+
+/// The little-endian bytes of `word` for guest VRAM `[guest_addr, guest_addr + len)`.
+fn words_to_bytes(guest_addr: u64, len: usize, word: impl Fn(u64) -> u32) -> Vec<u8> {
+    (0..len as u64 / 4)
+        .flat_map(|i| word(guest_addr + 4 * i).to_le_bytes())
+        .collect()
 }
 
 /// The bytes of `seed`'s pattern for guest VRAM `[guest_addr, guest_addr + len)`; `guest_addr`
 /// and `len` multiples of 4.
 pub fn vram_bytes(seed: u64, guest_addr: u64, len: usize) -> Vec<u8> {
-    (0..len as u64 / 4)
-        .flat_map(|i| vram_word(seed, guest_addr + 4 * i).to_le_bytes())
-        .collect()
+    words_to_bytes(guest_addr, len, |a| vram_word(seed, a))
 }
 
 /// The soak's word of `seed` at guest VRAM address `guest_addr` (rounded down to 4 bytes): a
@@ -42,20 +51,13 @@ pub fn vram_bytes(seed: u64, guest_addr: u64, len: usize) -> Vec<u8> {
 /// some bit from 1 to 30 give different words at every address below 16 GiB.
 pub fn soak_word(seed: u64, guest_addr: u64) -> u32 {
     let index = (guest_addr / 4) as u32;
-    let w = (index.wrapping_mul(0x9e37_79b1) ^ (seed as u32) ^ ((seed >> 32) as u32)) | 1;
-    if w == u32::MAX {
-        0x7fff_ffff
-    } else {
-        w
-    }
+    neither_zero_nor_ones(index.wrapping_mul(0x9e37_79b1) ^ (seed as u32) ^ ((seed >> 32) as u32))
 }
 
 /// The bytes of `seed`'s soak pattern for guest VRAM `[guest_addr, guest_addr + len)`;
 /// `guest_addr` and `len` multiples of 4.
 pub fn soak_bytes(seed: u64, guest_addr: u64, len: usize) -> Vec<u8> {
-    (0..len as u64 / 4)
-        .flat_map(|i| soak_word(seed, guest_addr + 4 * i).to_le_bytes())
-        .collect()
+    words_to_bytes(guest_addr, len, |a| soak_word(seed, a))
 }
 
 #[cfg(test)]

@@ -153,17 +153,8 @@ fn fill_bar(d: &Device, plan: &Plan, seed: u64, t: &mut Tally) {
 }
 
 fn fill_range(d: &Device, start: u64, len: u64, seed: u64, t: &mut Tally) {
-    let mut g = start;
-    while g < start + len {
-        let n = BLOCK.min(start + len - g);
-        let chunk = match d.view.chunk(g, n) {
-            Ok(c) => c,
-            Err(e) => return t.miss(|| format!("map guest={g:#x}: {e}")),
-        };
-        let ptr = match chunk.ptr() {
-            Ok(p) => p.cast::<u64>(),
-            Err(e) => return t.miss(|| format!("map guest={g:#x}: {e}")),
-        };
+    for_each_block(d, start, len, t, |g, ptr, n, _| {
+        let ptr = ptr.cast::<u64>();
         for i in 0..n / 8 {
             let a = g + 8 * i;
             let v = u64::from(soak_word(seed, a)) | (u64::from(soak_word(seed, a + 4)) << 32);
@@ -171,12 +162,19 @@ fn fill_range(d: &Device, start: u64, len: u64, seed: u64, t: &mut Tally) {
             // and `8 * i + 8 <= n`.
             unsafe { std::ptr::write_volatile(ptr.add(i as usize), v) };
         }
-        g += n;
-    }
+    });
 }
 
-/// Compare guest VRAM `[start, start + len)` through the VRAM BARs with `want(address)`.
-fn check_range(d: &Device, start: u64, len: u64, want: impl Fn(u64) -> u32, t: &mut Tally) {
+/// Runs `f(guest address, pointer, length, tally)` on each mapped block of at most
+/// [`BLOCK`] bytes of guest VRAM `[start, start + len)`, through the VRAM BARs; a block
+/// that cannot be mapped is a miss and ends the walk.
+fn for_each_block(
+    d: &Device,
+    start: u64,
+    len: u64,
+    t: &mut Tally,
+    mut f: impl FnMut(u64, *mut u8, u64, &mut Tally),
+) {
     let mut g = start;
     while g < start + len {
         let n = BLOCK.min(start + len - g);
@@ -185,9 +183,18 @@ fn check_range(d: &Device, start: u64, len: u64, want: impl Fn(u64) -> u32, t: &
             Err(e) => return t.miss(|| format!("map guest={g:#x}: {e}")),
         };
         let ptr = match chunk.ptr() {
-            Ok(p) => p.cast::<u32>(),
+            Ok(p) => p,
             Err(e) => return t.miss(|| format!("map guest={g:#x}: {e}")),
         };
+        f(g, ptr, n, t);
+        g += n;
+    }
+}
+
+/// Compare guest VRAM `[start, start + len)` through the VRAM BARs with `want(address)`.
+fn check_range(d: &Device, start: u64, len: u64, want: impl Fn(u64) -> u32, t: &mut Tally) {
+    for_each_block(d, start, len, t, |g, ptr, n, t| {
+        let ptr = ptr.cast::<u32>();
         for i in 0..n / 4 {
             let a = g + 4 * i;
             // SAFETY: `ptr` maps `n` bytes of the VRAM BAR (4-byte aligned) and
@@ -198,8 +205,7 @@ fn check_range(d: &Device, start: u64, len: u64, want: impl Fn(u64) -> u32, t: &
                 t.miss(|| format!("vram_bar guest={a:#x} got={got:#x} want={w:#x}"));
             }
         }
-        g += n;
-    }
+    });
 }
 
 /// Point the window at the 64 KiB unit holding guest address `g`; the aperture offset of `g`.
